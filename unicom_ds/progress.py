@@ -10,7 +10,9 @@ from tqdm import tqdm
 T = TypeVar("T")
 
 
-def _mode(mode: str) -> str:
+def _mode(mode) -> str:
+    if mode is False:  # YAML reads `progress: off` as a boolean
+        return "off"
     if mode != "auto":
         return mode
     return "bar" if sys.stderr.isatty() else "lines"

@@ -1,0 +1,304 @@
+"""The run report and the cluster samples, on a synthetic run directory (no other stage's code)."""
+import io
+import json
+import re
+from collections import Counter
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import webdataset as wds
+from PIL import Image
+
+from unicom_ds import cluster_samples as cs
+from unicom_ds import config, report, tblog
+
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "clock", "moon"]
+K = 6  # class 4 stays empty
+
+
+def _photo(i: int) -> Image.Image:
+    img = Image.fromarray(getattr(skimage.data, PHOTOS[i % len(PHOTOS)])())
+    return img.resize((80 + 8 * (i % 3), 64))  # not square: thumbnails must crop
+
+
+def _encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def make_run(root: Path, with_train=True, with_eval=True, shard_rows=(9, 7)) -> dict:
+    """A run dir as the cluster, train and eval stages leave it, plus the truth to check against.
+
+    Input shards hold real photos; row 2 of shard 1 is a corrupt JPEG and row 3 of shard 0 has no caption.
+    """
+    data, run = root / "data", root / "run"
+    data.mkdir(parents=True)
+    truth = {"label": {}, "caption": {}, "corrupt": set()}
+    rng = np.random.default_rng(0)
+    for s, n in enumerate(shard_rows):
+        stem = f"{s:05d}"
+        keys = [f"{stem}{i:04d}" for i in range(n)]
+        labels = rng.choice([0, 1, 2, 3, 5], size=n).astype(np.int64)
+        with wds.TarWriter(str(data / f"{stem}.tar")) as tw:
+            for i, key in enumerate(keys):
+                sample = {"__key__": key, "json": {"i": i}}
+                if s == 1 and i == 2:
+                    sample["jpg"] = b"\xff\xd8 not a jpeg"
+                    truth["corrupt"].add(key)
+                elif i % 4 == 1:
+                    sample["png"] = _encode(_photo(i + s), "PNG")
+                else:
+                    sample["jpg"] = _encode(_photo(i + s), "JPEG")
+                if not (s == 0 and i == 3):
+                    sample["txt"] = f"photo <{i}> & shard {s}"
+                    truth["caption"][key] = sample["txt"]
+                tw.write(sample)
+                truth["label"][key] = int(labels[i])
+        (run / "embed").mkdir(parents=True, exist_ok=True)
+        (run / "labels").mkdir(exist_ok=True)
+        (run / "embed" / f"{stem}.keys.txt").write_text("".join(k + "\n" for k in keys))
+        (run / "embed" / f"{stem}.done.json").write_text(json.dumps({"n": n, "skipped": {"corrupt image": 1}}))
+        np.save(run / "labels" / f"{stem}.npy", labels)
+    cfg = config.resolve([f"run_dir={run}", f"data.shards={data}/{{00000..00001}}.tar", "report.classes=3",
+                          "report.per_class=4", "report.thumb_size=48", "progress=off"])
+    config.save(cfg)
+    (run / "kmeans").mkdir()
+    (run / "kmeans" / "summary.json").write_text(json.dumps({"k": K, "d": 32, "objective": 12.5}))
+    (run / "labels" / "summary.json").write_text(json.dumps({"non_empty": 5, "min": 1, "max": 9}))
+    Image.new("RGB", (60, 40), (200, 30, 30)).save(run / "labels" / "class_sizes.png")
+    if with_train:
+        with tblog.writer(str(run), "train") as tb:
+            for step in range(5):
+                tb.add_scalar("train/loss", 5.0 - step, step)
+                tb.add_scalar("train/lr", 1e-3 * step, step)
+        (run / "train").mkdir()
+        (run / "train" / "backbone.pt").write_bytes(b"x")
+    if with_eval:
+        (run / "eval").mkdir()
+        (run / "eval" / "results.json").write_text(json.dumps({
+            "run": {"cub": {"recall@1": 0.5, "recall@2": 0.6}, "cifar10": {"accuracy": 0.7}},
+            "openclip:B32": {"cub": {"recall@1": 0.8}, "sop": {"recall@1": 0.4}}}))
+        (run / "eval" / "retrieval.md").write_text("| model | cub |\n| run | 0.5 |\n")
+        Image.new("RGB", (30, 20), (0, 90, 0)).save(run / "eval" / "dims.png")
+    return {"run": run, "data": data, "cfg": cfg, **truth}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("report"))
+
+
+# ---- pure parts -----------------------------------------------------------------------------
+
+def test_class_sizes_count_every_row_over_shards():
+    rng = np.random.default_rng(1)
+    parts = [rng.integers(0, 20, size=n) for n in (0, 13, 40)] + [np.array([25])]
+    expected = Counter(int(v) for p in parts for v in p)
+    sizes = cs.class_sizes(parts)
+    assert len(sizes) == 26
+    assert {c: int(n) for c, n in enumerate(sizes) if n} == dict(expected)
+
+
+def test_choose_classes_only_nonempty_distinct_and_seeded():
+    sizes = np.zeros(100, dtype=np.int64)
+    sizes[::3] = 5
+    picked = cs.choose_classes(sizes, 10, seed=7)
+    assert len(set(picked.tolist())) == 10 and all(sizes[picked] > 0)
+    assert np.array_equal(picked, cs.choose_classes(sizes, 10, seed=7))
+    assert not np.array_equal(picked, cs.choose_classes(sizes, 10, seed=8))
+    assert sorted(cs.choose_classes(sizes, 1000, seed=0).tolist()) == list(range(0, 100, 3))
+
+
+def test_choose_members_are_of_their_class_and_capped():
+    labels = [np.array([0, 1, 1, 2, 1]), np.array([1, 3, 1, 1]), np.array([2])]
+    members = cs.choose_members(np.array([1, 2]), labels, per_class=4, seed=0)
+    assert set(members) == {1, 2}
+    assert len(members[1]) == 4 and len(set(members[1])) == 4
+    assert sorted(members[2]) == [(0, 3), (2, 0)]  # fewer than per_class: all of them
+    for c, pairs in members.items():
+        assert all(labels[s][r] == c for s, r in pairs)
+
+
+def test_grid_places_each_tile_with_padding():
+    tiles = [np.full((3, 5, 3), 10 * (i + 1), dtype=np.uint8) for i in range(5)]
+    g = cs.grid(tiles, ncol=2, pad=1, fill=255)
+    assert g.shape == (1 + 3 * (3 + 1), 1 + 2 * (5 + 1), 3)  # 3 rows of 2 tiles, 1px gaps and border
+    for i in range(5):
+        y, x = 1 + (i // 2) * 4, 1 + (i % 2) * 6
+        assert (g[y:y + 3, x:x + 5] == 10 * (i + 1)).all()
+    assert (g == 255).sum() == g.size - 5 * 3 * 5 * 3  # everything else is padding
+
+
+def test_thumbnail_is_square_rgb_crop():
+    thumb = cs.thumbnail(Image.fromarray(skimage.data.camera()).resize((90, 30)), 24)
+    assert thumb.size == (24, 24) and thumb.mode == "RGB"
+
+
+def test_metric_tables_row_per_model_column_per_dataset_with_average():
+    results = {"a": {"cub": {"r@1": 0.5, "map": 0.1}, "sop": {"r@1": 0.7}},
+               "b": {"sop": {"r@1": 0.2, "dims": {"64": {"r@1": 0.3}}}, "cars": {"note": "x", "ok": True}}}
+    tables = report.metric_tables(results)
+    assert set(tables) == {"r@1", "map", "dims/64/r@1"}
+    assert tables["r@1"]["datasets"] == ["cub", "sop"]
+    assert tables["r@1"]["rows"]["a"] == pytest.approx([0.5, 0.7, 0.6])
+    assert tables["r@1"]["rows"]["b"] == [None, 0.2, 0.2]
+    assert tables["map"]["rows"] == {"a": [0.1, 0.1]}
+
+
+# ---- reading shards and the run dir ---------------------------------------------------------
+
+def test_read_members_reads_only_wanted_and_survives_truncation(run_dir, tmp_path):
+    shard = run_dir["data"] / "00000.tar"
+    skipped = Counter()
+    got = cs.read_members(shard, {"000000004", "000000001", "nope"}, skipped)
+    assert set(got) == {"000000004", "000000001"} and not skipped
+    assert set(got["000000001"]) == {"png", "txt"}
+    assert got["000000004"]["txt"].decode() == run_dir["caption"]["000000004"]
+
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2 + 100])
+    keys = set(run_dir["label"]) & {f"00000{i:04d}" for i in range(9)}
+    partial = cs.read_members(cut, keys, skipped)
+    assert 0 < len(partial) < 9 and skipped == Counter({"unreadable or truncated shard": 1})
+
+
+def test_collect_matches_labels_and_captions(run_dir):
+    cfg = run_dir["cfg"]
+    got = cs.collect(run_dir["run"], cfg.data.shards, classes=3, per_class=4, seed=0, size=48, mode="off")
+    labels = run_dir["label"]
+    sizes = Counter(labels.values())
+    assert got.num_nonempty == len(sizes) == 5
+    assert len(got.classes) == 3 and all(c in sizes for c in got.classes)
+    assert got.sizes == {c: sizes[c] for c in got.classes}
+    shown = [s for ss in got.classes.values() for s in ss]
+    assert shown
+    for s in shown:
+        assert labels[s.key] == s.cls and s.key not in run_dir["corrupt"]
+        assert s.caption == run_dir["caption"].get(s.key)
+        assert s.thumb.size == (48, 48) and np.asarray(s.thumb).std() > 5
+    # the picked rows that were not shown are exactly the counted ones
+    assert sum(min(4, n) for c, n in sizes.items() if c in got.classes) == len(shown) + got.skipped["corrupt image"]
+    again = cs.collect(run_dir["run"], cfg.data.shards, 3, 4, 0, 48, mode="off")
+    assert {c: [s.key for s in ss] for c, ss in again.classes.items()} == \
+        {c: [s.key for s in ss] for c, ss in got.classes.items()}
+
+
+def test_collect_counts_missing_input_shards_and_none_before_labels(run_dir, tmp_path):
+    got = cs.collect(run_dir["run"], f"{tmp_path}/{{00000..00001}}.tar", 3, 4, 0, 48, mode="off")
+    assert not any(got.classes.values())
+    assert got.skipped["input shard not found"] == sum(min(4, n) for c, n in got.sizes.items())
+    assert cs.collect(tmp_path, "x.tar", 3, 4, 0, 48, mode="off") is None
+
+
+def test_collect_refuses_misaligned_keys(tmp_path):
+    run = make_run(tmp_path, with_train=False, with_eval=False, shard_rows=(5,))
+    keys = run["run"] / "embed" / "00000.keys.txt"
+    keys.write_text("".join(keys.read_text().splitlines(keepends=True)[:-1]))
+    with pytest.raises(ValueError, match=r"00000\.keys\.txt has 4 keys but .*00000\.npy has 5 labels"):
+        cs.collect(run["run"], str(run["data"] / "00000.tar"), 5, 4, 0, 32, mode="off")
+
+
+def test_log_grids_writes_images_tensorboard_reads_back(run_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    samples = cs.collect(run_dir["run"], run_dir["cfg"].data.shards, 3, 4, 0, 48, mode="off")
+    tags = cs.log_grids(tmp_path, samples, max_grids=2)
+    assert len(tags) == 2
+    acc = EventAccumulator(str(tmp_path / "tensorboard" / "cluster"), size_guidance={"images": 0})
+    acc.Reload()
+    assert sorted(acc.Tags()["images"]) == sorted(tags)
+    c = int(tags[0].rsplit("_", 1)[1])
+    event = acc.Images(tags[0])[0]
+    n = len(samples.classes[c])
+    assert (event.width, event.height) == (2 + min(4, n) * 50, 2 + -(-n // 4) * 50)
+    decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
+    assert decoded.std() > 5
+
+
+def test_tensorboard_grids_hook_uses_report_keys(tmp_path):
+    run = make_run(tmp_path, with_train=False, with_eval=False)
+    cfg = config.select(run["cfg"])
+    cfg["report"]["tensorboard_grids"] = 1
+    shown = cs.collect(cfg["run_dir"], cfg["data"]["shards"], 3, 4, cfg["seed"], 48, mode="off").classes
+    assert cs.tensorboard_grids(cfg) == [f"cluster_samples/class_{min(shown)}"]  # report.classes=3, seed
+    cfg["run_dir"] = str(tmp_path / "nothing yet")
+    assert cs.tensorboard_grids(cfg) == []
+
+
+# ---- the page -------------------------------------------------------------------------------
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs, self.imgs = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.imgs += tag == "img"
+        for name in ("src", "href"):
+            if name in a:
+                self.refs.append(a[name])
+
+
+def _refs(index: Path) -> _Refs:
+    p = _Refs()
+    p.feed(index.read_text())
+    return p
+
+
+def test_build_report_full_run(run_dir):
+    run = run_dir["run"]
+    index = report.build_report(run)
+    assert index == run / "report" / "index.html"
+    page = index.read_text()
+    refs = _refs(index)
+    for ref in refs.refs:
+        assert not re.match(r"^[a-z]+:|^/", ref), f"not relative: {ref}"
+        assert (index.parent / ref).is_file(), f"broken link {ref}"
+    thumbs = sorted((run / "report" / "thumbs").glob("*.jpg"))
+    assert thumbs and all(Image.open(t).size == (48, 48) for t in thumbs)
+    assert sum(r.startswith("thumbs/") for r in refs.refs) == len(thumbs)
+    escaped = [c for c in run_dir["caption"].values()
+               if c.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") in page]
+    assert escaped and "photo <" not in page  # captions are shown as text, never as markup
+    assert "curves/train_loss.png" in page and "curves/train_lr.png" in page
+    loss = Image.open(run / "report" / "curves" / "train_loss.png")
+    assert loss.size == (400, 260) and np.asarray(loss.convert("L")).std() > 5
+    assert "<td>openclip:B32</td><td>0.8</td><td>0.4</td><td>0.6</td>" in page  # recall@1 row + average
+    assert "<td>run</td><td>0.5</td><td>&ndash;</td><td>0.5</td>" in page
+    assert "recall@2" in page and "accuracy" in page and "retrieval.md" in page
+    assert "report.per_class" not in page and "per_class: 4" in page  # config.yaml shown as written
+    assert "shards embedded" in page and "objective" in page and "train/backbone.pt" in page
+    assert "not run yet" not in page
+    assert (run / "report" / "assets" / "class_sizes.png").read_bytes() == \
+        (run / "labels" / "class_sizes.png").read_bytes()
+
+
+def test_rebuild_drops_stale_files_and_sections_degrade(tmp_path):
+    run = make_run(tmp_path, with_train=False, with_eval=False)["run"]
+    stale = run / "report" / "thumbs" / "old.jpg"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"x")
+    page = report.build_report(run).read_text()
+    assert not stale.exists()
+    assert page.count("not run yet") == 4  # train and eval summaries, curves, eval tables
+    for ref in _refs(run / "report" / "index.html").refs:
+        assert (run / "report" / ref).is_file(), ref
+
+    empty = tmp_path / "empty"
+    config.save(config.resolve([f"run_dir={empty}"]))
+    page = report.build_report(empty).read_text()
+    assert page.count("not run yet") == 5 + 4  # five stage summaries, browser, histogram, curves, eval
+    assert _refs(empty / "report" / "index.html").imgs == 0
+
+
+def test_cli_prints_the_path(run_dir, capsys):
+    index = report.main([f"run_dir={run_dir['run']}", "report.classes=1"])
+    assert capsys.readouterr().out.strip() == str(index)
+    assert len(re.findall(r'<div class="cls">', index.read_text())) == 1
+    with pytest.raises(config.ConfigError, match="report.clases"):
+        report.main([f"run_dir={run_dir['run']}", "report.clases=1"])

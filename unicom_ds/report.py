@@ -1,0 +1,283 @@
+"""The run report: one static HTML page (RUN/report/index.html) over everything a run has produced so far.
+
+Sections: config and stage summaries, a cluster browser (thumbnails and captions of sampled pseudo
+classes, like the paper's Fig. 3 and 5), the class-size histogram, training curves and evaluation tables.
+A stage that has not run yet gets a note instead of its section. Every link is relative, so the report
+folder can be opened in place or copied together with the run directory.
+
+    python -m unicom_ds.report run_dir=RUN
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from unicom_ds import cluster_samples, config, tblog
+from unicom_ds.atomic import atomic_path, read_json, write_text_atomic
+
+CSS = """
+body{font-family:sans-serif;margin:2em;max-width:1400px;color:#222}
+h1{margin-bottom:0} .note{color:#888;font-style:italic}
+table{border-collapse:collapse;margin:.5em 0 1.5em}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left} .kv td{text-align:left;vertical-align:top}
+.cls{margin-bottom:1.5em} .grid{display:flex;flex-wrap:wrap;gap:8px}
+figure{margin:0 0 1em} .grid figure{margin:0;width:var(--thumb)}
+.grid img{display:block;width:var(--thumb);height:var(--thumb)}
+figcaption{font-size:11px;line-height:1.25;max-height:5em;overflow:hidden;word-wrap:break-word}
+.curves img{width:400px;margin:4px}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{_e(text)}</p>'
+
+
+def _kv_table(d: Mapping) -> str:
+    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(_fmt(v))}</td></tr>" for k, v in d.items())
+    return f'<table class="kv">{rows}</table>'
+
+
+def _json_or_none(path: Path) -> Any:
+    return read_json(path) if path.is_file() else None
+
+
+# ---- stage summaries ------------------------------------------------------------------------
+
+def stage_summaries(run_dir: Path) -> dict[str, dict | None]:
+    """{stage: its summary as a flat dict, or None when it has not run yet}."""
+    done = sorted((run_dir / "embed").glob("*.done.json"))
+    embed = None
+    if done:
+        skipped: dict[str, int] = {}
+        rows = 0
+        for path in done:
+            d = read_json(path)
+            rows += int(d.get("n", 0))
+            for reason, count in d.get("skipped", {}).items():
+                skipped[reason] = skipped.get(reason, 0) + int(count)
+        embed = {"shards embedded": len(done), "rows": rows, "skipped": skipped}
+    train = None
+    if (run_dir / "train").is_dir():
+        train = {"backbone": "train/backbone.pt" if (run_dir / "train" / "backbone.pt").is_file()
+                 else "not exported yet"}
+        for path in sorted((run_dir / "train").glob("*.json")):
+            d = read_json(path)
+            train.update(d if isinstance(d, dict) else {path.name: d})
+    results = _json_or_none(run_dir / "eval" / "results.json")
+    evals = None if results is None else {
+        "models": list(results), "datasets": sorted({d for m in results.values() for d in m})}
+    return {"embed": embed, "kmeans": _json_or_none(run_dir / "kmeans" / "summary.json"),
+            "assign": _json_or_none(run_dir / "labels" / "summary.json"), "train": train, "eval": evals}
+
+
+def _summaries_html(summaries: dict[str, dict | None]) -> str:
+    parts = []
+    for stage, summary in summaries.items():
+        body = _note("not run yet") if summary is None else _kv_table(summary)
+        parts.append(f"<h3>{_e(stage)}</h3>{body}")
+    return "".join(parts)
+
+
+# ---- cluster browser ------------------------------------------------------------------------
+
+def _browser_html(samples: cluster_samples.ClusterSamples | None, report_dir: Path, size: int) -> str:
+    thumbs = report_dir / "thumbs"
+    shutil.rmtree(thumbs, ignore_errors=True)  # a rebuild must not keep the last sample's files
+    if samples is None:
+        return _note("not run yet: no RUN/labels/S.npy with its RUN/embed/S.keys.txt")
+    thumbs.mkdir(parents=True)
+    out = [f"<p>{len(samples.classes)} of {samples.num_nonempty} non-empty pseudo classes, "
+           "chosen at random (seeded); images and captions from the input shards.</p>"]
+    if samples.skipped:
+        out.append(_note("not shown: " + ", ".join(f"{k}: {v}" for k, v in sorted(samples.skipped.items()))))
+    for c, shown in samples.classes.items():
+        figures = []
+        for i, s in enumerate(shown):
+            name = f"c{c}_{i}.jpg"
+            s.thumb.save(thumbs / name, quality=85)
+            caption = s.caption if s.caption is not None else "(no caption)"
+            figures.append(f'<figure><img src="thumbs/{name}" width="{size}" height="{size}" '
+                           f'alt="{_e(s.key)}" title="{_e(s.stem)}/{_e(s.key)}">'
+                           f"<figcaption>{_e(caption)}</figcaption></figure>")
+        body = "".join(figures) or _note("no image of this class could be read")
+        out.append(f'<div class="cls"><h3>class {c} &middot; {samples.sizes[c]} images</h3>'
+                   f'<div class="grid" style="--thumb:{size}px">{body}</div></div>')
+    return "".join(out)
+
+
+# ---- training curves ------------------------------------------------------------------------
+
+def _safe_name(tag: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", tag)
+
+
+def plot_curves(scalars: dict[str, list[tuple[int, float]]], out_dir: Path) -> list[tuple[str, Path]]:
+    """One PNG per scalar tag (value against step), written to out_dir; returns (tag, path) pairs."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display on clusters and in CI
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made = []
+    for tag in sorted(scalars):
+        points = sorted(scalars[tag])
+        fig, ax = plt.subplots(figsize=(4, 2.6), dpi=100)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None)
+        ax.set_title(tag, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / f"{_safe_name(tag)}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+        made.append((tag, path))
+    return made
+
+
+def _curves_html(run_dir: Path, report_dir: Path) -> str:
+    curves = report_dir / "curves"
+    shutil.rmtree(curves, ignore_errors=True)
+    scalars = tblog.read_scalars(str(run_dir / "tensorboard" / "train"))
+    if not scalars:
+        return _note("not run yet: no scalars under RUN/tensorboard/train")
+    imgs = "".join(f'<img src="curves/{p.name}" alt="{_e(tag)}">' for tag, p in plot_curves(scalars, curves))
+    return f'<div class="curves">{imgs}</div>'
+
+
+# ---- evaluation -----------------------------------------------------------------------------
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def metric_tables(results: Mapping[str, Mapping[str, Mapping]]) -> dict[str, dict]:
+    """{metric: {"datasets": [...], "rows": {model: [value or None per dataset] + [average]}}}.
+
+    One table per metric (a row per model, a column per data set that reports it, then the average
+    over the row's present values), the layout of the paper's Tab. 1 and Tab. 2.
+    """
+    flat = {m: {ds: _flatten(v) for ds, v in per_ds.items()} for m, per_ds in results.items()}
+    datasets: dict[str, list[str]] = {}
+    for per_ds in flat.values():
+        for ds, metrics in per_ds.items():
+            for metric in metrics:
+                if ds not in datasets.setdefault(metric, []):
+                    datasets[metric].append(ds)
+    tables = {}
+    for metric, cols in datasets.items():
+        rows = {}
+        for model, per_ds in flat.items():
+            values = [per_ds.get(ds, {}).get(metric) for ds in cols]
+            present = [v for v in values if v is not None]
+            if present:
+                rows[model] = values + [sum(present) / len(present)]
+        tables[metric] = {"datasets": cols, "rows": rows}
+    return tables
+
+
+def _eval_html(run_dir: Path, report_dir: Path) -> str:
+    eval_dir = run_dir / "eval"
+    results = _json_or_none(eval_dir / "results.json")
+    if results is None:
+        return _note("not run yet: no RUN/eval/results.json")
+    out = []
+    for metric, table in metric_tables(results).items():
+        head = "".join(f"<th>{_e(d)}</th>" for d in table["datasets"] + ["average"])
+        body = "".join(
+            f"<tr><td>{_e(model)}</td>" + "".join(
+                f"<td>{'&ndash;' if v is None else _e(_fmt(v))}</td>" for v in values) + "</tr>"
+            for model, values in table["rows"].items())
+        out.append(f"<h3>{_e(metric)}</h3><table><tr><th>model</th>{head}</tr>{body}</table>")
+    assets = report_dir / "assets"
+    for png in sorted(eval_dir.glob("*.png")):
+        out.append(f'<figure><img src="assets/eval_{png.name}" alt="{_e(png.stem)}">'
+                   f"<figcaption>{_e(png.name)}</figcaption></figure>")
+        shutil.copyfile(png, assets / f"eval_{png.name}")
+    for md in sorted(eval_dir.glob("*.md")):
+        out.append(f'<h3><a href="../eval/{md.name}">{_e(md.name)}</a></h3><pre>{_e(md.read_text())}</pre>')
+    return "".join(out)
+
+
+# ---- the page -------------------------------------------------------------------------------
+
+def build_report(run_dir: str | Path, cfg: Any = None) -> Path:
+    """Write RUN/report/index.html (and its images) from what the run holds now; returns its path."""
+    run_dir = Path(run_dir)
+    cfg = config.as_config(cfg) if cfg is not None else config.resolve([f"run_dir={run_dir}"])
+    report_dir = run_dir / "report"
+    assets = report_dir / "assets"
+    shutil.rmtree(assets, ignore_errors=True)
+    assets.mkdir(parents=True)
+    rc = cfg.report
+
+    config_file = run_dir / "config.yaml"
+    header = (f'<details><summary>config (<a href="../config.yaml">config.yaml</a>)</summary>'
+              f"<pre>{_e(config_file.read_text())}</pre></details>" if config_file.is_file()
+              else _note("no RUN/config.yaml yet"))
+
+    samples = cluster_samples.collect(run_dir, cfg.data.shards, rc.classes, rc.per_class, cfg.seed,
+                                      rc.thumb_size, mode=cfg.progress)
+    sizes_png = run_dir / "labels" / "class_sizes.png"
+    if sizes_png.is_file():
+        shutil.copyfile(sizes_png, assets / "class_sizes.png")
+        histogram = '<img src="assets/class_sizes.png" alt="class sizes">'
+    else:
+        histogram = _note("not run yet: no RUN/labels/class_sizes.png")
+
+    sections = [
+        ("Stages", _summaries_html(stage_summaries(run_dir))),
+        ("Cluster browser", _browser_html(samples, report_dir, rc.thumb_size)),
+        ("Class sizes", histogram),
+        ("Training curves", _curves_html(run_dir, report_dir)),
+        ("Evaluation", _eval_html(run_dir, report_dir)),
+    ]
+    body = "".join(f"<h2>{_e(title)}</h2>{content}" for title, content in sections)
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>unicom-ds report: {_e(run_dir.name)}</title><style>{CSS}</style></head><body>"
+            f"<h1>unicom-ds run report</h1><p>{_e(run_dir.resolve())} &middot; built "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>{header}{body}</body></html>\n")
+    index = report_dir / "index.html"
+    write_text_atomic(index, page)  # last: the page never points at images not yet written
+    return index
+
+
+def main(argv: list[str] | None = None) -> Path:
+    start = time.monotonic()
+    cfg = config.resolve(sys.argv[1:] if argv is None else argv)
+    index = build_report(cfg.run_dir, cfg)
+    print(f"report: built in {time.monotonic() - start:.1f}s -> {index}", file=sys.stderr)
+    print(index)
+    return index
+
+
+if __name__ == "__main__":
+    main()
