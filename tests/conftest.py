@@ -1,0 +1,54 @@
+"""Shared fixtures: the local SLURM test cluster and a tiny demo webdataset."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Where tests/slurm_cluster.sh keeps its generated slurm.conf (same default as the script).
+SLURM_STATE = Path(os.environ.get("UNICOM_SLURM_DIR", "/tmp/unicom-ds-slurm"))
+
+
+def _slurm_problem() -> str | None:
+    """Why the local SLURM cluster cannot be used, or None when its node is idle or busy."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "SLURM client tools (sinfo, sbatch) are not installed"
+    conf = SLURM_STATE / "slurm.conf"
+    if "SLURM_CONF" not in os.environ and conf.is_file():
+        os.environ["SLURM_CONF"] = str(conf)  # inherited by sbatch and by the jobs
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out"
+    states = out.stdout.split()
+    if out.returncode or not any(s.startswith(("idle", "mix", "alloc")) for s in states):
+        return f"no usable SLURM node (sinfo: {(out.stdout + out.stderr).strip() or 'no output'})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm() -> None:
+    """The one-node cluster of tests/slurm_cluster.sh must be up: skipped on a laptop, an error in CI."""
+    problem = _slurm_problem()
+    if problem is None:
+        return
+    hint = "start it with `sudo bash tests/slurm_cluster.sh start` (tests/install.sh installs SLURM)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but the local SLURM cluster is not usable: {problem}; {hint}", pytrace=False)
+    pytest.skip(f"local SLURM cluster not usable: {problem}; {hint}")
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> str:
+    """A brace pattern of 3 small real demo shards (63 image-caption pairs at 64 px)."""
+    out = tmp_path_factory.mktemp("demo")
+    subprocess.run([sys.executable, "-m", "unicom_ds.demo_data", "--out", str(out), "--shards", "3",
+                    "--copies", "2", "--size", "64"], check=True, capture_output=True, cwd=REPO)
+    shards = sorted(out.glob("*.tar"))
+    assert [p.name for p in shards] == ["00000.tar", "00001.tar", "00002.tar"]
+    return f"{out}/{{00000..00002}}.tar"

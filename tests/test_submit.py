@@ -1,0 +1,166 @@
+"""slurm/submit.py: dry-run sbatch scripts, up-front checks, and the local launcher's order and failures."""
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+
+import yaml
+
+from conftest import REPO
+from unicom_ds import launch, launch_local
+
+
+def load_submit():
+    spec = importlib.util.spec_from_file_location("submit_script", REPO / "slurm" / "submit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+submit = load_submit()
+
+
+def tiny(run, shards, *extra):
+    return [f"run_dir={run}", f"data.shards={shards}", "clip.model=ViT-Tiny-16", "clip.pretrained=random",
+            "kmeans.k=8", *extra]
+
+
+def scripts_by_step(out: str) -> dict[str, str]:
+    """The printed dry-run output split into {step: sbatch script}."""
+    parts = re.split(r"^# ---- (\w+): \d+ task\(s\) ----$", out, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def sbatch_options(script: str) -> dict[str, str]:
+    return dict(re.findall(r"^#SBATCH --([\w-]+)=(.*)$", script, flags=re.M))
+
+
+def test_dry_run_prints_scripts_with_resources_and_dependencies(tmp_path, demo_shards, capsys):
+    run = tmp_path / "run"
+    code = submit.main(tiny(run, demo_shards, "stage=cluster", "dry_run=true", "embed.shards_per_task=2",
+                            "assign.shards_per_task=1", "embed.slurm.cpus_per_task=3", "slurm.mem_gb=2",
+                            "slurm.time_min=17", "slurm.partition=debug", "slurm.account=lab",
+                            "slurm.gpus_per_node=0", "slurm.array_parallelism=2"))
+    out = capsys.readouterr().out
+    assert code == 0
+    scripts = scripts_by_step(out)
+    assert list(scripts) == ["embed", "kmeans", "assign"]
+    embed, kmeans, assign = (sbatch_options(scripts[s]) for s in ("embed", "kmeans", "assign"))
+
+    # 3 shards in groups of 2 -> 2 embed tasks; 3 stems one by one -> 3 assign tasks, 2 at a time.
+    assert embed["array"] == "0-1%2" and assign["array"] == "0-2%2"
+    assert "array" not in kmeans
+    assert embed["cpus-per-task"] == "3"                       # the stage's own slurm setting
+    kmeans_default = yaml.safe_load((REPO / "slurm/configs/cluster.yaml").read_text())["kmeans"]["slurm"]
+    assert kmeans["cpus-per-task"] == str(kmeans_default["cpus_per_task"])
+    for opts in (embed, kmeans, assign):                      # top-level slurm.* overrides every stage
+        assert (opts["mem"], opts["time"], opts["partition"], opts["account"]) == ("2G", "17", "debug", "lab")
+        assert opts["nodes"] == "1" and opts["ntasks-per-node"] == "1"
+        assert str(run / "logs") in opts["output"]
+    assert "dependency" not in embed
+    assert kmeans["dependency"] == "'afterok:<embed job id>'"
+    assert assign["dependency"] == "'afterok:<kmeans job id>'"
+    assert "gpus" not in out and "gres" not in out             # GPU-less cluster: no GPU request at all
+    assert "python -u -m submitit.core._submit" in scripts["embed"]
+    assert not run.exists()                                     # nothing saved, nothing submitted
+
+
+def test_dry_run_train_and_eval_one_task_per_gpu(tmp_path, demo_shards, capsys, monkeypatch):
+    # eval's data-set check is eval's business (tests/test_eval_job.py); here: what gets submitted.
+    monkeypatch.setattr(launch, "precheck", lambda cfg: None)
+    code = submit.main(tiny(tmp_path / "run", demo_shards, "stage=all", "dry_run=true", "slurm.gpus_per_node=4",
+                            "slurm.nodes=2", "slurm.log_dir=" + str(tmp_path / "logs")))
+    scripts = scripts_by_step(capsys.readouterr().out)
+    assert code == 0 and list(scripts) == ["embed", "kmeans", "assign", "train", "eval"]
+    train, evaluation, kmeans = (sbatch_options(scripts[s]) for s in ("train", "eval", "kmeans"))
+    assert (train["nodes"], train["ntasks-per-node"], train["gpus-per-node"]) == ("2", "4", "4")
+    assert (evaluation["ntasks-per-node"], evaluation["gpus-per-node"]) == ("4", "4")
+    assert kmeans["nodes"] == "1"                               # single-process jobs never span nodes
+    assert train["dependency"] == "'afterok:<assign job id>'"
+    assert evaluation["dependency"] == "'afterok:<train job id>'"
+    assert train["output"].startswith(str(tmp_path / "logs"))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "slurm/submit.py", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+
+
+def test_failing_precheck_exits_2_and_writes_nothing(tmp_path, demo_shards):
+    run = tmp_path / "run"
+    missing = demo_shards.replace("00002}", "00003}")          # one shard more than exist
+    res = run_cli(*tiny(run, missing, "stage=cluster", "launcher=slurm"))
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("error: ") and "Traceback" not in res.stderr
+    assert "00003.tar" in res.stderr and "data.shards" in res.stderr
+    assert not run.exists()
+
+    res = run_cli(*tiny(run, demo_shards, "stage=cluster", "kmeans.kk=3"))
+    assert res.returncode == 2 and "did you mean 'kmeans.k'" in res.stderr and "Traceback" not in res.stderr
+    assert not run.exists()
+
+
+def test_k_larger_than_the_data_is_refused_before_anything_runs(tmp_path, demo_shards, capsys):
+    run = tmp_path / "run"
+    code = submit.main(tiny(run, demo_shards, "stage=cluster", "kmeans.k=100000"))
+    assert code == 2
+    assert "kmeans.k" in capsys.readouterr().err
+    assert not run.exists()
+
+
+class Recorder:
+    """Stand-in job functions that record their calls (the launcher's order is under test here)."""
+
+    def __init__(self, fail: str | None = None):
+        self.calls, self.fail = [], fail
+
+    def job(self, step):
+        def fn(cfg, *args):
+            assert isinstance(cfg, dict)                         # job functions get a plain, picklable dict
+            self.calls.append((step, *args))
+            print(f"{step} working on {args}")
+            if step == self.fail:
+                raise RuntimeError(f"{step} broke on purpose")
+        return fn
+
+    def targets(self):
+        fakes = {step: self.job(step) for step in ("embed", "kmeans", "assign", "eval")}
+        fakes["train_local"] = lambda cfg: [sys.executable, "-c", "print('train subprocess ran')"]
+        return fakes.__getitem__
+
+
+def test_local_launcher_runs_every_step_in_order(tmp_path, demo_shards, monkeypatch, capsys):
+    rec = Recorder()
+    monkeypatch.setattr(launch, "precheck", lambda cfg: None)
+    monkeypatch.setattr(launch_local, "target", rec.targets())
+    run = tmp_path / "run"
+    code = submit.main(tiny(run, demo_shards, "stage=all", "launcher=local", "embed.shards_per_task=2",
+                            "assign.shards_per_task=2"))
+    out = capsys.readouterr().out
+    assert code == 0
+    shard = [demo_shards.replace("{00000..00002}", s) for s in ("00000", "00001", "00002")]
+    assert rec.calls == [("embed", shard[:2]), ("embed", shard[2:]), ("kmeans",),
+                         ("assign", ["00000", "00001"]), ("assign", ["00002"]), ("eval",)]
+    assert "train subprocess ran" in (run / "logs" / "local_train.log").read_text()
+    assert "kmeans working on ()" in (run / "logs" / "local_kmeans.log").read_text()
+    assert (run / "config.yaml").is_file()
+    summary = out[out.index("summary:"):].splitlines()[1:]
+    assert [line.split()[0] for line in summary] == ["embed", "kmeans", "assign", "train", "eval"]
+    assert str(run / "labels") in summary[2]
+
+
+def test_local_launcher_failure_stops_the_chain(tmp_path, demo_shards, monkeypatch, capsys):
+    rec = Recorder(fail="kmeans")
+    monkeypatch.setattr(launch, "precheck", lambda cfg: None)
+    monkeypatch.setattr(launch_local, "target", rec.targets())
+    run = tmp_path / "run"
+    code = submit.main(tiny(run, demo_shards, "stage=all", "launcher=local"))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert [c[0] for c in rec.calls] == ["embed", "kmeans"]    # assign, train, eval never started
+    log = run / "logs" / "local_kmeans.log"
+    assert "stage kmeans FAILED" in err and str(log) in err
+    assert "RuntimeError: kmeans broke on purpose" in log.read_text()
+    assert not (run / "logs" / "local_assign.log").exists()

@@ -1,0 +1,105 @@
+"""Job planning for `slurm/submit.py`: which jobs a stage makes, their arguments, resources and order.
+
+Pure: no SLURM, no job code imported. `launch_slurm` turns the plan into submitit jobs and
+`launch_local` runs it on this machine; both call the very same job functions.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig
+
+from unicom_ds import shards
+
+STEPS = {
+    "embed": ("embed",), "kmeans": ("kmeans",), "assign": ("assign",),
+    "cluster": ("embed", "kmeans", "assign"),
+    "train": ("train",), "eval": ("eval",),
+    "all": ("embed", "kmeans", "assign", "train", "eval"),
+}
+# The job function of each step, imported only when a job runs or is submitted: the launcher's
+# config checks must work while a stage's code is missing or broken.
+TARGETS = {
+    "embed": "cluster_job.embed:embed_shards",
+    "kmeans": "cluster_job.kmeans:run_kmeans",
+    "assign": "cluster_job.assign:assign_shards",
+    "train": "unicom_ds.train:TrainJob",
+    "train_local": "unicom_ds.train:local_command",   # launcher=local: the `deepspeed ...` argv
+    "eval": "evaluation.run:eval_job",
+}
+# Where each step writes inside the run directory (DESIGN.md "Stage contracts").
+OUTPUTS = {"embed": "embed", "kmeans": "kmeans", "assign": "labels", "train": "train", "eval": "eval"}
+# The job functions are single-process: more nodes would only run copies of the same task.
+SINGLE_NODE = ("embed", "kmeans", "assign")
+RESOURCE_KEYS = ("partition", "account", "qos", "constraint", "nodes", "gpus_per_node",
+                 "cpus_per_task", "mem_gb", "time_min", "array_parallelism")
+
+
+@dataclass(frozen=True)
+class Job:
+    step: str                 # embed | kmeans | assign | train | eval
+    tasks: tuple              # one tuple of extra arguments (after cfg) per array task
+    after: str | None         # the step this job waits for (afterok), None for the first
+    resources: dict           # resolved slurm.* values for this job
+
+    @property
+    def is_array(self) -> bool:
+        return self.step in ("embed", "assign")
+
+    @property
+    def tasks_per_node(self) -> int:
+        # train and eval run one task per GPU (at least one on a GPU-less node).
+        if self.step in ("train", "eval"):
+            return max(1, int(self.resources["gpus_per_node"] or 0))
+        return 1
+
+
+def target(step: str) -> Callable[..., Any]:
+    module, name = TARGETS[step].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def resources(cfg: DictConfig, step: str) -> dict:
+    """`<stage>.slurm.*` defaults, overridden by every non-null top-level `slurm.*` key."""
+    merged = {key: None for key in RESOURCE_KEYS}
+    merged.update(dict(cfg[step].slurm))
+    merged.update({k: v for k, v in cfg.slurm.items() if k in RESOURCE_KEYS and v is not None})
+    if step in SINGLE_NODE:
+        merged["nodes"] = 1
+    return merged
+
+
+def plan(cfg: DictConfig) -> list[Job]:
+    """The jobs of `cfg.stage`, in order; each depends on the one before it."""
+    paths = shards.expand(cfg.data.shards)
+    stems = [shards.stem(p) for p in paths]
+    args = {
+        "embed": tuple((group,) for group in shards.chunks(paths, cfg.embed.shards_per_task)),
+        "assign": tuple((group,) for group in shards.chunks(stems, cfg.assign.shards_per_task)),
+    }
+    jobs, previous = [], None
+    for step in STEPS[cfg.stage]:
+        jobs.append(Job(step, args.get(step, ((),)), previous, resources(cfg, step)))
+        previous = step
+    return jobs
+
+
+def precheck(cfg: DictConfig) -> None:
+    """The checks that can be made before anything runs; each raises with a message naming the key."""
+    steps = STEPS[cfg.stage]
+    if {"embed", "kmeans", "assign"} & set(steps):
+        checks = importlib.import_module("cluster_job.checks")
+        checks.precheck(cfg, cfg.stage)
+    if "eval" in steps:
+        importlib.import_module("evaluation.run").check(cfg)
+
+
+def output_dir(cfg: DictConfig, step: str) -> Path:
+    return Path(str(cfg.run_dir)) / OUTPUTS[step]
+
+
+def log_dir(cfg: DictConfig) -> Path:
+    return Path(str(cfg.slurm.log_dir or Path(str(cfg.run_dir)) / "logs"))
