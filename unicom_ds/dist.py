@@ -1,0 +1,63 @@
+"""torch.distributed helpers that fall back to one rank when no process group is initialised."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce `tensor` in place over all ranks (`op` is "sum" or "max"); a no-op on one rank."""
+    if rank_world()[1] > 1:
+        dist.all_reduce(tensor, op=_OPS[op])
+    return tensor
+
+
+def _gather_padded(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """All-gather rows of `x` from every rank, allowing a different row count per rank."""
+    world = rank_world()[1]
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    # all_gather needs equal shapes: pad to the largest batch, cut the padding off afterwards.
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sizes
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out, sizes = _gather_padded(x.contiguous())
+        ctx.sizes = sizes
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # Every rank's loss depends on every row: this rank's rows get the sum of all ranks' grads.
+        grad = all_reduce_(grad.contiguous().clone())
+        rank = rank_world()[0]
+        start = sum(ctx.sizes[:rank])
+        return grad[start : start + ctx.sizes[rank]]
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` over ranks in rank order (autograd-aware); `x` itself on one rank.
+
+    Backward sums the gathered gradient over ranks and returns this rank's rows, so each rank
+    holds the exact gradient of a loss that every rank computes over the whole gathered batch.
+    """
+    if rank_world()[1] == 1:
+        return x
+    return _GatherRows.apply(x)

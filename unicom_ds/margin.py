@@ -1,0 +1,171 @@
+"""Math of the Unicom margin softmax: r1/r2 selections, ArcFace margin, cross-rank cross-entropy.
+
+Everything here works on one process; the only cross-rank step is `all_reduce_`, a no-op
+without a process group, so the functions are tested single-process on CPU.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unicom_ds.dist import all_reduce_
+
+# Stream tags: keep the random draws of the class selection, the feature selection and the
+# weight init independent although they share the user's seed.
+STREAM_R1, STREAM_R2, STREAM_INIT = 1, 2, 3
+
+
+def generator(seed: int, *stream: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded from (seed, *stream): equal streams give equal draws on any rank."""
+    state = np.random.SeedSequence([seed, *stream]).generate_state(1, np.uint64)[0]
+    g = torch.Generator(device=device)
+    g.manual_seed(int(state) & (2**63 - 1))
+    return g
+
+
+def fraction_count(ratio: float, n: int) -> int:
+    """ceil(ratio * n), immune to float noise such as 0.3 * 10 = 3.0000000000000004."""
+    return math.ceil(round(ratio * n, 6))
+
+
+def select_classes(positives: torch.Tensor, block: int, r1: float, gen: torch.Generator) -> torch.Tensor | None:
+    """Local class ids to score this step (sorted), or None for the whole block.
+
+    Keeps every id in `positives` (sorted, unique) and fills up with uniformly random negatives to
+    ceil(r1 * block) ids; when there are more positives than that, all positives and nothing else.
+    """
+    want = fraction_count(r1, block)
+    if want >= block:
+        return None
+    if positives.numel() >= want:
+        return positives
+    # The top of iid uniform scores is a uniform subset; a score of 2 puts every positive on top.
+    # No host sync, unlike masking out the positives and drawing from the rest.
+    score = torch.rand(block, generator=gen, device=gen.device).to(positives.device)
+    score[positives] = 2.0
+    return score.topk(want).indices.sort().values
+
+
+def feature_subset(dim: int, r2: float, seed: int, step: int) -> torch.Tensor | None:
+    """The ceil(r2 * dim) feature dimensions used at `step` (sorted), or None for all of them.
+
+    Drawn on the CPU from (seed, step) only, hence the same on every rank.
+    """
+    keep = fraction_count(r2, dim)
+    if keep >= dim:
+        return None
+    return torch.randperm(dim, generator=generator(seed, STREAM_R2, step))[:keep].sort().values
+
+
+class _Cosine(torch.autograd.Function):
+    """cos between unit rows `unit` [n, d] and raw rows `weight` [c, d].
+
+    Scaling the product by 1/|w| instead of normalising the weight avoids a [c, d] copy, and the
+    backward writes the weight's gradient into a single [c, d] buffer (autograd's norm and
+    division backward would allocate three).
+    """
+
+    @staticmethod
+    def forward(ctx, unit: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        inv = torch.linalg.vector_norm(weight, dim=1).clamp_min(1e-12).reciprocal_()
+        cos = (unit @ weight.T).mul_(inv)
+        ctx.save_for_backward(unit, weight, inv, cos)
+        return cos
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        unit, weight, inv, cos = ctx.saved_tensors
+        scaled = grad * inv
+        grad_unit = scaled @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            # d cos_ij / d w_j = inv_j * u_i - cos_ij * inv_j^2 * w_j
+            grad_weight = scaled.T @ unit
+            grad_weight.addcmul_(weight, ((grad * cos).sum(0) * inv * inv)[:, None], value=-1)
+        return grad_unit, grad_weight
+
+
+def cosine(embeddings: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """cos between rows of `embeddings` [n, d] and rows of `weight` [c, d] -> [n, c]."""
+    return _Cosine.apply(F.normalize(embeddings, dim=1), weight)
+
+
+class _AddAngle(torch.autograd.Function):
+    """cos(theta + m) for cos(theta) = c, with its analytic derivative sin(theta + m) / sin(theta)."""
+
+    @staticmethod
+    def forward(ctx, c: torch.Tensor, margin: float) -> torch.Tensor:
+        c = c.clamp(-1.0, 1.0)
+        ctx.save_for_backward(c)
+        ctx.margin = margin
+        return c * math.cos(margin) - (1.0 - c * c).sqrt() * math.sin(margin)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (c,) = ctx.saved_tensors
+        m = ctx.margin
+        # Below one ulp of the dtype, 1 - c^2 is rounding noise: clamp it so sin(theta) > 0.
+        sin = (1.0 - c * c).clamp_min(torch.finfo(c.dtype).eps).sqrt()
+        return grad * (math.cos(m) + c * math.sin(m) / sin), None
+
+
+def add_angle(c: torch.Tensor, margin: float) -> torch.Tensor:
+    """cos(arccos(c) + margin) with the exact gradient, finite at |c| = 1."""
+    return _AddAngle.apply(c, margin)
+
+
+def margin_logits(cos: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, margin: float,
+                  scale: float) -> torch.Tensor:
+    """scale * cos, with scale * cos(theta + margin) at the positives (rows[i], cols[i])."""
+    logits = cos * scale
+    logits.index_put_((rows, cols), add_angle(cos[rows, cols], margin) * scale)
+    return logits
+
+
+class _ShardedCrossEntropy(torch.autograd.Function):
+    """Mean softmax cross-entropy over rows whose columns (classes) are split across ranks."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        n = logits.shape[0]
+        top = all_reduce_(logits.max(dim=1, keepdim=True).values, "max")
+        prob = (logits - top).exp_()
+        total = all_reduce_(prob.sum(dim=1, keepdim=True))
+        prob.div_(total)
+        # Each row's positive lives on exactly one rank: a sum over ranks hands it to every rank.
+        positive = logits.new_zeros(n, 1)
+        positive[rows, 0] = logits[rows, cols]
+        all_reduce_(positive)
+        ctx.save_for_backward(prob, rows, cols)
+        return (top + total.log() - positive).mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        prob, rows, cols = ctx.saved_tensors
+        unit = grad / prob.shape[0]
+        out = prob * unit
+        out[rows, cols] -= unit
+        return out, None, None
+
+
+def sharded_cross_entropy(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over all rows; `logits` [n, c_rank] hold this rank's columns.
+
+    Row rows[i]'s class is column cols[i] on this rank; the other rows' classes live on other
+    ranks (every row's class lives on exactly one rank). Max, normaliser and positive logit are all-reduced, so every rank returns the same loss and
+    never sees another rank's logits.
+    """
+    return _ShardedCrossEntropy.apply(logits, rows, cols)
+
+
+def margin_softmax_loss(embeddings: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                        margin: float, scale: float) -> torch.Tensor:
+    """ArcFace loss of `embeddings` [n, d] against this rank's (selected) prototypes `weight` [c, d].
+
+    The positives are (rows[i], cols[i]): row rows[i] belongs to class `weight[cols[i]]`.
+    """
+    logits = margin_logits(cosine(embeddings, weight), rows, cols, margin, scale)
+    return sharded_cross_entropy(logits, rows, cols)

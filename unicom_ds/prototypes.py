@@ -1,0 +1,162 @@
+"""The prototype matrix sharded by rows over ranks, and the block helpers checkpoints use."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from unicom_ds.dist import gather_rows, rank_world
+from unicom_ds.margin import (STREAM_INIT, STREAM_R1, feature_subset, generator, margin_softmax_loss,
+                              select_classes)
+
+# Rows are initialised in chunks seeded by (seed, chunk): the full matrix is the same for any
+# number of ranks, and no rank ever materialises more than its block plus one chunk.
+_INIT_CHUNK = 4096
+_INIT_STD = 0.01
+
+
+def block_range(num_classes: int, world: int, rank: int) -> tuple[int, int]:
+    """[start, end) of `rank`'s contiguous class block; block sizes differ by at most one."""
+    if num_classes < world:
+        raise ValueError(f"num_classes={num_classes} is smaller than the world size {world}: "
+                         "every rank needs at least one class")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside world size {world}")
+    base, extra = divmod(num_classes, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def reslice(pieces: list[tuple[int, int, torch.Tensor]], start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) rebuilt from saved blocks (start_i, end_i, rows_i) of any rank count.
+
+    Works for the weight and for any optimizer state with one row per class.
+    """
+    parts, at = [], start
+    for lo, hi, rows in sorted(pieces, key=lambda p: p[0]):
+        if rows.shape[0] != hi - lo:
+            raise ValueError(f"block [{lo}, {hi}) holds {rows.shape[0]} rows, expected {hi - lo}")
+        if hi <= at or lo >= end:
+            continue
+        if lo > at:
+            break
+        parts.append(rows[at - lo : min(hi, end) - lo])
+        at = min(hi, end)
+    if at < end:
+        gap_end = min([lo for lo, _, _ in pieces if lo > at] + [end])
+        raise ValueError(f"saved blocks do not cover classes [{at}, {gap_end}): "
+                         f"have {sorted((lo, hi) for lo, hi, _ in pieces)}")
+    return torch.cat(parts)
+
+
+def init_block(start: int, end: int, dim: int, seed: int) -> torch.Tensor:
+    """N(0, 0.01) rows [start, end) of the seed's full prototype matrix, fp32."""
+    out = torch.empty(end - start, dim)
+    for chunk in range(start // _INIT_CHUNK, math.ceil(end / _INIT_CHUNK)):
+        base = chunk * _INIT_CHUNK
+        lo, hi = max(start, base), min(end, base + _INIT_CHUNK)
+        rows = torch.randn(_INIT_CHUNK, dim, generator=generator(seed, STREAM_INIT, chunk))
+        out[lo - start : hi - start] = rows[lo - base : hi - base] * _INIT_STD
+    return out
+
+
+class ShardedPrototypes(nn.Module):
+    """Margin softmax over a class-sharded prototype matrix with Unicom's r1/r2 selections.
+
+    Each rank owns rows `class_range` of the (num_classes x embed_dim) matrix as `weight`, plain
+    fp32 (math runs in fp32 whatever the embeddings' dtype or autocast). `forward(embeddings,
+    labels)` takes the local batch and global class ids, gathers embeddings and labels over
+    ranks, scores the global batch against this rank's selected prototypes and returns the mean
+    ArcFace loss over the global batch, the same value on every rank. Logits and W are never
+    gathered; only the selected rows of `weight` receive gradient.
+
+    Randomness: r2's feature subset depends on (seed, step) only, so it is equal on all ranks;
+    `step` moves only with `advance()`, which the train loop calls once per optimizer step (all
+    micro-batches of a step share the subset). r1's negatives are drawn from (seed, step, forward
+    count since advance, rank).
+
+    For the train loop: gradients reaching the embeddings are exact for the global-batch loss.
+    DeepSpeed averages backbone gradients over ranks, so scale the embeddings' gradient by the
+    world size with a hook (`emb.register_hook(lambda g: g * world)`) to keep them exact. The
+    weight stays out of the engine, with its own optimizer.
+    """
+
+    def __init__(self, num_classes: int, embed_dim: int, r1: float = 0.1, r2: float = 1.0,
+                 margin: float = 0.3, scale: float = 64.0, seed: int = 0):
+        super().__init__()
+        for name, value in (("r1", r1), ("r2", r2)):
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name}={value} must be in (0, 1]")
+        if margin < 0 or scale <= 0:
+            raise ValueError(f"need margin >= 0 and scale > 0, got margin={margin}, scale={scale}")
+        self.num_classes, self.embed_dim = num_classes, embed_dim
+        self.r1, self.r2, self.margin, self.scale, self.seed = r1, r2, margin, scale, seed
+        self.rank, self.world = rank_world()
+        self.class_range = block_range(num_classes, self.world, self.rank)
+        self.weight = nn.Parameter(init_block(*self.class_range, embed_dim, seed))
+        self.step = 0
+        self._draws = 0  # forwards since the last advance(): fresh negatives per micro-batch
+        self.selected: torch.Tensor | None = None  # global class ids scored in the last forward
+        self.features: torch.Tensor | None = None  # feature dims used in the last forward
+        self.last_stats: dict[str, int] = {}
+
+    def advance(self) -> None:
+        """Move to the next optimizer step (new r2 subset, new r1 negatives)."""
+        self.step += 1
+        self._draws = 0
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embed_dim:
+            raise ValueError(f"embeddings must be [batch, {self.embed_dim}], got {tuple(embeddings.shape)}")
+        if labels.shape != embeddings.shape[:1]:
+            raise ValueError(f"labels must be [{embeddings.shape[0]}], got {tuple(labels.shape)}")
+        if rank_world() != (self.rank, self.world):
+            raise RuntimeError(f"built for rank {self.rank} of {self.world} but the process group is now "
+                               f"{rank_world()}: build the layer after init_process_group")
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            emb = gather_rows(embeddings.to(dtype))
+            labels = gather_rows(labels.to(device=self.weight.device, dtype=torch.long))
+            # Every rank sees the same gathered labels, so all ranks raise together (no hang).
+            if ((labels < 0) | (labels >= self.num_classes)).any():
+                bad = labels[(labels < 0) | (labels >= self.num_classes)]
+                raise ValueError(f"labels must be in [0, {self.num_classes}), got {bad[:5].tolist()}")
+            start, end = self.class_range
+            rows = ((labels >= start) & (labels < end)).nonzero().squeeze(1)
+            local = labels[rows] - start
+            positives = local.unique()
+            gen = generator(self.seed, STREAM_R1, self.step, self._draws, self.rank, device=self.weight.device)
+            self._draws += 1
+            index = select_classes(positives, end - start, self.r1, gen)
+            dims = feature_subset(self.embed_dim, self.r2, self.seed, self.step)
+            cols = local if index is None else torch.searchsorted(index, local)
+            weight = self._rows(index, dims)
+            if dims is not None:
+                emb = emb[:, dims.to(emb.device)]
+            loss = margin_softmax_loss(emb, weight.to(dtype), rows, cols, self.margin, self.scale)
+        self.selected = start + (torch.arange(end - start, device=self.weight.device) if index is None else index)
+        self.features = dims
+        self.last_stats = {"selected_classes": int(weight.shape[0]), "positives": int(positives.numel()),
+                           "features": int(weight.shape[1]), "global_batch": int(labels.numel())}
+        return loss
+
+    def _rows(self, index: torch.Tensor | None, dims: torch.Tensor | None) -> torch.Tensor:
+        """The selected sub-matrix of `weight`, with no copy when everything is selected."""
+        # index_select, not w[index]: its backward is index_add_, which CPUs run in parallel.
+        weight = self.weight if index is None else self.weight.index_select(0, index)
+        return weight if dims is None else weight.index_select(1, dims.to(weight.device))
+
+    def get_extra_state(self) -> dict:
+        return {"step": self.step, "class_range": self.class_range, "num_classes": self.num_classes}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state["num_classes"] != self.num_classes or tuple(state["class_range"]) != self.class_range:
+            raise ValueError(f"saved prototypes are classes {tuple(state['class_range'])} of {state['num_classes']}, "
+                             f"this rank holds {self.class_range} of {self.num_classes}: rebuild the weight "
+                             "with unicom_ds.prototypes.reslice")
+        self.step = int(state["step"])
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, embed_dim={self.embed_dim}, class_range={self.class_range}, "
+                f"r1={self.r1}, r2={self.r2}, margin={self.margin}, scale={self.scale}")
