@@ -1,0 +1,102 @@
+"""The whole training step against the backbone's own forward+backward on the same batch.
+
+    python benchmarks/bench_train_step.py --device cuda --model ViT-B-32 --batch 128 --classes 125000 --bf16
+    python benchmarks/bench_train_step.py --device cpu --model ViT-Tiny-16 --batch 32 --classes 10000
+
+One process (one GPU): `backbone` times the ViT forward+backward alone (loss = sum of the
+embeddings); `step` times what a rank does per optimizer step: forward, the prototype layer over
+`--classes` rows (one rank's block) with r1/r2, backward, the backbone's and the prototypes' AdamW
+steps. Target: step <= 1.10 x backbone. Prints one JSON line per mode and the overhead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from unicom_ds import backbone
+from unicom_ds.prototypes import ShardedPrototypes
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, steps: int, warmup: int, device: torch.device) -> tuple[float, float | None]:
+    """(seconds per call, peak GPU memory MB or None on CPU) of fn after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
+    return seconds, peak
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default="ViT-Tiny-16", choices=backbone.MODELS)
+    ap.add_argument("--batch", type=int, default=32, help="images per step on this device")
+    ap.add_argument("--classes", type=int, default=10000, help="prototype rows held by this rank")
+    ap.add_argument("--r1", type=float, default=0.1)
+    ap.add_argument("--r2", type=float, default=1.0)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the backbone (as the engine runs it)")
+    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    torch.manual_seed(0)
+    model = backbone.build(a.model, a.grad_checkpointing).to(device)
+    layer = ShardedPrototypes(a.classes, backbone.embed_dim(a.model), r1=a.r1, r2=a.r2).to(device)
+    opt = torch.optim.AdamW(backbone.param_groups(model, 0.05), lr=1e-4)
+    proto_opt = torch.optim.AdamW(layer.parameters(), lr=1e-4, weight_decay=0.05)
+    size = backbone.image_size(a.model)
+    images = torch.randn(a.batch, 3, size, size, device=device)
+    labels = torch.randint(0, a.classes, (a.batch,), device=device)
+
+    def forward() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
+            return model(images)
+
+    def backbone_only() -> None:
+        forward().float().sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    def train_step() -> None:
+        loss = layer(forward().float(), labels)
+        loss.backward()
+        opt.step()
+        proto_opt.step()
+        opt.zero_grad(set_to_none=True)
+        proto_opt.zero_grad(set_to_none=True)
+        layer.advance()
+
+    results = {}
+    for name, fn in (("backbone", backbone_only), ("step", train_step)):
+        seconds, peak = measure(fn, a.steps, a.warmup, device)
+        results[name] = {"ms": round(seconds * 1e3, 2), "images_per_s": round(a.batch / seconds, 1),
+                         "peak_mem_mb": peak}
+        print(json.dumps({"mode": name, **results[name]}), flush=True)
+    overhead = results["step"]["ms"] / results["backbone"]["ms"] - 1
+    summary = {"model": a.model, "device": str(device), "bf16": a.bf16, "batch": a.batch, "classes": a.classes,
+               "r1": a.r1, "r2": a.r2, "overhead": round(overhead, 4), "target": 0.10,
+               "images_per_s": results["step"]["images_per_s"], "peak_mem_mb": results["step"]["peak_mem_mb"]}
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The train stage end to end: real `deepspeed` launches of 2 and 1 CPU processes (gloo).
+
+Three launches share one run directory: 2 ranks train steps 0-4 (checkpoints at 2 and 4), 2 ranks
+resume to step 6 with the compact recipe's r2=0.5 and one more epoch, then 1 rank resumes with
+lr=0 for one step, so its weights must equal the 2-rank checkpoint's exactly.
+"""
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train_fixtures import make_run
+from unicom_ds import config, tblog, train
+from unicom_ds.checkpoint import ENGINE_TAG, rank_file, read_meta
+
+REPO = Path(__file__).resolve().parents[1]
+TAGS = ("loss", "lr", "images_per_s", "images_per_s_per_gpu", "grad_norm", "selected_classes",
+        "peak_mem_mb", "skipped_samples")
+
+
+def ds_config(path: Path) -> Path:
+    path.write_text(json.dumps({
+        "train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
+        "bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "elastic_checkpoint": True},
+        "steps_per_print": 10**6}))
+    return path
+
+
+def launch(argv: list[str], log: Path) -> str:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    log.write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, f"{' '.join(argv)} failed; log {log}:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = make_run(root, [13, 9, 6], k=10, unlabelled_every=5, broken=("000010002",))
+    ds = ds_config(root / "ds.json")
+    run = data["run"]
+    first = config.resolve([f"run_dir={run}", f"data.shards={data['shards']}", "model=ViT-Tiny-16", "stage=train",
+                            "device=cpu", f"train.deepspeed_config={ds}", "train.epochs=2", "train.steps_per_epoch=3",
+                            "train.max_steps=4", "train.ckpt_every_steps=2", "train.log_every=1", "train.workers=0",
+                            "train.local_processes=2", "loss.r1=0.5"])
+    out = {"run": run, "logs": [launch(train.local_command(first), root / "run1.log")]}
+    resume = ["deepspeed", "--num_nodes", "1", "--master_port", str(train.free_port()), str(REPO / "unicom_ds/train.py"),
+              "--deepspeed_config", str(ds), f"run_dir={run}", "train.epochs=3"]
+    out["logs"].append(launch(resume[:3] + ["--num_gpus", "2"] + resume[3:] + ["loss.r2=0.5", "train.max_steps=6"],
+                              root / "run2.log"))
+    out["logs"].append(launch(resume[:3] + ["--num_gpus", "1"] + resume[3:] + ["train.max_steps=7", "train.lr=0.0"],
+                              root / "run3.log"))
+    return out
+
+
+@pytest.mark.slow
+def test_two_ranks_train_checkpoint_and_resume(runs):
+    ckpt = runs["run"] / "train" / "ckpt"
+    first, second, _ = runs["logs"]
+    assert "on 2 rank(s)" in first and "step 4/4" in first and "steps 0 -> 4" in first
+    assert f"resumed from {ckpt / 'step_4'} at step 4" in second and "steps 4 -> 6" in second
+    assert read_meta(ckpt / "step_6") == {**read_meta(ckpt / "step_6"), "step": 6, "world_size": 2, "epoch": 2,
+                                         "step_in_epoch": 0, "model": "ViT-Tiny-16", "num_classes": 10}
+    assert rank_file(ckpt / "step_6", 1).is_file()
+
+
+@pytest.mark.slow
+def test_resume_on_one_rank_restores_backbone_and_prototypes(runs):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = runs["run"] / "train" / "ckpt"
+    third = runs["logs"][2]
+    assert "on 1 rank(s)" in third and "4 x 1 x 2 accumulation" in third and "steps 6 -> 7" in third
+    assert (ckpt / "latest").read_text().strip() == "step_7"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_6", "step_7"]  # keep_checkpoints=2
+    # lr=0 changes nothing: the 1-rank step_7 must hold exactly the 2-rank step_6 weights.
+    before = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "step_6"), tag=ENGINE_TAG)
+    export = torch.load(runs["run"] / "train" / "backbone.pt", weights_only=True)
+    assert export["model"] == "ViT-Tiny-16" and export["embed_dim"] == 64
+    assert export["state_dict"].keys() == before.keys()
+    for key, value in before.items():
+        assert export["state_dict"][key].dtype == torch.float32
+        assert torch.equal(export["state_dict"][key], value), key
+    blocks = [torch.load(rank_file(ckpt / "step_6", r), weights_only=False) for r in (0, 1)]
+    assert [b["class_range"] for b in blocks] == [(0, 5), (5, 10)]
+    merged = torch.load(rank_file(ckpt / "step_7", 0), weights_only=False)
+    assert merged["class_range"] == (0, 10)
+    assert torch.equal(merged["weight"], torch.cat([b["weight"] for b in blocks]))
+
+
+@pytest.mark.slow
+def test_tensorboard_scalars_continue_across_resumes(runs):
+    scalars = tblog.read_scalars(str(runs["run"] / "tensorboard" / "train"))
+    assert {f"train/{t}" for t in TAGS} <= scalars.keys()
+    steps = sorted(s for s, _ in scalars["train/loss"])
+    assert steps == [1, 2, 3, 4, 5, 6, 7]
+    assert all(math.isfinite(v) and v > 0 for _, v in scalars["train/loss"])
+    assert all(math.isfinite(v) for _, v in scalars["train/grad_norm"])
+    assert all(v > 0 for _, v in scalars["train/images_per_s"] + scalars["train/peak_mem_mb"])
+    lr = dict(scalars["train/lr"])
+    assert lr[1] == pytest.approx(1e-3 / 3) and lr[7] == 0.0  # warmup of one 3-step epoch; lr=0 run
+    # 2 ranks x ceil(0.5 * 5) classes at least, and never more than all 10.
+    assert all(6 <= v <= 10 for s, v in scalars["train/selected_classes"] if s <= 6)
+    assert max(v for _, v in scalars["train/skipped_samples"]) > 0  # unlabelled and broken samples
+
+
+@pytest.mark.slow
+def test_exported_backbone_loads(runs):
+    import unicom_ds
+
+    model, preprocess = unicom_ds.load("ckpt:ViT-Tiny-16", checkpoint=runs["run"] / "train" / "backbone.pt")
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 64) and torch.isfinite(out).all()
+
+
+def test_deepspeed_config_errors(tmp_path):
+    cfg = config.resolve([f"run_dir={tmp_path}", f"train.deepspeed_config={ds_config(tmp_path / 'ds.json')}"])
+    assert train.deepspeed_config(cfg, 1)["gradient_accumulation_steps"] == 2
+    assert train.deepspeed_config(cfg, 2)["gradient_accumulation_steps"] == 1
+    cfg.train.precision = "fp32"
+    assert train.deepspeed_config(cfg, 2)["bf16"]["enabled"] is False
+    with pytest.raises(config.ConfigError, match=r"ds\.json: train_batch_size 8 is not a multiple of .* 4 x 3 ranks"):
+        train.deepspeed_config(cfg, 3)
+    cfg.train.precision = "fp16"
+    with pytest.raises(config.ConfigError, match="train.precision=fp16"):
+        train.deepspeed_config(cfg, 1)
+    cfg.train.deepspeed_config = str(tmp_path / "nope.json")
+    with pytest.raises(FileNotFoundError, match="nope.json: no such file"):
+        train.deepspeed_config(cfg, 1)
+
+
+def test_local_command_passes_only_changed_keys(tmp_path):
+    cfg = config.resolve([f"run_dir={tmp_path}", "loss.r2=0.5", "train.epochs=33", "device=cpu"])
+    argv = train.local_command(config.select(cfg))
+    assert argv[:3] == ["env", "DS_ACCELERATOR=cpu", "deepspeed"]
+    assert argv[argv.index("--num_gpus") + 1] == "1" and str(train.TRAIN_PY) in argv
+    assert sorted(a for a in argv if "=" in a and not a.startswith("DS_")) == sorted(
+        [f"run_dir={tmp_path}", "loss.r2=0.5", "train.epochs=33", "device=cpu"])
+
+
+def test_requeue_resumes_from_latest(tmp_path):
+    cfg = config.select(config.resolve([f"run_dir={tmp_path}", "train.resume=none"]))
+    delayed = train.TrainJob().checkpoint(cfg)
+    assert isinstance(delayed.function, train.TrainJob)
+    assert delayed.args[0]["train"]["resume"] == "latest" and cfg["train"]["resume"] == "none"
+    assert train.master_port("1234_5") == train.master_port("1234_5") != train.master_port("1235_5")

@@ -1,0 +1,357 @@
+"""The train stage: a ViT inside DeepSpeed (ZeRO-2) over the sharded prototype layer.
+
+    deepspeed unicom_ds/train.py --deepspeed_config ds_configs/zero2.json run_dir=RUN [key=value ...]
+
+The backbone and its AdamW live in the engine; the prototype block of each rank lives outside it
+with its own AdamW on the same warmup+cosine schedule, stepped at accumulation boundaries. The
+same `train(cfg)` runs under the deepspeed launcher, under SLURM (`TrainJob`) and in tests.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    # Run as a script, this folder would come first on sys.path and its modules (schedule.py,
+    # checkpoint.py, ...) would shadow top-level packages of the same name for every library.
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse
+import json
+import os
+import resource
+import socket
+import time
+
+import submitit
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from unicom_ds import backbone, checkpoint, config, schedule, tblog, train_data
+from unicom_ds.atomic import atomic_path, read_json
+from unicom_ds.dist import all_reduce_, rank_world
+from unicom_ds.prototypes import ShardedPrototypes
+
+TRAIN_PY = Path(__file__).resolve()
+# Config keys a checkpoint must agree with to be resumed (r1, r2, epochs may change: compact recipe).
+RESUME_KEYS = ("model", "num_classes", "embed_dim")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description="Unicom training (run it with the deepspeed launcher)")
+    ap.add_argument("--deepspeed_config", help="DeepSpeed JSON (default: train.deepspeed_config)")
+    ap.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    args, overrides = ap.parse_known_args(argv)
+    cfg = config.resolve(overrides)
+    if args.deepspeed_config:
+        cfg.train.deepspeed_config = args.deepspeed_config
+    return train(cfg)
+
+
+def deepspeed_config(cfg: DictConfig, world: int) -> dict:
+    """The DeepSpeed config file with precision from train.precision and accumulation for this world size."""
+    path = Path(str(cfg.train.deepspeed_config))
+    if not path.is_file():
+        raise FileNotFoundError(f"train.deepspeed_config={path}: no such file")
+    ds = json.loads(path.read_text())
+    if cfg.train.precision not in ("bf16", "fp32"):
+        raise config.ConfigError(f"train.precision={cfg.train.precision}: expected bf16 or fp32")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu"):
+        if key not in ds:
+            raise config.ConfigError(f"{path}: needs '{key}' (global batch and per-rank micro batch)")
+    global_batch, micro = int(ds["train_batch_size"]), int(ds["train_micro_batch_size_per_gpu"])
+    if global_batch % (micro * world):
+        raise config.ConfigError(f"{path}: train_batch_size {global_batch} is not a multiple of "
+                                 f"train_micro_batch_size_per_gpu {micro} x {world} ranks")
+    # The global batch is the recipe; accumulation follows the number of ranks (also on a resume).
+    ds["gradient_accumulation_steps"] = global_batch // (micro * world)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.precision == "bf16"}
+    ds.pop("fp16", None)
+    return ds
+
+
+def num_classes(run_dir: Path) -> int:
+    path = run_dir / "kmeans" / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; the train stage needs the cluster stage's k-means summary")
+    return int(read_json(path)["k"])
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Trainer:
+    """One rank's training state: engine, prototype block, optimizers, position."""
+
+    def __init__(self, cfg: DictConfig):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        on_cpu = get_accelerator().device_name() == "cpu"
+        deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+        self.rank, self.world = rank_world()
+        self.cfg, self.run_dir = cfg, Path(str(cfg.run_dir))
+        if self.rank == 0 and not (self.run_dir / "config.yaml").is_file():
+            config.save(cfg)
+        self.k = num_classes(self.run_dir)
+        self.urls, rows = train_data.labelled_shards(self.run_dir, cfg.data.shards)
+        self.ds = deepspeed_config(cfg, self.world)
+        self.micro, self.accum = int(self.ds["train_micro_batch_size_per_gpu"]), self.ds["gradient_accumulation_steps"]
+        self.global_batch = int(self.ds["train_batch_size"])
+        self.steps_per_epoch = int(cfg.train.steps_per_epoch or max(1, rows // self.global_batch))
+        self.total_steps = int(cfg.train.epochs) * self.steps_per_epoch
+        self.warmup_steps = round(float(cfg.train.warmup_epochs) * self.steps_per_epoch)
+        self.stop = min(self.total_steps, int(cfg.train.max_steps or self.total_steps))
+
+        torch.manual_seed(int(cfg.seed))  # the same backbone init on every rank
+        model = backbone.build(cfg.model, bool(cfg.train.grad_checkpointing))
+        self.dim, self.image_size = backbone.embed_dim(cfg.model), backbone.image_size(cfg.model)
+        wd = float(cfg.train.weight_decay)
+        opt = torch.optim.AdamW(backbone.param_groups(model, wd), lr=float(cfg.train.lr))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds)
+        self.device = self.engine.device
+        self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
+        self.layer = ShardedPrototypes(self.k, self.dim, r1=float(cfg.loss.r1), r2=float(cfg.loss.r2),
+                                       margin=float(cfg.loss.margin), scale=float(cfg.loss.scale),
+                                       seed=int(cfg.seed)).to(self.device)
+        self.proto_opt = torch.optim.AdamW(self.layer.parameters(), lr=float(cfg.train.lr), weight_decay=wd)
+        self.root = checkpoint.ckpt_root(self.run_dir)
+        self.step = 0
+        self.resumed_from: Path | None = None
+        torch.manual_seed(int(cfg.seed) * 1000 + self.rank)  # distinct augmentations per rank
+
+    # ---------------------------------------------------------------- checkpoints
+    def meta(self) -> dict:
+        return {"model": str(self.cfg.model), "num_classes": self.k, "embed_dim": self.dim,
+                "world_size": self.world, "epoch": self.step // self.steps_per_epoch,
+                "step_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch}
+
+    def save(self) -> Path:
+        """Collective: every rank writes its part into the staging folder, rank 0 publishes it."""
+        tmp = checkpoint.staging(self.root, self.step)
+        if self.rank == 0:
+            checkpoint.begin(self.root, self.step)
+        dist.barrier()
+        self.engine.save_checkpoint(str(tmp), tag=checkpoint.ENGINE_TAG, save_latest=False)
+        checkpoint.save_rank_state(tmp, self.rank, {
+            "rank": self.rank, "class_range": self.layer.class_range, "weight": self.layer.weight.detach().cpu(),
+            "optimizer": self.proto_opt.state_dict(), "rng": checkpoint.rng_state()})
+        dist.barrier()
+        final = self.root / checkpoint.step_name(self.step)
+        if self.rank == 0:
+            checkpoint.commit(self.root, self.step, self.meta(), int(self.cfg.train.keep_checkpoints))
+        dist.barrier()
+        return final
+
+    def resume(self) -> None:
+        path = checkpoint.resolve(self.root, self.cfg.train.resume)
+        if path is None:
+            return
+        meta = checkpoint.read_meta(path)
+        config.check_same({k: meta[k] for k in RESUME_KEYS}, {k: self.meta()[k] for k in RESUME_KEYS}, path)
+        tag = checkpoint.ENGINE_TAG
+        if meta["world_size"] == self.world:
+            self.engine.load_checkpoint(str(path), tag=tag)
+        else:
+            # ZeRO-2 refuses optimizer states partitioned for another rank count. Load the weights,
+            # then the fp32 master weights from the (elastic) partitions; backbone Adam moments restart.
+            self.engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=False,
+                                        load_lr_scheduler_states=False)
+            if self.ds.get("zero_optimization", {}).get("elastic_checkpoint"):
+                self.engine._load_zero_checkpoint(str(path), tag, load_optimizer_states=False)
+            self.log(f"resume on {self.world} ranks from a {meta['world_size']}-rank checkpoint: "
+                     "prototype blocks re-sliced, backbone weights restored, backbone optimizer moments reset")
+        states = checkpoint.load_rank_states(path, self.k, *self.layer.class_range)
+        weight, opt_state = checkpoint.merge_prototype_states(states, *self.layer.class_range)
+        self.layer.weight.data.copy_(weight.to(self.device))
+        if opt_state["state"]:
+            self.proto_opt.load_state_dict(opt_state)
+        own = [s for s in states if s.get("rank") == self.rank]
+        if meta["world_size"] == self.world and own:
+            checkpoint.set_rng_state(own[0]["rng"])
+        self.step = self.layer.step = int(meta["step"])
+        self.resumed_from = path
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def export(self, ckpt: Path) -> Path:
+        """Rank 0: the fp32 backbone (merged from the ZeRO partitions) as RUN/train/backbone.pt."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=checkpoint.ENGINE_TAG)
+        out = self.run_dir / "train" / "backbone.pt"
+        with atomic_path(out) as tmp:
+            torch.save(backbone.export(str(self.cfg.model), state), tmp)
+        return out
+
+    # ---------------------------------------------------------------- training
+    def log(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"[train] {text}", flush=True)
+
+    def set_lr(self) -> float:
+        lr = schedule.lr_at(self.step, float(self.cfg.train.lr), self.warmup_steps, self.total_steps)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+            # DeepSpeed's elastic ZeRO checkpoints (loadable on another rank count) read the step
+            # from the param groups; torch's AdamW keeps it per parameter only.
+            group["step"] = self.step
+        for group in self.proto_opt.param_groups:
+            group["lr"] = lr * float(self.cfg.train.prototype_lr_mult)
+        return lr
+
+    def micro_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, bool]:
+        emb = self.engine(images.to(self.device, self.dtype, non_blocking=True))
+        if self.world > 1:
+            # The layer gives each rank the exact gradient of the global-batch loss; DeepSpeed then
+            # averages backbone gradients over ranks, so undo its division by the world size.
+            world = self.world
+            emb.register_hook(lambda g: g * world)
+        loss = self.layer(emb.float(), labels.to(self.device, non_blocking=True))
+        self.engine.backward(loss)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if boundary:
+            self.proto_opt.step()
+            self.proto_opt.zero_grad(set_to_none=True)
+            self.layer.advance()
+            self.step += 1
+        return float(loss.detach()), boundary
+
+    def run(self) -> dict:
+        self.resume()
+        self.set_lr()
+        cfg = self.cfg
+        tb = tblog.writer(str(self.run_dir), "train") if self.rank == 0 else None
+        self.log(f"{cfg.model} on {self.world} rank(s) ({self.device}, {self.dtype}), k={self.k}, "
+                 f"global batch {self.global_batch} = {self.micro} x {self.world} x {self.accum} accumulation, "
+                 f"{self.steps_per_epoch} steps/epoch, steps {self.step} -> {self.stop} of {self.total_steps}")
+        counts = torch.zeros(len(train_data.SKIP_REASONS) + 1, dtype=torch.float64)  # skipped..., selected
+        skipped_total = torch.zeros(len(train_data.SKIP_REASONS), dtype=torch.float64)
+        losses, window_start, window_steps, start = [], time.time(), 0, time.time()
+        start_step, last_loss = self.step, float("nan")
+        while self.step < self.stop:
+            epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+            n_steps = min(self.steps_per_epoch - in_epoch, self.stop - self.step)
+            # Seeded by the position, so a resumed run draws a fresh stream rather than replaying one.
+            batches = train_data.epoch_batches(
+                self.urls, self.run_dir, self.image_size, self.micro, n_steps * self.accum,
+                seed=hash((int(cfg.seed), epoch, in_epoch)) & 0x7FFFFFFF, rank=self.rank,
+                workers=int(cfg.train.workers))
+            for images, labels, skipped in batches:
+                lr = self.set_lr()
+                loss, boundary = self.micro_step(images, labels)
+                losses.append(loss)
+                counts[:-1] += skipped
+                if not boundary:
+                    continue
+                counts[-1] += self.layer.last_stats["selected_classes"]
+                window_steps += 1
+                if self.step % int(cfg.train.log_every) == 0 or self.step == self.stop:
+                    totals = all_reduce_(counts.to(self.device)).cpu()
+                    skipped_total += totals[:-1]
+                    now = time.time()
+                    ips = window_steps * self.global_batch / max(now - window_start, 1e-9)
+                    last_loss = sum(losses) / len(losses)
+                    norm = self.engine.get_global_grad_norm()
+                    scalars = {"loss": last_loss, "lr": lr, "images_per_s": ips,
+                               "images_per_s_per_gpu": ips / self.world,
+                               "grad_norm": float(norm) if norm is not None else float("nan"),
+                               "selected_classes": float(totals[-1]) / window_steps,
+                               "peak_mem_mb": peak_mem_mb(self.device),
+                               "skipped_samples": float(skipped_total.sum())}
+                    if tb is not None:
+                        for name, value in scalars.items():
+                            tb.add_scalar(f"train/{name}", value, self.step)
+                        tb.flush()
+                    self.log(f"step {self.step}/{self.stop} epoch {epoch} loss {last_loss:.4f} lr {lr:.3g} "
+                             f"{ips:.1f} img/s grad_norm {scalars['grad_norm']:.3g} "
+                             f"selected {scalars['selected_classes']:.0f} skipped {int(scalars['skipped_samples'])}")
+                    counts.zero_()
+                    losses, window_start, window_steps = [], now, 0
+                if self.step % int(cfg.train.ckpt_every_steps) == 0 and self.step < self.stop:
+                    self.save()
+        # The last step is never saved periodically; a run resumed at its end has nothing new to save.
+        final = self.save() if self.step > start_step or self.resumed_from is None else self.resumed_from
+        exported = self.export(final) if self.rank == 0 else None
+        seconds = time.time() - start
+        summary = {"steps": self.step, "start_step": start_step, "seconds": round(seconds, 2),
+                   "images_per_s": (self.step - start_step) * self.global_batch / max(seconds, 1e-9),
+                   "loss": last_loss, "skipped": dict(zip(train_data.SKIP_REASONS, skipped_total.tolist())),
+                   "checkpoint": str(final), "backbone": str(exported)}
+        self.log(f"done: steps {start_step} -> {self.step} in {seconds:.0f}s, loss {last_loss:.4f}, "
+                 f"skipped {summary['skipped']}, checkpoint {final}, backbone {exported}")
+        if tb is not None:
+            tb.close()
+        return summary
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train on the ranks of the current environment (deepspeed launcher, SLURM task, or one process)."""
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return Trainer(cfg).run()
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """The SLURM job: one task per GPU, torch.distributed set up from SLURM, requeued on timeout."""
+
+    def __call__(self, cfg: dict) -> dict:
+        env = submitit.JobEnvironment()
+        os.environ.update({"RANK": str(env.global_rank), "WORLD_SIZE": str(env.num_tasks),
+                           "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": env.hostnames[0],
+                           "MASTER_PORT": str(master_port(env.job_id))})
+        return train(config.as_config(cfg))
+
+    def checkpoint(self, cfg: dict) -> submitit.helpers.DelayedSubmission:
+        # The periodic saves are the checkpoints: SIGUSR1 reaches one task only and a save is a
+        # collective of all ranks. The requeued job continues from the latest complete one.
+        cfg = config.select(config.as_config(cfg))
+        cfg["train"]["resume"] = "latest"
+        return submitit.helpers.DelayedSubmission(TrainJob(), cfg)
+
+
+def master_port(job_id: str) -> int:
+    """A port that all tasks of one job agree on and that differs between concurrent jobs."""
+    digits = "".join(c for c in str(job_id) if c.isdigit()) or "0"
+    return 20000 + int(digits) % 20000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def local_command(cfg: dict | DictConfig) -> list[str]:
+    """The `deepspeed ...` argv of launcher=local: one process per visible GPU (train.local_processes on CPU).
+
+    It passes run_dir and every key whose value differs from what the run directory alone resolves to.
+    """
+    cfg = config.as_config(cfg)
+    gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
+    procs = int(cfg.train.local_processes or gpus or 1)
+    base = _flat(config.select(config.resolve([f"run_dir={cfg.run_dir}"])))
+    overrides = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in _flat(config.select(cfg)).items()
+                 if k != "run_dir" and not k.startswith(("slurm.", "config")) and base.get(k) != v]
+    argv = ["deepspeed", "--num_nodes", "1", "--num_gpus", str(procs), "--master_port", str(free_port()),
+            str(TRAIN_PY), "--deepspeed_config", str(cfg.train.deepspeed_config), f"run_dir={cfg.run_dir}",
+            *overrides]
+    return argv if gpus else ["env", "DS_ACCELERATOR=cpu", *argv]
+
+
+if __name__ == "__main__":
+    main()
