@@ -1,0 +1,148 @@
+"""Evaluation outputs: RUN/eval/results.json, the paper-style tables, the dimension plot, TensorBoard.
+
+results.json is {model: {dataset: {metric: value}}} with values as fractions (percent only in the
+tables), merged across eval runs in the same run directory: a rerun replaces the metrics it
+recomputes and keeps the rest. Truncated-dimension retrieval metrics are stored as
+`dim<D>/<metric>` (`dim128/R@1`). The tables follow the Unicom paper: Tab. 1 (linear probe) and
+Tab. 2 (retrieval), a row per model, a column per data set in the paper's order, plus the average
+of the columns the row has.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from unicom_ds.atomic import atomic_path, read_json, write_json_atomic, write_text_atomic
+
+from evaluation import probe_sets
+
+# Retrieval set -> (column title, the metric Tab. 2 reports), in the paper's column order.
+RETRIEVAL_COLUMNS = {
+    "cub": ("CUB", "R@1"), "cars": ("Cars", "R@1"), "sop": ("SOP", "R@1"),
+    "inshop": ("In-Shop", "R@1"), "inat": ("iNat", "R@1"), "vehicleid": ("VehicleID", "800/R@1"),
+    "gldv2": ("GLDv2", "private/mAP@100"),
+}
+PROBE_TITLES = {
+    "cifar10": "CIFAR10", "cifar100": "CIFAR100", "food101": "Food101", "birdsnap": "Birdsnap",
+    "sun397": "SUN397", "stanford_cars": "Cars", "fgvc_aircraft": "Aircraft", "dtd": "DTD",
+    "pets": "Pets", "caltech101": "Caltech101", "flowers102": "Flowers", "eurosat": "EuroSAT",
+    "imagenet": "ImageNet",
+}
+PROBE_COLUMNS = {name: (title, probe_sets.SETS[name].metric) for name, title in PROBE_TITLES.items()}
+DIM_PREFIX = "dim"
+
+
+def dim_key(dim: int, metric: str) -> str:
+    return f"{DIM_PREFIX}{dim}/{metric}"
+
+
+def merge(path: str | os.PathLike, new: dict) -> dict:
+    """Merge `new` into the results file at `path` (atomically) and return the merged results."""
+    merged = read_json(path) if Path(path).is_file() else {}
+    for model, sets in new.items():
+        for dataset, metrics in sets.items():
+            merged.setdefault(model, {}).setdefault(dataset, {}).update(metrics)
+    write_json_atomic(path, merged)
+    return merged
+
+
+def table(results: dict, columns: dict[str, tuple[str, str]]) -> str:
+    """A markdown table: a row per model holding any of `columns`' data sets, values in percent."""
+    used = [name for name in columns if any(name in sets for sets in results.values())]
+    if not used:
+        return ""
+    lines = ["| Model | " + " | ".join(columns[n][0] for n in used) + " | Average |",
+             "|---|" + "---:|" * (len(used) + 1)]
+    for model, sets in results.items():
+        values = [sets.get(n, {}).get(columns[n][1]) for n in used]
+        values = [None if v is None or math.isnan(v) else v for v in values]
+        present = [v for v in values if v is not None]
+        if not present:
+            continue
+        cells = ["–" if v is None else f"{100 * v:.1f}" for v in values]
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {100 * sum(present) / len(present):.1f} |")
+    return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    """Both tables with their captions (a table is left out when no model has any of its sets)."""
+    parts = []
+    probe = table(results, PROBE_COLUMNS)
+    if probe:
+        parts.append("Linear probe (top-1 accuracy; mean per-class accuracy for Aircraft, Pets, "
+                     "Caltech101 and Flowers), as in the Unicom paper's Tab. 1\n\n" + probe)
+    retrieval = table(results, RETRIEVAL_COLUMNS)
+    if retrieval:
+        parts.append("Unsupervised retrieval (Recall@1; VehicleID: the 800 test list; GLDv2: private "
+                     "mAP@100), as in the Unicom paper's Tab. 2\n\n" + retrieval)
+    return "\n\n".join(parts) + "\n"
+
+
+def dim_curves(results: dict) -> dict[str, tuple[list[int], list[float]]]:
+    """Per model: the dimensions evaluated and the mean Recall@1 (Tab. 2's R@1 columns) at each,
+    averaged over the retrieval sets evaluated at that dimension."""
+    curves = {}
+    for model, sets in results.items():
+        by_dim: dict[int, list[float]] = {}
+        for name, (_, metric) in RETRIEVAL_COLUMNS.items():
+            if not metric.endswith("R@1"):
+                continue
+            for key, value in sets.get(name, {}).items():
+                head, _, rest = key.partition("/")
+                if head.startswith(DIM_PREFIX) and rest == metric:
+                    by_dim.setdefault(int(head[len(DIM_PREFIX):]), []).append(value)
+        if by_dim:
+            dims = sorted(by_dim)
+            curves[model] = (dims, [sum(by_dim[d]) / len(by_dim[d]) for d in dims])
+    return curves
+
+
+def plot_dims(results: dict, path: str | os.PathLike) -> bool:
+    """Recall@1 against feature dimension, a line per model (the paper's Fig. 1a); False if no data."""
+    curves = dim_curves(results)
+    if not curves:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for model, (dims, values) in curves.items():
+        ax.plot(dims, [100 * v for v in values], marker="o", label=model)
+    ax.set_xscale("log", base=2)
+    all_dims = sorted({d for dims, _ in curves.values() for d in dims})
+    ax.set_xticks(all_dims, [str(d) for d in all_dims])
+    ax.set_xlabel("feature dimension (first D dims, re-normalised)")
+    ax.set_ylabel("Recall@1 (%), mean over retrieval sets")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return True
+
+
+def log_scalars(run_dir: str | os.PathLike, results: dict, step: int = 0) -> None:
+    """Every value as the TensorBoard scalar eval/<model>/<dataset>/<metric>."""
+    from unicom_ds.tblog import writer
+
+    with writer(str(run_dir), "eval") as w:
+        for model, sets in results.items():
+            for dataset, metrics in sets.items():
+                for metric, value in metrics.items():
+                    w.add_scalar(f"eval/{model}/{dataset}/{metric}", value, step)
+
+
+def write_all(run_dir: str | os.PathLike, found: dict, computed: dict) -> tuple[dict, str]:
+    """Merge this job's results `found` into RUN/eval/results.json, rewrite results.md and
+    recall_vs_dim.png, log the `computed` ones (not those a rerun found done) to TensorBoard;
+    returns (all results, the tables' markdown)."""
+    out = Path(run_dir) / "eval"
+    merged = merge(out / "results.json", found)
+    text = markdown(merged)
+    write_text_atomic(out / "results.md", text)
+    plot_dims(merged, out / "recall_vs_dim.png")
+    log_scalars(run_dir, computed)
+    return merged, text

@@ -1,0 +1,272 @@
+"""The eval stage: `eval_job(cfg)` (what `slurm/submit.py stage=eval` runs), `check(cfg)` (its precheck).
+
+`python -m evaluation.run key=value ...` runs it here in one process.
+
+Every model of `eval.models` is evaluated on every set of `eval.datasets`, each found in
+`<eval.data_root>/<name>` (folder names: `evaluation.retrieval_sets.READERS` and
+`evaluation.probe_sets.SETS`). Under SLURM the job has one task per GPU: feature extraction is
+split over the tasks (a torch.distributed gloo group, used only for barriers), then rank 0 scores
+and writes. Each (model, data set) result is kept in RUN/eval/units/ (written last, with the config
+it was made with), so a rerun skips finished units and refuses to mix configs; a model whose
+checkpoint file changed since its first evaluation is refused too.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unicom_ds import config as config_mod
+from unicom_ds.atomic import read_json, write_json_atomic
+
+from evaluation import probe_sets, retrieval_sets
+
+KINDS = ("run", "unicom", "openclip", "ckpt")
+# The config keys a unit's numbers depend on (besides the model file): a rerun must match them.
+UNIT_KEYS = {"retrieval": ("eval.dims",),
+             "probe": ("eval.probe.max_iter", "eval.probe.val_fraction", "seed")}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    label: str                 # row name in results.json / the tables / the feature cache
+    name: str                  # what unicom_ds.load takes
+    checkpoint: str | None     # a file, an open_clip tag, or None
+    is_file: bool
+
+
+def parse_model(entry: str, run_dir: str | os.PathLike) -> ModelSpec:
+    """An `eval.models` entry: run | unicom:NAME@FILE | openclip:NAME@TAG_OR_FILE | ckpt:NAME@FILE."""
+    if entry == "run":
+        return ModelSpec("run", "", str(Path(run_dir) / "train" / "backbone.pt"), True)
+    kind, _, rest = entry.partition(":")
+    name, _, source = rest.partition("@")
+    if kind not in KINDS[1:] or not name or not source:
+        raise config_mod.ConfigError(
+            f"eval.models entry '{entry}': expected run, unicom:NAME@FILE, openclip:NAME@TAG_OR_FILE "
+            "or ckpt:NAME@FILE")
+    is_file = kind != "openclip" or Path(source).suffix != "" or os.sep in source
+    if kind == "unicom":
+        return ModelSpec(f"unicom:{name}", f"unicom:{name}", source, True)
+    shown = Path(source).stem if is_file else source
+    return ModelSpec(f"{kind}:{name}@{shown}", f"{kind}:{name}", source, is_file)
+
+
+def dataset_kind(name: str) -> str:
+    if name in retrieval_sets.READERS:
+        return "retrieval"
+    if name in probe_sets.SETS:
+        return "probe"
+    raise config_mod.ConfigError(
+        f"eval.datasets: unknown data set '{name}'; retrieval: {', '.join(retrieval_sets.READERS)}; "
+        f"linear probe: {', '.join(probe_sets.SETS)}")
+
+
+def check(cfg: Any) -> None:
+    """Everything that can fail before any work: model entries and files, data set folders and files."""
+    cfg = config_mod.as_config(cfg)
+    fraction = float(cfg.eval.probe.val_fraction)
+    if not 0.0 < fraction < 1.0:
+        raise config_mod.ConfigError(f"eval.probe.val_fraction={fraction}: must be in (0, 1)")
+    for entry in cfg.eval.models:
+        spec = parse_model(str(entry), cfg.run_dir)
+        _check_model_name(spec)
+        # With stage=all the train stage has not written RUN/train/backbone.pt yet.
+        if spec.is_file and not Path(spec.checkpoint).is_file() and not (entry == "run" and cfg.stage == "all"):
+            raise FileNotFoundError(f"eval.models '{entry}': checkpoint {spec.checkpoint} does not exist")
+    for name in cfg.eval.datasets:
+        kind = dataset_kind(str(name))
+        root = Path(str(cfg.eval.data_root)) / str(name)
+        if not root.is_dir():
+            raise FileNotFoundError(f"eval.datasets '{name}': expected its folder {root} "
+                                    f"(eval.data_root={cfg.eval.data_root})")
+        if kind == "probe":
+            probe_sets.check(str(name), str(cfg.eval.data_root))
+        else:
+            retrieval_sets.read(str(name), root)
+
+
+def _check_model_name(spec: ModelSpec) -> None:
+    kind, _, name = spec.name.partition(":")
+    if kind == "unicom":
+        from unicom_ds import unicom_vit
+        if unicom_vit.canonical_name(name) not in unicom_vit.CONFIGS:
+            raise config_mod.ConfigError(f"eval.models: unknown Unicom model '{name}'; "
+                                         f"known: {', '.join(unicom_vit.CONFIGS)}")
+    elif kind in ("openclip", "ckpt"):
+        from unicom_ds.model_configs import known_models
+        if name not in known_models():
+            raise config_mod.ConfigError(f"eval.models: '{name}' is not an open_clip model name")
+
+
+def task_rank_world() -> tuple[int, int]:
+    """(global rank, number of tasks) of this task in a submitit SLURM job; (0, 1) elsewhere."""
+    import submitit
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:  # not inside a submitit job
+        return 0, 1
+    return env.global_rank, env.num_tasks
+
+
+def _join_tasks(world: int) -> None:
+    import torch.distributed as dist
+    if world > 1 and not dist.is_initialized():
+        from submitit.helpers import TorchDistributedEnvironment
+        # One GPU per task; gloo suffices since the group only carries barriers.
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=True, overwrite=True)
+        dist.init_process_group("gloo")
+
+
+def _checkpoint_identity(entry: str, spec: ModelSpec) -> dict:
+    # The entry, not the resolved path: a run directory that is moved or copied stays valid.
+    if not spec.is_file:
+        return {"model": entry}
+    st = Path(spec.checkpoint).stat()
+    return {"model": entry, "bytes": st.st_size, "mtime": int(st.st_mtime)}
+
+
+def unit_path(run_dir, label: str, dataset: str) -> Path:
+    """RUN/eval/units/MODEL/DATASET.json: one finished (model, data set) result."""
+    from evaluation.features import features_path
+    cache = features_path(run_dir, label, dataset)  # the same file-name-safe model and set names
+    return Path(run_dir) / "eval" / "units" / cache.parent.name / f"{cache.stem}.json"
+
+
+def check_model_files(run_dir, entry: str, spec: ModelSpec) -> None:
+    """Refuse to reuse a model's cached features and results once its checkpoint file has changed
+    (e.g. RUN/train/backbone.pt re-exported); the first evaluation records the file."""
+    from evaluation.features import features_path
+    record = unit_path(run_dir, spec.label, "model")
+    current = _checkpoint_identity(entry, spec)
+    if record.is_file():
+        where = f"{record.parent} and {features_path(run_dir, spec.label, 'model').parent}"
+        config_mod.check_same(read_json(record), current, where)
+    else:
+        write_json_atomic(record, current)
+
+
+def _finished(path: Path, made_with: dict) -> dict | None:
+    """The metrics of a finished unit, None if not done; a unit made with another config is refused."""
+    if not path.is_file():
+        return None
+    unit = read_json(path)
+    config_mod.check_same(unit["made_with"], made_with, path)
+    return unit["metrics"]
+
+
+class Evaluator:
+    """One task's share of the eval job; rank 0 also scores."""
+
+    def __init__(self, cfg, rank: int, world: int):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.run_dir = Path(str(cfg.run_dir))
+        self.data_root = Path(str(cfg.eval.data_root))
+        self.mode = str(cfg.progress)
+
+    def features(self, label: str, key: str, model, dataset):
+        from evaluation.features import cached_extract, features_path
+        e = self.cfg.eval
+        return cached_extract(features_path(self.run_dir, label, key), model, dataset, int(e.batch_size),
+                              int(e.workers), str(self.cfg.device), self.rank, self.world, self.mode)
+
+    def retrieval(self, label: str, name: str, model, preprocess) -> dict | None:
+        from evaluation import metrics
+        from evaluation.features import ImageFiles
+        from evaluation.results import dim_key
+        ds = retrieval_sets.read(name, self.data_root / name)
+        feats = self.features(label, name, model, ImageFiles(ds.paths, preprocess))
+        if self.rank != 0:
+            return None
+        out = metrics.evaluate(feats, ds, str(self.cfg.device))
+        dims = sorted({int(d) for d in self.cfg.eval.dims} | {feats.shape[1]}, reverse=True)
+        for dim, values in metrics.evaluate_dims(feats, ds, dims, str(self.cfg.device)).items():
+            out.update({dim_key(dim, k): v for k, v in values.items()})
+        return out
+
+    def probe(self, label: str, name: str, model, preprocess) -> dict | None:
+        from evaluation.linear_probe import linear_probe
+        ps = probe_sets.load(name, self.data_root, preprocess, seed=int(self.cfg.seed))
+        parts = {s: getattr(ps, s) for s in ("train", "val", "test") if getattr(ps, s) is not None}
+        feats = {s: self.features(label, f"{name}.{s}", model, split) for s, split in parts.items()}
+        if self.rank != 0:
+            return None
+        p = self.cfg.eval.probe
+        val = parts.get("val")
+        return linear_probe(feats["train"], parts["train"].labels, feats["test"], parts["test"].labels,
+                            feats.get("val"), None if val is None else val.labels, metric=ps.metric,
+                            max_iter=int(p.max_iter), val_fraction=float(p.val_fraction), seed=int(self.cfg.seed))
+
+    def run(self) -> tuple[dict, dict]:
+        """(all units' metrics, the units computed now), each {model: {dataset: metrics}} on rank 0
+        and {} elsewhere."""
+        from unicom_ds.load import load
+        found: dict = {}
+        computed: dict = {}
+        for entry in self.cfg.eval.models:
+            spec = parse_model(str(entry), self.run_dir)
+            if self.rank == 0:
+                check_model_files(self.run_dir, str(entry), spec)
+            loaded = None
+            for name in self.cfg.eval.datasets:
+                name = str(name)
+                path = unit_path(self.run_dir, spec.label, name)
+                kind = dataset_kind(name)
+                settings = config_mod.select(self.cfg, UNIT_KEYS[kind])
+                metrics = _finished(path, settings)
+                if metrics is None:
+                    if loaded is None:  # load a model only when one of its units is still to do
+                        loaded = load(spec.name, spec.checkpoint, device="cpu")
+                    score = self.retrieval if kind == "retrieval" else self.probe
+                    metrics = score(spec.label, name, *loaded)
+                    if self.rank == 0:
+                        write_json_atomic(path, {"made_with": settings, "metrics": metrics})
+                        computed.setdefault(spec.label, {})[name] = metrics
+                if self.rank == 0:
+                    found.setdefault(spec.label, {})[name] = metrics
+        return found, computed
+
+
+def eval_job(cfg: Any) -> dict | None:
+    """Evaluate `eval.models` on `eval.datasets`; rank 0 writes RUN/eval and returns all results."""
+    from evaluation import results
+
+    start = time.monotonic()
+    cfg = config_mod.as_config(cfg)
+    check(cfg)
+    rank, world = task_rank_world()
+    _join_tasks(world)
+    found, computed = Evaluator(cfg, rank, world).run()
+    if rank != 0:
+        return None
+    merged, text = results.write_all(cfg.run_dir, found, computed)
+    out = Path(str(cfg.run_dir)) / "eval"
+    units = len(cfg.eval.models) * len(cfg.eval.datasets)
+    computed = sum(len(sets) for sets in computed.values())
+    print(text, flush=True)
+    print(f"eval: {len(cfg.eval.models)} model(s) x {len(cfg.eval.datasets)} data set(s), {computed} of "
+          f"{units} computed ({units - computed} already done), {world} task(s), "
+          f"{time.monotonic() - start:.0f}s; results in {out}/results.json, tables in {out}/results.md, "
+          f"plot {out}/recall_vs_dim.png, TensorBoard {Path(str(cfg.run_dir)) / 'tensorboard' / 'eval'}",
+          flush=True)
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = config_mod.resolve(["stage=eval", *argv])
+        check(cfg)
+        config_mod.save(cfg)
+    except (config_mod.ConfigError, ValueError, LookupError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    eval_job(config_mod.select(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The eval job end to end on real digits: a retrieval set (SOP layout) and a probe set (EuroSAT
+layout), a tiny random ViT exported as the train stage does; plus its checks and reruns."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+
+from evaluation import probe_sets, run
+from evaluation.features import features_path
+from probe_layouts import digit_images, write_eurosat
+from unicom_ds import config, model_configs
+from unicom_ds.atomic import read_json
+from unicom_ds.tblog import read_scalars
+
+torch.set_num_threads(1)
+
+
+def write_sop(data_root, x, y):
+    """Stanford_Online_Products layout: Ebay_test.txt (header, "image_id class_id super_class_id path")."""
+    root = data_root / "sop"
+    lines = ["image_id class_id super_class_id path"]
+    for i in range(len(x)):
+        rel = f"digit_final/{i}.JPG"
+        (root / "digit_final").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i]).save(root / rel, format="JPEG", quality=95)
+        lines.append(f"{i + 1} {y[i] + 1} 1 {rel}")
+    (root / "Ebay_test.txt").write_text("\n".join(lines) + "\n")
+
+
+def export_backbone(run_dir):
+    model_configs.register()
+    (run_dir / "train").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save({"model": "ViT-Tiny-16", "embed_dim": 64,
+                "state_dict": open_clip.create_model("ViT-Tiny-16").visual.state_dict()},
+               run_dir / "train" / "backbone.pt")
+
+
+def eval_cfg(run_dir, data_root, *extra):
+    return config.resolve([f"run_dir={run_dir}", "stage=eval", f"eval.data_root={data_root}",
+                           "eval.datasets=[sop,eurosat]", "eval.workers=0", "eval.batch_size=64",
+                           "eval.dims=[32,16]", "eval.probe.max_iter=100", "progress=off", *extra])
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """One finished eval of `run` on digits-as-SOP and digits-as-EuroSAT."""
+    tmp = tmp_path_factory.mktemp("evaljob")
+    data, run_dir = tmp / "data", tmp / "run"
+    x, y = digit_images(270)
+    write_sop(data, x[:150], y[:150])
+    write_eurosat(data, x, y)
+    export_backbone(run_dir)
+    cfg = eval_cfg(run_dir, data)
+    merged = run.eval_job(config.select(cfg))
+    return cfg, run_dir, data, merged
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_results_match_an_independent_computation_from_the_cached_features(done):
+    cfg, run_dir, data, merged = done
+    saved = read_json(run_dir / "eval" / "results.json")
+    assert saved == merged and set(saved) == {"run"}
+    sop = saved["run"]["sop"]
+    feats = np.load(features_path(run_dir, "run", "sop"))
+    assert feats.shape == (150, 64)
+    labels = digit_images(150)[1]
+    f = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    sims = f @ f.T
+    np.fill_diagonal(sims, -np.inf)  # a query is not its own neighbour
+    assert sop["R@1"] == pytest.approx(np.mean(labels[sims.argmax(1)] == labels))
+    for dim in (64, 32, 16):  # the full dimension and eval.dims
+        assert f"dim{dim}/R@1" in sop
+    assert sop["dim64/R@1"] == pytest.approx(sop["R@1"])
+
+    euro = saved["run"]["eurosat"]
+    assert euro["top1"] > 0.3  # 10 classes: chance is 0.1
+    ps = probe_sets.load("eurosat", data, seed=int(cfg.seed))
+    tr, te = (np.load(features_path(run_dir, "run", f"eurosat.{s}")) for s in ("train", "test"))
+    clf = LogisticRegression(C=euro["C"], max_iter=100).fit(tr, ps.train.labels)
+    assert euro["top1"] == pytest.approx(np.mean(clf.predict(te) == ps.test.labels))
+
+
+def test_tables_plot_and_tensorboard(done):
+    cfg, run_dir, data, merged = done
+    text = (run_dir / "eval" / "results.md").read_text()
+    euro, sop = merged["run"]["eurosat"]["top1"], merged["run"]["sop"]["R@1"]
+    assert f"| run | {100 * euro:.1f} | {100 * euro:.1f} |" in text
+    assert f"| run | {100 * sop:.1f} | {100 * sop:.1f} |" in text
+    assert (run_dir / "eval" / "recall_vs_dim.png").read_bytes()[:4] == b"\x89PNG"
+    scalars = read_scalars(str(run_dir / "tensorboard"))
+    expected = {f"eval/run/{ds}/{m}": v for ds, ms in merged["run"].items() for m, v in ms.items()}
+    assert {tag: vals[-1][1] for tag, vals in scalars.items()} == pytest.approx(expected)
+
+
+def test_rerun_skips_finished_units(done, capsys):
+    cfg, run_dir, data, merged = done
+    again = run.eval_job(config.select(cfg))
+    assert again == merged
+    out = capsys.readouterr().out
+    assert "0 of 2 computed (2 already done)" in out and "| run |" in out
+    # Nothing recomputed: no scalar logged twice.
+    assert all(len(v) == 1 for v in read_scalars(str(run_dir / "tensorboard")).values())
+
+
+def test_rerun_with_another_config_or_checkpoint_is_refused(done, tmp_path):
+    cfg, run_dir, data, _ = done
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    with pytest.raises(config.ConfigError, match=r"units/run/eurosat.json was made with a different config "
+                                                 r"\(eval.probe.max_iter: 100 there, 50 now\)"):
+        run.eval_job(config.select(eval_cfg(copy, data, "eval.probe.max_iter=50")))
+    backbone = copy / "train" / "backbone.pt"
+    os.utime(backbone, (1, 1))  # as if exported again
+    with pytest.raises(config.ConfigError, match=r"eval/units/run and .*eval/features/run was made with"):
+        run.eval_job(config.select(eval_cfg(copy, data)))
+
+
+def test_check_names_what_is_missing(tmp_path):
+    data = tmp_path / "data"
+    (data / "sop").mkdir(parents=True)
+    cfg = lambda *a: eval_cfg(tmp_path / "run", data, *a)  # noqa: E731
+    with pytest.raises(FileNotFoundError, match=r"'run': checkpoint .*run/train/backbone.pt does not exist"):
+        run.check(cfg())
+    run.check(cfg("stage=all", "eval.datasets=[]"))  # stage=all: the train stage will write it
+    export_backbone(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"sop: expected .*sop/Ebay_test.txt"):
+        run.check(cfg())
+    with pytest.raises(FileNotFoundError, match=r"eval.datasets 'eurosat': expected its folder .*data/eurosat"):
+        run.check(cfg("eval.datasets=[eurosat]"))
+    with pytest.raises(config.ConfigError, match=r"unknown data set 'mnist'"):
+        run.check(cfg("eval.datasets=[mnist]"))
+    with pytest.raises(config.ConfigError, match=r"entry 'unicom:ViT-B/32': expected run, unicom:NAME@FILE"):
+        run.check(cfg("eval.models=[unicom:ViT-B/32]", "eval.datasets=[]"))
+    with pytest.raises(config.ConfigError, match=r"unknown Unicom model 'ViT-X'"):
+        run.check(cfg("eval.models=[unicom:ViT-X@/w.pt]", "eval.datasets=[]"))
+    with pytest.raises(FileNotFoundError, match=r"'ckpt:ViT-Tiny-16@/nowhere/c.pt': checkpoint /nowhere/c.pt"):
+        run.check(cfg("eval.models=[ckpt:ViT-Tiny-16@/nowhere/c.pt]", "eval.datasets=[]"))
+    with pytest.raises(config.ConfigError, match=r"eval.probe.val_fraction=0.0"):
+        run.check(cfg("eval.probe.val_fraction=0.0", "eval.datasets=[]"))
+    assert run.main([f"run_dir={tmp_path / 'run'}", f"eval.data_root={data}", "eval.datasets=[dtd]"]) == 2
+
+
+def test_model_entries_give_row_labels_and_load_arguments(tmp_path):
+    assert run.parse_model("run", tmp_path) == run.ModelSpec(
+        "run", "", str(tmp_path / "train" / "backbone.pt"), True)
+    assert run.parse_model("unicom:ViT-B/32@/w/FP16-ViT-B-32.pt", tmp_path) == run.ModelSpec(
+        "unicom:ViT-B/32", "unicom:ViT-B/32", "/w/FP16-ViT-B-32.pt", True)
+    assert run.parse_model("openclip:ViT-B-32@laion2b_s34b_b79k", tmp_path) == run.ModelSpec(
+        "openclip:ViT-B-32@laion2b_s34b_b79k", "openclip:ViT-B-32", "laion2b_s34b_b79k", False)
+    assert run.parse_model("ckpt:ViT-B-16@/ck/step_9.pt", tmp_path).label == "ckpt:ViT-B-16@step_9"
+
+
+def test_task_rank_and_world_come_from_submitit(monkeypatch):
+    for var in ("SUBMITIT_EXECUTOR", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert run.task_rank_world() == (0, 1)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert run.task_rank_world() == (3, 8)
+
+
+TASK = """
+import sys, torch
+torch.set_num_threads(1)
+from unicom_ds import config
+from evaluation import run
+cfg = config.resolve(sys.argv[1:])
+print("RESULT", run.eval_job(config.select(cfg)) is not None)
+"""
+
+
+@pytest.mark.slow
+def test_two_slurm_tasks_split_extraction_and_rank_0_writes(done, tmp_path):
+    """Two real processes with the environment a 2-task submitit SLURM job gives them (gloo group)."""
+    import subprocess
+    import sys
+    cfg, run_dir, data, merged = done
+    run2 = tmp_path / "run"
+    (run2 / "train").mkdir(parents=True)
+    shutil.copy2(run_dir / "train" / "backbone.pt", run2 / "train" / "backbone.pt")
+    args = [f"run_dir={run2}", "stage=eval", f"eval.data_root={data}", "eval.datasets=[sop,eurosat]",
+            "eval.workers=0", "eval.batch_size=64", "eval.dims=[32,16]", "eval.probe.max_iter=100",
+            "progress=off"]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2",
+               "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_JOB_NUM_NODES": "1",
+               "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "localhost", "MASTER_ADDR": "127.0.0.1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", TASK, *args], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "RESULT True" in outs[0] and "RESULT False" in outs[1]
+    assert "2 task(s)" in outs[0]
+    for key in ("sop", "eurosat.train", "eurosat.test"):
+        np.testing.assert_allclose(np.load(features_path(run2, "run", key)),
+                                   np.load(features_path(run_dir, "run", key)), atol=1e-4)
+    assert read_json(run2 / "eval" / "results.json")["run"]["sop"]["R@1"] == merged["run"]["sop"]["R@1"]

@@ -1,0 +1,77 @@
+"""results.json merging, the paper-style tables, the dimension plot and the TensorBoard scalars."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evaluation import results
+from unicom_ds.tblog import read_scalars
+
+
+def test_merge_updates_metrics_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "eval" / "results.json"
+    results.merge(path, {"a": {"cub": {"R@1": 0.5, "R@2": 0.6}}, "b": {"sop": {"R@1": 0.7}}})
+    merged = results.merge(path, {"a": {"cub": {"R@1": 0.55}, "dtd": {"top1": 0.3}}})
+    expected = {"a": {"cub": {"R@1": 0.55, "R@2": 0.6}, "dtd": {"top1": 0.3}}, "b": {"sop": {"R@1": 0.7}}}
+    assert merged == expected
+    assert json.loads(path.read_text()) == expected
+
+
+def test_tables_in_paper_order_with_percent_and_row_average():
+    res = {
+        "unicom:ViT-B/32": {"sop": {"R@1": 0.701}, "cub": {"R@1": 0.5, "R@2": 0.9},
+                            "vehicleid": {"800/R@1": 0.8, "1600/R@1": 0.1},
+                            "gldv2": {"private/mAP@100": 0.2, "public/mAP@100": 0.9}},
+        "run": {"cub": {"R@1": 0.25}},
+        "probe-only": {"pets": {"mean_per_class": 0.9, "top1": 0.1}},
+    }
+    text = results.markdown(res)
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("| Model | CUB"))
+    assert header == "| Model | CUB | SOP | VehicleID | GLDv2 | Average |"
+    avg = (0.5 + 0.701 + 0.8 + 0.2) / 4 * 100
+    assert f"| unicom:ViT-B/32 | 50.0 | 70.1 | 80.0 | 20.0 | {avg:.1f} |" in lines
+    assert "| run | 25.0 | – | – | – | 25.0 |" in lines  # average of what the row has
+    assert "| Model | Pets | Average |" in lines
+    assert "| probe-only | 90.0 | 90.0 |" in lines  # Pets: CLIP's mean per-class accuracy
+    assert text.index("Linear probe") < text.index("Unsupervised retrieval")
+    assert "probe-only |" not in text.split("Unsupervised retrieval")[1]
+
+
+def test_no_table_for_a_kind_nobody_has():
+    text = results.markdown({"m": {"cifar10": {"top1": 0.5}}})
+    assert "Linear probe" in text and "retrieval" not in text
+
+
+def test_dim_curves_average_recall_at_1_over_sets():
+    res = {"m": {"cub": {"dim64/R@1": 0.4, "dim32/R@1": 0.2, "dim64/R@2": 0.9},
+                 "sop": {"dim64/R@1": 0.6},
+                 "vehicleid": {"dim32/800/R@1": 0.4, "dim32/1600/R@1": 0.0},
+                 "gldv2": {"dim32/private/mAP@100": 0.9}},  # not a Recall@1: left out
+           "n": {"cub": {"R@1": 0.3}}}
+    assert results.dim_curves(res) == {"m": ([32, 64], [pytest.approx(0.3), pytest.approx(0.5)])}
+
+
+def test_plot_dims_writes_a_png_only_with_data(tmp_path):
+    assert not results.plot_dims({"m": {"cub": {"R@1": 0.3}}}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+    assert results.plot_dims({"m": {"cub": {"dim64/R@1": 0.4, "dim32/R@1": 0.2}}}, tmp_path / "d.png")
+    assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scalars_named_eval_model_dataset_metric(tmp_path):
+    res = {"run": {"cub": {"R@1": 0.25, "dim32/R@1": 0.125}}, "openclip:ViT-Tiny-16@x": {"dtd": {"top1": 0.5}}}
+    results.log_scalars(tmp_path, res)
+    scalars = read_scalars(str(tmp_path / "tensorboard" / "eval"))
+    assert {tag: [v for _, v in vals] for tag, vals in scalars.items()} == {
+        "eval/run/cub/R@1": [0.25], "eval/run/cub/dim32/R@1": [0.125],
+        "eval/openclip:ViT-Tiny-16@x/dtd/top1": [0.5]}
+
+
+def test_write_all_logs_only_what_was_computed(tmp_path):
+    found = {"run": {"cub": {"R@1": 0.25}, "sop": {"R@1": 0.5}}}
+    merged, text = results.write_all(tmp_path, found, {"run": {"sop": {"R@1": 0.5}}})
+    assert merged == found
+    assert (tmp_path / "eval" / "results.md").read_text() == text
+    assert set(read_scalars(str(tmp_path / "tensorboard"))) == {"eval/run/sop/R@1"}
