@@ -1,0 +1,89 @@
+"""Checks made before submitting a cluster-stage job: each failure names the key."""
+import json
+
+import numpy as np
+import pytest
+from webdataset import TarWriter
+
+from cluster_job.checks import precheck
+from embed_fixtures import write_embedded
+from unicom_ds.config import ConfigError, resolve, select
+
+
+def write_tar(path, n):
+    with open(path, "wb") as f:
+        sink = TarWriter(f)
+        for i in range(n):
+            sink.write({"__key__": f"{path.stem}{i:03d}", "jpg": b"x", "txt": "c", "json": "{}"})
+        sink.close()
+
+
+def cfg_for(tmp_path, *extra):
+    return select(resolve([f"run_dir={tmp_path / 'run'}", f"data.shards={tmp_path}/{{00000..00001}}.tar",
+                           "clip.model=ViT-Tiny-16", "clip.pretrained=random", "kmeans.k=6", *extra]))
+
+
+@pytest.fixture
+def shards(tmp_path):
+    for s in ("00000", "00001"):
+        write_tar(tmp_path / f"{s}.tar", 3)
+    return tmp_path
+
+
+def test_inputs_ok(shards):
+    for stage in ("embed", "cluster", "all", "train"):
+        precheck(cfg_for(shards), stage)
+
+
+def test_missing_shard_named(shards):
+    (shards / "00001.tar").unlink()
+    with pytest.raises(ConfigError, match=r"data.shards: shard .*00001.tar does not exist"):
+        precheck(cfg_for(shards), "embed")
+
+
+def test_model_and_weights_named(shards, tmp_path):
+    with pytest.raises(ConfigError, match=r"clip.model=ViT-B-32x: not an open_clip model; did you mean ViT-B-32"):
+        precheck(cfg_for(shards, "clip.model=ViT-B-32x"), "embed")
+    with pytest.raises(ConfigError, match=r"clip.pretrained=openia: neither a local file nor an open_clip tag"):
+        precheck(cfg_for(shards, "clip.model=ViT-B-32", "clip.pretrained=openia"), "embed")
+    precheck(cfg_for(shards, "clip.model=ViT-B-32", "clip.pretrained=openai"), "embed")  # a tag: nothing fetched
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    precheck(cfg_for(shards, f"clip.pretrained={weights}"), "embed")
+
+
+def test_kmeans_init_named(shards):
+    with pytest.raises(ConfigError, match=r"kmeans.init=kmeans\+: expected one of afkmc2, kmeans\+\+, random"):
+        precheck(cfg_for(shards, "kmeans.init=kmeans+"), "cluster")
+
+
+def test_k_against_samples_in_tars(shards):
+    with pytest.raises(ConfigError, match=r"kmeans.k=7 is larger than the 6 samples in data.shards"):
+        precheck(cfg_for(shards, "kmeans.k=7"), "cluster")
+    precheck(cfg_for(shards, "kmeans.k=7"), "embed")  # embed alone does not need k
+
+
+def test_k_against_img2dataset_stats(shards):
+    for s in ("00000", "00001"):  # img2dataset's stats count more than the (tiny) tars: they are used
+        (shards / f"{s}_stats.json").write_text(json.dumps({"successes": 500}))
+    precheck(cfg_for(shards, "kmeans.k=1000"), "all")
+    with pytest.raises(ConfigError, match=r"kmeans.k=1001 is larger than the 1000 samples"):
+        precheck(cfg_for(shards, "kmeans.k=1001"), "all")
+
+
+def test_kmeans_needs_embedded_points(tmp_path):
+    with pytest.raises(ConfigError, match=r"stage=kmeans: no embedded shard"):
+        precheck(cfg_for(tmp_path), "kmeans")
+    rng = np.random.default_rng(0)
+    write_embedded(tmp_path / "run", "00000", rng.standard_normal((4, 8)), rng.standard_normal((4, 8)))
+    write_embedded(tmp_path / "run", "00001", rng.standard_normal((1, 8)), rng.standard_normal((1, 8)))
+    precheck(cfg_for(tmp_path, "kmeans.k=5"), "kmeans")
+    with pytest.raises(ConfigError, match=r"kmeans.k=6 is larger than the 5 embedded rows"):
+        precheck(cfg_for(tmp_path), "kmeans")
+    with pytest.raises(ConfigError, match=r"clip.model: 'ViT-Tiny-16' there, 'ViT-Tiny-32' now"):
+        precheck(cfg_for(tmp_path, "kmeans.k=5", "clip.model=ViT-Tiny-32"), "kmeans")
+
+
+def test_assign_needs_centroids(tmp_path):
+    with pytest.raises(ConfigError, match=r"stage=assign: .*kmeans/summary.json missing"):
+        precheck(cfg_for(tmp_path), "assign")
