@@ -83,7 +83,7 @@ def plot_sizes(sizes: np.ndarray, path: Path) -> None:
 
 def write_summary(cfg, stems: list[str], fp: dict) -> dict:
     """labels/summary.json + class_sizes.png + TensorBoard, from all shards' labels."""
-    from unicom_ds import tblog
+    from unicom_ds import cluster_samples, tblog
 
     out = labels_dir(cfg.run_dir)
     sizes = class_sizes(cfg.run_dir, stems, int(fp["k"]))
@@ -96,6 +96,7 @@ def write_summary(cfg, stems: list[str], fp: dict) -> dict:
             tb.add_scalar(f"labels/{key}", summary[key], 0)
     tb.add_histogram("labels/class_sizes", sizes[sizes > 0], 0)
     tb.close()
+    cluster_samples.tensorboard_grids(cfg)
     write_json_atomic(out / "summary.json", summary)
     return summary
 

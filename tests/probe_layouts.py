@@ -13,24 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from scipy.io import savemat
-from sklearn.datasets import load_digits
-
-
-def digit_images(n: int | None = None, classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Digits (8x8, 0..16) as 32x32 RGB uint8 images (nearest upscaling), the first n of `classes` classes."""
-    d = load_digits(n_class=classes)
-    x = (d.images * (255.0 / 16.0)).round().astype(np.uint8)
-    x = np.repeat(np.repeat(x, 4, axis=1), 4, axis=2)
-    x = np.stack([x] * 3, axis=-1)
-    n = len(x) if n is None else n
-    return x[:n], d.target[:n].astype(np.int64)
-
-
-def _save(path: Path, image: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, quality=95)
+from evaluation.demo_sets import class_names, digit_images, save_image, write_eurosat  # noqa: F401 (re-exported)
 
 
 def _split3(n: int) -> dict[str, np.ndarray]:
@@ -41,10 +25,6 @@ def _split3(n: int) -> dict[str, np.ndarray]:
 def _split2(n: int) -> dict[str, np.ndarray]:
     rows = np.arange(n)
     return {"train": rows[rows % 2 == 0], "val": None, "test": rows[rows % 2 == 1]}
-
-
-def _class_names(labels: np.ndarray) -> list[str]:
-    return [f"digit{c}" for c in range(int(labels.max()) + 1)]
 
 
 def write_cifar10(data_root, x, y, folder="cifar10/cifar-10-batches-py", files=None, key="labels",
@@ -59,7 +39,7 @@ def write_cifar10(data_root, x, y, folder="cifar10/cifar-10-batches-py", files=N
         with open(base / name, "wb") as f:
             pickle.dump({"data": flat[rows], key: y[rows].tolist()}, f)
     with open(base / meta[0], "wb") as f:
-        pickle.dump({meta[1]: _class_names(y)}, f)
+        pickle.dump({meta[1]: class_names(y)}, f)
     return split
 
 
@@ -71,10 +51,10 @@ def write_cifar100(data_root, x, y):
 def write_caltech101(data_root, x, y):
     base = Path(data_root) / "caltech101" / "101_ObjectCategories"
     (base / "BACKGROUND_Google").mkdir(parents=True)
-    _save(base / "BACKGROUND_Google" / "image_0001.jpg", x[0])  # not a class: torchvision drops it
-    for c, name in enumerate(_class_names(y)):
+    save_image(base / "BACKGROUND_Google" / "image_0001.jpg", x[0])  # not a class: torchvision drops it
+    for c, name in enumerate(class_names(y)):
         for k, row in enumerate(np.flatnonzero(y == c), 1):
-            _save(base / name / f"image_{k:04d}.jpg", x[row])
+            save_image(base / name / f"image_{k:04d}.jpg", x[row])
     return {"all": np.arange(len(x))}
 
 
@@ -82,13 +62,13 @@ def write_stanford_cars(data_root, x, y):
     base = Path(data_root) / "stanford_cars"
     split = _split2(len(x))
     (base / "devkit").mkdir(parents=True)
-    savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array(_class_names(y), dtype=object)})
+    savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array(class_names(y), dtype=object)})
     for part, folder, mat in (("train", "cars_train", base / "devkit" / "cars_train_annos.mat"),
                               ("test", "cars_test", base / "cars_test_annos_withlabels.mat")):
         annos = np.zeros(len(split[part]), dtype=[("fname", object), ("class", object)])
         for i, row in enumerate(split[part]):
             annos[i] = (f"{row:05d}.jpg", np.uint8(y[row] + 1))
-            _save(base / folder / f"{row:05d}.jpg", x[row])
+            save_image(base / folder / f"{row:05d}.jpg", x[row])
         savemat(mat, {"annotations": annos})
     return split
 
@@ -97,7 +77,7 @@ def write_flowers102(data_root, x, y):
     base = Path(data_root) / "flowers102" / "flowers-102"
     split = _split3(len(x))
     for row in range(len(x)):
-        _save(base / "jpg" / f"image_{row + 1:05d}.jpg", x[row])
+        save_image(base / "jpg" / f"image_{row + 1:05d}.jpg", x[row])
     savemat(base / "imagelabels.mat", {"labels": (y + 1).astype(np.uint8)[None]})
     savemat(base / "setid.mat", {k: (split[s] + 1)[None] for k, s in
                                  (("trnid", "train"), ("valid", "val"), ("tstid", "test"))})
@@ -107,12 +87,12 @@ def write_flowers102(data_root, x, y):
 def write_food101(data_root, x, y):
     base = Path(data_root) / "food101" / "food-101"
     split = _split2(len(x))
-    names = _class_names(y)
+    names = class_names(y)
     for part in ("train", "test"):
         meta: dict[str, list[str]] = {}
         for row in split[part]:
             meta.setdefault(names[y[row]], []).append(f"{names[y[row]]}/{row}")
-            _save(base / "images" / names[y[row]] / f"{row}.jpg", x[row])
+            save_image(base / "images" / names[y[row]] / f"{row}.jpg", x[row])
         (base / "meta").mkdir(parents=True, exist_ok=True)
         (base / "meta" / f"{part}.json").write_text(json.dumps(meta))
     return split
@@ -121,14 +101,14 @@ def write_food101(data_root, x, y):
 def write_birdsnap(data_root, x, y):
     base = Path(data_root) / "birdsnap"
     split = _split2(len(x))
-    names = _class_names(y)
+    names = class_names(y)
     base.mkdir(parents=True)
     (base / "species.txt").write_text("id\tcommon\tscientific\tdir\n" + "".join(
         f"{c + 1}\t{n}\tDigitus {n}\t{n}\n" for c, n in enumerate(names)))
     rows = ["url\tmd5\tpath\tspecies_id\tbb_x1\tbb_y1\tbb_x2\tbb_y2"]
     for row in range(len(x)):
         rows.append(f"http://example.invalid/{row}.jpg\t0\t{names[y[row]]}/{row}.jpg\t{y[row] + 1}\t0\t0\t31\t31")
-        _save(base / "download" / "images" / names[y[row]] / f"{row}.jpg", x[row])
+        save_image(base / "download" / "images" / names[y[row]] / f"{row}.jpg", x[row])
     # Listed but never downloaded (dead Flickr link): the reader skips and counts it.
     rows.append(f"http://example.invalid/gone.jpg\t0\t{names[0]}/gone.jpg\t1\t0\t0\t31\t31")
     (base / "images.txt").write_text("\n".join(rows) + "\n")
@@ -140,7 +120,7 @@ def write_birdsnap(data_root, x, y):
 def write_sun397(data_root, x, y):
     base = Path(data_root) / "sun397"
     split = _split2(len(x))
-    names = [f"{n[0]}/{n}" for n in _class_names(y)]  # SUN397 keeps /d/digit0/ (first letter, name)
+    names = [f"{n[0]}/{n}" for n in class_names(y)]  # SUN397 keeps /d/digit0/ (first letter, name)
     (base / "SUN397").mkdir(parents=True)
     (base / "SUN397" / "ClassName.txt").write_text("".join(f"/{n}\n" for n in names))
     (base / "Partitions").mkdir()
@@ -148,21 +128,21 @@ def write_sun397(data_root, x, y):
         lines = [f"/{names[y[row]]}/sun_{row:06d}.jpg" for row in split[part]]
         (base / "Partitions" / file).write_text("\n".join(lines) + "\n")
     for row in range(len(x)):
-        _save(base / "SUN397" / names[y[row]] / f"sun_{row:06d}.jpg", x[row])
+        save_image(base / "SUN397" / names[y[row]] / f"sun_{row:06d}.jpg", x[row])
     return split
 
 
 def write_dtd(data_root, x, y):
     base = Path(data_root) / "dtd" / "dtd"
     split = _split3(len(x))
-    names = _class_names(y)
+    names = class_names(y)
     (base / "labels").mkdir(parents=True)
     for part in ("train", "val", "test"):
         lines = [f"{names[y[row]]}/{names[y[row]]}_{row:04d}.jpg" for row in split[part]]
         (base / "labels" / f"{part}1.txt").write_text("\n".join(lines) + "\n")
         (base / "labels" / f"{part}2.txt").write_text("")  # other partitions exist but are not read
     for row in range(len(x)):
-        _save(base / "images" / names[y[row]] / f"{names[y[row]]}_{row:04d}.jpg", x[row])
+        save_image(base / "images" / names[y[row]] / f"{names[y[row]]}_{row:04d}.jpg", x[row])
     return split
 
 
@@ -176,7 +156,7 @@ def write_fgvc_aircraft(data_root, x, y):
         (base / f"images_variant_{part}.txt").write_text("".join(
             f"{1000000 + row} {names[y[row]]}\n" for row in split[part]))
     for row in range(len(x)):
-        _save(base / "images" / f"{1000000 + row}.jpg", x[row])
+        save_image(base / "images" / f"{1000000 + row}.jpg", x[row])
     return split
 
 
@@ -189,16 +169,8 @@ def write_pets(data_root, x, y):
         (base / "annotations" / file).write_text("".join(
             f"{names[y[row]]}_{row} {y[row] + 1} {1 + (y[row] % 2)} 1\n" for row in split[part]))
     for row in range(len(x)):
-        _save(base / "images" / f"{names[y[row]]}_{row}.jpg", x[row])
+        save_image(base / "images" / f"{names[y[row]]}_{row}.jpg", x[row])
     return split
-
-
-def write_eurosat(data_root, x, y):
-    base = Path(data_root) / "eurosat" / "2750"
-    for row in range(len(x)):
-        name = _class_names(y)[y[row]]
-        _save(base / name / f"{name}_{row}.jpg", x[row])
-    return {"all": np.arange(len(x))}
 
 
 def write_imagenet(data_root, x, y):
@@ -210,7 +182,7 @@ def write_imagenet(data_root, x, y):
                 [wnids[y[row]] for row in split["test"]]), base / "meta.bin")
     for part, folder in (("train", "train"), ("test", "val")):
         for row in split[part]:
-            _save(base / folder / wnids[y[row]] / f"{folder}_{row}.JPEG", x[row])
+            save_image(base / folder / wnids[y[row]] / f"{folder}_{row}.JPEG", x[row])
     return split
 
 

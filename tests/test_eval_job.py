@@ -9,29 +9,16 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
 from evaluation import probe_sets, run
 from evaluation.features import features_path
-from probe_layouts import digit_images, write_eurosat
+from evaluation.demo_sets import digit_images, write_eurosat, write_sop
 from unicom_ds import config, model_configs
 from unicom_ds.atomic import read_json
 from unicom_ds.tblog import read_scalars
 
 torch.set_num_threads(1)
-
-
-def write_sop(data_root, x, y):
-    """Stanford_Online_Products layout: Ebay_test.txt (header, "image_id class_id super_class_id path")."""
-    root = data_root / "sop"
-    lines = ["image_id class_id super_class_id path"]
-    for i in range(len(x)):
-        rel = f"digit_final/{i}.JPG"
-        (root / "digit_final").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(x[i]).save(root / rel, format="JPEG", quality=95)
-        lines.append(f"{i + 1} {y[i] + 1} 1 {rel}")
-    (root / "Ebay_test.txt").write_text("\n".join(lines) + "\n")
 
 
 def export_backbone(run_dir):

@@ -17,7 +17,7 @@ from unicom_ds.atomic import write_text_atomic
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "slurm" / "configs"
 DEFAULT_FILES = ("common.yaml", "cluster.yaml", "train.yaml", "eval.yaml")
-STAGES = ("embed", "kmeans", "assign", "cluster", "train", "eval", "all")
+STAGES = ("embed", "kmeans", "assign", "cluster", "train", "eval", "report", "all")
 # Keys that say how to run, not what to compute: they never make a run's outputs differ.
 RUNTIME_KEYS = ("stage", "launcher", "dry_run", "progress", "slurm", "config")
 

@@ -18,7 +18,8 @@ STEPS = {
     "embed": ("embed",), "kmeans": ("kmeans",), "assign": ("assign",),
     "cluster": ("embed", "kmeans", "assign"),
     "train": ("train",), "eval": ("eval",),
-    "all": ("embed", "kmeans", "assign", "train", "eval"),
+    "report": ("report",),
+    "all": ("embed", "kmeans", "assign", "train", "eval", "report"),
 }
 # The job function of each step, imported only when a job runs or is submitted: the launcher's
 # config checks must work while a stage's code is missing or broken.
@@ -29,11 +30,13 @@ TARGETS = {
     "train": "unicom_ds.train:TrainJob",
     "train_local": "unicom_ds.train:local_command",   # launcher=local: the `deepspeed ...` argv
     "eval": "evaluation.run:eval_job",
+    "report": "unicom_ds.report:report_job",
 }
 # Where each step writes inside the run directory (DESIGN.md "Stage contracts").
-OUTPUTS = {"embed": "embed", "kmeans": "kmeans", "assign": "labels", "train": "train", "eval": "eval"}
+OUTPUTS = {"embed": "embed", "kmeans": "kmeans", "assign": "labels", "train": "train", "eval": "eval",
+           "report": "report"}
 # The job functions are single-process: more nodes would only run copies of the same task.
-SINGLE_NODE = ("embed", "kmeans", "assign")
+SINGLE_NODE = ("embed", "kmeans", "assign", "report")
 RESOURCE_KEYS = ("partition", "account", "qos", "constraint", "nodes", "gpus_per_node",
                  "cpus_per_task", "mem_gb", "time_min", "array_parallelism")
 

@@ -270,11 +270,17 @@ def build_report(run_dir: str | Path, cfg: Any = None) -> Path:
     return index
 
 
-def main(argv: list[str] | None = None) -> Path:
+def report_job(cfg) -> Path:
+    """Job function of the `report` step (the last of stage=all)."""
+    cfg = config.as_config(cfg)
     start = time.monotonic()
-    cfg = config.resolve(sys.argv[1:] if argv is None else argv)
     index = build_report(cfg.run_dir, cfg)
     print(f"report: built in {time.monotonic() - start:.1f}s -> {index}", file=sys.stderr)
+    return index
+
+
+def main(argv: list[str] | None = None) -> Path:
+    index = report_job(config.resolve(sys.argv[1:] if argv is None else argv))
     print(index)
     return index
 

@@ -1,0 +1,73 @@
+"""Offline evaluation data for the demo and the tests: scikit-learn's bundled digits (real handwritten
+images) written in two real data sets' on-disk layouts, so they go through the very same readers:
+Stanford Online Products (retrieval, `sop/`) and EuroSAT (linear probe, `eurosat/`).
+
+    python -m evaluation.demo_sets --out data/demo_eval
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+
+
+def digit_images(n: int | None = None, classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Digits (8x8, 0..16) as 32x32 RGB uint8 images (nearest upscaling), the first n of `classes` classes."""
+    d = load_digits(n_class=classes)
+    x = (d.images * (255.0 / 16.0)).round().astype(np.uint8)
+    x = np.repeat(np.repeat(x, 4, axis=1), 4, axis=2)
+    x = np.stack([x] * 3, axis=-1)
+    n = len(x) if n is None else n
+    return x[:n], d.target[:n].astype(np.int64)
+
+
+def class_names(labels: np.ndarray) -> list[str]:
+    return [f"digit{c}" for c in range(int(labels.max()) + 1)]
+
+
+def save_image(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, quality=95)
+
+
+def write_sop(data_root, x, y) -> None:
+    """Stanford_Online_Products layout: Ebay_test.txt (header, "image_id class_id super_class_id path")."""
+    root = Path(data_root) / "sop"
+    lines = ["image_id class_id super_class_id path"]
+    for i in range(len(x)):
+        rel = f"digit_final/{i}.JPG"
+        save_image(root / rel, x[i])
+        lines.append(f"{i + 1} {y[i] + 1} 1 {rel}")
+    (root / "Ebay_test.txt").write_text("\n".join(lines) + "\n")
+
+
+def write_eurosat(data_root, x, y) -> dict:
+    """EuroSAT layout (torchvision): eurosat/2750/<class>/<class>_<i>.jpg; the reader draws the split."""
+    base = Path(data_root) / "eurosat" / "2750"
+    names = class_names(y)
+    for row in range(len(x)):
+        save_image(base / names[y[row]] / f"{names[y[row]]}_{row}.jpg", x[row])
+    return {"all": np.arange(len(x))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="data/demo_eval")
+    parser.add_argument("--retrieval", type=int, default=600, help="digits in the SOP-layout retrieval set")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if (out / "sop" / "Ebay_test.txt").is_file() and (out / "eurosat" / "2750").is_dir():
+        print(f"demo eval sets already in {out}")
+        return
+    x, y = digit_images()
+    write_sop(out, x[:args.retrieval], y[:args.retrieval])
+    write_eurosat(out, x, y)
+    print(f"wrote scikit-learn digits as {out}/sop (retrieval, {args.retrieval} images) and "
+          f"{out}/eurosat (linear probe, {len(x)} images)")
+
+
+if __name__ == "__main__":
+    main()
