@@ -203,7 +203,7 @@ class Evaluator:
     def run(self) -> tuple[dict, dict]:
         """(all units' metrics, the units computed now), each {model: {dataset: metrics}} on rank 0
         and {} elsewhere."""
-        from unicom_ds.load import load
+        from unicom_ds.loading import load
         found: dict = {}
         computed: dict = {}
         for entry in self.cfg.eval.models:

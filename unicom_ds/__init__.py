@@ -8,7 +8,7 @@ __all__ = ["load", "ShardedPrototypes", "__version__"]
 def __getattr__(name: str):
     # Lazy: `import unicom_ds` stays cheap for the launcher and config tools.
     if name == "load":
-        from unicom_ds.load import load
+        from unicom_ds.loading import load
         return load
     if name == "ShardedPrototypes":
         from unicom_ds.prototypes import ShardedPrototypes

@@ -1,0 +1,140 @@
+"""Batched feature extraction with a DataLoader, cached as .npy per model and data set.
+
+- `ImageFiles(paths, transform)`: a Dataset of image files -> transformed tensors (an unreadable
+  image is an error naming the file: every row must have its feature).
+- `extract(model, dataset, batch_size, workers, device, rank=0, world=1)` -> float32 [rows, d], the
+  raw model outputs (not normalised) for this rank's contiguous block of rows (`shard_rows`), so
+  the ranks' blocks concatenated in rank order are the data set in order. fp16 autocast on CUDA.
+- `features_path(run_dir, model, dataset)` -> RUN/eval/features/MODEL/DATASET.npy.
+- `cached_extract(path, model, dataset, ...)` (dataset: an ImageFiles, or any Dataset with a
+  `paths` list) -> the whole data set's features: read from `path`
+  when cached, else extracted and saved (atomically, with `path`.json holding the image list's
+  fingerprint, written last). A cache made from another image list is refused. With world > 1,
+  every rank calls it inside an initialised torch.distributed group: each extracts its block into
+  a part file, rank 0 joins the parts, every rank returns the whole array. A rerun keeps finished
+  parts.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from unicom_ds.atomic import read_json, save_npy_atomic, write_json_atomic
+from unicom_ds.progress import progress
+
+
+class ImageFiles(Dataset):
+    def __init__(self, paths: Sequence[str], transform: Callable):
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        try:
+            with Image.open(self.paths[i]) as image:
+                return self.transform(image.convert("RGB"))
+        except OSError as e:
+            raise OSError(f"{self.paths[i]}: cannot read image ({e})") from e
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def shard_rows(n: int, rank: int, world: int) -> np.ndarray:
+    """Rank `rank`'s contiguous block of rows 0..n-1 (blocks differ in size by at most one)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+    return np.array_split(np.arange(n), world)[rank]
+
+
+def _autocast(device: torch.device):
+    # Half precision only where it is fast and safe (CUDA); CPU stays fp32.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def extract(model: torch.nn.Module, dataset: Dataset, batch_size: int = 256, workers: int = 8,
+            device: str = "auto", rank: int = 0, world: int = 1, progress_mode: str = "auto") -> np.ndarray:
+    device = resolve_device(device)
+    rows = shard_rows(len(dataset), rank, world)
+    loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size, num_workers=workers,
+                        shuffle=False, pin_memory=device.type == "cuda")
+    model = model.to(device).eval()
+    out = []
+    for images in progress(loader, total=len(loader), desc=f"features rank {rank}", mode=progress_mode):
+        with _autocast(device):
+            out.append(model(images.to(device, non_blocking=True)).float().cpu())
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(out).numpy()
+
+
+def features_path(run_dir, model_name: str, dataset_name: str) -> Path:
+    """RUN/eval/features/MODEL/DATASET.npy with characters unsafe in file names replaced by '_'."""
+    safe = lambda s: re.sub(r"[^A-Za-z0-9._@+-]", "_", s)  # noqa: E731
+    return Path(run_dir) / "eval" / "features" / safe(model_name) / f"{safe(dataset_name)}.npy"
+
+
+def fingerprint(paths: Sequence[str]) -> str:
+    return hashlib.sha1("\n".join(map(str, paths)).encode()).hexdigest()
+
+
+def _part(path: Path, key: str, rank: int, world: int) -> Path:
+    # The fingerprint in the name keeps parts of another image list from ever being joined.
+    return path.with_name(f"{path.stem}.{key[:12]}.part{rank}-of-{world}.npy")
+
+
+def _cached(path: Path, key: str) -> bool:
+    meta = path.with_suffix(".json")
+    if not meta.is_file():
+        return False
+    recorded = read_json(meta)
+    if recorded.get("fingerprint") != key:
+        raise ValueError(f"{path}: cached features were made from another image list "
+                         f"({recorded.get('n')} images, fingerprint {recorded.get('fingerprint')}); "
+                         f"delete {path} and {meta} to extract again")
+    return True
+
+
+def cached_extract(path, model: torch.nn.Module, dataset: ImageFiles, batch_size: int = 256,
+                   workers: int = 8, device: str = "auto", rank: int = 0, world: int = 1,
+                   progress_mode: str = "auto") -> np.ndarray:
+    path = Path(path)
+    key = fingerprint(dataset.paths)
+    if not _cached(path, key):
+        part = _part(path, key, rank, world)
+        if not part.is_file():
+            save_npy_atomic(part, extract(model, dataset, batch_size, workers, device, rank, world, progress_mode))
+        _barrier(world)
+        if rank == 0:
+            parts = [_part(path, key, r, world) for r in range(world)]
+            blocks = [np.load(p) for p in parts]
+            save_npy_atomic(path, np.concatenate([b for b in blocks if len(b)]))  # a rank may get no rows
+            write_json_atomic(path.with_suffix(".json"), {"n": len(dataset), "fingerprint": key})
+            for p in parts:
+                p.unlink()
+        _barrier(world)
+    return np.load(path)
+
+
+def _barrier(world: int) -> None:
+    if world == 1:
+        return
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError(f"cached_extract with world={world} needs an initialised torch.distributed group")
+    torch.distributed.barrier()

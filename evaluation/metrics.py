@@ -1,0 +1,183 @@
+"""Retrieval metrics by exact kNN (faiss, inner product on L2-normalised features).
+
+- `evaluate(features, dataset, device="auto")` -> {metric: value} for an
+  `evaluation.retrieval_sets.RetrievalSet`: `R@K` for the set's customary K and `MAP@R`, or
+  `mAP@100` for GLDv2; a split with a name prefixes its metrics (`800/R@1`, `public/mAP@100`).
+  Values are fractions in [0, 1].
+- `evaluate_dims(features, dataset, dims)` -> {dim: evaluate(...)} on the first `dim` dimensions,
+  re-normalised (the paper's Fig. 1a); dims larger than the feature are skipped.
+- The pieces, usable alone: `normalize`, `truncate`, `knn`, `recall_at_k`, `map_at_r`, `map_at_100`.
+
+Definitions: Recall@K is the fraction of queries with at least one same-class item among their
+K nearest gallery items; MAP@R (Musgrave et al. 2020) averages over queries
+(1/R) * sum_{i<=R} P(i) rel(i), R being the query's number of same-class gallery items (queries
+with R = 0 are left out); GLDv2 mAP@100 averages (1/min(m, 100)) * sum_{i<=100} P(i) rel(i),
+m being the query's number of relevant index images. On single-set data each query is removed
+from its own gallery. faiss runs on the GPU when `device` allows it and faiss sees one.
+"""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+GPU_MAX_K = 2048  # faiss' GPU k-selection limit; larger searches run on the CPU
+QUERY_CHUNK = 16384  # queries per search call: bounds the [chunk, k] neighbour arrays in memory
+_gpu_resources = None
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """float32 rows scaled to unit L2 norm (all-zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, np.finfo(np.float32).tiny)
+
+
+def truncate(x: np.ndarray, dim: int) -> np.ndarray:
+    """The first `dim` dimensions, re-normalised."""
+    return normalize(np.asarray(x)[:, :dim])
+
+
+def use_gpu(device: str, num_gpus: int, k: int) -> bool:
+    """faiss on the GPU: asked for (cuda, cuda:N) or allowed (auto), a GPU is visible and k fits its
+    limit (a larger k runs on the CPU). cuda without a GPU visible to faiss is an error."""
+    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device '{device}': expected auto, cpu, cuda or cuda:N")
+    if device == "cpu":
+        return False
+    if num_gpus == 0:
+        if device != "auto":
+            raise RuntimeError(f"device={device} but faiss sees no GPU (is faiss built with GPU support?)")
+        return False
+    return k <= GPU_MAX_K
+
+
+def _index(dim: int, device: str, k: int) -> faiss.Index:
+    global _gpu_resources
+    if use_gpu(device, faiss.get_num_gpus(), k):
+        if _gpu_resources is None:  # costly to create; one per process
+            _gpu_resources = faiss.StandardGpuResources()
+        config = faiss.GpuIndexFlatConfig()
+        config.device = int(device.split(":")[1]) if ":" in device else 0
+        return faiss.GpuIndexFlatIP(_gpu_resources, dim, config)
+    return faiss.IndexFlatIP(dim)
+
+
+def knn(queries: np.ndarray, gallery: np.ndarray, k: int, device: str = "auto",
+        exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product: (similarities [nq, k] float32, gallery rows [nq, k] int64).
+
+    exclude_self: the queries are the gallery's rows 0..nq-1 and row q is removed from query q's
+    neighbours (found by identity, so exact duplicates of q are still counted as neighbours).
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    gallery = np.ascontiguousarray(gallery, dtype=np.float32)
+    k = min(k, len(gallery) - int(exclude_self))
+    if k < 1:
+        raise ValueError(f"knn: a gallery of {len(gallery)} rows has no neighbours to return")
+    search_k = k + int(exclude_self)
+    index = _index(gallery.shape[1], device, search_k)
+    index.add(gallery)
+    sims = np.empty((len(queries), k), dtype=np.float32)
+    ids = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), QUERY_CHUNK):
+        stop = min(start + QUERY_CHUNK, len(queries))
+        s, i = index.search(queries[start:stop], search_k)
+        if exclude_self:
+            s, i = _drop_self(s, i, np.arange(start, stop))
+        sims[start:stop], ids[start:stop] = s, i
+    return sims, ids
+
+
+def _drop_self(sims: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # A query is almost always its own first neighbour: drop column 0 (a view, no copy). Other rows
+    # (exact duplicates, ties) drop their self-match, or their last column if self was not retrieved.
+    out_s, out_i = sims[:, 1:], ids[:, 1:]
+    odd = np.flatnonzero(ids[:, 0] != rows)
+    if len(odd):
+        out_s, out_i = out_s.copy(), out_i.copy()
+        keep = ids[odd] != rows[odd, None]
+        keep[keep.all(1), -1] = False
+        shape = (len(odd), ids.shape[1] - 1)
+        out_s[odd] = sims[odd][keep].reshape(shape)
+        out_i[odd] = ids[odd][keep].reshape(shape)
+    return out_s, out_i
+
+
+def recall_at_k(hits: np.ndarray, ks) -> dict[int, float]:
+    """hits [nq, k] bool: neighbour j of query q has q's class. Fraction with a hit in the first K."""
+    first = np.where(hits.any(1), hits.argmax(1), hits.shape[1])
+    return {k: float(np.mean(first < k)) for k in ks}
+
+
+def map_at_r(hits: np.ndarray, r: np.ndarray) -> float:
+    """MAP@R from hits [nq, >= max(r)] and each query's number of relevant gallery items r [nq]."""
+    r = np.asarray(r)
+    keep = r > 0
+    hits, r = hits[keep], r[keep]
+    if not len(r):
+        return float("nan")
+    width = int(r.max())
+    hits = hits[:, :width].astype(np.float64)
+    if hits.shape[1] < width:
+        raise ValueError(f"map_at_r: {hits.shape[1]} neighbours given, {width} needed")
+    ranks = np.arange(1, width + 1)
+    precision = np.cumsum(hits, 1) / ranks
+    within = ranks[None, :] <= r[:, None]
+    return float(np.mean((precision * hits * within).sum(1) / r))
+
+
+def map_at_100(ids: np.ndarray, relevant: list[np.ndarray]) -> float:
+    """GLDv2 mAP@100 from the ranked gallery rows ids [nq, >=100 or all] and each query's relevant rows."""
+    ids = ids[:, :100]
+    ranks = np.arange(1, ids.shape[1] + 1)
+    total = 0.0
+    for row, rel in zip(ids, relevant):
+        hit = np.isin(row, rel)
+        total += float((np.cumsum(hit) / ranks * hit).sum()) / min(len(rel), 100)
+    return total / len(relevant)
+
+
+def _class_counts(labels: np.ndarray, of: np.ndarray) -> np.ndarray:
+    """For each label in `of`, how often it occurs in `labels`."""
+    values, counts = np.unique(labels, return_counts=True)
+    pos = np.clip(np.searchsorted(values, of), 0, len(values) - 1)
+    return np.where(values[pos] == of, counts[pos], 0)
+
+
+def evaluate_split(features: np.ndarray, labels: np.ndarray, split, ks, device: str = "auto") -> dict[str, float]:
+    """Metrics of one `retrieval_sets.Split` from normalised features of all the set's rows."""
+    query = features[split.query]
+    if split.relevant is not None:
+        _, ids = knn(query, features[split.gallery], 100, device)
+        # ids are positions in the gallery; relevant rows are rows of the whole set.
+        return {"mAP@100": map_at_100(split.gallery[ids], split.relevant)}
+    q_labels = labels[split.query]
+    if split.gallery is None:
+        g_labels = q_labels
+        r = _class_counts(q_labels, q_labels) - 1
+        _, ids = knn(query, query, max(max(ks), int(r.max())), device, exclude_self=True)
+    else:
+        g_labels = labels[split.gallery]
+        r = _class_counts(g_labels, q_labels)
+        _, ids = knn(query, features[split.gallery], max(max(ks), int(r.max())), device)
+    hits = g_labels[ids] == q_labels[:, None]
+    out = {f"R@{k}": v for k, v in recall_at_k(hits, ks).items()}
+    out["MAP@R"] = map_at_r(hits, r)
+    return out
+
+
+def evaluate(features: np.ndarray, dataset, device: str = "auto") -> dict[str, float]:
+    """Every split's metrics of a RetrievalSet from its features [len(dataset), d] (any norm)."""
+    if len(features) != len(dataset.paths):
+        raise ValueError(f"{dataset.name}: {len(features)} feature rows for {len(dataset.paths)} images")
+    features = normalize(features)
+    out = {}
+    for name, split in dataset.splits.items():
+        for metric, value in evaluate_split(features, dataset.labels, split, dataset.ks, device).items():
+            out[f"{name}/{metric}" if name else metric] = value
+    return out
+
+
+def evaluate_dims(features: np.ndarray, dataset, dims, device: str = "auto") -> dict[int, dict[str, float]]:
+    """evaluate() on the first `dim` dimensions (re-normalised) for each dim <= the feature size."""
+    return {d: evaluate(truncate(features, d), dataset, device) for d in dims if d <= features.shape[1]}

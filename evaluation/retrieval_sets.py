@@ -1,0 +1,203 @@
+"""Readers for the retrieval benchmarks, each from its original on-disk layout and standard split.
+
+`read(name, root)` -> `RetrievalSet`; `root` is the data set's own folder as extracted from its
+archives (each reader's docstring lists the files it reads). Names: cub, cars, sop,
+inshop, inat, vehicleid, gldv2. A set holds every test image once (`paths`, `labels`) and one or
+more named `splits`, each a query/gallery protocol over those rows:
+
+- single set (CUB, Cars196, SOP, iNat): `gallery is None`, every image queries all the others;
+- query/gallery (In-Shop; VehicleID "800", "1600", "2400": one seeded random gallery image per
+  vehicle, the rest are queries, as customary);
+- GLDv2 "public" and "private": test queries against the index, with `relevant` giving each
+  query's correct index rows (from retrieval_solution_v2.1.csv); scored by mAP@100.
+
+Features are extracted once per set (for `paths`, in order) and every split is scored from them
+(`evaluation.metrics.evaluate`). A missing list file raises FileNotFoundError naming the expected
+path and where the data set is documented.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Split:
+    query: np.ndarray                     # int64 rows of RetrievalSet.paths used as queries
+    gallery: np.ndarray | None = None     # rows searched; None: queries search each other, self excluded
+    relevant: list[np.ndarray] | None = None  # GLDv2: per query, the rows of paths that are correct
+
+
+@dataclass
+class RetrievalSet:
+    name: str
+    paths: list[str]                      # image files; features are extracted in this order
+    labels: np.ndarray                    # int64 class per image (-1 where the set has none: GLDv2)
+    ks: tuple[int, ...]                   # the customary Recall@K
+    splits: dict[str, Split] = field(default_factory=dict)  # "" when a set has a single protocol
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+# Where each set is documented; quoted in the error for a missing file.
+SOURCES = {
+    "cub": "https://www.vision.caltech.edu/datasets/cub_200_2011/ (CUB_200_2011.tgz)",
+    "cars": "Stanford Cars 196, original release: car_ims.tgz + cars_annos.mat "
+            "(https://ai.stanford.edu/~jkrause/cars/car_dataset.html)",
+    "sop": "https://cvgl.stanford.edu/projects/lifted_struct/ (Stanford_Online_Products.zip)",
+    "inshop": "https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html",
+    "inat": "iNaturalist 2018 images (https://github.com/visipedia/inat_comp/tree/master/2018) with the "
+            "retrieval lists of Brown et al. 2020 (https://github.com/Andrew-Brown1/Smooth_AP)",
+    "vehicleid": "https://www.pkuml.org/resources/pku-vehicleid.html (VehicleID_V1.0)",
+    "gldv2": "https://github.com/cvdfoundation/google-landmark (index/, test/, index.csv, "
+             "retrieval_solution_v2.1.csv)",
+}
+VEHICLEID_SIZES = (800, 1600, 2400)
+GLDV2_USAGES = ("Public", "Private")
+
+
+def _need(root: Path, rel: str, name: str) -> Path:
+    path = root / rel
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: expected {path}; see {SOURCES[name]}")
+    return path
+
+
+def _table(root: Path, rel: str, name: str, columns: int, skip: int = 0) -> list[list[str]]:
+    """Whitespace-separated rows of a list file, `skip` header lines dropped, each row checked."""
+    path = _need(root, rel, name)
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines()[skip:], skip + 1):
+        if line.strip():
+            row = line.split()
+            if len(row) < columns:
+                raise ValueError(f"{name}: {path} line {number}: expected {columns} columns, got {line!r}")
+            rows.append(row)
+    return rows
+
+
+def _rows(n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.int64)
+
+
+def read_cub(root: Path) -> RetrievalSet:
+    """CUB_200_2011/: images.txt ("id relpath"), image_class_labels.txt ("id class"), images/...;
+    classes 101-200 are the test set."""
+    names = {r[0]: r[1] for r in _table(root, "images.txt", "cub", 2)}
+    labels = {r[0]: int(r[1]) for r in _table(root, "image_class_labels.txt", "cub", 2)}
+    if set(names) != set(labels):
+        raise ValueError(f"cub: {root / 'images.txt'} and {root / 'image_class_labels.txt'} list different image ids")
+    ids = [i for i in names if labels[i] > 100]
+    return RetrievalSet("cub", [str(root / "images" / names[i]) for i in ids],
+                        np.array([labels[i] for i in ids], dtype=np.int64), (1, 2, 4, 8),
+                        {"": Split(_rows(len(ids)))})
+
+
+def read_cars(root: Path) -> RetrievalSet:
+    """Cars196 (original release): cars_annos.mat (annotations: relative_im_path, class 1-196),
+    car_ims/...; classes 99-196 are the test set."""
+    from scipy.io import loadmat
+    annos = loadmat(_need(root, "cars_annos.mat", "cars"), squeeze_me=True)["annotations"]
+    annos = np.atleast_1d(annos)
+    keep = [(str(a["relative_im_path"]), int(a["class"])) for a in annos if int(a["class"]) > 98]
+    return RetrievalSet("cars", [str(root / p) for p, _ in keep],
+                        np.array([c for _, c in keep], dtype=np.int64), (1, 2, 4, 8),
+                        {"": Split(_rows(len(keep)))})
+
+
+def read_sop(root: Path) -> RetrievalSet:
+    """Stanford_Online_Products/: Ebay_test.txt ("image_id class_id super_class_id path", header line)."""
+    rows = _table(root, "Ebay_test.txt", "sop", 4, skip=1)
+    return RetrievalSet("sop", [str(root / r[3]) for r in rows],
+                        np.array([int(r[1]) for r in rows], dtype=np.int64), (1, 10, 100, 1000),
+                        {"": Split(_rows(len(rows)))})
+
+
+def read_inshop(root: Path) -> RetrievalSet:
+    """In-Shop Clothes Retrieval: Eval/list_eval_partition.txt (count line, header line, then
+    "image_name item_id evaluation_status"), images under Img/; query vs gallery by status."""
+    rows = [r for r in _table(root, "Eval/list_eval_partition.txt", "inshop", 3, skip=2)
+            if r[2] in ("query", "gallery")]
+    status = np.array([r[2] for r in rows])
+    items = {item: i for i, item in enumerate(sorted({r[1] for r in rows}))}
+    return RetrievalSet("inshop", [str(root / "Img" / r[0]) for r in rows],
+                        np.array([items[r[1]] for r in rows], dtype=np.int64), (1, 10, 20, 30, 40, 50),
+                        {"": Split(np.flatnonzero(status == "query"), np.flatnonzero(status == "gallery"))})
+
+
+def read_inat(root: Path) -> RetrievalSet:
+    """iNaturalist 2018 with Brown et al.'s retrieval split: Inat_dataset_splits/Inaturalist_test_set1.txt
+    lists image paths relative to root (train_val2018/SUPERCATEGORY/CLASS_ID/FILE.jpg); the class
+    is the CLASS_ID folder."""
+    paths = [r[0] for r in _table(root, "Inat_dataset_splits/Inaturalist_test_set1.txt", "inat", 1)]
+    return RetrievalSet("inat", [str(root / p) for p in paths],
+                        np.array([int(Path(p).parent.name) for p in paths], dtype=np.int64), (1, 4, 16, 32),
+                        {"": Split(_rows(len(paths)))})
+
+
+def read_vehicleid(root: Path, seed: int = 0) -> RetrievalSet:
+    """VehicleID_V1.0/: train_test_split/test_list_{800,1600,2400}.txt ("image_name vehicle_id"),
+    image/IMAGE_NAME.jpg. Per list, one random image per vehicle (seeded by seed and list size) is
+    the gallery and the others are queries; vehicles with one image are gallery only."""
+    lists = {size: _table(root, f"train_test_split/test_list_{size}.txt", "vehicleid", 2)
+             for size in VEHICLEID_SIZES}
+    index: dict[str, int] = {}
+    labels: list[int] = []
+    for pairs in lists.values():
+        for image, vehicle, *_ in pairs:
+            if image not in index:
+                index[image] = len(index)
+                labels.append(int(vehicle))
+    splits = {}
+    for size, pairs in lists.items():
+        rng = np.random.default_rng([seed, size])
+        by_vehicle: dict[str, list[int]] = {}
+        for image, vehicle, *_ in pairs:
+            by_vehicle.setdefault(vehicle, []).append(index[image])
+        gallery = np.array([rows[rng.integers(len(rows))] for rows in by_vehicle.values()], dtype=np.int64)
+        query = np.array(sorted(set(index[row[0]] for row in pairs) - set(gallery.tolist())), dtype=np.int64)
+        splits[str(size)] = Split(query, np.sort(gallery))
+    return RetrievalSet("vehicleid", [str(root / "image" / f"{name}.jpg") for name in index],
+                        np.array(labels, dtype=np.int64), (1, 5), splits)
+
+
+def _gld_image(root: Path, folder: str, image_id: str) -> str:
+    return str(root / folder / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg")
+
+
+def read_gldv2(root: Path) -> RetrievalSet:
+    """GLDv2 retrieval: index.csv (column id), retrieval_solution_v2.1.csv (id, images, Usage), images
+    index/a/b/c/abc....jpg and test/a/b/c/abc....jpg. Test images whose Usage is Public or Private
+    are the queries of the "public" / "private" splits (Ignored ones are dropped)."""
+    with open(_need(root, "index.csv", "gldv2"), newline="") as f:
+        index_ids = [row["id"] for row in csv.DictReader(f)]
+    with open(_need(root, "retrieval_solution_v2.1.csv", "gldv2"), newline="") as f:
+        solution = [row for row in csv.DictReader(f) if row["Usage"] in GLDV2_USAGES]
+    row_of = {image_id: i for i, image_id in enumerate(index_ids)}
+    paths = [_gld_image(root, "index", i) for i in index_ids] + [_gld_image(root, "test", r["id"]) for r in solution]
+    splits = {}
+    for usage in GLDV2_USAGES:
+        mine = [(len(index_ids) + j, r) for j, r in enumerate(solution) if r["Usage"] == usage]
+        try:
+            relevant = [np.array([row_of[i] for i in r["images"].split()], dtype=np.int64) for _, r in mine]
+        except KeyError as e:
+            raise ValueError(f"gldv2: {root / 'retrieval_solution_v2.1.csv'} names index image {e} "
+                             f"that is not in {root / 'index.csv'}") from None
+        splits[usage.lower()] = Split(np.array([q for q, _ in mine], dtype=np.int64),
+                                      _rows(len(index_ids)), relevant)
+    return RetrievalSet("gldv2", paths, np.full(len(paths), -1, dtype=np.int64), (), splits)
+
+
+READERS = {"cub": read_cub, "cars": read_cars, "sop": read_sop, "inshop": read_inshop,
+           "inat": read_inat, "vehicleid": read_vehicleid, "gldv2": read_gldv2}
+
+
+def read(name: str, root) -> RetrievalSet:
+    """The test set of retrieval benchmark `name` (one of READERS) read from folder `root`."""
+    if name not in READERS:
+        raise ValueError(f"unknown retrieval set '{name}'; known: {', '.join(READERS)}")
+    return READERS[name](Path(root))

@@ -1,0 +1,159 @@
+"""unicom_ds.load: release-format files, train-stage exports and open_clip models, and their errors."""
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+import unicom_ds
+from unicom_ds import backbone, model_configs
+from unicom_ds.unicom_vit import CONFIGS, UnicomViT
+
+torch.set_num_threads(1)
+TINY = dict(image_size=32, patch_size=8, width=16, depth=2, heads=2, embed_dim=12)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@pytest.fixture
+def tiny_release(monkeypatch, tmp_path):
+    """A random tiny Unicom model and its weights saved the way the release files are: an fp16 state dict."""
+    monkeypatch.setitem(CONFIGS, "ViT-Tiny-8", TINY)
+    torch.manual_seed(0)
+    model = UnicomViT(**TINY).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so the head is really exercised
+        for bn in (model.feature[1], model.feature[3]):
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.normal_(1, 0.1)
+            bn.bias.normal_(0, 0.1)
+    path = tmp_path / "FP16-ViT-Tiny-8.pt"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, path)
+    return model, path
+
+
+def test_release_file_loads_strictly_and_gives_the_same_features(tiny_release):
+    model, path = tiny_release
+    loaded, preprocess = unicom_ds.load("ViT-Tiny/8", checkpoint=path)
+    assert not loaded.training
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        before, after = model(x), loaded(x)
+    torch.testing.assert_close(after, before, rtol=0.02, atol=0.02)  # fp16 rounding of the weights
+    # Exactly the fp32 model with fp16-rounded weights:
+    rounded = UnicomViT(**TINY).eval()
+    rounded.load_state_dict({k: v.half().float() if v.is_floating_point() else v
+                             for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        torch.testing.assert_close(after, rounded(x))
+
+
+def test_release_names_in_both_spellings_and_the_unicom_prefix(tiny_release):
+    _, path = tiny_release
+    x = torch.randn(2, 3, 32, 32)
+    outs = [unicom_ds.load(n, checkpoint=path)[0](x) for n in ("ViT-Tiny/8", "ViT-Tiny-8", "unicom:ViT-Tiny/8")]
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], outs[2])
+
+
+def test_release_preprocess_is_clip_bicubic_resize_center_crop(tiny_release):
+    _, path = tiny_release
+    _, preprocess = unicom_ds.load("ViT-Tiny-8", checkpoint=path)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8))
+    expected = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32),
+                          T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])(image)
+    torch.testing.assert_close(preprocess(image), expected)
+    assert preprocess(image.convert("L")).shape == (3, 32, 32)  # grey images become RGB
+
+
+def test_official_name_without_checkpoint_is_a_clear_error():
+    with pytest.raises(ValueError, match="'ViT-B/32': a checkpoint file must be given.*nothing is downloaded"):
+        unicom_ds.load("ViT-B/32")
+
+
+def test_missing_checkpoint_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt: no such file"):
+        unicom_ds.load("ViT-B/32", checkpoint=tmp_path / "nope.pt")
+
+
+def test_mismatched_keys_are_listed_with_the_file(tiny_release, tmp_path):
+    model, _ = tiny_release
+    state = model.state_dict()
+    state["head.weight"] = state.pop("norm.weight")
+    state["blocks.0.attn.qkv.bias"] = torch.zeros(48)
+    path = tmp_path / "bad.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError) as err:
+        unicom_ds.load("ViT-Tiny-8", checkpoint=path)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert "missing keys (1): norm.weight" in msg
+    assert "unexpected keys (2): head.weight, blocks.0.attn.qkv.bias" in msg
+
+
+def test_wrong_shapes_are_reported(tiny_release, tmp_path):
+    model, _ = tiny_release
+    state = model.state_dict()
+    state["pos_embed"] = torch.zeros(1, 17, 16)
+    torch.save(state, tmp_path / "shape.pt")
+    with pytest.raises(ValueError, match=r"shape mismatches \(1\): pos_embed \(1, 17, 16\) != \(1, 16, 16\)"):
+        unicom_ds.load("ViT-Tiny-8", checkpoint=tmp_path / "shape.pt")
+
+
+def tiny_openclip_visual():
+    model_configs.register()
+    torch.manual_seed(1)
+    return open_clip.create_model("ViT-Tiny-16").visual.eval()
+
+
+def test_train_export_gives_the_features_of_the_saved_model(tmp_path):
+    visual = tiny_openclip_visual()
+    path = tmp_path / "train" / "backbone.pt"
+    path.parent.mkdir()
+    torch.save(backbone.export("ViT-Tiny-16", visual.state_dict()), path)  # as the train stage writes it
+    for name in ("ViT-Tiny-16", "ckpt:ViT-Tiny-16"):
+        loaded, preprocess = unicom_ds.load(name, checkpoint=path)
+        x = torch.randn(3, 3, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), visual(x))
+    assert preprocess(Image.new("RGB", (100, 70))).shape == (3, 64, 64)
+
+
+def test_train_export_under_another_name_is_refused(tmp_path):
+    visual = tiny_openclip_visual()
+    torch.save({"model": "ViT-Tiny-16", "embed_dim": 64, "state_dict": visual.state_dict()}, tmp_path / "b.pt")
+    with pytest.raises(ValueError, match="holds a 'ViT-Tiny-16' backbone, not 'ViT-Tiny-32'"):
+        unicom_ds.load("ViT-Tiny-32", checkpoint=tmp_path / "b.pt")
+
+
+def test_openclip_model_from_a_local_file(tmp_path):
+    model_configs.register()
+    torch.manual_seed(2)
+    clip = open_clip.create_model("ViT-Tiny-32").eval()
+    torch.save(clip.state_dict(), tmp_path / "clip.pt")
+    loaded, preprocess = unicom_ds.load("openclip:ViT-Tiny-32", checkpoint=tmp_path / "clip.pt")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), clip.encode_image(x))
+    assert not loaded.training
+
+
+def test_unicom_ds_load_is_callable_whatever_the_import_order():
+    import unicom_ds.loading  # noqa: F401  (the function's module; must not shadow unicom_ds.load)
+    from unicom_ds import load as from_package
+    for fn in (unicom_ds.load, from_package):
+        with pytest.raises(ValueError, match="a checkpoint file must be given"):
+            fn("ViT-B/16")
+
+
+def test_prefix_that_contradicts_the_file_is_refused(tiny_release, tmp_path):
+    _, release = tiny_release
+    with pytest.raises(ValueError, match=r"model 'ckpt:ViT-Tiny-8' needs a train-stage export, "
+                                         r"this file is a plain state dict \(the Unicom release format\)"):
+        unicom_ds.load("ckpt:ViT-Tiny-8", checkpoint=release)
+    torch.save(backbone.export("ViT-Tiny-16", tiny_openclip_visual().state_dict()), tmp_path / "b.pt")
+    with pytest.raises(ValueError, match=r"needs a plain state dict \(the Unicom release format\), "
+                                         r"this file is a train-stage export"):
+        unicom_ds.load("unicom:ViT-B/32", checkpoint=tmp_path / "b.pt")

@@ -1,0 +1,134 @@
+"""The official Unicom architecture: release key set and shapes, and its forward against plain math."""
+import math
+
+import pytest
+import torch
+
+from unicom_ds import unicom_vit
+from unicom_ds.unicom_vit import CONFIGS, UnicomViT, build, canonical_name
+
+torch.set_num_threads(1)
+TINY = dict(image_size=32, patch_size=8, width=16, depth=2, heads=2, embed_dim=12)
+
+
+def release_keys(image_size, patch_size, width, depth, heads, embed_dim):
+    """The release state dict's keys and shapes, written out from the architecture description."""
+    n = (image_size // patch_size) ** 2
+    keys = {"patch_embed.proj.weight": (width, 3, patch_size, patch_size), "patch_embed.proj.bias": (width,),
+            "pos_embed": (1, n, width), "norm.weight": (width,), "norm.bias": (width,),
+            "feature.0.weight": (width, n * width), "feature.2.weight": (embed_dim, width)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        keys.update({b + "norm1.weight": (width,), b + "norm1.bias": (width,),
+                     b + "attn.qkv.weight": (3 * width, width),
+                     b + "attn.proj.weight": (width, width), b + "attn.proj.bias": (width,),
+                     b + "norm2.weight": (width,), b + "norm2.bias": (width,),
+                     b + "mlp.fc1.weight": (4 * width, width), b + "mlp.fc1.bias": (4 * width,),
+                     b + "mlp.fc2.weight": (width, 4 * width), b + "mlp.fc2.bias": (width,)})
+    for j, d in (("1", width), ("3", embed_dim)):
+        keys.update({f"feature.{j}.{s}": (d,) for s in ("weight", "bias", "running_mean", "running_var")})
+        keys[f"feature.{j}.num_batches_tracked"] = ()
+    return keys
+
+
+def test_b32_key_set_and_shapes_match_the_release():
+    with torch.device("meta"):  # shapes only: no 460 MB allocation
+        model = UnicomViT(**CONFIGS["ViT-B-32"])
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == release_keys(224, 32, 768, 12, 12, 512)
+
+
+@pytest.mark.parametrize("name,size,dim", [("ViT-B-16", 224, 768), ("ViT-L-14", 224, 768),
+                                           ("ViT-L-14-336", 336, 768), ("ViT-B-32", 224, 512)])
+def test_release_configs(name, size, dim):
+    cfg = CONFIGS[name]
+    assert (cfg["image_size"], cfg["embed_dim"]) == (size, dim)
+    assert cfg["width"] == (1024 if "L" in name else 768)
+
+
+@pytest.mark.parametrize("given,expected", [("ViT-B/32", "ViT-B-32"), ("ViT-B-16", "ViT-B-16"),
+                                            ("ViT-L/14@336px", "ViT-L-14-336"), ("ViT-L/14@336", "ViT-L-14-336"),
+                                            ("ViT-L-14-336", "ViT-L-14-336")])
+def test_canonical_name(given, expected):
+    assert canonical_name(given) == expected
+
+
+def test_build_unknown_name_lists_known():
+    with pytest.raises(ValueError, match="unknown Unicom model 'ViT-H/14'.*ViT-B-32"):
+        build("ViT-H/14")
+
+
+def reference_forward(sd, x, heads, eps_ln=1e-5, eps_bn=2e-5):
+    """The architecture in explicit tensor math, independent of the module code."""
+    w = sd["patch_embed.proj.weight"]
+    p = w.shape[-1]
+    b, _, s, _ = x.shape
+    g = s // p
+    patches = x.reshape(b, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, 3 * p * p)
+    h = patches @ w.reshape(w.shape[0], -1).T + sd["patch_embed.proj.bias"] + sd["pos_embed"]
+
+    def ln(t, name):
+        mu = t.mean(-1, keepdim=True)
+        var = t.var(-1, unbiased=False, keepdim=True)
+        return (t - mu) / torch.sqrt(var + eps_ln) * sd[name + ".weight"] + sd[name + ".bias"]
+
+    i = 0
+    while f"blocks.{i}.norm1.weight" in sd:
+        pre = f"blocks.{i}."
+        y = ln(h, pre + "norm1")
+        n, d = y.shape[1], y.shape[2]
+        q, k, v = (y @ sd[pre + "attn.qkv.weight"].T).split(d, dim=-1)
+        split = lambda t: t.reshape(b, n, heads, d // heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), dim=-1)
+        o = (att @ v).transpose(1, 2).reshape(b, n, d)
+        h = h + o @ sd[pre + "attn.proj.weight"].T + sd[pre + "attn.proj.bias"]
+        y = ln(h, pre + "norm2")
+        y = torch.clamp(y @ sd[pre + "mlp.fc1.weight"].T + sd[pre + "mlp.fc1.bias"], 0, 6)
+        h = h + y @ sd[pre + "mlp.fc2.weight"].T + sd[pre + "mlp.fc2.bias"]
+        i += 1
+    f = ln(h, "norm").reshape(b, -1)
+
+    def bn(t, j):
+        m, var = sd[f"feature.{j}.running_mean"], sd[f"feature.{j}.running_var"]
+        return (t - m) / torch.sqrt(var + eps_bn) * sd[f"feature.{j}.weight"] + sd[f"feature.{j}.bias"]
+
+    f = bn(f @ sd["feature.0.weight"].T, 1)
+    return bn(f @ sd["feature.2.weight"].T, 3)
+
+
+def randomise(model):
+    """Non-trivial values everywhere, so a mixed-up weight cannot go unnoticed."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if "running_var" in name
+                        else torch.randn(t.shape, generator=g) * 0.2)
+    return model
+
+
+def test_forward_matches_reference_math():
+    torch.manual_seed(0)
+    model = randomise(UnicomViT(**TINY).eval())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        ref = reference_forward(model.state_dict(), x, heads=TINY["heads"])
+    assert out.shape == (3, 12)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_build_is_eval_mode_so_features_do_not_depend_on_the_batch():
+    # BatchNorm with running statistics: an image's feature is the same alone or in a batch.
+    model = randomise(unicom_vit.UnicomViT(**TINY)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:1]), model(x)[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_build_returns_eval_mode(monkeypatch):
+    monkeypatch.setitem(CONFIGS, "ViT-Tiny-8", TINY)
+    model = build("ViT-Tiny/8")
+    assert not model.training
+    assert all(not m.training for m in model.modules())

@@ -1,0 +1,128 @@
+"""`load(name, checkpoint)` -> (eval-mode model, image transform) for every model source.
+
+The model maps a batch of transformed images to embeddings (`model(images)`), whatever its source:
+
+- `openclip:NAME` with checkpoint = an open_clip pretrained tag, a local file, or None (random
+  init): the CLIP/OpenCLIP baselines; the model is the CLIP vision tower (`encode_image`).
+- a train-stage export (`RUN/train/backbone.pt`, a dict {"model", "embed_dim", "state_dict"}):
+  the open_clip vision tower rebuilt by name; `name` is that open_clip name (or `ckpt:NAME`).
+- an official Unicom release file (a plain fp16 state dict): `ViT-B/32`, `ViT-B/16`, `ViT-L/14`,
+  `ViT-L/14@336` (also `ViT-B-32` style, or `unicom:NAME`); loaded strictly into fp32.
+
+What a checkpoint file holds decides between the last two, so `ViT-B-32` names both a repo model
+and a release model without ambiguity. Nothing is ever downloaded for Unicom files.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from unicom_ds import unicom_vit
+
+OPENCLIP = "openclip:"
+UNICOM = "unicom:"
+CKPT = "ckpt:"
+RELEASE_URL = "https://github.com/deepglint/unicom/releases"
+_KINDS = {True: "a train-stage export", False: "a plain state dict (the Unicom release format)"}
+
+
+def load(name: str, checkpoint: str | os.PathLike | None = None,
+         device: str | torch.device = "cpu") -> tuple[nn.Module, Callable]:
+    """(model in eval mode on `device`, PIL image -> tensor transform); see the module docstring."""
+    if name.startswith(OPENCLIP):
+        model, preprocess = _load_openclip(name[len(OPENCLIP):], checkpoint)
+    else:
+        if checkpoint is None:
+            raise ValueError(f"model '{name}': a checkpoint file must be given (Unicom release files "
+                             f"from {RELEASE_URL}, or RUN/train/backbone.pt); nothing is downloaded")
+        state = _read(checkpoint)
+        export = _is_export(state)
+        wanted = True if name.startswith(CKPT) else False if name.startswith(UNICOM) else export
+        if wanted != export:
+            raise ValueError(f"{checkpoint}: model '{name}' needs {_KINDS[wanted]}, this file is {_KINDS[export]}")
+        if export:
+            model, preprocess = _load_export(_strip(name, CKPT), state, checkpoint)
+        else:
+            model, preprocess = _load_unicom(_strip(name, UNICOM), state, checkpoint)
+    return model.to(device).eval(), preprocess
+
+
+def clip_transform(image_size: int) -> Callable:
+    """Bicubic resize of the short side, center crop, CLIP normalisation: the Unicom release's
+    preprocess, and open_clip's for the CLIP vision towers this repo trains."""
+    import open_clip
+    return open_clip.image_transform(
+        image_size, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,
+        std=open_clip.OPENAI_DATASET_STD, resize_mode="shortest", interpolation="bicubic")
+
+
+def check_state_dict(model: nn.Module, state: dict, path, what: str) -> None:
+    """Raise naming the file and a few missing / unexpected / mis-shaped keys unless they match exactly."""
+    expected = model.state_dict()
+    # BatchNorm fills in a missing batch counter itself; it carries no weights.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    problems = [f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+                for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("shape mismatches", shapes)) if keys]
+    if problems:
+        raise ValueError(f"{path}: does not match {what}: " + "; ".join(problems))
+
+
+def _read(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path}: no such file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict or a train-stage export, got {type(state).__name__}")
+    return state
+
+
+def _is_export(state: dict) -> bool:
+    return {"model", "state_dict"} <= set(state)
+
+
+def _strip(name: str, prefix: str) -> str:
+    return name[len(prefix):] if name.startswith(prefix) else name
+
+
+def _load_unicom(name: str, state: dict, path) -> tuple[nn.Module, Callable]:
+    model = unicom_vit.build(name)
+    check_state_dict(model, state, path, f"the Unicom {name} architecture")
+    model.load_state_dict(state)  # copies the fp16 release tensors into the fp32 parameters
+    return model, clip_transform(model.image_size)
+
+
+def _load_export(name: str, export: dict, path) -> tuple[nn.Module, Callable]:
+    if name not in ("", export["model"]):
+        raise ValueError(f"{path}: holds a '{export['model']}' backbone, not '{name}'")
+    from unicom_ds import backbone
+    visual = backbone.build(export["model"])
+    check_state_dict(visual, export["state_dict"], path, f"the open_clip {export['model']} vision tower")
+    visual.load_state_dict(export["state_dict"])
+    if visual.output_dim != export.get("embed_dim", visual.output_dim):
+        raise ValueError(f"{path}: embed_dim {export['embed_dim']} but '{export['model']}' "
+                         f"outputs {visual.output_dim}")
+    return visual, clip_transform(backbone.image_size(export["model"]))
+
+
+def _load_openclip(name: str, pretrained: str | os.PathLike | None) -> tuple[nn.Module, Callable]:
+    import open_clip
+    from unicom_ds import model_configs
+    model_configs.register()
+    model = open_clip.create_model(name, pretrained=None if pretrained is None else str(pretrained))
+    return model.visual, _openclip_transform(model.visual)
+
+
+def _openclip_transform(visual: nn.Module) -> Callable:
+    import open_clip
+    cfg = visual.preprocess_cfg
+    return open_clip.image_transform(cfg["size"], is_train=False, mean=cfg["mean"], std=cfg["std"],
+                                     resize_mode=cfg["resize_mode"], interpolation=cfg["interpolation"])
