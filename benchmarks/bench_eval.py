@@ -25,7 +25,7 @@ from PIL import Image
 from evaluation import features, metrics
 from evaluation.retrieval_sets import RetrievalSet, Split
 from unicom_ds import unicom_vit
-from unicom_ds.load import clip_transform
+from unicom_ds.loading import clip_transform
 
 
 def sync(device: torch.device) -> None:
