@@ -73,13 +73,15 @@ def test_dry_run_train_and_eval_one_task_per_gpu(tmp_path, demo_shards, capsys, 
     code = submit.main(tiny(tmp_path / "run", demo_shards, "stage=all", "dry_run=true", "slurm.gpus_per_node=4",
                             "slurm.nodes=2", "slurm.log_dir=" + str(tmp_path / "logs")))
     scripts = scripts_by_step(capsys.readouterr().out)
-    assert code == 0 and list(scripts) == ["embed", "kmeans", "assign", "train", "eval"]
-    train, evaluation, kmeans = (sbatch_options(scripts[s]) for s in ("train", "eval", "kmeans"))
+    assert code == 0 and list(scripts) == ["embed", "kmeans", "assign", "train", "eval", "report"]
+    train, evaluation, kmeans, report = (sbatch_options(scripts[s]) for s in ("train", "eval", "kmeans", "report"))
     assert (train["nodes"], train["ntasks-per-node"], train["gpus-per-node"]) == ("2", "4", "4")
     assert (evaluation["ntasks-per-node"], evaluation["gpus-per-node"]) == ("4", "4")
     assert kmeans["nodes"] == "1"                               # single-process jobs never span nodes
     assert train["dependency"] == "'afterok:<assign job id>'"
     assert evaluation["dependency"] == "'afterok:<train job id>'"
+    assert report["dependency"] == "'afterok:<eval job id>'"
+    assert (report["nodes"], "gpus-per-node" in report) == ("1", False)   # the report needs no GPU
     assert train["output"].startswith(str(tmp_path / "logs"))
 
 
@@ -126,7 +128,7 @@ class Recorder:
         return fn
 
     def targets(self):
-        fakes = {step: self.job(step) for step in ("embed", "kmeans", "assign", "eval")}
+        fakes = {step: self.job(step) for step in ("embed", "kmeans", "assign", "eval", "report")}
         fakes["train_local"] = lambda cfg: [sys.executable, "-c", "print('train subprocess ran')"]
         return fakes.__getitem__
 
@@ -142,12 +144,12 @@ def test_local_launcher_runs_every_step_in_order(tmp_path, demo_shards, monkeypa
     assert code == 0
     shard = [demo_shards.replace("{00000..00002}", s) for s in ("00000", "00001", "00002")]
     assert rec.calls == [("embed", shard[:2]), ("embed", shard[2:]), ("kmeans",),
-                         ("assign", ["00000", "00001"]), ("assign", ["00002"]), ("eval",)]
+                         ("assign", ["00000", "00001"]), ("assign", ["00002"]), ("eval",), ("report",)]
     assert "train subprocess ran" in (run / "logs" / "local_train.log").read_text()
     assert "kmeans working on ()" in (run / "logs" / "local_kmeans.log").read_text()
     assert (run / "config.yaml").is_file()
     summary = out[out.index("summary:"):].splitlines()[1:]
-    assert [line.split()[0] for line in summary] == ["embed", "kmeans", "assign", "train", "eval"]
+    assert [line.split()[0] for line in summary] == ["embed", "kmeans", "assign", "train", "eval", "report"]
     assert str(run / "labels") in summary[2]
 
 

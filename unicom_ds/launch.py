@@ -37,6 +37,7 @@ OUTPUTS = {"embed": "embed", "kmeans": "kmeans", "assign": "labels", "train": "t
            "report": "report"}
 # The job functions are single-process: more nodes would only run copies of the same task.
 SINGLE_NODE = ("embed", "kmeans", "assign", "report")
+CPU_ONLY = ("report",)
 RESOURCE_KEYS = ("partition", "account", "qos", "constraint", "nodes", "gpus_per_node",
                  "cpus_per_task", "mem_gb", "time_min", "array_parallelism")
 
@@ -72,6 +73,8 @@ def resources(cfg: DictConfig, step: str) -> dict:
     merged.update({k: v for k, v in cfg.slurm.items() if k in RESOURCE_KEYS and v is not None})
     if step in SINGLE_NODE:
         merged["nodes"] = 1
+    if step in CPU_ONLY:
+        merged["gpus_per_node"] = 0
     return merged
 
 
