@@ -123,7 +123,12 @@ def assign_shards(cfg, stems: list[str]) -> dict | None:
             labels = label_rows(index, features.iter_batches(run_dir, s, fp["mode"], cfg.assign.batch_size))
             save_npy_atomic(labels_dir(run_dir) / f"{s}.npy", labels)
             print(f"assign {s}: {len(labels)} rows in {time.monotonic() - start:.2f}s", file=sys.stderr)
+    print(f"assign: {len(todo)} shard(s) labelled -> {labels_dir(run_dir)}", file=sys.stderr, flush=True)
     all_stems = sorted(embedded)
     if all((labels_dir(run_dir) / f"{s}.npy").is_file() for s in all_stems):
-        return write_summary(cfg, all_stems, fp)
+        summary = write_summary(cfg, all_stems, fp)
+        print(f"assign: all {len(all_stems)} embedded shards labelled: {summary['non_empty_classes']} non-empty "
+              f"classes, sizes {summary['min_size']}..{summary['max_size']} (median {summary['median_size']}) "
+              f"-> {labels_dir(run_dir)}/summary.json", file=sys.stderr, flush=True)
+        return summary
     return None

@@ -115,5 +115,10 @@ def embed_shards(cfg, shards: list[str]) -> list[dict]:
     if not todo:
         return []
     device = pick_device(cfg.device)
+    start = time.monotonic()
     model, preprocess, tokenizer = load_clip(cfg.clip.model, cfg.clip.pretrained, device)
-    return [embed_shard(cfg, p, model, preprocess, tokenizer, device) for p in todo]
+    done = [embed_shard(cfg, p, model, preprocess, tokenizer, device) for p in todo]
+    skipped = sum(sum(d["skipped"].values()) for d in done)
+    print(f"embed: {len(done)} shard(s), {sum(d['n'] for d in done)} rows, {skipped} skipped, "
+          f"{time.monotonic() - start:.1f}s -> {embed_dir(cfg.run_dir)}", file=sys.stderr, flush=True)
+    return done

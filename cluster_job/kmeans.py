@@ -171,4 +171,6 @@ def run_kmeans(cfg) -> dict:
                "mean_cosine": objective / n_sample, "iterations": iterations, "gpus": gpu,
                "seconds": round(time.monotonic() - start, 3), "config": wanted}
     write_json_atomic(out / "summary.json", summary)  # last: it marks the stage done
+    print(f"kmeans: done, objective {objective:.1f} after {iterations} iterations, {summary['seconds']:.1f}s "
+          f"-> {out}/centroids.npy", file=sys.stderr, flush=True)
     return summary
