@@ -17,6 +17,7 @@ import time
 import torch
 
 from unicom_ds import backbone
+from unicom_ds.optim import adamw
 from unicom_ds.prototypes import ShardedPrototypes
 
 
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--r2", type=float, default=1.0)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the backbone (as the engine runs it)")
     ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--unfused", action="store_true", help="torch's default AdamW instead of the fused one train.py uses")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -61,8 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     model = backbone.build(a.model, a.grad_checkpointing).to(device)
     layer = ShardedPrototypes(a.classes, backbone.embed_dim(a.model), r1=a.r1, r2=a.r2).to(device)
-    opt = torch.optim.AdamW(backbone.param_groups(model, 0.05), lr=1e-4)
-    proto_opt = torch.optim.AdamW(layer.parameters(), lr=1e-4, weight_decay=0.05)
+    opt = adamw(backbone.param_groups(model, 0.05), 1e-4, 0.05, fused=not a.unfused)
+    proto_opt = adamw(layer.parameters(), 1e-4, 0.05, fused=not a.unfused)
     size = backbone.image_size(a.model)
     images = torch.randn(a.batch, 3, size, size, device=device)
     labels = torch.randint(0, a.classes, (a.batch,), device=device)
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps({"mode": name, **results[name]}), flush=True)
     overhead = results["step"]["ms"] / results["backbone"]["ms"] - 1
     summary = {"model": a.model, "device": str(device), "bf16": a.bf16, "batch": a.batch, "classes": a.classes,
-               "r1": a.r1, "r2": a.r2, "overhead": round(overhead, 4), "target": 0.10,
+               "r1": a.r1, "r2": a.r2, "fused_adamw": not a.unfused, "overhead": round(overhead, 4), "target": 0.10,
                "images_per_s": results["step"]["images_per_s"], "peak_mem_mb": results["step"]["peak_mem_mb"]}
     print(json.dumps(summary), flush=True)
     return summary

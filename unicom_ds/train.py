@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from unicom_ds import backbone, checkpoint, config, schedule, tblog, train_data
 from unicom_ds.atomic import atomic_path, read_json
 from unicom_ds.dist import all_reduce_, rank_world
+from unicom_ds.optim import adamw
 from unicom_ds.prototypes import ShardedPrototypes
 
 TRAIN_PY = Path(__file__).resolve()
@@ -111,14 +112,14 @@ class Trainer:
         model = backbone.build(cfg.model, bool(cfg.train.grad_checkpointing))
         self.dim, self.image_size = backbone.embed_dim(cfg.model), backbone.image_size(cfg.model)
         wd = float(cfg.train.weight_decay)
-        opt = torch.optim.AdamW(backbone.param_groups(model, wd), lr=float(cfg.train.lr))
+        opt = adamw(backbone.param_groups(model, wd), float(cfg.train.lr), wd)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds)
         self.device = self.engine.device
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         self.layer = ShardedPrototypes(self.k, self.dim, r1=float(cfg.loss.r1), r2=float(cfg.loss.r2),
                                        margin=float(cfg.loss.margin), scale=float(cfg.loss.scale),
                                        seed=int(cfg.seed)).to(self.device)
-        self.proto_opt = torch.optim.AdamW(self.layer.parameters(), lr=float(cfg.train.lr), weight_decay=wd)
+        self.proto_opt = adamw(self.layer.parameters(), float(cfg.train.lr), wd)
         self.root = checkpoint.ckpt_root(self.run_dir)
         self.step = 0
         self.resumed_from: Path | None = None
