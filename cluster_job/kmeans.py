@@ -12,6 +12,7 @@ import numpy as np
 from cluster_job import features
 from unicom_ds.atomic import read_json, save_npy_atomic, write_json_atomic
 from unicom_ds.config import ConfigError, as_config, check_same, select
+from unicom_ds.progress import progress
 
 # The config keys whose change makes other centroids; stored in summary.json and compared on a rerun.
 KMEANS_KEYS = features.EMBED_KEYS + ("kmeans.k", "kmeans.mode", "kmeans.niter", "kmeans.init", "kmeans.max_points_per_centroid",
@@ -121,7 +122,7 @@ def two_level_kmeans(x: np.ndarray, k: int, niter: int, seed: int, min_ppc: int 
     order = np.argsort(assign, kind="stable")
     starts = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=kc))])
     parts, objective = [], 0.0
-    for c in np.flatnonzero(sizes):
+    for c in progress(np.flatnonzero(sizes), total=int((sizes > 0).sum()), desc="kmeans sub-clusters"):
         members = x[order[starts[c]:starts[c + 1]]]
         cent, obj, it = spherical_kmeans(members, int(sizes[c]), niter, seed + 1 + int(c), min_ppc, gpu, init)
         parts.append(cent)
