@@ -281,7 +281,7 @@ class Trainer:
         seconds = time.time() - start
         summary = {"steps": self.step, "start_step": start_step, "seconds": round(seconds, 2),
                    "images_per_s": (self.step - start_step) * self.global_batch / max(seconds, 1e-9),
-                   "loss": last_loss, "skipped": dict(zip(train_data.SKIP_REASONS, skipped_total.tolist())),
+                   "loss": last_loss, "skipped": dict(zip(train_data.SKIP_REASONS, map(int, skipped_total.tolist()))),
                    "checkpoint": str(final), "backbone": str(exported)}
         self.log(f"done: steps {start_step} -> {self.step} in {seconds:.0f}s, loss {last_loss:.4f}, "
                  f"skipped {summary['skipped']}, checkpoint {final}, backbone {exported}")
