@@ -25,6 +25,7 @@ from PIL import Image
 from evaluation import features, metrics
 from evaluation.retrieval_sets import RetrievalSet, Split
 from unicom_ds import unicom_vit
+from unicom_ds.arrays import torch_device
 from unicom_ds.loading import clip_transform
 
 
@@ -105,7 +106,7 @@ def main() -> None:
     p.add_argument("--ks", default="1,10,100,1000", help="Recall@K (SOP's by default)")
     p.add_argument("--skip", choices=["extract", "knn"], help="leave one benchmark out")
     args = p.parse_args()
-    device = features.resolve_device(args.device)
+    device = torch_device(args.device)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"torch threads {torch.get_num_threads()}, faiss GPUs {faiss.get_num_gpus()}")
     if args.skip != "extract":

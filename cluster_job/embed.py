@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from cluster_job.features import EMBED_KEYS, done_path, embed_dir
 from cluster_job.wds_reader import ShardBatches
 from unicom_ds import model_configs
+from unicom_ds.arrays import torch_device
 from unicom_ds.atomic import read_json, save_npy_atomic, write_json_atomic, write_text_atomic
 from unicom_ds.config import as_config, check_same, select
 from unicom_ds.progress import progress
@@ -23,13 +24,6 @@ RANDOM_NOTICE = (
     "NOTICE: clip.pretrained=random: the CLIP model is randomly initialised, so its features (and the "
     "clusters made from them) carry no meaning. Real use passes pretrained CLIP weights, e.g. "
     "clip.pretrained=openai or clip.pretrained=/path/to/weights.pt.")
-
-
-def pick_device(setting: str) -> torch.device:
-    """`device` key: auto takes the GPU when torch sees one."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
 
 
 def load_clip(model_name: str, pretrained: str, device: torch.device):
@@ -114,7 +108,7 @@ def embed_shards(cfg, shards: list[str]) -> list[dict]:
     print(f"embed: {len(shards) - len(todo)} of {len(shards)} shards already done", file=sys.stderr, flush=True)
     if not todo:
         return []
-    device = pick_device(cfg.device)
+    device = torch_device(cfg.device)
     start = time.monotonic()
     model, preprocess, tokenizer = load_clip(cfg.clip.model, cfg.clip.pretrained, device)
     done = [embed_shard(cfg, p, model, preprocess, tokenizer, device) for p in todo]

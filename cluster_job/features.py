@@ -10,6 +10,7 @@ from typing import Iterator
 
 import numpy as np
 
+from unicom_ds.arrays import normalize
 from unicom_ds.atomic import read_json
 from unicom_ds.config import ConfigError, check_same
 
@@ -24,12 +25,6 @@ def embed_dir(run_dir: str) -> Path:
 
 def done_path(run_dir: str, stem: str) -> Path:
     return embed_dir(run_dir) / f"{stem}.done.json"
-
-
-def normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit L2 norm, in float32; an all-zero row stays zero."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
 def joint(img: np.ndarray, txt: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from unicom_ds.arrays import torch_device
 from unicom_ds.atomic import read_json, save_npy_atomic, write_json_atomic
 from unicom_ds.progress import progress
 
@@ -47,12 +48,6 @@ class ImageFiles(Dataset):
             raise OSError(f"{self.paths[i]}: cannot read image ({e})") from e
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def shard_rows(n: int, rank: int, world: int) -> np.ndarray:
     """Rank `rank`'s contiguous block of rows 0..n-1 (blocks differ in size by at most one)."""
     if not 0 <= rank < world:
@@ -70,7 +65,7 @@ def _autocast(device: torch.device):
 @torch.no_grad()
 def extract(model: torch.nn.Module, dataset: Dataset, batch_size: int = 256, workers: int = 8,
             device: str = "auto", rank: int = 0, world: int = 1, progress_mode: str = "auto") -> np.ndarray:
-    device = resolve_device(device)
+    device = torch_device(device)
     rows = shard_rows(len(dataset), rank, world)
     loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size, num_workers=workers,
                         shuffle=False, pin_memory=device.type == "cuda")

@@ -20,16 +20,11 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from unicom_ds.arrays import normalize
+
 GPU_MAX_K = 2048  # faiss' GPU k-selection limit; larger searches run on the CPU
 QUERY_CHUNK = 16384  # queries per search call: bounds the [chunk, k] neighbour arrays in memory
 _gpu_resources = None
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    """float32 rows scaled to unit L2 norm (all-zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, np.finfo(np.float32).tiny)
 
 
 def truncate(x: np.ndarray, dim: int) -> np.ndarray:

@@ -11,6 +11,7 @@ from webdataset import TarWriter
 
 from cluster_job import embed
 from cluster_job.wds_reader import TarSamples, rows
+from unicom_ds.arrays import torch_device
 from unicom_ds.atomic import read_json
 from unicom_ds.config import ConfigError, as_config, resolve, select
 
@@ -137,7 +138,7 @@ def test_rerun_skips_and_config_change_refused(tmp_path, capfd):
 
 def test_device_selection(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert embed.pick_device("auto").type == "cuda"
-    assert embed.pick_device("cpu").type == "cpu"
+    assert torch_device("auto").type == "cuda"
+    assert torch_device("cpu").type == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert embed.pick_device("auto").type == "cpu"
+    assert torch_device("auto").type == "cpu"
