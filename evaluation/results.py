@@ -47,35 +47,43 @@ def merge(path: str | os.PathLike, new: dict) -> dict:
     return merged
 
 
-def table(results: dict, columns: dict[str, tuple[str, str]]) -> str:
-    """A markdown table: a row per model holding any of `columns`' data sets, values in percent."""
+# (caption, columns) of the paper's two tables.
+PAPER_TABLES = (
+    ("Linear probe (top-1 accuracy; mean per-class accuracy for Aircraft, Pets, Caltech101 and Flowers), "
+     "as in the Unicom paper's Tab. 1", PROBE_COLUMNS),
+    ("Unsupervised retrieval (Recall@1; VehicleID: the 800 test list; GLDv2: private mAP@100), "
+     "as in the Unicom paper's Tab. 2", RETRIEVAL_COLUMNS),
+)
+
+
+def rows(results: dict, columns: dict[str, tuple[str, str]]) -> tuple[list[str], dict[str, list]]:
+    """(column titles + "Average", {model: [percent or None per column] + [average]}) for the models
+    holding any of `columns`' data sets; columns nobody has are left out."""
     used = [name for name in columns if any(name in sets for sets in results.values())]
-    if not used:
-        return ""
-    lines = ["| Model | " + " | ".join(columns[n][0] for n in used) + " | Average |",
-             "|---|" + "---:|" * (len(used) + 1)]
+    out = {}
     for model, sets in results.items():
         values = [sets.get(n, {}).get(columns[n][1]) for n in used]
-        values = [None if v is None or math.isnan(v) else v for v in values]
+        values = [None if v is None or math.isnan(v) else 100 * v for v in values]
         present = [v for v in values if v is not None]
-        if not present:
-            continue
-        cells = ["–" if v is None else f"{100 * v:.1f}" for v in values]
-        lines.append(f"| {model} | " + " | ".join(cells) + f" | {100 * sum(present) / len(present):.1f} |")
+        if present:
+            out[model] = values + [sum(present) / len(present)]
+    return [columns[n][0] for n in used] + ["Average"], out
+
+
+def table(results: dict, columns: dict[str, tuple[str, str]]) -> str:
+    """A markdown table: a row per model holding any of `columns`' data sets, values in percent."""
+    titles, body = rows(results, columns)
+    if not body:
+        return ""
+    lines = ["| Model | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(titles)]
+    for model, values in body.items():
+        lines.append(f"| {model} | " + " | ".join("–" if v is None else f"{v:.1f}" for v in values) + " |")
     return "\n".join(lines)
 
 
 def markdown(results: dict) -> str:
     """Both tables with their captions (a table is left out when no model has any of its sets)."""
-    parts = []
-    probe = table(results, PROBE_COLUMNS)
-    if probe:
-        parts.append("Linear probe (top-1 accuracy; mean per-class accuracy for Aircraft, Pets, "
-                     "Caltech101 and Flowers), as in the Unicom paper's Tab. 1\n\n" + probe)
-    retrieval = table(results, RETRIEVAL_COLUMNS)
-    if retrieval:
-        parts.append("Unsupervised retrieval (Recall@1; VehicleID: the 800 test list; GLDv2: private "
-                     "mAP@100), as in the Unicom paper's Tab. 2\n\n" + retrieval)
+    parts = [f"{caption}\n\n{text}" for caption, columns in PAPER_TABLES if (text := table(results, columns))]
     return "\n\n".join(parts) + "\n"
 
 

@@ -80,9 +80,9 @@ def make_run(root: Path, with_train=True, with_eval=True, shard_rows=(9, 7)) -> 
     if with_eval:
         (run / "eval").mkdir()
         (run / "eval" / "results.json").write_text(json.dumps({
-            "run": {"cub": {"recall@1": 0.5, "recall@2": 0.6}, "cifar10": {"accuracy": 0.7}},
-            "openclip:B32": {"cub": {"recall@1": 0.8}, "sop": {"recall@1": 0.4}}}))
-        (run / "eval" / "retrieval.md").write_text("| model | cub |\n| run | 0.5 |\n")
+            "run": {"cub": {"R@1": 0.5, "R@2": 0.6}, "cifar10": {"top1": 0.7}},
+            "openclip:B32": {"cub": {"R@1": 0.8}, "sop": {"R@1": 0.4}}}))
+        (run / "eval" / "results.md").write_text("| Model | CUB |\n| run | 50.0 |\n")
         Image.new("RGB", (30, 20), (0, 90, 0)).save(run / "eval" / "dims.png")
     return {"run": run, "data": data, "cfg": cfg, **truth}
 
@@ -136,17 +136,6 @@ def test_grid_places_each_tile_with_padding():
 def test_thumbnail_is_square_rgb_crop():
     thumb = cs.thumbnail(Image.fromarray(skimage.data.camera()).resize((90, 30)), 24)
     assert thumb.size == (24, 24) and thumb.mode == "RGB"
-
-
-def test_metric_tables_row_per_model_column_per_dataset_with_average():
-    results = {"a": {"cub": {"r@1": 0.5, "map": 0.1}, "sop": {"r@1": 0.7}},
-               "b": {"sop": {"r@1": 0.2, "dims": {"64": {"r@1": 0.3}}}, "cars": {"note": "x", "ok": True}}}
-    tables = report.metric_tables(results)
-    assert set(tables) == {"r@1", "map", "dims/64/r@1"}
-    assert tables["r@1"]["datasets"] == ["cub", "sop"]
-    assert tables["r@1"]["rows"]["a"] == pytest.approx([0.5, 0.7, 0.6])
-    assert tables["r@1"]["rows"]["b"] == [None, 0.2, 0.2]
-    assert tables["map"]["rows"] == {"a": [0.1, 0.1]}
 
 
 # ---- reading shards and the run dir ---------------------------------------------------------
@@ -268,9 +257,12 @@ def test_build_report_full_run(run_dir):
     assert "curves/train_loss.png" in page and "curves/train_lr.png" in page
     loss = Image.open(run / "report" / "curves" / "train_loss.png")
     assert loss.size == (400, 260) and np.asarray(loss.convert("L")).std() > 5
-    assert "<td>openclip:B32</td><td>0.8</td><td>0.4</td><td>0.6</td>" in page  # recall@1 row + average
-    assert "<td>run</td><td>0.5</td><td>&ndash;</td><td>0.5</td>" in page
-    assert "recall@2" in page and "accuracy" in page and "retrieval.md" in page
+    # The paper's two tables, in percent: a row per model, a column per data set, the row's average.
+    assert "<th>CUB</th><th>SOP</th><th>Average</th>" in page
+    assert "<td>openclip:B32</td><td>80.0</td><td>40.0</td><td>60.0</td>" in page
+    assert "<td>run</td><td>50.0</td><td>&ndash;</td><td>50.0</td>" in page
+    assert "<th>CIFAR10</th><th>Average</th></tr><tr><td>run</td><td>70.0</td><td>70.0</td>" in page
+    assert "Tab. 1" in page and "Tab. 2" in page and 'href="../eval/results.md"' in page
     assert "report.per_class" not in page and "per_class: 4" in page  # config.yaml shown as written
     assert "shards embedded" in page and "objective" in page and "train/backbone.pt" in page
     assert "not run yet" not in page

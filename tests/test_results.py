@@ -75,3 +75,14 @@ def test_write_all_logs_only_what_was_computed(tmp_path):
     assert merged == found
     assert (tmp_path / "eval" / "results.md").read_text() == text
     assert set(read_scalars(str(tmp_path / "tensorboard"))) == {"eval/run/sop/R@1"}
+
+
+def test_rows_row_per_model_column_per_dataset_with_average():
+    res = {"a": {"cub": {"R@1": 0.5, "MAP@R": 0.1}, "sop": {"R@1": 0.7}},
+           "b": {"sop": {"R@1": 0.2}, "cars": {"MAP@R": 0.3}},
+           "c": {"cifar10": {"top1": 0.9}}}
+    titles, rows = results.rows(res, results.RETRIEVAL_COLUMNS)
+    assert titles == ["CUB", "Cars", "SOP", "Average"]            # the paper's column order, used sets only
+    assert rows["a"] == pytest.approx([50.0, None, 70.0, 60.0])
+    assert rows["b"] == [None, None, pytest.approx(20.0), pytest.approx(20.0)]  # cars has no R@1 for b
+    assert "c" not in rows                                          # no retrieval set at all

@@ -169,61 +169,31 @@ def _curves_html(run_dir: Path, report_dir: Path) -> str:
 
 # ---- evaluation -----------------------------------------------------------------------------
 
-def _flatten(d: Mapping, prefix: str = "") -> dict[str, float]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}{k}"] = float(v)
-    return out
-
-
-def metric_tables(results: Mapping[str, Mapping[str, Mapping]]) -> dict[str, dict]:
-    """{metric: {"datasets": [...], "rows": {model: [value or None per dataset] + [average]}}}.
-
-    One table per metric (a row per model, a column per data set that reports it, then the average
-    over the row's present values), the layout of the paper's Tab. 1 and Tab. 2.
-    """
-    flat = {m: {ds: _flatten(v) for ds, v in per_ds.items()} for m, per_ds in results.items()}
-    datasets: dict[str, list[str]] = {}
-    for per_ds in flat.values():
-        for ds, metrics in per_ds.items():
-            for metric in metrics:
-                if ds not in datasets.setdefault(metric, []):
-                    datasets[metric].append(ds)
-    tables = {}
-    for metric, cols in datasets.items():
-        rows = {}
-        for model, per_ds in flat.items():
-            values = [per_ds.get(ds, {}).get(metric) for ds in cols]
-            present = [v for v in values if v is not None]
-            if present:
-                rows[model] = values + [sum(present) / len(present)]
-        tables[metric] = {"datasets": cols, "rows": rows}
-    return tables
-
-
 def _eval_html(run_dir: Path, report_dir: Path) -> str:
     eval_dir = run_dir / "eval"
     results = _json_or_none(eval_dir / "results.json")
     if results is None:
         return _note("not run yet: no RUN/eval/results.json")
+    from evaluation import results as eval_results  # the very tables of RUN/eval/results.md
+
     out = []
-    for metric, table in metric_tables(results).items():
-        head = "".join(f"<th>{_e(d)}</th>" for d in table["datasets"] + ["average"])
+    for caption, columns in eval_results.PAPER_TABLES:
+        titles, rows = eval_results.rows(results, columns)
+        if not rows:
+            continue
+        head = "".join(f"<th>{_e(t)}</th>" for t in titles)
         body = "".join(
             f"<tr><td>{_e(model)}</td>" + "".join(
-                f"<td>{'&ndash;' if v is None else _e(_fmt(v))}</td>" for v in values) + "</tr>"
-            for model, values in table["rows"].items())
-        out.append(f"<h3>{_e(metric)}</h3><table><tr><th>model</th>{head}</tr>{body}</table>")
+                f"<td>{'&ndash;' if v is None else f'{v:.1f}'}</td>" for v in values) + "</tr>"
+            for model, values in rows.items())
+        out.append(f"<h3>{_e(caption)}</h3><table><tr><th>model</th>{head}</tr>{body}</table>")
     assets = report_dir / "assets"
     for png in sorted(eval_dir.glob("*.png")):
         out.append(f'<figure><img src="assets/eval_{png.name}" alt="{_e(png.stem)}">'
                    f"<figcaption>{_e(png.name)}</figcaption></figure>")
         shutil.copyfile(png, assets / f"eval_{png.name}")
     for md in sorted(eval_dir.glob("*.md")):
-        out.append(f'<h3><a href="../eval/{md.name}">{_e(md.name)}</a></h3><pre>{_e(md.read_text())}</pre>')
+        out.append(f'<p><a href="../eval/{md.name}">{_e(md.name)}</a></p>')
     return "".join(out)
 
 
