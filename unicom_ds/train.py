@@ -204,7 +204,7 @@ class Trainer:
             group["lr"] = lr * float(self.cfg.train.prototype_lr_mult)
         return lr
 
-    def micro_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, bool]:
+    def micro_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
         emb = self.engine(images.to(self.device, self.dtype, non_blocking=True))
         if self.world > 1:
             # The layer gives each rank the exact gradient of the global-batch loss; DeepSpeed then
@@ -220,7 +220,7 @@ class Trainer:
             self.proto_opt.zero_grad(set_to_none=True)
             self.layer.advance()
             self.step += 1
-        return float(loss.detach()), boundary
+        return loss.detach(), boundary  # a tensor: reading it every step would sync with the GPU
 
     def run(self) -> dict:
         self.resume()
@@ -256,7 +256,7 @@ class Trainer:
                     skipped_total += totals[:-1]
                     now = time.time()
                     ips = window_steps * self.global_batch / max(now - window_start, 1e-9)
-                    last_loss = sum(losses) / len(losses)
+                    last_loss = float(torch.stack(losses).mean())
                     norm = self.engine.get_global_grad_norm()
                     scalars = {"loss": last_loss, "lr": lr, "images_per_s": ips,
                                "images_per_s_per_gpu": ips / self.world,
