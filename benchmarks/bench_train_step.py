@@ -4,14 +4,19 @@
     python benchmarks/bench_train_step.py --device cpu --model ViT-Tiny-16 --batch 32 --classes 10000
 
 One process (one GPU): `backbone` times the ViT forward+backward alone (loss = sum of the
-embeddings); `step` times what a rank does per optimizer step: forward, the prototype layer over
-`--classes` rows (one rank's block) with r1/r2, backward, the backbone's and the prototypes' AdamW
-steps. Target: step <= 1.10 x backbone. Prints one JSON line per mode and the overhead.
+embeddings); `backbone_adamw` adds the backbone's AdamW step, what training it with any loss costs;
+`step` times what a rank does per optimizer step: forward, the prototype layer over `--classes`
+rows (one rank's block) with r1/r2, backward, the backbone's and the prototypes' AdamW steps.
+Target: step <= 1.10 x backbone. The modes run in alternating rounds (`--rounds`) so drift on a
+shared machine hits all of them alike; each figure is the median over rounds. Prints one JSON
+line per mode and round, then the summary. `--profile FILE` writes torch.profiler's table of one
+profiled train step burst, sorted by device time.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -42,6 +47,19 @@ def measure(fn, steps: int, warmup: int, device: torch.device) -> tuple[float, f
     return seconds, peak
 
 
+def write_profile(fn, steps: int, device: torch.device, path: str) -> None:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40))
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -55,7 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--unfused", action="store_true", help="torch's default AdamW instead of the fused one train.py uses")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds over the modes")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--profile", default=None, help="write the profiler table of the train step here")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -77,6 +97,11 @@ def main(argv: list[str] | None = None) -> dict:
         forward().float().sum().backward()
         model.zero_grad(set_to_none=True)
 
+    def backbone_adamw() -> None:
+        forward().float().sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     def train_step() -> None:
         loss = layer(forward().float(), labels)
         loss.backward()
@@ -86,16 +111,25 @@ def main(argv: list[str] | None = None) -> dict:
         proto_opt.zero_grad(set_to_none=True)
         layer.advance()
 
-    results = {}
-    for name, fn in (("backbone", backbone_only), ("step", train_step)):
-        seconds, peak = measure(fn, a.steps, a.warmup, device)
-        results[name] = {"ms": round(seconds * 1e3, 2), "images_per_s": round(a.batch / seconds, 1),
-                         "peak_mem_mb": peak}
-        print(json.dumps({"mode": name, **results[name]}), flush=True)
+    modes = {"backbone": backbone_only, "backbone_adamw": backbone_adamw, "step": train_step}
+    times, peaks = {name: [] for name in modes}, {}
+    for r in range(a.rounds):
+        for name, fn in modes.items():
+            seconds, peaks[name] = measure(fn, a.steps, a.warmup, device)
+            times[name].append(seconds)
+            print(json.dumps({"mode": name, "round": r, "ms": round(seconds * 1e3, 2),
+                              "images_per_s": round(a.batch / seconds, 1), "peak_mem_mb": peaks[name]}), flush=True)
+    results = {name: {"ms": round(statistics.median(t) * 1e3, 2)} for name, t in times.items()}
+    for name, res in results.items():
+        res["images_per_s"] = round(a.batch / res["ms"] * 1e3, 1)
+    if a.profile:
+        write_profile(train_step, a.steps, device, a.profile)
     overhead = results["step"]["ms"] / results["backbone"]["ms"] - 1
+    layer_overhead = results["step"]["ms"] / results["backbone_adamw"]["ms"] - 1
     summary = {"model": a.model, "device": str(device), "bf16": a.bf16, "batch": a.batch, "classes": a.classes,
                "r1": a.r1, "r2": a.r2, "fused_adamw": not a.unfused, "overhead": round(overhead, 4), "target": 0.10,
-               "images_per_s": results["step"]["images_per_s"], "peak_mem_mb": results["step"]["peak_mem_mb"]}
+               "overhead_over_backbone_adamw": round(layer_overhead, 4), "ms": {k: v["ms"] for k, v in results.items()},
+               "images_per_s": results["step"]["images_per_s"], "peak_mem_mb": peaks["step"]}
     print(json.dumps(summary), flush=True)
     return summary
 
