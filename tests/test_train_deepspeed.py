@@ -1,8 +1,9 @@
 """The train stage end to end: real `deepspeed` launches of 2 and 1 CPU processes (gloo).
 
-Three launches share one run directory: 2 ranks train steps 0-4 (checkpoints at 2 and 4), 2 ranks
+Four launches share one run directory: 2 ranks train steps 0-4 (checkpoints at 2 and 4), 2 ranks
 resume to step 6 with the compact recipe's r2=0.5 and one more epoch, then 1 rank resumes with
-lr=0 for one step, so its weights must equal the 2-rank checkpoint's exactly.
+lr=0 for one step and 2 ranks again for another, so the weights must equal the first 2-rank
+checkpoint's exactly, and the Adam moments must follow Adam's recurrence across each change.
 """
 import json
 import math
@@ -16,6 +17,7 @@ import torch
 from tests.train_fixtures import make_run
 from unicom_ds import config, tblog, train
 from unicom_ds.checkpoint import ENGINE_TAG, rank_file, read_meta
+from unicom_ds.optim import adamw
 
 REPO = Path(__file__).resolve().parents[1]
 TAGS = ("loss", "lr", "images_per_s", "images_per_s_per_gpu", "grad_norm", "selected_classes",
@@ -55,13 +57,26 @@ def runs(tmp_path_factory):
                               root / "run2.log"))
     out["logs"].append(launch(resume[:3] + ["--num_gpus", "1"] + resume[3:] + ["train.max_steps=7", "train.lr=0.0"],
                               root / "run3.log"))
+    out["logs"].append(launch(resume[:3] + ["--num_gpus", "2"] + resume[3:] + ["train.max_steps=8", "train.lr=0.0",
+                                                                               "train.keep_checkpoints=3"],
+                              root / "run4.log"))
     return out
+
+
+def zero_moments(step_dir: Path) -> list[dict]:
+    """Per ZeRO param group: Adam's step and its moments over the whole flat group, merged from
+    the elastic (unpadded) partitions of every rank in `step_dir`."""
+    files = sorted((step_dir / ENGINE_TAG).glob("*_optim_states.pt"))
+    parts = [torch.load(f, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"] for f in files]
+    return [{"step": float(groups[0]["step"]),
+             **{k: torch.cat([g[k] for g in groups]) for k in ("exp_avg", "exp_avg_sq")}}
+            for groups in zip(*parts)]
 
 
 @pytest.mark.slow
 def test_two_ranks_train_checkpoint_and_resume(runs):
     ckpt = runs["run"] / "train" / "ckpt"
-    first, second, _ = runs["logs"]
+    first, second = runs["logs"][:2]
     assert "on 2 rank(s)" in first and "step 4/4" in first and "steps 0 -> 4" in first
     assert f"resumed from {ckpt / 'step_4'} at step 4" in second and "steps 4 -> 6" in second
     assert read_meta(ckpt / "step_6") == {**read_meta(ckpt / "step_6"), "step": 6, "world_size": 2, "epoch": 2,
@@ -70,15 +85,19 @@ def test_two_ranks_train_checkpoint_and_resume(runs):
 
 
 @pytest.mark.slow
-def test_resume_on_one_rank_restores_backbone_and_prototypes(runs):
+def test_resume_on_another_rank_count_restores_backbone_and_prototypes(runs):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     ckpt = runs["run"] / "train" / "ckpt"
-    third = runs["logs"][2]
+    third, fourth = runs["logs"][2:]
     assert "on 1 rank(s)" in third and "4 x 1 x 2 accumulation" in third and "steps 6 -> 7" in third
-    assert (ckpt / "latest").read_text().strip() == "step_7"
-    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_6", "step_7"]  # keep_checkpoints=2
-    # lr=0 changes nothing: the 1-rank step_7 must hold exactly the 2-rank step_6 weights.
+    assert "on 2 rank(s)" in fourth and "steps 7 -> 8" in fourth
+    for log, before in ((third, 2), (fourth, 1)):
+        assert f"from a {before}-rank checkpoint: prototype blocks re-sliced, backbone fp32 weights and Adam " \
+               "moments re-partitioned" in log
+    assert (ckpt / "latest").read_text().strip() == "step_8"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_6", "step_7", "step_8"]  # keep_checkpoints=3
+    # lr=0 changes nothing: 1-rank step_7 and 2-rank step_8 must hold exactly the 2-rank step_6 weights.
     before = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "step_6"), tag=ENGINE_TAG)
     export = torch.load(runs["run"] / "train" / "backbone.pt", weights_only=True)
     assert export["model"] == "ViT-Tiny-16" and export["embed_dim"] == 64
@@ -91,6 +110,25 @@ def test_resume_on_one_rank_restores_backbone_and_prototypes(runs):
     merged = torch.load(rank_file(ckpt / "step_7", 0), weights_only=False)
     assert merged["class_range"] == (0, 10)
     assert torch.equal(merged["weight"], torch.cat([b["weight"] for b in blocks]))
+    split = [torch.load(rank_file(ckpt / "step_8", r), weights_only=False) for r in (0, 1)]
+    assert [b["class_range"] for b in split] == [(0, 5), (5, 10)]
+    assert torch.equal(torch.cat([b["weight"] for b in split]), merged["weight"])
+
+
+@pytest.mark.slow
+def test_resume_on_another_rank_count_keeps_adam_moments(runs):
+    """One Adam step from (m, v) with gradient g gives m' = b1 m + (1 - b1) g, v' = b2 v + (1 - b2) g^2:
+    g read off m' must explain v'. Had the moments restarted from zero, v' = (1 - b2) (m' / (1 - b1))^2."""
+    b1, b2 = adamw([torch.nn.Parameter(torch.zeros(1))], 1e-3, 0.05).defaults["betas"]
+    ckpt = runs["run"] / "train" / "ckpt"
+    for old, new in (("step_6", "step_7"), ("step_7", "step_8")):
+        for prev, cur in zip(zero_moments(ckpt / old), zero_moments(ckpt / new), strict=True):
+            assert cur["step"] == prev["step"] + 1 == int(new[5:])
+            assert cur["exp_avg"].shape == prev["exp_avg"].shape
+            grad = (cur["exp_avg"] - b1 * prev["exp_avg"]) / (1 - b1)
+            implied_v = b2 * prev["exp_avg_sq"] + (1 - b2) * grad**2
+            scale = float(cur["exp_avg_sq"].abs().max())
+            assert scale > 0 and float((implied_v - cur["exp_avg_sq"]).abs().max()) < 1e-4 * scale, (old, new)
 
 
 @pytest.mark.slow
@@ -98,12 +136,12 @@ def test_tensorboard_scalars_continue_across_resumes(runs):
     scalars = tblog.read_scalars(str(runs["run"] / "tensorboard" / "train"))
     assert {f"train/{t}" for t in TAGS} <= scalars.keys()
     steps = sorted(s for s, _ in scalars["train/loss"])
-    assert steps == [1, 2, 3, 4, 5, 6, 7]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
     assert all(math.isfinite(v) and v > 0 for _, v in scalars["train/loss"])
     assert all(math.isfinite(v) for _, v in scalars["train/grad_norm"])
     assert all(v > 0 for _, v in scalars["train/images_per_s"] + scalars["train/peak_mem_mb"])
     lr = dict(scalars["train/lr"])
-    assert lr[1] == pytest.approx(1e-3 / 3) and lr[7] == 0.0  # warmup of one 3-step epoch; lr=0 run
+    assert lr[1] == pytest.approx(1e-3 / 3) and lr[7] == lr[8] == 0.0  # warmup of one 3-step epoch; lr=0 runs
     # 2 ranks x ceil(0.5 * 5) classes at least, and never more than all 10.
     assert all(6 <= v <= 10 for s, v in scalars["train/selected_classes"] if s <= 6)
     assert max(v for _, v in scalars["train/skipped_samples"]) > 0  # unlabelled and broken samples

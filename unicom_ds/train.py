@@ -148,6 +148,23 @@ class Trainer:
         dist.barrier()
         return final
 
+    def repartition_zero_state(self, path: Path, tag: str) -> str:
+        """Load a ZeRO checkpoint saved on another rank count; says what it restored.
+
+        DeepSpeed's engine refuses partitions saved for another rank count, and its ZeRO optimizer's
+        load_state_dict indexes the saved list by this rank, which fails when growing. Its elastic
+        restore underneath merges the unpadded partitions of all saved ranks and re-splits them for
+        this rank count, so call that directly.
+        """
+        saved = self.engine._get_all_zero_checkpoints(str(path), tag)
+        if not saved or not isinstance(saved[0].get("base_optimizer_state"), list):
+            return "backbone weights restored from bf16, Adam moments reset (saved without elastic_checkpoint)"
+        opt = self.engine.optimizer
+        opt._restore_elastic_base_optimizer_state(saved)
+        opt._restore_from_elastic_fp32_weights(saved)
+        opt._link_all_hp_params()
+        return "backbone fp32 weights and Adam moments re-partitioned"
+
     def resume(self) -> None:
         path = checkpoint.resolve(self.root, self.cfg.train.resume)
         if path is None:
@@ -158,14 +175,11 @@ class Trainer:
         if meta["world_size"] == self.world:
             self.engine.load_checkpoint(str(path), tag=tag)
         else:
-            # ZeRO-2 refuses optimizer states partitioned for another rank count. Load the weights,
-            # then the fp32 master weights from the (elastic) partitions; backbone Adam moments restart.
             self.engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=False,
                                         load_lr_scheduler_states=False)
-            if self.ds.get("zero_optimization", {}).get("elastic_checkpoint"):
-                self.engine._load_zero_checkpoint(str(path), tag, load_optimizer_states=False)
+            moments = self.repartition_zero_state(path, tag)
             self.log(f"resume on {self.world} ranks from a {meta['world_size']}-rank checkpoint: "
-                     "prototype blocks re-sliced, backbone weights restored, backbone optimizer moments reset")
+                     f"prototype blocks re-sliced, {moments}")
         states = checkpoint.load_rank_states(path, self.k, *self.layer.class_range)
         weight, opt_state = checkpoint.merge_prototype_states(states, *self.layer.class_range)
         self.layer.weight.data.copy_(weight.to(self.device))
