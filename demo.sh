@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python}
 echo "demo: installing the pinned requirements (the first time takes a few minutes: torch is large)"
 "$PYTHON" -m pip install -q --disable-pip-version-check -r requirements.txt
 "$PYTHON" -m pip install -q --disable-pip-version-check --no-deps -e .
-"$PYTHON" -m unicom_ds.demo_data --out data/demo
+"$PYTHON" -m cluster_job.demo_data --out data/demo
 "$PYTHON" -m evaluation.demo_sets --out data/demo_eval
 echo "demo: tiny, randomly initialised models (nothing is downloaded): real use passes pretrained CLIP weights"
 "$PYTHON" slurm/submit.py config=slurm/configs/demo.yaml "$@"

@@ -21,7 +21,7 @@ from PIL import Image
 from webdataset import TarWriter
 
 from cluster_job import embed
-from unicom_ds import demo_data
+from cluster_job import demo_data
 from unicom_ds.config import resolve
 
 

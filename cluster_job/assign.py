@@ -83,7 +83,8 @@ def plot_sizes(sizes: np.ndarray, path: Path) -> None:
 
 def write_summary(cfg, stems: list[str], fp: dict) -> dict:
     """labels/summary.json + class_sizes.png + TensorBoard, from all shards' labels."""
-    from unicom_ds import cluster_samples, tblog
+    from cluster_job import cluster_samples
+    from unicom_ds import tblog
 
     out = labels_dir(cfg.run_dir)
     sizes = class_sizes(cfg.run_dir, stems, int(fp["k"]))

@@ -9,7 +9,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from unicom_ds import config, launch
+if __name__ == "__main__":
+    # Run as a script, slurm/ would come first on sys.path; the repository root must, so that
+    # `slurm`, `unicom_ds` and the stage packages import the same way in every process.
+    _root = str(Path(__file__).resolve().parents[1])
+    sys.path = [_root] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from slurm import launch
+from unicom_ds import config
 
 # Mistakes a user can fix from the command line: one line, no traceback.
 USER_ERRORS = (config.ConfigError, ValueError, LookupError, OSError)
@@ -26,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = Path(str(cfg.run_dir)).resolve()
     if cfg.dry_run:
-        from unicom_ds.launch_slurm import dry_run_scripts
+        from slurm.launch_slurm import dry_run_scripts
         print(f"dry run: nothing is submitted; run directory would be {run_dir}")
         for job, script in dry_run_scripts(cfg, jobs):
             print(f"\n# ---- {job.step}: {len(job.tasks)} task(s) ----\n{script}")
@@ -34,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     config.save(cfg)
     print(f"run directory: {run_dir}")
     if cfg.launcher == "local":
-        from unicom_ds import launch_local
+        from slurm import launch_local
         return launch_local.run(cfg, jobs)
-    from unicom_ds import launch_slurm
+    from slurm import launch_slurm
     submitted = []
     try:
         for job, handles in launch_slurm.submit(cfg, jobs):

@@ -47,7 +47,7 @@ def slurm() -> None:
 def demo_shards(tmp_path_factory) -> str:
     """A brace pattern of 3 small real demo shards (63 image-caption pairs at 64 px)."""
     out = tmp_path_factory.mktemp("demo")
-    subprocess.run([sys.executable, "-m", "unicom_ds.demo_data", "--out", str(out), "--shards", "3",
+    subprocess.run([sys.executable, "-m", "cluster_job.demo_data", "--out", str(out), "--shards", "3",
                     "--copies", "2", "--size", "64"], check=True, capture_output=True, cwd=REPO)
     shards = sorted(out.glob("*.tar"))
     assert [p.name for p in shards] == ["00000.tar", "00001.tar", "00002.tar"]

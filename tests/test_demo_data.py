@@ -7,7 +7,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from unicom_ds import demo_data
+from cluster_job import demo_data
 
 
 def read_all(paths):

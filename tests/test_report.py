@@ -12,8 +12,9 @@ import skimage.data
 import webdataset as wds
 from PIL import Image
 
-from unicom_ds import cluster_samples as cs
-from unicom_ds import config, report, tblog
+from cluster_job import cluster_samples as cs
+from evaluation import report
+from unicom_ds import config, tblog
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "clock", "moon"]
 K = 6  # class 4 stays empty

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from test_report import make_run
-from unicom_ds import report
+from evaluation import report
 
 pytestmark = pytest.mark.browser
 

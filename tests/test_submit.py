@@ -9,7 +9,7 @@ import sys
 import yaml
 
 from conftest import REPO
-from unicom_ds import launch, launch_local
+from slurm import launch, launch_local
 
 
 def load_submit():

@@ -5,7 +5,7 @@ classes, like the paper's Fig. 3 and 5), the class-size histogram, training curv
 A stage that has not run yet gets a note instead of its section. Every link is relative, so the report
 folder can be opened in place or copied together with the run directory.
 
-    python -m unicom_ds.report run_dir=RUN
+    python -m evaluation.report run_dir=RUN
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from unicom_ds import cluster_samples, config, tblog
+from cluster_job import cluster_samples
+from unicom_ds import config, tblog
 from unicom_ds.atomic import atomic_path, read_json, write_text_atomic
 
 CSS = """

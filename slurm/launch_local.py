@@ -1,4 +1,4 @@
-"""Run a plan (`unicom_ds.launch`) on this machine: the same job functions, in order, no SLURM.
+"""Run a plan (`slurm.launch`) on this machine: the same job functions, in order, no SLURM.
 
 Each step's output goes to the console and to RUN/logs/local_<step>.log. A failed step stops the
 chain; a rerun continues where it stopped because the job functions skip finished units.
@@ -17,7 +17,7 @@ from typing import Iterator, TextIO
 from omegaconf import DictConfig
 
 from unicom_ds.config import select
-from unicom_ds.launch import Job, log_dir, output_dir, target
+from slurm.launch import Job, log_dir, output_dir, target
 
 
 class Tee:

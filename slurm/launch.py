@@ -30,7 +30,7 @@ TARGETS = {
     "train": "unicom_ds.train:TrainJob",
     "train_local": "unicom_ds.train:local_command",   # launcher=local: the `deepspeed ...` argv
     "eval": "evaluation.run:eval_job",
-    "report": "unicom_ds.report:report_job",
+    "report": "evaluation.report:report_job",
 }
 # Where each step writes inside the run directory (DESIGN.md "Stage contracts").
 OUTPUTS = {"embed": "embed", "kmeans": "kmeans", "assign": "labels", "train": "train", "eval": "eval",

@@ -1,4 +1,4 @@
-"""Submit a plan (`unicom_ds.launch`) to SLURM with submitit, chained with afterok dependencies."""
+"""Submit a plan (`slurm.launch`) to SLURM with submitit, chained with afterok dependencies."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 from submitit.core.utils import FailedJobError, JobPaths
 
 from unicom_ds.config import select
-from unicom_ds.launch import Job, log_dir, target
+from slurm.launch import Job, log_dir, target
 
 
 class ScriptExecutor(submitit.SlurmExecutor):

@@ -1,6 +1,6 @@
 """A small real image-caption webdataset from the photos that ship with scikit-image.
 
-    python -m unicom_ds.demo_data --out data/demo
+    python -m cluster_job.demo_data --out data/demo
 
 Each photo (captioned with the first sentence of its skimage.data docstring) is written once as is
 and as seeded augmented copies (crop, flip, colour jitter), spread over img2dataset-style shards
