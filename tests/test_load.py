@@ -112,8 +112,8 @@ def test_train_export_gives_the_features_of_the_saved_model(tmp_path):
     visual = tiny_openclip_visual()
     path = tmp_path / "train" / "backbone.pt"
     path.parent.mkdir()
-    torch.save(backbone.export("ViT-Tiny-16", visual.state_dict()), path)  # as the train stage writes it
-    for name in ("ViT-Tiny-16", "ckpt:ViT-Tiny-16"):
+    torch.save(backbone.export("openclip:ViT-Tiny-16", visual.state_dict()), path)  # as the train stage writes it
+    for name in ("openclip:ViT-Tiny-16", "ckpt:openclip:ViT-Tiny-16"):
         loaded, preprocess = unicom_ds.load(name, checkpoint=path)
         x = torch.randn(3, 3, 64, 64)
         with torch.no_grad():
@@ -123,9 +123,9 @@ def test_train_export_gives_the_features_of_the_saved_model(tmp_path):
 
 def test_train_export_under_another_name_is_refused(tmp_path):
     visual = tiny_openclip_visual()
-    torch.save({"model": "ViT-Tiny-16", "embed_dim": 64, "state_dict": visual.state_dict()}, tmp_path / "b.pt")
-    with pytest.raises(ValueError, match="holds a 'ViT-Tiny-16' backbone, not 'ViT-Tiny-32'"):
-        unicom_ds.load("ViT-Tiny-32", checkpoint=tmp_path / "b.pt")
+    torch.save(backbone.export("openclip:ViT-Tiny-16", visual.state_dict()), tmp_path / "b.pt")
+    with pytest.raises(ValueError, match="holds a 'openclip:ViT-Tiny-16' backbone, not 'ViT-Tiny-32'"):
+        unicom_ds.load("ckpt:ViT-Tiny-32", checkpoint=tmp_path / "b.pt")
 
 
 def test_openclip_model_from_a_local_file(tmp_path):
@@ -153,7 +153,43 @@ def test_prefix_that_contradicts_the_file_is_refused(tiny_release, tmp_path):
     with pytest.raises(ValueError, match=r"model 'ckpt:ViT-Tiny-8' needs a train-stage export, "
                                          r"this file is a plain state dict \(the Unicom release format\)"):
         unicom_ds.load("ckpt:ViT-Tiny-8", checkpoint=release)
-    torch.save(backbone.export("ViT-Tiny-16", tiny_openclip_visual().state_dict()), tmp_path / "b.pt")
+    torch.save(backbone.export("openclip:ViT-Tiny-16", tiny_openclip_visual().state_dict()), tmp_path / "b.pt")
     with pytest.raises(ValueError, match=r"needs a plain state dict \(the Unicom release format\), "
                                          r"this file is a train-stage export"):
         unicom_ds.load("unicom:ViT-B/32", checkpoint=tmp_path / "b.pt")
+
+
+def test_release_architecture_export_is_a_release_file(tmp_path):
+    """model=ViT-Tiny-16 trains the release architecture; its export is a plain fp32 state dict with the
+    release's keys that the inference model loads strictly and that gives the trained model's features."""
+    torch.manual_seed(3)
+    trained = backbone.build("ViT-Tiny-16")
+    assert trained.training and trained.blocks[-1].drop_path == pytest.approx(0.1)
+    trained(torch.randn(8, 3, 64, 64))  # a train-mode forward moves the BatchNorm statistics
+    payload = backbone.export("ViT-Tiny-16", trained.state_dict())
+    assert set(payload) == set(UnicomViT(**CONFIGS["ViT-Tiny-16"]).state_dict())
+    assert all(v.dtype == torch.float32 for k, v in payload.items() if not k.endswith("num_batches_tracked"))
+    torch.save(payload, tmp_path / "backbone.pt")
+    official = UnicomViT(**CONFIGS["ViT-Tiny-16"]).eval()
+    official.load_state_dict(torch.load(tmp_path / "backbone.pt", weights_only=True), strict=True)
+    loaded, _ = unicom_ds.load("ViT-Tiny-16", checkpoint=tmp_path / "backbone.pt")
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = trained.eval()(x)
+        torch.testing.assert_close(loaded(x), expected)
+        torch.testing.assert_close(official(x), expected)
+    assert expected.shape == (3, 64)
+
+
+@pytest.mark.parametrize("name,kind,dim", [("ViT-B-16", "Unicom release architecture", 768),
+                                           ("ViT-B-32", "Unicom release architecture", 512),
+                                           ("ViT-L-14-336", "Unicom release architecture", 768),
+                                           ("openclip:ViT-B-16", "open_clip CLIP vision tower", 512)])
+def test_model_names_say_which_architecture_they_train(name, kind, dim):
+    assert backbone.embed_dim(name) == dim
+    assert kind in backbone.description(name)
+
+
+def test_unknown_model_lists_the_names():
+    with pytest.raises(ValueError, match="model=ViT-B-33: expected one of ViT-B-32, ViT-B-16"):
+        backbone.build("ViT-B-33")

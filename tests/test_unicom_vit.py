@@ -132,3 +132,63 @@ def test_build_returns_eval_mode(monkeypatch):
     model = build("ViT-Tiny/8")
     assert not model.training
     assert all(not m.training for m in model.modules())
+
+
+def test_training_build_has_the_release_drop_path_rising_over_blocks():
+    model = unicom_vit.build_for_training("ViT-Tiny-16")
+    rates = [b.drop_path for b in model.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(unicom_vit.DROP_PATH) and model.training
+    torch.manual_seed(0)
+    x = torch.randn(64, 5, 64)
+    block = model.blocks[-1]
+    kept = block._drop(torch.ones_like(x))
+    # Whole samples are dropped (zero) or kept and scaled by 1 / (1 - p).
+    per_sample = kept.flatten(1)
+    first = per_sample[:, 0]
+    assert bool(((first == 0) | torch.isclose(first, torch.tensor(1 / 0.9))).all())
+    assert (per_sample == per_sample[:, :1]).all() and 0 < int((per_sample[:, 0] == 0).sum()) < 64
+    assert torch.equal(block.eval()._drop(x), x)
+
+
+def test_batchnorm_head_keeps_fp32_statistics_when_the_model_is_cast_to_bf16():
+    torch.manual_seed(0)
+    model = unicom_vit.build_for_training("ViT-Tiny-32").bfloat16()
+    bn = model.feature[1]
+    assert bn.weight.dtype == torch.bfloat16 and bn.running_mean.dtype == torch.float32
+    x = torch.randn(16, 3, 64, 64, dtype=torch.bfloat16)
+    out = model(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (16, 32)
+    # One train-mode step moves the statistics by momentum 0.1 of the fp32 batch mean of the head's input.
+    h = model.norm(model.blocks[0](model.patch_embed(x) + model.pos_embed)).flatten(1)
+    expected = 0.1 * model.feature[0](h).float().mean(0)
+    torch.testing.assert_close(bn.running_mean, expected, rtol=0.05, atol=1e-3)
+
+
+def test_resize_state_dict_moves_position_grid_and_head_grid_together():
+    torch.manual_seed(0)
+    model = UnicomViT(**TINY)  # 32 px, patch 8: a 4 x 4 grid, width 16
+    state = model.state_dict()
+    g, width = 4, 16
+    ramp = torch.linspace(-1, 1, g)
+    # A position embedding that is a ramp along x, and a head weight that is a fixed [out, width]
+    # map A scaled by the same ramp at every grid cell (f(x) * A).
+    state["pos_embed"] = ramp.repeat(g).reshape(1, g * g, 1).expand(1, g * g, width).clone()
+    a = torch.randn(width, width)
+    head = (ramp.repeat(g).reshape(g * g, 1, 1) * a.T.reshape(1, width, width))  # [cells, in, out]
+    state["feature.0.weight"] = head.permute(2, 0, 1).reshape(width, g * g * width)
+    resized = unicom_vit.resize_state_dict(state, 48)  # a 6 x 6 grid
+    new = 6
+    pos = resized["pos_embed"].reshape(new, new, width)
+    assert torch.allclose(pos, pos[:1].expand_as(pos)) and torch.allclose(pos, pos[..., :1].expand_as(pos))
+    xs = pos[0, :, 0]
+    assert bool((xs[1:] > xs[:-1]).all()) and xs[0] < -0.5 and xs[-1] > 0.5  # still a rising ramp
+    cells = resized["feature.0.weight"].reshape(width, new, new, width).permute(1, 2, 3, 0)  # [y, x, in, out]
+    scale = (g * g) / (new * new)
+    for y in range(new):
+        for x in range(new):
+            # Every cell is still a multiple of A (the token axis was moved, not mixed with channels),
+            # by the ramp's value at that cell times g_old^2 / g_new^2.
+            torch.testing.assert_close(cells[y, x], a.T * xs[x] * scale, rtol=1e-4, atol=1e-5)
+    resized_model = UnicomViT(**{**TINY, "image_size": 48})
+    resized_model.load_state_dict(resized)
+    assert unicom_vit.resize_state_dict(state, 32)["pos_embed"] is state["pos_embed"]

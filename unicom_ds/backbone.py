@@ -1,38 +1,71 @@
-"""The trained backbone: open_clip's CLIP vision tower, built from its config with random weights."""
+"""The trained backbone, by model name.
+
+- `ViT-B-32`, `ViT-B-16`, `ViT-L-14`, `ViT-L-14-336` (and the tiny test configs `ViT-Tiny-16`,
+  `ViT-Tiny-16-96`, `ViT-Tiny-32`): the architecture of the official Unicom release
+  (`unicom_ds.unicom_vit`), exported as a release-format plain state dict.
+- `openclip:<name>`: open_clip's CLIP vision tower of that config (class token, `ln_post`, `proj`),
+  exported as {"model", "embed_dim", "state_dict"}.
+
+open_clip is imported only when an open_clip tower is built, so the launcher's checks stay cheap.
+"""
 from __future__ import annotations
 
-import open_clip
 import torch
-from open_clip.model import _build_vision_tower
 from torch import nn
 
-from unicom_ds import model_configs
+from unicom_ds import unicom_vit
 
-MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-Tiny-16", "ViT-Tiny-32")
+OPENCLIP = "openclip:"
+_OPENCLIP_CONFIGS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-Tiny-16", "ViT-Tiny-32")
+MODELS = (*unicom_vit.CONFIGS, *(OPENCLIP + n for n in _OPENCLIP_CONFIGS))
 
 
-def model_config(name: str) -> dict:
-    """open_clip's config of `name` ({"embed_dim", "vision_cfg", ...}); ValueError for any other name."""
+def check_name(name: str) -> None:
     if name not in MODELS:
         raise ValueError(f"model={name}: expected one of {', '.join(MODELS)}")
+
+
+def is_release(name: str) -> bool:
+    """True for the Unicom release architecture, False for an open_clip tower."""
+    check_name(name)
+    return not name.startswith(OPENCLIP)
+
+
+def _openclip_config(name: str) -> dict:
+    import open_clip
+
+    from unicom_ds import model_configs
     model_configs.register()
-    return open_clip.get_model_config(name)
+    return open_clip.get_model_config(name[len(OPENCLIP):])
 
 
 def build(name: str, grad_checkpointing: bool = False) -> nn.Module:
-    """The vision tower alone (no text tower is ever built), fp32, random init; outputs embed_dim."""
-    cfg = model_config(name)
+    """The backbone to train, fp32, random init, train mode; maps images to embed_dim features."""
+    if is_release(name):
+        return unicom_vit.build_for_training(name, grad_checkpointing)
+    from open_clip.model import _build_vision_tower
+    cfg = _openclip_config(name)
     visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", False))
     visual.set_grad_checkpointing(grad_checkpointing)
     return visual
 
 
 def image_size(name: str) -> int:
-    return int(model_config(name)["vision_cfg"]["image_size"])
+    if is_release(name):
+        return int(unicom_vit.config(name)["image_size"])
+    return int(_openclip_config(name)["vision_cfg"]["image_size"])
 
 
 def embed_dim(name: str) -> int:
-    return int(model_config(name)["embed_dim"])
+    if is_release(name):
+        return int(unicom_vit.config(name)["embed_dim"])
+    return int(_openclip_config(name)["embed_dim"])
+
+
+def description(name: str) -> str:
+    """One line for plans and logs: which architecture a model name trains."""
+    kind = "Unicom release architecture" if is_release(name) else "open_clip CLIP vision tower"
+    return f"{name} ({kind}, {image_size(name)} px, {embed_dim(name)}-d embedding)"
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -41,12 +74,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or "embedding" in name
+        skip = p.ndim < 2 or name.endswith(("embedding", "pos_embed"))
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def export(model_name: str, state_dict: dict[str, torch.Tensor]) -> dict:
-    """The RUN/train/backbone.pt payload `unicom_ds.load` reads: fp32 vision-tower weights."""
-    return {"model": model_name, "embed_dim": embed_dim(model_name),
-            "state_dict": {k: v.detach().float().cpu() for k, v in state_dict.items()}}
+    """The RUN/train/backbone.pt payload `unicom_ds.load` reads, fp32.
+
+    Release architectures: a plain state dict with the release's keys (the release files hold
+    the same keys in fp16). open_clip towers: {"model", "embed_dim", "state_dict"}.
+    """
+    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in state_dict.items()}
+    if is_release(model_name):
+        return state
+    return {"model": model_name, "embed_dim": embed_dim(model_name), "state_dict": state}

@@ -4,13 +4,14 @@ The model maps a batch of transformed images to embeddings (`model(images)`), wh
 
 - `openclip:NAME` with checkpoint = an open_clip pretrained tag, a local file, or None (random
   init): the CLIP/OpenCLIP baselines; the model is the CLIP vision tower (`encode_image`).
-- a train-stage export (`RUN/train/backbone.pt`, a dict {"model", "embed_dim", "state_dict"}):
-  the open_clip vision tower rebuilt by name; `name` is that open_clip name (or `ckpt:NAME`).
-- an official Unicom release file (a plain fp16 state dict): `ViT-B/32`, `ViT-B/16`, `ViT-L/14`,
-  `ViT-L/14@336` (also `ViT-B-32` style, or `unicom:NAME`); loaded strictly into fp32.
+- a plain state dict in the Unicom release format: the official release files (fp16) and this
+  repo's exports of the release architecture (`RUN/train/backbone.pt` of `model=ViT-B-16` etc.,
+  fp32). `name` is `ViT-B/32`, `ViT-B/16`, `ViT-L/14`, `ViT-L/14@336` (also `ViT-B-32` style,
+  `unicom:NAME`, or a tiny test config); loaded strictly, key for key, into fp32.
+- a train-stage export of an open_clip tower (`model=openclip:NAME`, a dict {"model", "embed_dim",
+  "state_dict"}): the vision tower rebuilt by name; `name` is that model name (or `ckpt:NAME`).
 
-What a checkpoint file holds decides between the last two, so `ViT-B-32` names both a repo model
-and a release model without ambiguity. Nothing is ever downloaded for Unicom files.
+What a checkpoint file holds decides between the last two. Nothing is ever downloaded for Unicom files.
 """
 from __future__ import annotations
 
@@ -33,14 +34,17 @@ _KINDS = {True: "a train-stage export", False: "a plain state dict (the Unicom r
 def load(name: str, checkpoint: str | os.PathLike | None = None,
          device: str | torch.device = "cpu") -> tuple[nn.Module, Callable]:
     """(model in eval mode on `device`, PIL image -> tensor transform); see the module docstring."""
-    if name.startswith(OPENCLIP):
+    is_file = checkpoint is not None and Path(checkpoint).is_file()
+    state = _read(checkpoint) if is_file else None
+    export = state is not None and _is_export(state)
+    if name.startswith(OPENCLIP) and not export:
         model, preprocess = _load_openclip(name[len(OPENCLIP):], checkpoint)
     else:
         if checkpoint is None:
             raise ValueError(f"model '{name}': a checkpoint file must be given (Unicom release files "
                              f"from {RELEASE_URL}, or RUN/train/backbone.pt); nothing is downloaded")
-        state = _read(checkpoint)
-        export = _is_export(state)
+        if state is None:
+            raise FileNotFoundError(f"checkpoint {checkpoint}: no such file")
         wanted = True if name.startswith(CKPT) else False if name.startswith(UNICOM) else export
         if wanted != export:
             raise ValueError(f"{checkpoint}: model '{name}' needs {_KINDS[wanted]}, this file is {_KINDS[export]}")
@@ -76,10 +80,8 @@ def check_state_dict(model: nn.Module, state: dict, path, what: str) -> None:
 
 
 def _read(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path}: no such file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    # mmap: telling an export from an open_clip file reads no tensor data twice.
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict or a train-stage export, got {type(state).__name__}")
     return state
@@ -101,16 +103,17 @@ def _load_unicom(name: str, state: dict, path) -> tuple[nn.Module, Callable]:
 
 
 def _load_export(name: str, export: dict, path) -> tuple[nn.Module, Callable]:
-    if name not in ("", export["model"]):
-        raise ValueError(f"{path}: holds a '{export['model']}' backbone, not '{name}'")
     from unicom_ds import backbone
-    visual = backbone.build(export["model"])
+    model = export["model"]
+    if name not in ("", model):
+        raise ValueError(f"{path}: holds a '{model}' backbone, not '{name}'")
+    visual = backbone.build(model).eval()
     check_state_dict(visual, export["state_dict"], path, f"the open_clip {export['model']} vision tower")
     visual.load_state_dict(export["state_dict"])
     if visual.output_dim != export.get("embed_dim", visual.output_dim):
         raise ValueError(f"{path}: embed_dim {export['embed_dim']} but '{export['model']}' "
                          f"outputs {visual.output_dim}")
-    return visual, clip_transform(backbone.image_size(export["model"]))
+    return visual, clip_transform(backbone.image_size(model))
 
 
 def _load_openclip(name: str, pretrained: str | os.PathLike | None) -> tuple[nn.Module, Callable]:
