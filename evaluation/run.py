@@ -38,10 +38,13 @@ class ModelSpec:
     is_file: bool
 
 
-def parse_model(entry: str, run_dir: str | os.PathLike) -> ModelSpec:
-    """An `eval.models` entry: run | unicom:NAME@FILE | openclip:NAME@TAG_OR_FILE | ckpt:NAME@FILE."""
+def parse_model(entry: str, run_dir: str | os.PathLike, run_model: str) -> ModelSpec:
+    """An `eval.models` entry: run | unicom:NAME@FILE | openclip:NAME@TAG_OR_FILE | ckpt:NAME@FILE.
+    `run` is RUN/train/backbone.pt under the run's model name `run_model` (cfg.model): `load` tells a
+    release-format Unicom export from an open_clip one by what the file holds, and needs the name
+    for the former."""
     if entry == "run":
-        return ModelSpec("run", "", str(Path(run_dir) / "train" / "backbone.pt"), True)
+        return ModelSpec("run", run_model, str(Path(run_dir) / "train" / "backbone.pt"), True)
     kind, _, rest = entry.partition(":")
     name, _, source = rest.partition("@")
     if kind not in KINDS[1:] or not name or not source:
@@ -72,7 +75,7 @@ def check(cfg: Any) -> None:
     if not 0.0 < fraction < 1.0:
         raise config_mod.ConfigError(f"eval.probe.val_fraction={fraction}: must be in (0, 1)")
     for entry in cfg.eval.models:
-        spec = parse_model(str(entry), cfg.run_dir)
+        spec = parse_model(str(entry), cfg.run_dir, str(cfg.model))
         _check_model_name(spec)
         # With stage=all the train stage has not written RUN/train/backbone.pt yet.
         if spec.is_file and not Path(spec.checkpoint).is_file() and not (entry == "run" and cfg.stage == "all"):
@@ -207,7 +210,7 @@ class Evaluator:
         found: dict = {}
         computed: dict = {}
         for entry in self.cfg.eval.models:
-            spec = parse_model(str(entry), self.run_dir)
+            spec = parse_model(str(entry), self.run_dir, str(self.cfg.model))
             if self.rank == 0:
                 check_model_files(self.run_dir, str(entry), spec)
             loaded = None
