@@ -1,7 +1,10 @@
-"""Generate the README's config reference from the YAML defaults, so the two cannot drift.
+"""Generate the README's config reference from the config schema, so the two cannot drift: every key's
+default and meaning from the YAML defaults and their comments, what it accepts from `unicom_ds.schema`
+(the very rules `python slurm/submit.py` checks before anything runs).
 
     python docs/config_reference.py          # rewrite the README section
     python docs/config_reference.py --check  # exit 1 when the README is stale (a test runs this)
+    python docs/config_reference.py --show   # print the table, change nothing
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from unicom_ds import schema  # noqa: E402
 from unicom_ds.config import CONFIG_DIR, DEFAULT_FILES, defaults, flat_keys  # noqa: E402
 
 README = ROOT / "README.md"
@@ -53,14 +57,16 @@ def table() -> str:
         found = comments(CONFIG_DIR / name)
         notes.update(found)
         sources.update({k: name for k in found})
-    rows = ["| key | default | file | meaning |", "| --- | --- | --- | --- |"]
+    rows = ["| key | default | accepts | file | meaning |", "| --- | --- | --- | --- | --- |"]
     for key in flat_keys(cfg):
         parts = key.split(".")
         note = next((notes[".".join(parts[:i])] for i in range(len(parts), 0, -1)
                      if notes.get(".".join(parts[:i]))), "")
         source = next((sources[".".join(parts[:i])] for i in range(len(parts), 0, -1)
                        if ".".join(parts[:i]) in sources), "")
-        rows.append(f"| `{key}` | `{_value(OmegaConf.select(cfg, key))}` | {source} | {note.replace('|', '/')} |")
+        default = OmegaConf.select(cfg, key)
+        accepts = schema.rule(key, default).describe().replace("|", "\\|")
+        rows.append(f"| `{key}` | `{_value(default)}` | {accepts} | {source} | {note.replace('|', '/')} |")
     return "\n".join(rows)
 
 
@@ -75,7 +81,11 @@ def render(readme: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="fail if README.md is stale")
+    parser.add_argument("--show", action="store_true", help="print the table, change nothing")
     args = parser.parse_args()
+    if args.show:
+        print(table())
+        return 0
     current = README.read_text()
     fresh = render(current)
     if args.check:

@@ -1,8 +1,11 @@
 """The config layers: defaults < config=FILE < RUN/config.yaml < command line, key checks, save."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from unicom_ds import config
 
@@ -79,3 +82,118 @@ def test_save_round_trip(tmp_path):
     want = config.select(cfg, exclude=("stage", "dry_run"))
     assert config.select(again, exclude=("stage", "dry_run")) == want
     assert again.stage == read_defaults("common.yaml")["stage"]
+
+
+# ---- types and ranges from the one schema (unicom_ds/schema.py) ------------------------------
+
+@pytest.mark.parametrize("arg, expected", [
+    ("train.lr=abc", "a number > 0"),
+    ("kmeans.k=abc", "an integer >= 1"),
+    ("kmeans.k=1.5", "an integer >= 1"),           # once silently k=1
+    ("kmeans.k=0", "an integer >= 1"),
+    ("kmeans.niter=abc", "an integer >= 1"),
+    ("loss.r1=0", "a number in (0, 1]"),
+    ("loss.r2=1.5", "a number in (0, 1]"),
+    ("kmeans.mode=both", "joint / image / text"),
+    ("kmeans.two_level=maybe", "auto / true / false"),
+    ("dry_run=maybe", "true or false"),
+    ("train.max_steps=0", "null or an integer >= 1"),
+    ("slurm.nodes=two", "null or an integer >= 1"),
+    ("embed.slurm.time_min=-5", "an integer >= 1"),
+    ("eval.dims=[64,0]", "a list of integers >= 1"),
+    ("eval.datasets=cub", "a list of strings"),
+    ("train.lr=.inf", "a number > 0"),
+    ("seed=-1", "an integer >= 0"),
+])
+def test_bad_value_names_key_value_and_expectation(arg, expected):
+    key, value = arg.split("=")
+    with pytest.raises(config.ConfigError) as err:
+        config.resolve([arg])
+    msg = str(err.value)
+    assert msg.startswith(f"{key}=") and expected in msg, msg
+    assert value.strip("[]").split(",")[0].lstrip(".") in msg, msg
+
+
+def test_all_bad_keys_are_reported_together():
+    with pytest.raises(config.ConfigError) as err:
+        config.resolve(["train.lr=abc", "kmeans.k=1.5", "stage=clustr"])
+    lines = str(err.value).splitlines()
+    assert sorted(line.split("=")[0] for line in lines) == ["kmeans.k", "stage", "train.lr"]
+
+
+def test_values_are_normalised_to_their_type():
+    cfg = config.resolve(["kmeans.k=1e6", "train.lr=1", "slurm.mem_gb=2", "run_dir=2024", "kmeans.two_level=true"])
+    assert cfg.kmeans.k == 1_000_000 and type(cfg.kmeans.k) is int
+    assert cfg.train.lr == 1.0 and type(cfg.train.lr) is float
+    assert type(cfg.slurm.mem_gb) is float and cfg.run_dir == "2024" and cfg.kmeans.two_level is True
+
+
+def test_a_yaml_boolean_for_a_string_key_says_to_quote_it():
+    with pytest.raises(config.ConfigError, match=r"train.resume=false: expected a string .*quote it"):
+        config.resolve(["train.resume=no"])
+    assert config.resolve(["train.resume='no'"]).train.resume == "no"
+
+
+def test_a_mapping_replaced_by_a_scalar_is_refused():
+    with pytest.raises(config.ConfigError, match=r"^slurm=3: expected a mapping of slurm\.\* keys$"):
+        config.resolve(["slurm=3"])
+
+
+def test_run_dir_must_be_creatable(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"^run_dir=/proc/x: cannot create a directory in /proc"):
+        config.resolve(["run_dir=/proc/x"])
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(config.ConfigError, match=f"run_dir={afile}/run: {afile} exists and is not a directory"):
+        config.resolve([f"run_dir={afile}/run"])
+    config.resolve([f"run_dir={tmp_path}/new/run"])
+    assert list(tmp_path.iterdir()) == [afile]       # the write test left nothing behind
+
+
+def test_bad_values_in_files_name_the_key(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("kmeans:\n  k: lots\n")
+    with pytest.raises(config.ConfigError, match="kmeans.k=lots: expected an integer >= 1"):
+        config.resolve([f"config={extra}"])
+    extra.write_text("kmeans: {k: [\n")
+    with pytest.raises(config.ConfigError, match=f"{extra}: not a readable YAML config"):
+        config.resolve([f"config={extra}"])
+
+
+def test_keys_without_a_rule_are_checked_by_their_default(monkeypatch):
+    """Keys others add to the YAML files are checked by their default's type; a null default accepts anything."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.merge(config.defaults(), {"train": {"max_bad_steps": 8, "trust_checkpoint": False,
+                                                         "continue_from": None},
+                                               "loss": {"margin_grad": "exact"}})
+    base = OmegaConf.to_container(base)
+    for arg, expected in [("train.max_bad_steps=many", "an integer"), ("train.max_bad_steps=2.5", "an integer"),
+                          ("train.trust_checkpoint=perhaps", "true or false"),
+                          ("loss.margin_grad=[1]", "a string")]:
+        with pytest.raises(config.ConfigError, match=f"^{re.escape(arg.split('=')[0])}=.*: expected {expected}"):
+            config.resolve([arg], base=base)
+    cfg = config.resolve(["train.continue_from=/runs/old", "train.max_bad_steps=3"], base=base)
+    assert cfg.train.continue_from == "/runs/old" and cfg.train.max_bad_steps == 3
+    assert config.resolve(["train.continue_from=[1,2]"], base=base).train.continue_from == [1, 2]
+
+
+def test_every_default_passes_its_own_rule():
+    from unicom_ds import schema
+
+    ref = config.defaults()
+    for key in config.flat_keys(ref):
+        schema.rule(key, OmegaConf.select(ref, key)).coerce(
+            OmegaConf.to_container(v) if OmegaConf.is_config(v := OmegaConf.select(ref, key)) else v)
+    config.resolve([f"config={config.CONFIG_DIR / 'demo.yaml'}"])
+
+
+def test_every_explicit_rule_names_a_real_key():
+    """A rule for a key that was renamed would silently check nothing."""
+    from fnmatch import fnmatchcase
+
+    from unicom_ds import schema
+
+    keys = config.flat_keys(config.defaults())
+    for pattern in schema.RULES:
+        assert any(fnmatchcase(k, pattern) for k in keys), pattern

@@ -2,7 +2,8 @@
 
 Precedence (last wins): slurm/configs/*.yaml < config=FILE < RUN/config.yaml < command line.
 The command line is parsed by OmegaConf's dotlist parser; this module only adds the checks
-(unknown keys name the closest valid key) and the run-directory bookkeeping.
+(unknown keys name the closest valid key; types and ranges from `unicom_ds.schema`) and the
+run-directory bookkeeping.
 """
 from __future__ import annotations
 
@@ -13,33 +14,18 @@ from typing import Any, Iterable, Mapping
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from unicom_ds import schema
 from unicom_ds.atomic import write_text_atomic
+from unicom_ds.schema import STAGES, ConfigError, flat_keys  # noqa: F401 (part of this module's API)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "slurm" / "configs"
 DEFAULT_FILES = ("common.yaml", "cluster.yaml", "train.yaml", "eval.yaml")
-STAGES = ("embed", "kmeans", "assign", "cluster", "train", "eval", "report", "all")
 # Keys that say how to run, not what to compute: they never make a run's outputs differ.
 RUNTIME_KEYS = ("stage", "launcher", "dry_run", "progress", "slurm", "config")
 
 
-class ConfigError(ValueError):
-    """A bad key or value in the configuration; the message names the key."""
-
-
 def defaults() -> DictConfig:
     return OmegaConf.merge(*(OmegaConf.load(CONFIG_DIR / f) for f in DEFAULT_FILES))
-
-
-def flat_keys(cfg: Any, prefix: str = "") -> list[str]:
-    """Every leaf key of cfg in dotted form (`kmeans.k`); dict-valued leaves are recursed."""
-    keys = []
-    for k, v in cfg.items():
-        path = f"{prefix}{k}"
-        if isinstance(v, (DictConfig, dict)) and len(v):
-            keys.extend(flat_keys(v, path + "."))
-        else:
-            keys.append(path)
-    return keys
 
 
 def _check_known(cfg: DictConfig, reference: DictConfig, origin: str) -> None:
@@ -51,6 +37,16 @@ def _check_known(cfg: DictConfig, reference: DictConfig, origin: str) -> None:
         close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.0)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown config key '{key}' (from {origin}){hint}")
+
+
+def _load(path: Path) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as e:  # yaml's parser errors are not ValueErrors; name the file, not a traceback
+        raise ConfigError(f"{path}: not a readable YAML config ({' '.join(str(e).split())})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of config keys, found a {type(loaded).__name__}")
+    return loaded
 
 
 def parse_overrides(argv: Iterable[str]) -> DictConfig:
@@ -71,35 +67,20 @@ def resolve(argv: Iterable[str] = (), base: Mapping | None = None) -> DictConfig
         path = Path(str(extra))
         if not path.is_file():
             raise ConfigError(f"config={path}: no such file")
-        file_cfg = OmegaConf.load(path)
+        file_cfg = _load(path)
         _check_known(file_cfg, ref, str(path))
         layers.append(file_cfg)
     _check_known(cli, ref, "the command line")
     run_dir = cli.get("run_dir") or OmegaConf.merge(*layers).run_dir
     saved = Path(str(run_dir)) / "config.yaml"
     if saved.is_file():
-        saved_cfg = OmegaConf.load(saved)
+        saved_cfg = _load(saved)
         _check_known(saved_cfg, ref, str(saved))
         layers.append(saved_cfg)
     layers.append(cli)
     cfg = OmegaConf.merge(*layers)
-    validate(cfg)
+    schema.check(cfg, ref)
     return cfg
-
-
-def validate(cfg: DictConfig) -> None:
-    if cfg.stage not in STAGES:
-        raise ConfigError(f"stage={cfg.stage}: expected one of {', '.join(STAGES)}")
-    if cfg.launcher not in ("slurm", "local"):
-        raise ConfigError(f"launcher={cfg.launcher}: expected 'slurm' or 'local'")
-    if cfg.kmeans.mode not in ("joint", "image", "text"):
-        raise ConfigError(f"kmeans.mode={cfg.kmeans.mode}: expected joint, image or text")
-    if int(cfg.kmeans.k) < 1:
-        raise ConfigError(f"kmeans.k={cfg.kmeans.k}: must be >= 1")
-    for key in ("r1", "r2"):
-        value = float(cfg.loss[key])
-        if not 0.0 < value <= 1.0:
-            raise ConfigError(f"loss.{key}={value}: must be in (0, 1]")
 
 
 def save(cfg: DictConfig) -> Path:
@@ -129,11 +110,14 @@ def as_config(cfg: Any) -> DictConfig:
     return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
 
 
-def check_same(recorded: Mapping, current: Mapping, where: os.PathLike | str) -> None:
-    """Refuse to mix outputs: `recorded` is the config subset stored with finished work."""
+def check_same(recorded: Mapping, current: Mapping, where: os.PathLike | str, way_on: str | None = None) -> None:
+    """Refuse to mix outputs: `recorded` is the config subset stored with finished work (`where`).
+
+    `way_on` is the cheapest way forward the caller knows (the cluster stage: a new run that reuses these
+    embeddings by reference); without it, a new run_dir."""
     diffs = [f"{k}: {recorded.get(k)!r} there, {current.get(k)!r} now"
              for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
     if diffs:
         raise ConfigError(
             f"{where} was made with a different config ({'; '.join(diffs)}); "
-            "use a new run_dir, or delete that output to redo it")
+            + (way_on or "use a new run_dir, or delete that output to redo it"))
