@@ -16,6 +16,8 @@ from typing import Iterator, TextIO
 
 from omegaconf import DictConfig
 
+from unicom_ds import shards
+from unicom_ds.atomic import read_json
 from unicom_ds.config import select
 from slurm.launch import Job, log_dir, output_dir, target
 
@@ -74,6 +76,47 @@ def run_step(job: Job, cfg_dict: dict) -> None:
         fn(cfg_dict, *args)
 
 
+def _read(path: Path) -> dict | None:
+    try:
+        return read_json(path) if path.is_file() else None
+    except ValueError:  # a summary being rewritten or damaged: the summary line just says less
+        return None
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def outcome(cfg: DictConfig, job: Job) -> str:
+    """What a finished step produced, in shards, rows, classes and data sets, read from the run directory."""
+    out = output_dir(cfg, job.step)
+    if job.step == "embed":
+        stems = [shards.stem(p) for args in job.tasks for p in args[0]]
+        done = [d for d in (_read(out / f"{s}.done.json") for s in stems) if d is not None]
+        skipped = sum(int(v) for d in done for v in d.get("skipped", {}).values())
+        return f"{len(done)} of {_n(len(stems), 'shard')}, {_n(sum(int(d.get('n', 0)) for d in done), 'row')} " \
+               f"({skipped} skipped)"
+    if job.step == "kmeans":
+        s = _read(out / "summary.json") or {}
+        return f"k={s.get('k', '?')} on {s.get('points_used', '?')} of {s.get('points_embedded', '?')} rows"
+    if job.step == "assign":
+        s = _read(out / "summary.json")
+        labelled = sum((out / f"{stem}.npy").is_file() for args in job.tasks for stem in args[0])
+        if s is None:
+            return f"{_n(labelled, 'shard')} labelled"
+        return f"{_n(int(s.get('shards', labelled)), 'shard')}, {_n(int(s.get('rows', 0)), 'row')}, " \
+               f"{s.get('non_empty_classes', '?')} non-empty classes"
+    if job.step == "train":
+        steps = [int(p.name.rsplit("_", 1)[1]) for p in (out / "ckpt").glob("step_*") if p.name[5:].isdigit()]
+        exported = "backbone.pt" if (out / "backbone.pt").is_file() else "no backbone.pt"
+        return f"{max(steps)} steps, {exported}" if steps else exported
+    if job.step == "eval":
+        results = _read(out / "results.json") or {}
+        datasets = sorted({d for sets in results.values() for d in sets})
+        return f"{_n(len(results), 'model')} x {_n(len(datasets), 'data set')} ({', '.join(datasets)})"
+    return "index.html" if (out / "index.html").is_file() else "no index.html"
+
+
 def run(cfg: DictConfig, jobs: list[Job]) -> int:
     """Run the jobs in order; 0 when all succeed, 1 (after saying which step failed and where its log is)."""
     cfg_dict = select(cfg)
@@ -93,7 +136,7 @@ def run(cfg: DictConfig, jobs: list[Job]) -> int:
             print(f"stage {job.step} FAILED after {seconds:.1f}s; log: {log}", file=sys.stderr)
             print("fix the cause and rerun the same command: finished work is kept", file=sys.stderr)
             return 1
-        what = f"{len(job.tasks)} task(s)" if job.is_array else "1 job"
-        summary.append(f"{job.step:<7} done  {what:<11} {seconds:8.1f}s  -> {output_dir(cfg, job.step)}  (log {log})")
+        summary.append(f"{job.step:<7} done {seconds:8.1f}s  {outcome(cfg, job)}  -> {output_dir(cfg, job.step)}"
+                       f"  (log {log})")
     print("\n".join(["", "summary:"] + summary))
     return 0

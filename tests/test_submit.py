@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
+import pytest
 import yaml
 
 from conftest import REPO
 from slurm import launch, launch_local
+from unicom_ds import config
 
 
 def load_submit():
@@ -166,3 +171,76 @@ def test_local_launcher_failure_stops_the_chain(tmp_path, demo_shards, monkeypat
     assert "stage kmeans FAILED" in err and str(log) in err
     assert "RuntimeError: kmeans broke on purpose" in log.read_text()
     assert not (run / "logs" / "local_assign.log").exists()
+
+
+def test_local_summary_counts_shards_rows_and_data_sets(tmp_path, demo_shards, monkeypatch, capsys):
+    """The summary line of each step says what it made (once: `assign done 1 task(s)` for 3 shards)."""
+    run = tmp_path / "run"
+
+    def embed(cfg, paths):
+        for p in paths:
+            write_json(run / "embed" / f"{Path(p).stem}.done.json", {"n": 21, "skipped": {"corrupt image": 1}})
+
+    def assign(cfg, stems):
+        for s in stems:
+            np.save(run / "labels" / f"{s}.npy", np.zeros(21, np.int64))
+        write_json(run / "labels" / "summary.json", {"shards": 3, "rows": 63, "non_empty_classes": 5})
+
+    fakes = {
+        "embed": embed, "assign": assign,
+        "kmeans": lambda cfg: write_json(run / "kmeans" / "summary.json",
+                                         {"k": 8, "points_used": 60, "points_embedded": 63}),
+        "eval": lambda cfg: write_json(run / "eval" / "results.json",
+                                       {"run": {"sop": {"R@1": 0.5}, "eurosat": {"top1": 0.9}}}),
+        "report": lambda cfg: write_json(run / "report" / "index.html", {}),
+        "train_local": lambda cfg: [sys.executable, "-c", "import pathlib; p = pathlib.Path(r'%s');"
+                                    "(p / 'ckpt' / 'step_12').mkdir(parents=True); (p / 'backbone.pt').touch()"
+                                    % (run / "train")],
+    }
+    (run / "labels").mkdir(parents=True)
+    monkeypatch.setattr(launch, "precheck", lambda cfg: None)
+    monkeypatch.setattr(launch_local, "target", fakes.__getitem__)
+    code = submit.main(tiny(run, demo_shards, "stage=all", "launcher=local", "embed.shards_per_task=2",
+                            "assign.shards_per_task=2"))
+    out = capsys.readouterr().out
+    assert code == 0
+    summary = {line.split()[0]: line for line in out[out.index("summary:"):].splitlines()[1:]}
+    assert "3 of 3 shards, 63 rows (3 skipped)" in summary["embed"]
+    assert "k=8 on 60 of 63 rows" in summary["kmeans"]
+    assert "3 shards, 63 rows, 5 non-empty classes" in summary["assign"]
+    assert "12 steps, backbone.pt" in summary["train"]
+    assert "1 model x 2 data sets (eurosat, sop)" in summary["eval"]
+    assert "task" not in out[out.index("summary:"):]
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def test_help_prints_usage_stages_and_the_key_reference():
+    for flag in ("--help", "-h"):
+        res = run_cli(flag)
+        assert res.returncode == 0 and not res.stderr, res.stderr
+        assert res.stdout.startswith("usage: python slurm/submit.py stage=STAGE")
+        stages = re.search(r"^stages:\n((?:  .*\n)+)", res.stdout, flags=re.M).group(1)
+        assert [line.split()[0] for line in stages.splitlines()] == list(config.STAGES)
+        assert 'README.md, section "Config keys"' in res.stdout
+        assert "python docs/config_reference.py --show" in res.stdout
+    shown = subprocess.run([sys.executable, "docs/config_reference.py", "--show"], capture_output=True,
+                           text=True, cwd=REPO)
+    assert shown.returncode == 0 and "| `kmeans.k` | `1000000` | an integer >= 1 |" in shown.stdout
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ("train.lr=abc", "error: train.lr=abc: expected a number > 0"),
+    ("kmeans.k=abc", "error: kmeans.k=abc: expected an integer >= 1"),
+    ("kmeans.k=1.5", "error: kmeans.k=1.5: expected an integer >= 1"),
+    ("kmeans.niter=abc", "error: kmeans.niter=abc: expected an integer >= 1"),
+    ("run_dir=/proc/x", "error: run_dir=/proc/x: cannot create a directory in /proc"),
+])
+def test_bad_values_fail_before_anything_is_saved(tmp_path, arg, expected):
+    run = tmp_path / "run"
+    res = run_cli(f"run_dir={run}", "stage=cluster", "launcher=local", "kmeans.k=8", arg)
+    assert res.returncode == 2 and res.stderr.startswith(expected), res.stderr
+    assert len(res.stderr.splitlines()) == 1 and not run.exists()
