@@ -5,7 +5,8 @@ tables), merged across eval runs in the same run directory: a rerun replaces the
 recomputes and keeps the rest. Truncated-dimension retrieval metrics are stored as
 `dim<D>/<metric>` (`dim128/R@1`). The tables follow the Unicom paper: Tab. 1 (linear probe) and
 Tab. 2 (retrieval), a row per model, a column per data set in the paper's order, plus the average
-of the columns the row has.
+of the columns the row has. VehicleID (three test lists) and GLDv2 (public and private queries)
+get a table of their own that shows every list and split, and says which one fills Tab. 2.
 """
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ from pathlib import Path
 
 from unicom_ds.atomic import atomic_path, read_json, write_json_atomic, write_text_atomic
 
-from evaluation import probe_sets
+from evaluation import probe_sets, retrieval_sets
 
 # Retrieval set -> (column title, the metric Tab. 2 reports), in the paper's column order.
 RETRIEVAL_COLUMNS = {
     "cub": ("CUB", "R@1"), "cars": ("Cars", "R@1"), "sop": ("SOP", "R@1"),
-    "inshop": ("In-Shop", "R@1"), "inat": ("iNat", "R@1"), "vehicleid": ("VehicleID", "800/R@1"),
-    "gldv2": ("GLDv2", "private/mAP@100"),
+    "inshop": ("In-Shop", "R@1"), "inat": ("iNat", "R@1"), "vehicleid": ("VehicleID (800)", "800/R@1"),
+    "gldv2": ("GLDv2 (private)", "private/mAP@100"),
 }
 PROBE_TITLES = {
     "cifar10": "CIFAR10", "cifar100": "CIFAR100", "food101": "Food101", "birdsnap": "Birdsnap",
@@ -51,9 +52,22 @@ def merge(path: str | os.PathLike, new: dict) -> dict:
 PAPER_TABLES = (
     ("Linear probe (top-1 accuracy; mean per-class accuracy for Aircraft, Pets, Caltech101 and Flowers), "
      "as in the Unicom paper's Tab. 1", PROBE_COLUMNS),
-    ("Unsupervised retrieval (Recall@1; VehicleID: the 800 test list; GLDv2: private mAP@100), "
-     "as in the Unicom paper's Tab. 2", RETRIEVAL_COLUMNS),
+    ("Unsupervised retrieval (Recall@1; VehicleID: Recall@1 on the 800 test list; GLDv2: mAP@100 of the "
+     "private test queries), as in the Unicom paper's Tab. 2", RETRIEVAL_COLUMNS),
 )
+# Sets scored under several test lists or splits: every one in a table of its own ({title: metric}).
+SPLIT_TABLES = (
+    ("VehicleID as Patel et al. 2022: each test list all against all, the query left out of its own "
+     "gallery (Recall@K, percent); the retrieval table's VehicleID column is the 800 list", "vehicleid",
+     {f"{size} R@{k}": f"{size}/R@{k}" for size in retrieval_sets.VEHICLEID_SIZES for k in (1, 5)}),
+    ("GLDv2 mAP@100 (percent) of the public and the private test queries against the index; the "
+     "retrieval table's GLDv2 column is the private split", "gldv2",
+     {"public": "public/mAP@100", "private": "private/mAP@100"}),
+)
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else 100 * value
 
 
 def rows(results: dict, columns: dict[str, tuple[str, str]]) -> tuple[list[str], dict[str, list]]:
@@ -62,28 +76,39 @@ def rows(results: dict, columns: dict[str, tuple[str, str]]) -> tuple[list[str],
     used = [name for name in columns if any(name in sets for sets in results.values())]
     out = {}
     for model, sets in results.items():
-        values = [sets.get(n, {}).get(columns[n][1]) for n in used]
-        values = [None if v is None or math.isnan(v) else 100 * v for v in values]
+        values = [_percent(sets.get(n, {}).get(columns[n][1])) for n in used]
         present = [v for v in values if v is not None]
         if present:
             out[model] = values + [sum(present) / len(present)]
     return [columns[n][0] for n in used] + ["Average"], out
 
 
-def table(results: dict, columns: dict[str, tuple[str, str]]) -> str:
-    """A markdown table: a row per model holding any of `columns`' data sets, values in percent."""
-    titles, body = rows(results, columns)
-    if not body:
-        return ""
+def _markdown_table(titles: list[str], body: dict[str, list]) -> str:
     lines = ["| Model | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(titles)]
     for model, values in body.items():
         lines.append(f"| {model} | " + " | ".join("–" if v is None else f"{v:.1f}" for v in values) + " |")
     return "\n".join(lines)
 
 
+def table(results: dict, columns: dict[str, tuple[str, str]]) -> str:
+    """A markdown table: a row per model holding any of `columns`' data sets, values in percent."""
+    titles, body = rows(results, columns)
+    return _markdown_table(titles, body) if body else ""
+
+
+def split_table(results: dict, dataset: str, columns: dict[str, str]) -> str:
+    """A markdown table of one data set's metrics `columns` ({title: metric}), a row per model that has it."""
+    body = {model: [_percent(sets[dataset].get(m)) for m in columns.values()]
+            for model, sets in results.items() if dataset in sets}
+    return _markdown_table(list(columns), body) if body else ""
+
+
 def markdown(results: dict) -> str:
-    """Both tables with their captions (a table is left out when no model has any of its sets)."""
+    """The paper's two tables, then the per-split tables, each with its caption (a table is left
+    out when no model has any of its sets)."""
     parts = [f"{caption}\n\n{text}" for caption, columns in PAPER_TABLES if (text := table(results, columns))]
+    parts += [f"{caption}\n\n{text}" for caption, dataset, columns in SPLIT_TABLES
+              if (text := split_table(results, dataset, columns))]
     return "\n\n".join(parts) + "\n"
 
 

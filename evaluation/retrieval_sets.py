@@ -5,9 +5,9 @@ archives (each reader's docstring lists the files it reads). Names: cub, cars, s
 inshop, inat, vehicleid, gldv2. A set holds every test image once (`paths`, `labels`) and one or
 more named `splits`, each a query/gallery protocol over those rows:
 
-- single set (CUB, Cars196, SOP, iNat): `gallery is None`, every image queries all the others;
-- query/gallery (In-Shop; VehicleID "800", "1600", "2400": one seeded random gallery image per
-  vehicle, the rest are queries, as customary);
+- single set (CUB, Cars196, SOP, iNat, and each VehicleID test list "800", "1600", "2400" as Patel
+  et al. 2022): `gallery is None`, every image queries all the others of its split, itself left out;
+- query/gallery (In-Shop);
 - GLDv2 "public" and "private": test queries against the index, with `relevant` giving each
   query's correct index rows (from retrieval_solution_v2.1.csv); scored by mAP@100.
 
@@ -139,10 +139,11 @@ def read_inat(root: Path) -> RetrievalSet:
                         {"": Split(_rows(len(paths)))})
 
 
-def read_vehicleid(root: Path, seed: int = 0) -> RetrievalSet:
+def read_vehicleid(root: Path) -> RetrievalSet:
     """VehicleID_V1.0/: train_test_split/test_list_{800,1600,2400}.txt ("image_name vehicle_id"),
-    image/IMAGE_NAME.jpg. Per list, one random image per vehicle (seeded by seed and list size) is
-    the gallery and the others are queries; vehicles with one image are gallery only."""
+    image/IMAGE_NAME.jpg. As Patel et al. 2022 ("Recall@k Surrogate Loss with Large Batches and
+    Similarity Mixup"): per list, every image queries all the other images of that list (the query
+    left out of its own gallery). Images in several lists are read once."""
     lists = {size: _table(root, f"train_test_split/test_list_{size}.txt", "vehicleid", 2)
              for size in VEHICLEID_SIZES}
     index: dict[str, int] = {}
@@ -152,15 +153,8 @@ def read_vehicleid(root: Path, seed: int = 0) -> RetrievalSet:
             if image not in index:
                 index[image] = len(index)
                 labels.append(int(vehicle))
-    splits = {}
-    for size, pairs in lists.items():
-        rng = np.random.default_rng([seed, size])
-        by_vehicle: dict[str, list[int]] = {}
-        for image, vehicle, *_ in pairs:
-            by_vehicle.setdefault(vehicle, []).append(index[image])
-        gallery = np.array([rows[rng.integers(len(rows))] for rows in by_vehicle.values()], dtype=np.int64)
-        query = np.array(sorted(set(index[row[0]] for row in pairs) - set(gallery.tolist())), dtype=np.int64)
-        splits[str(size)] = Split(query, np.sort(gallery))
+    splits = {str(size): Split(np.array(list(dict.fromkeys(index[row[0]] for row in pairs)), dtype=np.int64))
+              for size, pairs in lists.items()}
     return RetrievalSet("vehicleid", [str(root / "image" / f"{name}.jpg") for name in index],
                         np.array(labels, dtype=np.int64), (1, 5), splits)
 

@@ -29,7 +29,7 @@ def test_tables_in_paper_order_with_percent_and_row_average():
     text = results.markdown(res)
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("| Model | CUB"))
-    assert header == "| Model | CUB | SOP | VehicleID | GLDv2 | Average |"
+    assert header == "| Model | CUB | SOP | VehicleID (800) | GLDv2 (private) | Average |"
     avg = (0.5 + 0.701 + 0.8 + 0.2) / 4 * 100
     assert f"| unicom:ViT-B/32 | 50.0 | 70.1 | 80.0 | 20.0 | {avg:.1f} |" in lines
     assert "| run | 25.0 | – | – | – | 25.0 |" in lines  # average of what the row has
@@ -37,6 +37,23 @@ def test_tables_in_paper_order_with_percent_and_row_average():
     assert "| probe-only | 90.0 | 90.0 |" in lines  # Pets: CLIP's mean per-class accuracy
     assert text.index("Linear probe") < text.index("Unsupervised retrieval")
     assert "probe-only |" not in text.split("Unsupervised retrieval")[1]
+
+
+def test_vehicleid_lists_and_gldv2_splits_get_their_own_tables_saying_which_fills_tab2():
+    vid = {f"{s}/R@{k}": (s + k) / 10000 for s in (800, 1600, 2400) for k in (1, 5)}
+    res = {"m": {"vehicleid": {**vid, "800/MAP@R": 0.5}, "gldv2": {"public/mAP@100": 0.125,
+                                                                  "private/mAP@100": 0.25}},
+           "n": {"cub": {"R@1": 0.5}}}
+    text = results.markdown(res)
+    vehicle = text.split("VehicleID as Patel et al. 2022")[1]
+    assert "the retrieval table's VehicleID column is the 800 list" in vehicle.split("\n")[0]
+    assert "| Model | 800 R@1 | 800 R@5 | 1600 R@1 | 1600 R@5 | 2400 R@1 | 2400 R@5 |" in vehicle
+    assert "| m | 8.0 | 8.1 | 16.0 | 16.1 | 24.0 | 24.1 |" in vehicle
+    assert "| n |" not in vehicle.split("GLDv2 mAP@100")[0]  # only models that have the set
+    gld = text.split("GLDv2 mAP@100")[1]
+    assert "the retrieval table's GLDv2 column is the private split" in gld.split("\n")[0]
+    assert "| Model | public | private |" in gld and "| m | 12.5 | 25.0 |" in gld
+    assert "| m | – | 8.0 | 25.0 | 16.5 |" in text  # Tab. 2: the 800 list and the private split
 
 
 def test_no_table_for_a_kind_nobody_has():

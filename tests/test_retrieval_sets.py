@@ -87,35 +87,56 @@ def test_inat_labels_from_the_class_folder_of_the_brown_et_al_list(tmp_path):
 
 
 def vehicleid_fixture(root):
+    """The three test lists; the larger lists share images with the smaller ones, as in the release;
+    vehicles hold 1 to 4 images (a single-image vehicle is a query that cannot be matched)."""
     rng = np.random.default_rng(3)
     lists = {}
-    for size, vehicles in ((800, range(1, 4)), (1600, range(1, 6)), (2400, range(1, 8))):
-        pairs = [(f"{v * 100 + j:07d}", f"{v:04d}") for v in vehicles for j in range(1 + v % 3)]
+    for size, vehicles in ((800, range(1, 9)), (1600, range(5, 17)), (2400, range(1, 25))):
+        pairs = [(f"{v * 100 + j:07d}", f"{v:04d}") for v in vehicles for j in range(1 + v % 4)]
         rng.shuffle(pairs)
         lists[size] = pairs
         write(root / "train_test_split" / f"test_list_{size}.txt", "".join(f"{a} {b}\n" for a, b in pairs))
     return lists
 
 
-def test_vehicleid_one_seeded_gallery_image_per_vehicle(tmp_path):
+def test_vehicleid_each_test_list_is_a_single_set(tmp_path):
     lists = vehicleid_fixture(tmp_path)
     ds = read("vehicleid", tmp_path)
     assert set(ds.splits) == {"800", "1600", "2400"} and ds.ks == (1, 5)
-    name = {p: p.split("/")[-1][:-4] for p in ds.paths}
-    assert all(p.startswith(str(tmp_path / "image")) for p in ds.paths)
+    assert len(ds.paths) == len(set(ds.paths)) == len({a for pairs in lists.values() for a, _ in pairs})
+    name = [p.split("/")[-1][:-4] for p in ds.paths]
+    assert all(p == str(tmp_path / "image" / f"{n}.jpg") for p, n in zip(ds.paths, name))
     for size, pairs in lists.items():
         split = ds.splits[str(size)]
-        vehicle_of = dict(pairs)
-        gallery = [name[ds.paths[i]] for i in split.gallery]
-        query = [name[ds.paths[i]] for i in split.query]
-        assert sorted(vehicle_of[g] for g in gallery) == sorted(set(vehicle_of.values()))  # one per vehicle
-        assert not set(gallery) & set(query) and set(gallery) | set(query) == set(vehicle_of)
-        for i in np.concatenate([split.query, split.gallery]):
-            assert ds.labels[i] == int(vehicle_of[name[ds.paths[i]]])
-    again = read("vehicleid", tmp_path)
-    assert all(np.array_equal(again.splits[k].gallery, ds.splits[k].gallery) for k in ds.splits)
-    others = [retrieval_sets.read_vehicleid(tmp_path, seed=s).splits["2400"].gallery for s in range(1, 6)]
-    assert any(not np.array_equal(g, ds.splits["2400"].gallery) for g in others)
+        assert split.gallery is None and split.relevant is None  # all against all, query left out
+        assert sorted(name[i] for i in split.query) == sorted(a for a, _ in pairs)
+        assert [ds.labels[i] for i in split.query] == [int(dict(pairs)[name[i]]) for i in split.query]
+
+
+def test_vehicleid_recall_is_leave_one_out_within_each_list(tmp_path):
+    """Recall@1/@5 per list against a brute-force numpy reference: every image of the list against
+    all the others of that list."""
+    lists = vehicleid_fixture(tmp_path)
+    ds = read("vehicleid", tmp_path)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(ds.labels.max() + 1, 16))
+    feats = centres[ds.labels] + 1.2 * rng.normal(size=(len(ds.labels), 16))  # hits and misses both
+    got = metrics.evaluate(feats, ds, device="cpu")
+    x = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    name = [p.split("/")[-1][:-4] for p in ds.paths]
+    row = {n: i for i, n in enumerate(name)}
+    for size, pairs in lists.items():
+        rows = np.array([row[a] for a, _ in pairs])
+        vehicle = np.array([int(b) for _, b in pairs])
+        for k in (1, 5):
+            hits = []
+            for q in range(len(rows)):
+                others = np.delete(np.arange(len(rows)), q)
+                sims = x[rows[others]] @ x[rows[q]]
+                top = others[np.argsort(-sims, kind="stable")[:k]]
+                hits.append(bool((vehicle[top] == vehicle[q]).any()))
+            assert got[f"{size}/R@{k}"] == pytest.approx(np.mean(hits)), (size, k)
+    assert 0.2 < got["800/R@1"] < 0.95 and got["2400/R@5"] > got["2400/R@1"]
 
 
 def test_gldv2_public_and_private_queries_against_the_index(tmp_path):
