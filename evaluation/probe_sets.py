@@ -2,8 +2,9 @@
 
 Each set lives in `<eval.data_root>/<name>` (names and the files expected inside are in SETS).
 torchvision's classes read them with download off; where torchvision's own folder already carries
-the set's name (caltech101, dtd, stanford_cars, eurosat) it is given `eval.data_root`, so no folder
-is nested twice. Birdsnap has its own reader. Splits follow CLIP's Tab. 9:
+the set's name (dtd, stanford_cars, eurosat) it is given `eval.data_root`, so no folder is nested
+twice. Birdsnap has its own reader; Caltech101 is read as a folder of class folders, so that
+BACKGROUND_Google stays a class as in CLIP's 102 (torchvision's reader drops it). Splits follow CLIP's Tab. 9:
 the official val split where there is one (flowers102, dtd partition 1, fgvc_aircraft), otherwise
 val is None and the probe holds out part of train. ImageNet's val serves as test.
 
@@ -46,12 +47,9 @@ def _item_names(ds: Any) -> list[str]:
     if isinstance(ds, tvd.CIFAR10):
         files = [f for f, _ in (ds.train_list if ds.train else ds.test_list)]
         return [f"{Path(ds.root) / ds.base_folder / '+'.join(files)}#{i}" for i in range(len(ds))]
-    if isinstance(ds, tvd.Caltech101):
-        return [str(Path(ds.root) / "101_ObjectCategories" / ds.categories[y] / f"image_{k:04d}.jpg")
-                for y, k in zip(ds.y, ds.index)]
     if isinstance(ds, tvd.StanfordCars):
         return [p for p, _ in ds._samples]
-    if isinstance(ds, tvd.ImageFolder):  # EuroSAT, ImageNet
+    if isinstance(ds, tvd.ImageFolder):  # Caltech101, EuroSAT, ImageNet
         return [p for p, _ in ds.samples]
     if isinstance(ds, tvd.OxfordIIITPet):
         return [str(p) for p in ds._images]
@@ -123,8 +121,10 @@ def _cifar(cls):
 
 
 def _caltech101(root: Path, tf, seed: int):
-    ds = tvd.Caltech101(str(root), target_type="category", transform=tf)
-    labels = np.asarray(ds.y)
+    # CLIP's 102 classes: the 101 object categories and BACKGROUND_Google, which torchvision's
+    # Caltech101 drops; ImageFolder keeps every class folder (and reads only image files).
+    ds = tvd.ImageFolder(str(root / "101_ObjectCategories"), transform=tf)
+    labels = np.asarray(ds.targets)
     train_idx, test_idx = _per_class_split(labels, 30, seed)
     return Split(ds, train_idx, labels), None, Split(ds, test_idx, labels)
 
@@ -240,8 +240,7 @@ SETS: dict[str, Spec] = {
                      ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"),
                      "https://www.cs.toronto.edu/~kriz/cifar.html (python version)"),
     "caltech101": Spec(_caltech101, "mean_per_class", ("101_ObjectCategories/BACKGROUND_Google",),
-                       "https://data.caltech.edu/records/mzrjq-6wc02 (101_ObjectCategories.tar.gz)",
-                       nested=True),
+                       "https://data.caltech.edu/records/mzrjq-6wc02 (101_ObjectCategories.tar.gz)"),
     "stanford_cars": Spec(_official_splits(tvd.StanfordCars, ("train", "test"),
                                            lambda parts: [[t for _, t in p._samples] for p in parts]), "top1",
                           ("devkit/cars_meta.mat", "devkit/cars_train_annos.mat",

@@ -49,10 +49,10 @@ def write_cifar100(data_root, x, y):
 
 
 def write_caltech101(data_root, x, y):
+    """101_ObjectCategories/<class>/image_000K.jpg; the last class is written as BACKGROUND_Google, a
+    class in CLIP's protocol (torchvision's Caltech101 drops it)."""
     base = Path(data_root) / "caltech101" / "101_ObjectCategories"
-    (base / "BACKGROUND_Google").mkdir(parents=True)
-    save_image(base / "BACKGROUND_Google" / "image_0001.jpg", x[0])  # not a class: torchvision drops it
-    for c, name in enumerate(class_names(y)):
+    for c, name in enumerate(class_names(y)[:-1] + ["BACKGROUND_Google"]):
         for k, row in enumerate(np.flatnonzero(y == c), 1):
             save_image(base / name / f"image_{k:04d}.jpg", x[row])
     return {"all": np.arange(len(x))}

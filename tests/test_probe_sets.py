@@ -46,15 +46,21 @@ def test_fixed_splits_hold_the_written_images(tmp_path, name):
             assert_split_matches(split, x, y, expected[part])
 
 
-def test_caltech101_takes_30_per_class_for_train_and_drops_background(tmp_path):
-    x, y = small_digits(32)
-    WRITERS["caltech101"](tmp_path, x, y)
+def test_caltech101_keeps_background_google_as_a_class_and_takes_30_per_class_for_train(tmp_path):
+    x, y = small_digits(32, classes=4)
+    WRITERS["caltech101"](tmp_path, x, y)  # digits 0-2 as objects, digit 3 as BACKGROUND_Google
     ps = probe_sets.load("caltech101", tmp_path, seed=1)
-    assert np.bincount(ps.train.labels).tolist() == [30, 30, 30]
-    assert np.bincount(ps.test.labels).tolist() == [2, 2, 2]
+    assert ps.num_classes == 4  # CLIP's Caltech101: 101 objects + background = 102
+    assert np.bincount(ps.train.labels).tolist() == [30, 30, 30, 30]
+    assert np.bincount(ps.test.labels).tolist() == [2, 2, 2, 2]
+    assert sum("/BACKGROUND_Google/" in p for p in ps.train.paths) == 30
     assert not set(ps.train.paths) & set(ps.test.paths)
-    assert not any("BACKGROUND_Google" in p for p in ps.train.paths + ps.test.paths)
-    assert_split_matches(ps.test, x, y, _rows_of(ps.test.paths, y))
+    for split in (ps.train, ps.test):  # one label per class folder, a different one for each folder
+        label_of = {p.split("/")[-2]: label for p, label in zip(split.paths, split.labels)}
+        assert [label_of[p.split("/")[-2]] for p in split.paths] == split.labels.tolist()
+        assert len(set(label_of.values())) == len(label_of) == 4
+    for i, row in enumerate(_rows_of(ps.test.paths, y)):  # each item is the image written there
+        assert np.abs(np.asarray(ps.test[i], dtype=np.float32) - x[row]).mean() < 6.0
     assert probe_sets.load("caltech101", tmp_path, seed=2).test.paths != ps.test.paths
 
 
@@ -62,7 +68,8 @@ def _rows_of(paths, y):
     # Caltech101 names images image_000K.jpg per class: row = K-th image of that class.
     rows = []
     for p in paths:
-        cls = int(p.split("/")[-2].removeprefix("digit"))
+        folder = p.split("/")[-2]
+        cls = int(y.max()) if folder == "BACKGROUND_Google" else int(folder.removeprefix("digit"))
         k = int(p.split("image_")[-1][:4])
         rows.append(np.flatnonzero(y == cls)[k - 1])
     return np.array(rows)
