@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The README's first command: the whole Unicom pipeline (cluster -> train -> eval -> report) on the
 # bundled demo data, on this machine. Extra key=value arguments go to slurm/submit.py.
+#
+# Python: the active virtualenv (or conda env), PYTHON=/path/to/python, or else the project's own
+# .venv, created on first use (tests/install.sh explains how); nothing is installed into a global Python.
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON=${PYTHON:-python}
+source tests/install.sh
 
-echo "demo: installing the pinned requirements (the first time takes a few minutes: torch is large)"
-"$PYTHON" -m pip install -q --disable-pip-version-check -r requirements.txt
-"$PYTHON" -m pip install -q --disable-pip-version-check --no-deps -e .
-"$PYTHON" -m cluster_job.demo_data --out data/demo
-"$PYTHON" -m evaluation.demo_sets --out data/demo_eval
+echo "demo: setting up Python (the first time installs the pinned requirements: a few GB, torch is large)"
+install_python_packages
+"$PY" -m cluster_job.demo_data --out data/demo
+"$PY" -m evaluation.demo_sets --out data/demo_eval
 echo "demo: tiny, randomly initialised models (nothing is downloaded): real use passes pretrained CLIP weights"
-"$PYTHON" slurm/submit.py config=slurm/configs/demo.yaml "$@"
-run_dir=$("$PYTHON" -c 'import sys; from unicom_ds import config; print(config.resolve(sys.argv[1:]).run_dir)' \
+"$PY" slurm/submit.py config=slurm/configs/demo.yaml "$@"
+run_dir=$("$PY" -c 'import sys; from unicom_ds import config; print(config.resolve(sys.argv[1:]).run_dir)' \
           config=slurm/configs/demo.yaml "$@")
 cat <<MSG
 
@@ -21,3 +23,6 @@ demo finished. Look at:
   $run_dir/eval/results.md       the results tables (the eval sets are scikit-learn digits in SOP's and EuroSAT's layouts)
   tensorboard --logdir $run_dir  every stage's curves, statistics and sample grids
 MSG
+if [[ ${VIRTUAL_ENV:-} == "$PWD/.venv" ]]; then
+    echo "  (the demo ran with .venv/bin/python: '. .venv/bin/activate' to use it in your shell)"
+fi
