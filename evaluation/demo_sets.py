@@ -7,6 +7,7 @@ Stanford Online Products (retrieval, `sop/`) and EuroSAT (linear probe, `eurosat
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +46,13 @@ def write_sop(data_root, x, y) -> None:
 
 
 def write_eurosat(data_root, x, y) -> dict:
-    """EuroSAT layout (torchvision): eurosat/2750/<class>/<class>_<i>.jpg; the reader draws the split."""
+    """EuroSAT layout (torchvision): eurosat/2750/<class>/<class>_<i>.jpg, i = 1..N within each class
+    as in the release; the reader draws the split."""
     base = Path(data_root) / "eurosat" / "2750"
     names = class_names(y)
-    for row in range(len(x)):
-        save_image(base / names[y[row]] / f"{names[y[row]]}_{row}.jpg", x[row])
+    for c, name in enumerate(names):
+        for i, row in enumerate(np.flatnonzero(y == c), 1):
+            save_image(base / name / f"{name}_{i}.jpg", x[row])
     return {"all": np.arange(len(x))}
 
 
@@ -59,9 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retrieval", type=int, default=600, help="digits in the SOP-layout retrieval set")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    if (out / "sop" / "Ebay_test.txt").is_file() and (out / "eurosat" / "2750").is_dir():
+    if (out / "sop" / "Ebay_test.txt").is_file() and (out / "eurosat" / "2750" / "digit0" / "digit0_1.jpg").is_file():
         print(f"demo eval sets already in {out}")
         return
+    # An older demo numbered the EuroSAT files across classes, which the eval check reads as gaps.
+    shutil.rmtree(out / "eurosat", ignore_errors=True)
     x, y = digit_images()
     write_sop(out, x[:args.retrieval], y[:args.retrieval])
     write_eurosat(out, x, y)

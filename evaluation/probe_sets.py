@@ -10,10 +10,14 @@ val is None and the probe holds out part of train. ImageNet's val serves as test
 
 torchvision checks the md5 of CIFAR's and Flowers' files against the download archive; those checks
 are switched off here: `check()` reports missing files by name up front, and it spares re-hashing.
+`check_images(probe_set, data_root)` names missing images without decoding any: those the split
+files name, and for the sets read from class folders (Caltech101, EuroSAT, ImageNet), those the
+release holds, so that no set is silently scored on fewer images.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import datasets as tvd
+
+from evaluation import files
 
 
 class Split(torch.utils.data.Dataset):
@@ -222,6 +228,56 @@ def _birdsnap(root: Path, tf, seed: int):
     return Split(ds, train, ds.targets), None, Split(ds, test, ds.targets)
 
 
+# Images per class of the EuroSAT RGB release (27,000), whose files are CLASS/CLASS_1.jpg ... CLASS_N.jpg.
+EUROSAT_RELEASE = {"AnnualCrop": 3000, "Forest": 3000, "HerbaceousVegetation": 3000, "Highway": 2500,
+                   "Industrial": 2500, "Pasture": 2000, "PermanentCrop": 2500, "Residential": 3000,
+                   "River": 2500, "SeaLake": 3000}
+IMAGENET_CLASSES, IMAGENET_TRAIN_IMAGES = 1000, 1_281_167  # ILSVRC2012 train
+_NUMBER = re.compile(r"_(\d+)\.jpg$")
+
+
+def _numbered_gaps(ds: tvd.ImageFolder, root: Path, file_name: Callable[[str, int], str],
+                   release: dict[str, int], skip: tuple[str, ...] = ()) -> list[str]:
+    """Images missing from class folders whose files are numbered 1..N (`file_name(class, i)`): N is
+    the release's count of the class where `release` has it, else the highest number present. Once
+    any release class is present, all of them are expected."""
+    names: dict[str, set[str]] = {c: set() for c in ds.classes}
+    if names.keys() & release.keys():
+        names.update({c: set() for c in release.keys() - names.keys()})
+    for path, label in ds.samples:
+        names[ds.classes[label]].add(os.path.basename(path))
+    gone = []
+    for c in sorted(names.keys() - set(skip)):
+        n = release.get(c, max((int(m.group(1)) for f in names[c] if (m := _NUMBER.search(f))), default=0))
+        gone += [str(root / c / file_name(c, i)) for i in range(1, n + 1) if file_name(c, i) not in names[c]]
+    return gone
+
+
+def _eurosat_gaps(ps: ProbeSet, root: Path) -> tuple[list[str], str]:
+    gone = _numbered_gaps(ps.train.base, root / "2750", lambda c, i: f"{c}_{i}.jpg", EUROSAT_RELEASE)
+    return gone, (f"each class folder of {root / '2750'} numbers its files CLASS_1.jpg to CLASS_N.jpg; "
+                  f"the EuroSAT RGB release holds {sum(EUROSAT_RELEASE.values()):,}")
+
+
+def _caltech101_gaps(ps: ProbeSet, root: Path) -> tuple[list[str], str]:
+    # torchvision's own reader relies on the 1..N numbering of the object classes; it never reads
+    # BACKGROUND_Google, whose numbering is therefore left unchecked.
+    gone = _numbered_gaps(ps.train.base, root / "101_ObjectCategories", lambda c, i: f"image_{i:04d}.jpg", {},
+                          skip=("BACKGROUND_Google",))
+    return gone, f"each object class of {root / '101_ObjectCategories'} numbers its files image_0001.jpg to N"
+
+
+def _imagenet_gaps(ps: ProbeSet, root: Path) -> tuple[list[str], str]:
+    wnid_to_classes, val_wnids = tvd.imagenet.load_meta_file(str(root))
+    val = {(Path(p).parent.name, Path(p).name) for p, _ in ps.test.base.samples}
+    names = [(w, f"ILSVRC2012_val_{i:08d}.JPEG") for i, w in enumerate(val_wnids, 1)]
+    gone = [str(root / "val" / w / f) for w, f in names if (w, f) not in val]
+    if len(wnid_to_classes) == IMAGENET_CLASSES and len(ps.train) < IMAGENET_TRAIN_IMAGES:
+        gone.append(f"{IMAGENET_TRAIN_IMAGES - len(ps.train):,} of the {IMAGENET_TRAIN_IMAGES:,} ILSVRC2012 "
+                    f"train images (no list names them; {len(ps.train):,} are under {root / 'train'})")
+    return gone, f"{root / 'meta.bin'} lists {len(val_wnids):,} val images, val/WNID/ILSVRC2012_val_N.JPEG"
+
+
 @dataclass(frozen=True)
 class Spec:
     build: Callable          # (torchvision root, transform, seed) -> (train, val or None, test)
@@ -229,18 +285,22 @@ class Spec:
     files: tuple[str, ...]   # what check() requires, relative to <data_root>/<name>
     source: str              # where the set is documented / obtained
     nested: bool = False     # torchvision appends the set's own name: give it <data_root>
+    listed: bool = True      # the split files name image files (False: arrays, or class folders)
+    # Class-folder sets: (ProbeSet, <data_root>/<name>) -> (missing images, the rule that finds them).
+    gaps: Callable[[ProbeSet, Path], tuple[list[str], str]] | None = None
 
 
 SETS: dict[str, Spec] = {
     "cifar10": Spec(_cifar(_CIFAR10), "top1",
                     tuple(f"cifar-10-batches-py/{f}" for f in
                           [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
-                    "https://www.cs.toronto.edu/~kriz/cifar.html (python version)"),
+                    "https://www.cs.toronto.edu/~kriz/cifar.html (python version)", listed=False),
     "cifar100": Spec(_cifar(_CIFAR100), "top1",
                      ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"),
-                     "https://www.cs.toronto.edu/~kriz/cifar.html (python version)"),
+                     "https://www.cs.toronto.edu/~kriz/cifar.html (python version)", listed=False),
     "caltech101": Spec(_caltech101, "mean_per_class", ("101_ObjectCategories/BACKGROUND_Google",),
-                       "https://data.caltech.edu/records/mzrjq-6wc02 (101_ObjectCategories.tar.gz)"),
+                       "https://data.caltech.edu/records/mzrjq-6wc02 (101_ObjectCategories.tar.gz)",
+                       listed=False, gaps=_caltech101_gaps),
     "stanford_cars": Spec(_official_splits(tvd.StanfordCars, ("train", "test"),
                                            lambda parts: [[t for _, t in p._samples] for p in parts]), "top1",
                           ("devkit/cars_meta.mat", "devkit/cars_train_annos.mat",
@@ -271,9 +331,11 @@ SETS: dict[str, Spec] = {
                  ("oxford-iiit-pet/images", "oxford-iiit-pet/annotations/trainval.txt",
                   "oxford-iiit-pet/annotations/test.txt"),
                  "https://www.robots.ox.ac.uk/~vgg/data/pets/"),
-    "eurosat": Spec(_eurosat, "top1", ("2750",), "https://github.com/phelber/eurosat (EuroSAT RGB)", nested=True),
+    "eurosat": Spec(_eurosat, "top1", ("2750",), "https://github.com/phelber/eurosat (EuroSAT RGB)", nested=True,
+                    listed=False, gaps=_eurosat_gaps),
     "imagenet": Spec(_imagenet, "top1", ("meta.bin", "train", "val"),
-                     "https://image-net.org/challenges/LSVRC/2012/ (prepared by torchvision.datasets.ImageNet)"),
+                     "https://image-net.org/challenges/LSVRC/2012/ (prepared by torchvision.datasets.ImageNet)",
+                     listed=False, gaps=_imagenet_gaps),
 }
 
 
@@ -300,3 +362,19 @@ def load(name: str, data_root: str | os.PathLike, transform: Callable | None = N
     train, val, test = spec.build(tv_root, RGB(transform), seed)
     labels = np.concatenate([s.labels for s in (train, val, test) if s is not None])
     return ProbeSet(name, train, val, test, spec.metric, len(np.unique(labels)))
+
+
+def check_images(ps: ProbeSet, data_root: str | os.PathLike) -> None:
+    """Raise FileNotFoundError naming the set and its missing images (found by listing folders,
+    nothing decoded): those its split files name, or for class-folder sets those its release holds."""
+    spec, root = SETS[ps.name], folder(ps.name, data_root)
+    if spec.listed:
+        paths = [p for split in (ps.train, ps.val, ps.test) if split is not None for p in split.paths]
+        gone = files.missing(paths)
+        rule = f"named in the split files under {root}"
+    elif spec.gaps is not None:
+        gone, rule = spec.gaps(ps, root)
+    else:
+        return
+    if gone:
+        raise FileNotFoundError(f"eval set '{ps.name}': {len(gone)} image(s) missing ({rule}): {files.first_few(gone)}")

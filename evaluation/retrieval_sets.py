@@ -13,7 +13,7 @@ more named `splits`, each a query/gallery protocol over those rows:
 
 Features are extracted once per set (for `paths`, in order) and every split is scored from them
 (`evaluation.metrics.evaluate`). A missing list file raises FileNotFoundError naming the expected
-path and where the data set is documented.
+path and where the data set is documented; `check_images(set)` names the listed images that are missing.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from evaluation import files
 
 
 @dataclass
@@ -38,6 +40,7 @@ class RetrievalSet:
     labels: np.ndarray                    # int64 class per image (-1 where the set has none: GLDv2)
     ks: tuple[int, ...]                   # the customary Recall@K
     splits: dict[str, Split] = field(default_factory=dict)  # "" when a set has a single protocol
+    lists: tuple[str, ...] = ()           # the files that name the images (for messages)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -94,7 +97,7 @@ def read_cub(root: Path) -> RetrievalSet:
     ids = [i for i in names if labels[i] > 100]
     return RetrievalSet("cub", [str(root / "images" / names[i]) for i in ids],
                         np.array([labels[i] for i in ids], dtype=np.int64), (1, 2, 4, 8),
-                        {"": Split(_rows(len(ids)))})
+                        {"": Split(_rows(len(ids)))}, (str(root / "images.txt"),))
 
 
 def read_cars(root: Path) -> RetrievalSet:
@@ -106,7 +109,7 @@ def read_cars(root: Path) -> RetrievalSet:
     keep = [(str(a["relative_im_path"]), int(a["class"])) for a in annos if int(a["class"]) > 98]
     return RetrievalSet("cars", [str(root / p) for p, _ in keep],
                         np.array([c for _, c in keep], dtype=np.int64), (1, 2, 4, 8),
-                        {"": Split(_rows(len(keep)))})
+                        {"": Split(_rows(len(keep)))}, (str(root / "cars_annos.mat"),))
 
 
 def read_sop(root: Path) -> RetrievalSet:
@@ -114,7 +117,7 @@ def read_sop(root: Path) -> RetrievalSet:
     rows = _table(root, "Ebay_test.txt", "sop", 4, skip=1)
     return RetrievalSet("sop", [str(root / r[3]) for r in rows],
                         np.array([int(r[1]) for r in rows], dtype=np.int64), (1, 10, 100, 1000),
-                        {"": Split(_rows(len(rows)))})
+                        {"": Split(_rows(len(rows)))}, (str(root / "Ebay_test.txt"),))
 
 
 def read_inshop(root: Path) -> RetrievalSet:
@@ -126,17 +129,19 @@ def read_inshop(root: Path) -> RetrievalSet:
     items = {item: i for i, item in enumerate(sorted({r[1] for r in rows}))}
     return RetrievalSet("inshop", [str(root / "Img" / r[0]) for r in rows],
                         np.array([items[r[1]] for r in rows], dtype=np.int64), (1, 10, 20, 30, 40, 50),
-                        {"": Split(np.flatnonzero(status == "query"), np.flatnonzero(status == "gallery"))})
+                        {"": Split(np.flatnonzero(status == "query"), np.flatnonzero(status == "gallery"))},
+                        (str(root / "Eval/list_eval_partition.txt"),))
 
 
 def read_inat(root: Path) -> RetrievalSet:
     """iNaturalist 2018 with Brown et al.'s retrieval split: Inat_dataset_splits/Inaturalist_test_set1.txt
     lists image paths relative to root (train_val2018/SUPERCATEGORY/CLASS_ID/FILE.jpg); the class
     is the CLASS_ID folder."""
-    paths = [r[0] for r in _table(root, "Inat_dataset_splits/Inaturalist_test_set1.txt", "inat", 1)]
+    listed = "Inat_dataset_splits/Inaturalist_test_set1.txt"
+    paths = [r[0] for r in _table(root, listed, "inat", 1)]
     return RetrievalSet("inat", [str(root / p) for p in paths],
                         np.array([int(Path(p).parent.name) for p in paths], dtype=np.int64), (1, 4, 16, 32),
-                        {"": Split(_rows(len(paths)))})
+                        {"": Split(_rows(len(paths)))}, (str(root / listed),))
 
 
 def read_vehicleid(root: Path) -> RetrievalSet:
@@ -156,7 +161,8 @@ def read_vehicleid(root: Path) -> RetrievalSet:
     splits = {str(size): Split(np.array(list(dict.fromkeys(index[row[0]] for row in pairs)), dtype=np.int64))
               for size, pairs in lists.items()}
     return RetrievalSet("vehicleid", [str(root / "image" / f"{name}.jpg") for name in index],
-                        np.array(labels, dtype=np.int64), (1, 5), splits)
+                        np.array(labels, dtype=np.int64), (1, 5), splits,
+                        tuple(str(root / f"train_test_split/test_list_{size}.txt") for size in lists))
 
 
 def _gld_image(root: Path, folder: str, image_id: str) -> str:
@@ -183,7 +189,8 @@ def read_gldv2(root: Path) -> RetrievalSet:
                              f"that is not in {root / 'index.csv'}") from None
         splits[usage.lower()] = Split(np.array([q for q, _ in mine], dtype=np.int64),
                                       _rows(len(index_ids)), relevant)
-    return RetrievalSet("gldv2", paths, np.full(len(paths), -1, dtype=np.int64), (), splits)
+    return RetrievalSet("gldv2", paths, np.full(len(paths), -1, dtype=np.int64), (), splits,
+                        (str(root / "index.csv"), str(root / "retrieval_solution_v2.1.csv")))
 
 
 READERS = {"cub": read_cub, "cars": read_cars, "sop": read_sop, "inshop": read_inshop,
@@ -195,3 +202,12 @@ def read(name: str, root) -> RetrievalSet:
     if name not in READERS:
         raise ValueError(f"unknown retrieval set '{name}'; known: {', '.join(READERS)}")
     return READERS[name](Path(root))
+
+
+def check_images(ds: RetrievalSet) -> None:
+    """Raise FileNotFoundError naming the set, its list files and the images they name that are
+    missing (found by listing folders; nothing is decoded)."""
+    gone = files.missing(ds.paths)
+    if gone:
+        raise FileNotFoundError(f"eval set '{ds.name}': {len(gone)} of the {len(ds.paths)} images named in "
+                                f"{' and '.join(ds.lists)} are missing: {files.first_few(gone)}")

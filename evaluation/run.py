@@ -69,7 +69,8 @@ def dataset_kind(name: str) -> str:
 
 
 def check(cfg: Any) -> None:
-    """Everything that can fail before any work: model entries and files, data set folders and files."""
+    """Everything that can fail before any work: model entries and files, data set folders, list files
+    and the images they name (listed, not decoded)."""
     cfg = config_mod.as_config(cfg)
     fraction = float(cfg.eval.probe.val_fraction)
     if not 0.0 < fraction < 1.0:
@@ -86,10 +87,13 @@ def check(cfg: Any) -> None:
         if not root.is_dir():
             raise FileNotFoundError(f"eval.datasets '{name}': expected its folder {root} "
                                     f"(eval.data_root={cfg.eval.data_root})")
+        # Every image a set's lists name (or its release holds) must be there: a set scored on
+        # fewer images would give numbers that look valid.
         if kind == "probe":
-            probe_sets.check(str(name), str(cfg.eval.data_root))
+            probe = probe_sets.load(str(name), str(cfg.eval.data_root), seed=int(cfg.seed))
+            probe_sets.check_images(probe, str(cfg.eval.data_root))
         else:
-            retrieval_sets.read(str(name), root)
+            retrieval_sets.check_images(retrieval_sets.read(str(name), root))
 
 
 def _check_model_name(spec: ModelSpec) -> None:

@@ -180,9 +180,10 @@ def write_imagenet(data_root, x, y):
     base.mkdir(parents=True)
     torch.save(({w: (f"digit {c}", f"numeral {c}") for c, w in enumerate(wnids)},
                 [wnids[y[row]] for row in split["test"]]), base / "meta.bin")
-    for part, folder in (("train", "train"), ("test", "val")):
-        for row in split[part]:
-            save_image(base / folder / wnids[y[row]] / f"{folder}_{row}.JPEG", x[row])
+    for row in split["train"]:
+        save_image(base / "train" / wnids[y[row]] / f"{wnids[y[row]]}_{row}.JPEG", x[row])
+    for i, row in enumerate(split["test"], 1):  # val image i belongs to meta.bin's i-th val wnid
+        save_image(base / "val" / wnids[y[row]] / f"ILSVRC2012_val_{i:08d}.JPEG", x[row])
     return split
 
 

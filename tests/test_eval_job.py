@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from unicom_ds.atomic import read_json
 from unicom_ds.tblog import read_scalars
 
 torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def export_backbone(run_dir):
@@ -134,6 +138,56 @@ def test_check_names_what_is_missing(tmp_path):
     assert run.main([f"run_dir={tmp_path / 'run'}", f"eval.data_root={data}", "eval.datasets=[dtd]"]) == 2
 
 
+def test_check_names_a_listed_image_that_is_missing_before_submission(tmp_path):
+    """A file named in an eval set's list is missing: `submit.py ... dry_run=true` refuses before
+    anything is submitted, naming the set, the list and the file. Images are listed, never decoded."""
+    data = tmp_path / "data"
+    x, y = digit_images(40)
+    write_sop(data, x, y)
+    export_backbone(tmp_path / "run")
+    (data / "sop" / "digit_final" / "7.JPG").write_bytes(b"not an image")  # decoding is the job's part
+    run.check(eval_cfg(tmp_path / "run", data, "eval.datasets=[sop]"))
+    (data / "sop" / "digit_final" / "12.JPG").unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        run.check(eval_cfg(tmp_path / "run", data, "eval.datasets=[sop]"))
+    assert str(err.value) == (f"eval set 'sop': 1 of the 40 images named in {data / 'sop' / 'Ebay_test.txt'} "
+                              f"are missing: {data / 'sop' / 'digit_final' / '12.JPG'}")
+    res = subprocess.run([sys.executable, "slurm/submit.py", "stage=eval", f"run_dir={tmp_path / 'run'}",
+                          "model=ViT-Tiny-16", f"eval.data_root={data}", "eval.datasets=[sop]",
+                          "launcher=slurm", "dry_run=true"], capture_output=True, text=True, timeout=300,
+                         cwd=REPO)
+    assert res.returncode == 2 and "#SBATCH" not in res.stdout, res.stdout + res.stderr
+    assert f"{data / 'sop' / 'digit_final' / '12.JPG'}" in res.stderr and "eval set 'sop'" in res.stderr
+
+
+def test_check_finds_a_deleted_eurosat_image(tmp_path):
+    """A deleted image of a class-folder set would silently shrink it: EuroSAT numbers each class's
+    files 1..N, so a gap names the very file."""
+    data = tmp_path / "data"
+    x, y = digit_images(200)
+    write_eurosat(data, x, y)
+    export_backbone(tmp_path / "run")
+    cfg = eval_cfg(tmp_path / "run", data, "eval.datasets=[eurosat]")
+    run.check(cfg)
+    gone = data / "eurosat" / "2750" / "digit3" / "digit3_5.jpg"
+    gone.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"eval set 'eurosat': 1 image\(s\) missing \(.*numbers its "
+                                                rf"files CLASS_1.jpg to CLASS_N.jpg.*\): {gone}$"):
+        run.check(cfg)
+
+
+def test_demo_sets_replace_an_older_eurosat_layout(tmp_path):
+    """Demo data written before EuroSAT files were numbered per class is rewritten, not reported as gaps."""
+    from evaluation import demo_sets
+    old = tmp_path / "eurosat" / "2750" / "digit0" / "digit0_0.jpg"  # numbered by row across classes
+    x, _ = digit_images(1)
+    demo_sets.save_image(old, x[0])
+    demo_sets.main(["--out", str(tmp_path), "--retrieval", "20"])
+    assert not old.exists()
+    probe_sets.check_images(probe_sets.load("eurosat", tmp_path), tmp_path)
+    assert len(probe_sets.load("eurosat", tmp_path).train.base) == len(digit_images()[0])
+
+
 def test_model_entries_give_row_labels_and_load_arguments(tmp_path):
     assert run.parse_model("run", tmp_path, "ViT-B-16") == run.ModelSpec(
         "run", "ViT-B-16", str(tmp_path / "train" / "backbone.pt"), True)
@@ -191,8 +245,6 @@ print("RESULT", run.eval_job(config.select(cfg)) is not None)
 @pytest.mark.slow
 def test_two_slurm_tasks_split_extraction_and_rank_0_writes(done, tmp_path):
     """Two real processes with the environment a 2-task submitit SLURM job gives them (gloo group)."""
-    import subprocess
-    import sys
     cfg, run_dir, data, merged = done
     run2 = tmp_path / "run"
     (run2 / "train").mkdir(parents=True)
