@@ -134,8 +134,45 @@ def test_load_rank_states_reads_only_overlapping_blocks(tmp_path):
     assert [s["class_range"] for s in got] == [block_range(K, 4, r) for r in (2, 3)]
 
 
-def test_rng_round_trip():
-    state = checkpoint.rng_state()
-    first = (random.random(), np.random.rand(), torch.rand(1).item())
-    checkpoint.set_rng_state(state)
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+def test_rng_round_trip_through_a_weights_only_file(tmp_path):
+    torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
+    first = (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item())
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item()) == first
+
+
+class Payload:
+    """What an attacker plants: unpickling it runs a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_planted_pickle_payload_in_a_rank_file_does_not_run(tmp_path):
+    root = tmp_path / "ckpt"
+    path = fake_save(root, 5)
+    marker = tmp_path / "pwned"
+    state = torch.load(checkpoint.rank_file(path, 0), weights_only=True)
+    state["rng"] = Payload(marker)
+    torch.save(state, checkpoint.rank_file(path, 0))
+    torch.load(checkpoint.rank_file(path, 0), weights_only=False)  # the payload is real: a plain load runs it
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(ValueError, match=r"rank_00000\.pt: not a rank file this project wrote"):
+        checkpoint.load_rank_states(path, K, 0, K)
+    assert not marker.exists()
+
+
+def test_resume_from_outside_the_run_needs_trust(tmp_path):
+    other = fake_save(tmp_path / "other" / "ckpt", 5)
+    root = tmp_path / "run" / "ckpt"
+    with pytest.raises(checkpoint.ConfigError, match=r"train.resume=.*other/ckpt/step_5 is outside this run's "
+                                                     r"checkpoints .*train.trust_checkpoint=true"):
+        checkpoint.resolve(root, str(other))
+    assert checkpoint.resolve(root, str(other), trust=True) == other
+    own = fake_save(root, 7)
+    assert checkpoint.resolve(root, str(own)) == own and checkpoint.resolve(root, "latest") == own

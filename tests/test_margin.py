@@ -209,3 +209,46 @@ def test_state_dict_keeps_step_and_refuses_another_block():
     state["_extra_state"] = {**state["_extra_state"], "class_range": (0, 5)}
     with pytest.raises(ValueError, match=r"saved prototypes are classes \(0, 5\) of 10.*reslice"):
         other.load_state_dict(state)
+
+
+def official_straight_through_arcface(emb, weight, labels, margin, scale):
+    """The official partial_fc.py CombinedMarginLoss + cross-entropy, written the same way: the
+    margin is applied in place under no_grad, so the gradient passes straight through it."""
+    logits = F.linear(F.normalize(emb), F.normalize(weight)).clamp(-1, 1)
+    rows = torch.arange(len(labels))
+    with torch.no_grad():
+        target = logits[rows, labels].arccos() + margin
+        logits.arccos_()
+        logits[rows, labels] = target
+        logits.cos_()
+    return F.cross_entropy(logits * scale, labels)
+
+
+@pytest.mark.parametrize("r1, r2", [(1.0, 1.0), (0.3, 0.5)])
+def test_straight_through_margin_matches_the_official_formulation(r1, r2):
+    torch.manual_seed(5)
+    layer = ShardedPrototypes(40, 16, r1=r1, r2=r2, seed=2, margin_grad="straight_through").double()
+    emb = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 40, (6,))
+    loss = layer(emb, labels)
+    loss.backward()
+    sel, dims = layer.selected, (torch.arange(16) if layer.features is None else layer.features)
+    ref_emb = emb.detach().clone().requires_grad_()
+    ref_w = layer.weight.detach().clone().requires_grad_()
+    ref_labels = torch.tensor([sel.tolist().index(c) for c in labels.tolist()])
+    ref = official_straight_through_arcface(ref_emb[:, dims], ref_w[sel][:, dims], ref_labels, 0.3, 64.0)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(emb.grad, ref_emb.grad, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(layer.weight.grad, ref_w.grad, rtol=1e-6, atol=1e-8)
+    # The same loss value as the exact gradient's, but another gradient.
+    exact_emb = emb.detach().clone().requires_grad_()
+    exact = dense_arcface(exact_emb[:, dims], ref_w.detach()[sel][:, dims], ref_labels, 0.3, 64.0)
+    exact.backward()
+    torch.testing.assert_close(exact, ref, rtol=1e-6, atol=1e-6)
+    assert (exact_emb.grad - emb.grad).abs().max() > 1e-3
+
+
+def test_unknown_margin_grad_is_refused():
+    with pytest.raises(ValueError, match="margin_grad='exactly': expected one of exact, straight_through"):
+        ShardedPrototypes(10, 4, margin_grad="exactly")

@@ -45,3 +45,10 @@ def test_no_warmup_and_bad_total():
     assert lr_at(0, 3.0, 0, 10) == pytest.approx(3.0)
     with pytest.raises(ValueError, match="total_steps=0"):
         lr_at(0, 1.0, 0, 0)
+
+
+def test_constant_schedule_holds_the_rate_after_warmup():
+    lrs = [lr_at(s, 1e-4, 3, 10, "constant") for s in range(12)]
+    assert lrs[:3] == pytest.approx([1e-4 / 3, 2e-4 / 3, 1e-4]) and lrs[3:] == [1e-4] * 9
+    with pytest.raises(ValueError, match="train.schedule=step: expected one of cosine, constant"):
+        lr_at(0, 1.0, 0, 10, "step")

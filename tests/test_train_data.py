@@ -8,6 +8,7 @@ import webdataset as wds
 
 from tests.train_fixtures import make_run
 from unicom_ds import shards, train_data
+from unicom_ds.continuation import LabelSource
 
 torch.set_num_threads(1)
 SIZE = 32  # output image side in these tests
@@ -16,7 +17,12 @@ SIZE = 32  # output image side in these tests
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     # Uneven shards (3 and 17 samples), every 4th sample unlabelled, one labelled image broken.
-    return make_run(tmp_path_factory.mktemp("train_data"), [3, 17], k=5, unlabelled_every=4, broken=("000010005",))
+    out = make_run(tmp_path_factory.mktemp("train_data"), [3, 17], k=5, unlabelled_every=4, broken=("000010005",))
+    return {**out, "source": source(out["run"])}
+
+
+def source(run):
+    return LabelSource(run, run / "embed")
 
 
 def raw_samples(pattern):
@@ -24,7 +30,7 @@ def raw_samples(pattern):
 
 
 def test_join_gives_each_key_its_label(run):
-    join = train_data.LabelJoin(run["run"], train_data.train_transform(SIZE))
+    join = train_data.LabelJoin(run["source"], train_data.train_transform(SIZE))
     samples = raw_samples(run["shards"])
     reasons = collections.Counter()
     for s in samples:
@@ -43,7 +49,7 @@ def test_join_gives_each_key_its_label(run):
 
 
 def test_stream_counts_every_skipped_sample(run):
-    join = train_data.LabelJoin(run["run"], train_data.train_transform(SIZE))
+    join = train_data.LabelJoin(run["source"], train_data.train_transform(SIZE))
     out = list(join(iter(raw_samples(run["shards"]))))
     skipped = torch.stack([o[2] for o in out]).sum(0).tolist()
     assert len(out) == 20 - 5 and skipped == [4, 1]
@@ -51,30 +57,75 @@ def test_stream_counts_every_skipped_sample(run):
 
 
 def test_only_labelled_shards_are_used(run, tmp_path):
-    urls, rows = train_data.labelled_shards(run["run"], run["shards"])
-    assert [shards.stem(u) for u in urls] == ["00000", "00001"] and rows == 3 + 13
+    checked = train_data.check_labels(run["source"], run["shards"], 5, progress_mode="off")
+    assert [shards.stem(u) for u in checked.urls] == ["00000", "00001"] and checked.rows == 3 + 13
+    assert checked.per_shard == {"00000": 3, "00001": 13}
     more = run["shards"].replace("00001}", "00002}")  # a third shard with no labels in the run dir
-    assert train_data.labelled_shards(run["run"], more)[0] == urls
-    with pytest.raises(FileNotFoundError, match="run stage=cluster first"):
-        train_data.labelled_shards(tmp_path, run["shards"])
+    assert train_data.check_labels(run["source"], more, 5, progress_mode="off").urls == checked.urls
+    with pytest.raises(train_data.LabelError, match="run stage=cluster first"):
+        train_data.check_labels(source(tmp_path), run["shards"], 5, progress_mode="off")
 
 
-def test_label_count_mismatch_names_the_files(run, tmp_path):
-    bad = tmp_path / "run"
-    (bad / "embed").mkdir(parents=True)
-    (bad / "labels").mkdir()
-    (bad / "embed" / "00000.keys.txt").write_text("a\nb\n")
-    np.save(bad / "labels" / "00000.npy", np.array([1, 2, 3]))
-    with pytest.raises(ValueError, match=r"00000\.npy holds \(3,\) labels but .*00000\.keys\.txt has 2 keys"):
-        train_data.read_label_table(bad, "00000")
+def copy_run(run, tmp_path):
+    import shutil
+    shutil.copytree(run["run"], tmp_path / "run")
+    return source(tmp_path / "run")
+
+
+def test_labels_of_the_wrong_length_name_the_files(run, tmp_path):
+    src = copy_run(run, tmp_path)
+    np.save(src.labels("00001"), np.zeros(12, np.int64))  # keys.txt has 13 rows
+    with pytest.raises(train_data.LabelError, match=r"00001\.npy holds int64 \(12,\) labels but .*00001\.keys\.txt "
+                                                    r"has 13 keys"):
+        train_data.check_labels(src, run["shards"], 5, progress_mode="off")
+    with pytest.raises(train_data.LabelError, match=r"00001\.npy holds \(12,\) labels but .*00001\.keys\.txt has 13"):
+        train_data.read_label_table(src, "00001")
+
+
+def test_a_class_outside_k_names_the_file_before_training(run, tmp_path):
+    src = copy_run(run, tmp_path)
+    labels = np.load(src.labels("00000"))
+    labels[1] = 5  # k = 5: classes 0..4
+    np.save(src.labels("00000"), labels)
+    with pytest.raises(train_data.LabelError, match=r"00000\.npy holds class 5, outside \[0, 5\) of .*summary\.json"):
+        train_data.check_labels(src, run["shards"], 5, progress_mode="off")
+
+
+def test_all_unlabelled_rows_fail_fast(run, tmp_path):
+    src = copy_run(run, tmp_path)
+    for stem in ("00000", "00001"):
+        np.save(src.labels(stem), -np.ones_like(np.load(src.labels(stem))))
+    with pytest.raises(train_data.LabelError, match="every label of the 2 labelled shard\\(s\\) is -1"):
+        train_data.check_labels(src, run["shards"], 5, progress_mode="off")
+
+
+def test_keys_that_match_no_sample_of_the_shards_fail_fast(run, tmp_path):
+    src = copy_run(run, tmp_path)
+    for stem in ("00000", "00001"):  # keys of another crawl, labels of the right length
+        n = len(src.keys(stem).read_text().splitlines())
+        src.keys(stem).write_text("".join(f"other{i:05d}\n" for i in range(n)))
+    with pytest.raises(train_data.LabelError, match=r"none of the first 3 samples of .*00000\.tar has a key in "
+                                                    r"'?.*00000\.keys\.txt.*tar: '000000000', keys file: 'other"):
+        train_data.check_labels(src, run["shards"], 5, progress_mode="off")
+
+
+def test_a_loader_that_finds_no_label_raises_instead_of_spinning(run, tmp_path):
+    src = copy_run(run, tmp_path)
+    for stem in ("00000", "00001"):
+        src.keys(stem).write_text("".join(f"other{i:05d}\n" for i in range(len(np.load(src.labels(stem))))))
+    urls = shards.expand(run["shards"])
+    batches = train_data.epoch_batches(urls, src, SIZE, 4, 2, seed=0, rank=0, workers=0, timeout_s=0.5)
+    with pytest.raises(train_data.LabelError, match=r"no trainable sample for 0\.5s \(train\.loader_timeout_s\): "
+                                                    r"skipped \d+ no_label.*do the labels in .*labels belong"):
+        next(iter(batches))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_fixed_number_of_full_batches_on_every_rank(run, workers):
-    urls, _ = train_data.labelled_shards(run["run"], run["shards"])
+    urls = train_data.check_labels(run["source"], run["shards"], 5, progress_mode="off").urls
     streams = []
     for rank in (0, 1):
-        batches = list(train_data.epoch_batches(urls, run["run"], SIZE, 4, 7, seed=3, rank=rank, workers=workers))
+        batches = list(train_data.epoch_batches(urls, run["source"], SIZE, 4, 7, seed=3, rank=rank, workers=workers))
         # 7 full batches although shard 0 holds 3 samples and the whole set only 15 usable ones.
         assert len(batches) == 7
         for images, labels, skipped in batches:

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from tests.train_fixtures import make_run
-from unicom_ds import config, tblog, train
-from unicom_ds.checkpoint import ENGINE_TAG, rank_file, read_meta
+from unicom_ds import config, tblog, train, train_plan
+from unicom_ds.checkpoint import ENGINE_TAG, rank_file, read_meta, read_rank_file
 from unicom_ds.optim import adamw
 
 REPO = Path(__file__).resolve().parents[1]
 TAGS = ("loss", "lr", "images_per_s", "images_per_s_per_gpu", "grad_norm", "selected_classes",
-        "peak_mem_mb", "skipped_samples")
+        "peak_mem_mb", "skipped_samples", "skipped_steps")
 
 
 def ds_config(path: Path) -> Path:
@@ -99,18 +99,20 @@ def test_resume_on_another_rank_count_restores_backbone_and_prototypes(runs):
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_6", "step_7", "step_8"]  # keep_checkpoints=3
     # lr=0 changes nothing: 1-rank step_7 and 2-rank step_8 must hold exactly the 2-rank step_6 weights.
     before = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "step_6"), tag=ENGINE_TAG)
-    export = torch.load(runs["run"] / "train" / "backbone.pt", weights_only=True)
-    assert export["model"] == "ViT-Tiny-16" and export["embed_dim"] == 64
-    assert export["state_dict"].keys() == before.keys()
-    for key, value in before.items():
-        assert export["state_dict"][key].dtype == torch.float32
-        assert torch.equal(export["state_dict"][key], value), key
-    blocks = [torch.load(rank_file(ckpt / "step_6", r), weights_only=False) for r in (0, 1)]
+    export = torch.load(runs["run"] / "train" / "backbone.pt", weights_only=True)  # release format: a plain state dict
+    assert export.keys() == before.keys()
+    # lr=0 keeps the parameters; the BatchNorm statistics still move in train-mode forwards.
+    params = [k for k in before if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert "feature.0.weight" in params and len(params) < len(before)
+    for key in params:
+        assert export[key].dtype == torch.float32
+        assert torch.equal(export[key], before[key]), key
+    blocks = [read_rank_file(rank_file(ckpt / "step_6", r)) for r in (0, 1)]
     assert [b["class_range"] for b in blocks] == [(0, 5), (5, 10)]
-    merged = torch.load(rank_file(ckpt / "step_7", 0), weights_only=False)
+    merged = read_rank_file(rank_file(ckpt / "step_7", 0))
     assert merged["class_range"] == (0, 10)
     assert torch.equal(merged["weight"], torch.cat([b["weight"] for b in blocks]))
-    split = [torch.load(rank_file(ckpt / "step_8", r), weights_only=False) for r in (0, 1)]
+    split = [read_rank_file(rank_file(ckpt / "step_8", r)) for r in (0, 1)]
     assert [b["class_range"] for b in split] == [(0, 5), (5, 10)]
     assert torch.equal(torch.cat([b["weight"] for b in split]), merged["weight"])
 
@@ -151,7 +153,7 @@ def test_tensorboard_scalars_continue_across_resumes(runs):
 def test_exported_backbone_loads(runs):
     import unicom_ds
 
-    model, preprocess = unicom_ds.load("ckpt:ViT-Tiny-16", checkpoint=runs["run"] / "train" / "backbone.pt")
+    model, preprocess = unicom_ds.load("ViT-Tiny-16", checkpoint=runs["run"] / "train" / "backbone.pt")
     with torch.no_grad():
         out = model(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, 64) and torch.isfinite(out).all()
@@ -159,18 +161,23 @@ def test_exported_backbone_loads(runs):
 
 def test_deepspeed_config_errors(tmp_path):
     cfg = config.resolve([f"run_dir={tmp_path}", f"train.deepspeed_config={ds_config(tmp_path / 'ds.json')}"])
-    assert train.deepspeed_config(cfg, 1)["gradient_accumulation_steps"] == 2
-    assert train.deepspeed_config(cfg, 2)["gradient_accumulation_steps"] == 1
+    assert train_plan.deepspeed_config(cfg, 1)["gradient_accumulation_steps"] == 2
+    assert train_plan.deepspeed_config(cfg, 2)["gradient_accumulation_steps"] == 1
     cfg.train.precision = "fp32"
-    assert train.deepspeed_config(cfg, 2)["bf16"]["enabled"] is False
-    with pytest.raises(config.ConfigError, match=r"ds\.json: train_batch_size 8 is not a multiple of .* 4 x 3 ranks"):
-        train.deepspeed_config(cfg, 3)
+    assert train_plan.deepspeed_config(cfg, 2)["bf16"]["enabled"] is False
+    with pytest.raises(config.ConfigError, match=r"ds\.json: train_batch_size 8 is not a multiple of .* 4 x 3 ranks; "
+                                                 r"with this file the number of ranks must divide 2 \(e\.g\. 1, 2\)"):
+        train_plan.deepspeed_config(cfg, 3)
     cfg.train.precision = "fp16"
     with pytest.raises(config.ConfigError, match="train.precision=fp16"):
-        train.deepspeed_config(cfg, 1)
+        train_plan.deepspeed_config(cfg, 1)
     cfg.train.deepspeed_config = str(tmp_path / "nope.json")
-    with pytest.raises(FileNotFoundError, match="nope.json: no such file"):
-        train.deepspeed_config(cfg, 1)
+    with pytest.raises(config.ConfigError, match="train.deepspeed_config=.*nope.json is not a file"):
+        train_plan.deepspeed_config(cfg, 1)
+    (tmp_path / "broken.json").write_text("{")
+    cfg.train.deepspeed_config = str(tmp_path / "broken.json")
+    with pytest.raises(config.ConfigError, match="broken.json is not readable JSON"):
+        train_plan.deepspeed_config(cfg, 1)
 
 
 def test_local_command_passes_only_changed_keys(tmp_path):

@@ -5,9 +5,14 @@ state under `engine/`, one `rank_R.pt` per rank with its prototype block, the bl
 state and RNG states), then rank 0 adds `meta.json`, renames the folder to `step_N` and last
 rewrites the `latest` pointer file atomically. A crash at any point before that leaves `latest`
 naming the previous, complete checkpoint; the next save clears the stale staging folder.
+
+Only this project's files are unpickled: the rank files hold plain tensors and Python scalars and are
+read with `weights_only=True`. DeepSpeed's engine files need a full unpickler, so they are read only
+from the run's own checkpoint folder unless the user says `train.trust_checkpoint=true`.
 """
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -16,6 +21,7 @@ import numpy as np
 import torch
 
 from unicom_ds.atomic import atomic_path, read_json, write_json_atomic, write_text_atomic
+from unicom_ds.config import ConfigError
 from unicom_ds.prototypes import block_range, reslice
 
 ENGINE_TAG = "engine"
@@ -85,13 +91,21 @@ def latest(root: Path) -> Path | None:
     return Path(root) / pointer.read_text().strip()
 
 
-def resolve(root: Path, resume: str | None) -> Path | None:
-    """The checkpoint folder to resume from: `latest` (None when there is none yet), `none`, or a path."""
+def resolve(root: Path, resume: str | None, trust: bool = False) -> Path | None:
+    """The checkpoint folder to resume from: `latest` (None when there is none yet), `none`, or a path.
+
+    A path outside this run's checkpoint folder is refused unless `trust`: resuming loads DeepSpeed's
+    engine files, which are pickles that can run code.
+    """
     if resume in (None, "none", "None", False):
         return None
     path = latest(root) if str(resume) == "latest" else Path(str(resume))
     if path is not None and not (path / META).is_file():
         raise FileNotFoundError(f"train.resume={resume}: {path} is not a complete checkpoint (no {META})")
+    if path is not None and not trust and Path(root).resolve() not in path.resolve().parents:
+        raise ConfigError(f"train.resume={resume}: {path} is outside this run's checkpoints ({root}); resuming "
+                          "unpickles DeepSpeed's engine files, which can run code: pass train.trust_checkpoint=true "
+                          "if you trust whoever wrote it")
     return path
 
 
@@ -100,7 +114,10 @@ def read_meta(path: Path) -> dict:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors and Python scalars (numpy's key array as a tensor), so weights_only loads them."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    gauss), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -108,10 +125,20 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def read_rank_file(path: Path) -> dict:
+    """One rank file, unpickled with weights_only=True: a planted payload raises instead of running."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: not a rank file this project wrote (holds objects other than tensors and "
+                         f"plain values; refused to unpickle them): {str(e).splitlines()[0]}") from None
 
 
 def load_rank_states(path: Path, num_classes: int, start: int, end: int) -> list[dict]:
@@ -121,7 +148,7 @@ def load_rank_states(path: Path, num_classes: int, start: int, end: int) -> list
     for r in range(world):
         lo, hi = block_range(num_classes, world, r)
         if hi > start and lo < end:
-            state = torch.load(rank_file(path, r), map_location="cpu", weights_only=False)
+            state = read_rank_file(rank_file(path, r))
             if tuple(state["class_range"]) != (lo, hi):
                 raise ValueError(f"{rank_file(path, r)}: holds classes {state['class_range']}, expected {(lo, hi)}")
             states.append(state)

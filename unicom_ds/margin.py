@@ -112,16 +112,30 @@ class _AddAngle(torch.autograd.Function):
         return grad * (math.cos(m) + c * math.sin(m) / sin), None
 
 
-def add_angle(c: torch.Tensor, margin: float) -> torch.Tensor:
-    """cos(arccos(c) + margin) with the exact gradient, finite at |c| = 1."""
-    return _AddAngle.apply(c, margin)
+MARGIN_GRADS = ("exact", "straight_through")
+
+
+def add_angle(c: torch.Tensor, margin: float, grad: str = "exact") -> torch.Tensor:
+    """cos(arccos(c) + margin).
+
+    grad="exact": its analytic gradient, finite at |c| = 1. grad="straight_through": the gradient
+    of the identity, as the official code gets by applying arccos, + m and cos under no_grad (the
+    paper's numbers were made that way).
+    """
+    if grad == "exact":
+        return _AddAngle.apply(c, margin)
+    if grad == "straight_through":
+        with torch.no_grad():
+            shifted = _AddAngle.apply(c, margin)
+        return c + (shifted - c).detach()
+    raise ValueError(f"margin gradient '{grad}': expected one of {', '.join(MARGIN_GRADS)}")
 
 
 def margin_logits(cos: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, margin: float,
-                  scale: float) -> torch.Tensor:
+                  scale: float, grad: str = "exact") -> torch.Tensor:
     """scale * cos, with scale * cos(theta + margin) at the positives (rows[i], cols[i])."""
     logits = cos * scale
-    logits.index_put_((rows, cols), add_angle(cos[rows, cols], margin) * scale)
+    logits.index_put_((rows, cols), add_angle(cos[rows, cols], margin, grad) * scale)
     return logits
 
 
@@ -162,10 +176,11 @@ def sharded_cross_entropy(logits: torch.Tensor, rows: torch.Tensor, cols: torch.
 
 
 def margin_softmax_loss(embeddings: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                        margin: float, scale: float) -> torch.Tensor:
+                        margin: float, scale: float, grad: str = "exact") -> torch.Tensor:
     """ArcFace loss of `embeddings` [n, d] against this rank's (selected) prototypes `weight` [c, d].
 
     The positives are (rows[i], cols[i]): row rows[i] belongs to class `weight[cols[i]]`.
+    `grad` is the margin's gradient (`add_angle`).
     """
-    logits = margin_logits(cosine(embeddings, weight), rows, cols, margin, scale)
+    logits = margin_logits(cosine(embeddings, weight), rows, cols, margin, scale, grad)
     return sharded_cross_entropy(logits, rows, cols)

@@ -1,9 +1,12 @@
-"""Progress for long loops: a tqdm bar on a terminal, periodic plain lines in logs."""
+"""Progress for long loops: a tqdm bar on a terminal, periodic plain lines in logs.
+
+Lines carry their units: `[assign] 3/4 shards, 1,234 rows, 2.1 shards/s, 617 rows/s, 2s elapsed`.
+"""
 from __future__ import annotations
 
 import sys
 import time
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from tqdm import tqdm
 
@@ -19,27 +22,54 @@ def _mode(mode) -> str:
 
 
 def progress(it: Iterable[T], total: int | None = None, desc: str = "", mode: str = "auto",
-             every_s: float = 30.0) -> Iterator[T]:
-    """Iterate `it` showing progress. `lines` prints one line every `every_s` seconds and at the end."""
+             every_s: float = 30.0, unit: str = "item", rows: Callable[[T], int] | None = None) -> Iterator[T]:
+    """Iterate `it` showing progress in `unit`s (a singular noun); `rows(item)` (optional) counts the rows
+    each item holds.
+
+    `lines` prints one line every `every_s` seconds and one at the end."""
     mode = _mode(mode)
-    if mode == "bar":
-        yield from tqdm(it, total=total, desc=desc, dynamic_ncols=True)
-        return
     if mode == "off":
         yield from it
+        return
+    n_rows = 0
+    if mode == "bar":
+        bar = tqdm(it, total=total, desc=desc, unit=f" {plural(unit)}", dynamic_ncols=True)
+        for item in bar:
+            yield item
+            if rows is not None:
+                n_rows += rows(item)
+                bar.set_postfix_str(f"{n_rows:,} rows", refresh=False)
         return
     start = last = time.monotonic()
     n = 0
     for n, item in enumerate(it, 1):
         yield item
+        if rows is not None:
+            n_rows += rows(item)
         now = time.monotonic()
         if now - last >= every_s:
             last = now
-            _line(desc, n, total, now - start)
-    _line(desc, n, total, time.monotonic() - start)
+            print(line(desc, n, total, unit, n_rows if rows else None, now - start), file=sys.stderr, flush=True)
+    print(line(desc, n, total, unit, n_rows if rows else None, time.monotonic() - start), file=sys.stderr, flush=True)
 
 
-def _line(desc: str, n: int, total: int | None, elapsed: float) -> None:
-    of = f"/{total}" if total else ""
-    rate = n / elapsed if elapsed > 0 else 0.0
-    print(f"[{desc}] {n}{of} done, {elapsed:.0f}s, {rate:.1f}/s", file=sys.stderr, flush=True)
+def plural(word: str) -> str:
+    return word + ("es" if word.endswith(("s", "x", "ch", "sh")) else "s")
+
+
+def count(n: int, word: str) -> str:
+    """`1 row`, `1,234 rows`."""
+    return f"{n:,} {word if n == 1 else plural(word)}"
+
+
+def line(desc: str, n: int, total: int | None, unit: str, n_rows: int | None, elapsed: float) -> str:
+    """One progress line, every number with its unit."""
+    per_s = (lambda x: x / elapsed) if elapsed > 0 else (lambda x: 0.0)
+    parts = [f"{n:,}/{total:,} {plural(unit)}" if total else count(n, unit)]
+    if n_rows is not None:
+        parts.append(count(n_rows, "row"))
+    parts.append(f"{per_s(n):,.1f} {plural(unit)}/s")
+    if n_rows is not None:
+        parts.append(f"{per_s(n_rows):,.0f} rows/s")
+    parts.append(f"{elapsed:,.0f}s elapsed")
+    return f"[{desc}] " + ", ".join(parts)

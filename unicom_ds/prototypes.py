@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from unicom_ds.dist import gather_rows, rank_world
-from unicom_ds.margin import (STREAM_INIT, STREAM_R1, feature_subset, generator, margin_softmax_loss,
-                              select_classes)
+from unicom_ds.margin import (MARGIN_GRADS, STREAM_INIT, STREAM_R1, feature_subset, generator,
+                              margin_softmax_loss, select_classes)
 
 # Rows are initialised in chunks seeded by (seed, chunk): the full matrix is the same for any
 # number of ranks, and no rank ever materialises more than its block plus one chunk.
@@ -83,15 +83,18 @@ class ShardedPrototypes(nn.Module):
     """
 
     def __init__(self, num_classes: int, embed_dim: int, r1: float = 0.1, r2: float = 1.0,
-                 margin: float = 0.3, scale: float = 64.0, seed: int = 0):
+                 margin: float = 0.3, scale: float = 64.0, seed: int = 0, margin_grad: str = "exact"):
         super().__init__()
         for name, value in (("r1", r1), ("r2", r2)):
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"{name}={value} must be in (0, 1]")
         if margin < 0 or scale <= 0:
             raise ValueError(f"need margin >= 0 and scale > 0, got margin={margin}, scale={scale}")
+        if margin_grad not in MARGIN_GRADS:
+            raise ValueError(f"margin_grad={margin_grad!r}: expected one of {', '.join(MARGIN_GRADS)}")
         self.num_classes, self.embed_dim = num_classes, embed_dim
         self.r1, self.r2, self.margin, self.scale, self.seed = r1, r2, margin, scale, seed
+        self.margin_grad = margin_grad
         self.rank, self.world = rank_world()
         self.class_range = block_range(num_classes, self.world, self.rank)
         self.weight = nn.Parameter(init_block(*self.class_range, embed_dim, seed))
@@ -134,7 +137,7 @@ class ShardedPrototypes(nn.Module):
             weight = self._rows(index, dims)
             if dims is not None:
                 emb = emb[:, dims.to(emb.device)]
-            loss = margin_softmax_loss(emb, weight.to(dtype), rows, cols, self.margin, self.scale)
+            loss = margin_softmax_loss(emb, weight.to(dtype), rows, cols, self.margin, self.scale, self.margin_grad)
         self.selected = start + (torch.arange(end - start, device=self.weight.device) if index is None else index)
         self.features = dims
         self.last_stats = {"selected_classes": int(weight.shape[0]), "positives": int(positives.numel()),
@@ -159,4 +162,4 @@ class ShardedPrototypes(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embed_dim={self.embed_dim}, class_range={self.class_range}, "
-                f"r1={self.r1}, r2={self.r2}, margin={self.margin}, scale={self.scale}")
+                f"r1={self.r1}, r2={self.r2}, margin={self.margin}, scale={self.scale}, margin_grad={self.margin_grad}")

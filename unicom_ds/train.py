@@ -5,6 +5,10 @@
 The backbone and its AdamW live in the engine; the prototype block of each rank lives outside it
 with its own AdamW on the same warmup+cosine schedule, stepped at accumulation boundaries. The
 same `train(cfg)` runs under the deepspeed launcher, under SLURM (`TrainJob`) and in tests.
+
+A run never destroys its past: a step whose loss or gradients are not finite is skipped on every
+rank together (at most train.max_bad_steps per job, then the job stops with an error), a checkpoint
+or export with non-finite weights is never written, so `latest` and backbone.pt stay finite.
 """
 from __future__ import annotations
 
@@ -28,52 +32,48 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from unicom_ds import backbone, checkpoint, config, schedule, tblog, train_data
-from unicom_ds.atomic import atomic_path, read_json
+from unicom_ds import (backbone, checkpoint, config, continuation, schedule, tblog, train_data, train_plan,
+                       unicom_vit)
+from unicom_ds.atomic import atomic_path, read_json, write_json_atomic
 from unicom_ds.dist import all_reduce_, rank_world
 from unicom_ds.optim import adamw
 from unicom_ds.prototypes import ShardedPrototypes
 
 TRAIN_PY = Path(__file__).resolve()
-# Config keys a checkpoint must agree with to be resumed (r1, r2, epochs may change: compact recipe).
+# Config keys a checkpoint must agree with to be resumed (r1, r2, epochs may change).
 RESUME_KEYS = ("model", "num_classes", "embed_dim")
+EPILOG = """Every other argument is a config key=value, as for slurm/submit.py (e.g. model=ViT-B-16 train.lr=1e-3
+loss.r2=0.5 train.continue_from=RUN); the run's RUN/config.yaml is read first. Every key with its default and
+meaning: README.md, section "Config keys" (python docs/config_reference.py). dry_run=true prints the plan for
+WORLD_SIZE ranks (the deepspeed launcher sets it) and trains nothing."""
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description="Unicom training (run it with the deepspeed launcher)")
+class TrainingDiverged(RuntimeError):
+    """Too many steps with non-finite loss or gradients, or non-finite weights: nothing more is saved."""
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    ap = argparse.ArgumentParser(
+        prog="deepspeed unicom_ds/train.py",
+        usage="deepspeed [--num_gpus N] unicom_ds/train.py [--deepspeed_config FILE] run_dir=RUN [key=value ...]",
+        description="Unicom training: a ViT in a DeepSpeed ZeRO-2 engine over the sharded prototype layer.",
+        epilog=EPILOG)
     ap.add_argument("--deepspeed_config", help="DeepSpeed JSON (default: train.deepspeed_config)")
     ap.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args, overrides = ap.parse_known_args(argv)
     cfg = config.resolve(overrides)
     if args.deepspeed_config:
         cfg.train.deepspeed_config = args.deepspeed_config
+    if cfg.dry_run:
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        lines = train_plan.precheck(cfg, world, f"WORLD_SIZE={world}", labels_expected=True)
+        print("\n".join(["dry run: nothing is trained", *lines]))
+        return None
     return train(cfg)
 
 
-def deepspeed_config(cfg: DictConfig, world: int) -> dict:
-    """The DeepSpeed config file with precision from train.precision and accumulation for this world size."""
-    path = Path(str(cfg.train.deepspeed_config))
-    if not path.is_file():
-        raise FileNotFoundError(f"train.deepspeed_config={path}: no such file")
-    ds = json.loads(path.read_text())
-    if cfg.train.precision not in ("bf16", "fp32"):
-        raise config.ConfigError(f"train.precision={cfg.train.precision}: expected bf16 or fp32")
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu"):
-        if key not in ds:
-            raise config.ConfigError(f"{path}: needs '{key}' (global batch and per-rank micro batch)")
-    global_batch, micro = int(ds["train_batch_size"]), int(ds["train_micro_batch_size_per_gpu"])
-    if global_batch % (micro * world):
-        raise config.ConfigError(f"{path}: train_batch_size {global_batch} is not a multiple of "
-                                 f"train_micro_batch_size_per_gpu {micro} x {world} ranks")
-    # The global batch is the recipe; accumulation follows the number of ranks (also on a resume).
-    ds["gradient_accumulation_steps"] = global_batch // (micro * world)
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.precision == "bf16"}
-    ds.pop("fp16", None)
-    return ds
-
-
-def num_classes(run_dir: Path) -> int:
-    path = run_dir / "kmeans" / "summary.json"
+def num_classes(source: continuation.LabelSource) -> int:
+    path = source.kmeans_summary
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; the train stage needs the cluster stage's k-means summary")
     return int(read_json(path)["k"])
@@ -96,34 +96,70 @@ class Trainer:
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
         self.rank, self.world = rank_world()
         self.cfg, self.run_dir = cfg, Path(str(cfg.run_dir))
-        if self.rank == 0 and not (self.run_dir / "config.yaml").is_file():
-            config.save(cfg)
-        self.k = num_classes(self.run_dir)
-        self.urls, rows = train_data.labelled_shards(self.run_dir, cfg.data.shards)
-        self.ds = deepspeed_config(cfg, self.world)
+        self.source = continuation.label_source(cfg)
+        self.k = num_classes(self.source)
+        self.ds = train_plan.deepspeed_config(cfg, self.world)
         self.micro, self.accum = int(self.ds["train_micro_batch_size_per_gpu"]), self.ds["gradient_accumulation_steps"]
         self.global_batch = int(self.ds["train_batch_size"])
-        self.steps_per_epoch = int(cfg.train.steps_per_epoch or max(1, rows // self.global_batch))
-        self.total_steps = int(cfg.train.epochs) * self.steps_per_epoch
-        self.warmup_steps = round(float(cfg.train.warmup_epochs) * self.steps_per_epoch)
-        self.stop = min(self.total_steps, int(cfg.train.max_steps or self.total_steps))
+        self.root = checkpoint.ckpt_root(self.run_dir)
+        self.resume_path = checkpoint.resolve(self.root, cfg.train.resume, bool(cfg.train.trust_checkpoint))
+        # A continuation starts from its base run only once; after that it resumes from its own checkpoints.
+        self.base = (continuation.finished_run(cfg.train.continue_from)
+                     if cfg.train.continue_from and self.resume_path is None else None)
+        if self.base is not None:
+            continuation.check_compatible(self.base, str(cfg.model))
 
         torch.manual_seed(int(cfg.seed))  # the same backbone init on every rank
         model = backbone.build(cfg.model, bool(cfg.train.grad_checkpointing))
+        if self.base is not None:  # before the engine: ZeRO makes its fp32 master copies from these weights
+            model.load_state_dict(self.base_weights(), strict=True)
         self.dim, self.image_size = backbone.embed_dim(cfg.model), backbone.image_size(cfg.model)
         wd = float(cfg.train.weight_decay)
         opt = adamw(backbone.param_groups(model, wd), float(cfg.train.lr), wd)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds)
         self.device = self.engine.device
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
+        self.data = self.checked_labels()
+        self.steps_per_epoch = int(cfg.train.steps_per_epoch or max(1, self.data.rows // self.global_batch))
+        self.total_steps = int(cfg.train.epochs) * self.steps_per_epoch
+        self.warmup_steps = round(float(cfg.train.warmup_epochs) * self.steps_per_epoch)
+        self.stop = min(self.total_steps, int(cfg.train.max_steps or self.total_steps))
         self.layer = ShardedPrototypes(self.k, self.dim, r1=float(cfg.loss.r1), r2=float(cfg.loss.r2),
                                        margin=float(cfg.loss.margin), scale=float(cfg.loss.scale),
-                                       seed=int(cfg.seed)).to(self.device)
+                                       seed=int(cfg.seed), margin_grad=str(cfg.loss.margin_grad)).to(self.device)
+        if self.base is not None:
+            states = checkpoint.load_rank_states(self.base.checkpoint, self.k, *self.layer.class_range)
+            weight, _ = checkpoint.merge_prototype_states(states, *self.layer.class_range)
+            self.layer.weight.data.copy_(weight.to(self.device))
         self.proto_opt = adamw(self.layer.parameters(), float(cfg.train.lr), wd)
-        self.root = checkpoint.ckpt_root(self.run_dir)
-        self.step = 0
+        self.step = self.bad_steps = 0
         self.resumed_from: Path | None = None
+        # Every check has passed: only now does a first train stage record the run's config.
+        if self.rank == 0 and not (self.run_dir / "config.yaml").is_file():
+            config.save(cfg)
         torch.manual_seed(int(cfg.seed) * 1000 + self.rank)  # distinct augmentations per rank
+
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """The base run's exported backbone for this model: at this input size (release models), fp32."""
+        state = torch.load(self.base.backbone, map_location="cpu", weights_only=True)
+        if not backbone.is_release(str(self.cfg.model)):
+            return state["state_dict"]
+        return unicom_vit.resize_state_dict(state, backbone.image_size(str(self.cfg.model)))
+
+    def checked_labels(self) -> train_data.LabelledShards:
+        """Rank 0 checks every labels file (a few GB at 400M samples); every rank gets the verdict."""
+        outcome = [None]
+        if self.rank == 0:
+            try:
+                outcome[0] = train_data.check_labels(self.source, self.cfg.data.shards, self.k,
+                                                     progress_mode=self.cfg.progress)
+            except (train_data.LabelError, OSError) as e:
+                outcome[0] = f"{type(e).__name__}: {e}"
+        if self.world > 1:
+            dist.broadcast_object_list(outcome, src=0, device=self.device)
+        if isinstance(outcome[0], str):
+            raise train_data.LabelError(f"run_dir={self.run_dir}: {outcome[0]}")
+        return outcome[0]
 
     # ---------------------------------------------------------------- checkpoints
     def meta(self) -> dict:
@@ -131,8 +167,31 @@ class Trainer:
                 "world_size": self.world, "epoch": self.step // self.steps_per_epoch,
                 "step_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch}
 
+    def sync_batchnorm_stats(self) -> None:
+        """Average the BatchNorm running statistics over ranks (each rank normalises its own micro
+        batch, as the release's training did; the saved statistics are those of all ranks)."""
+        if self.world == 1:
+            return
+        for name, buf in self.engine.module.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                all_reduce_(buf).div_(self.world)
+
+    def weights_finite(self) -> bool:
+        """Collective: every rank's backbone copy and prototype block are finite."""
+        module = self.engine.module
+        ok = all(bool(torch.isfinite(t).all()) for t in (*module.parameters(), *module.buffers(), self.layer.weight)
+                 if t.is_floating_point())
+        return not bool(all_reduce_(torch.tensor([0.0 if ok else 1.0], device=self.device), "max").item())
+
     def save(self) -> Path:
-        """Collective: every rank writes its part into the staging folder, rank 0 publishes it."""
+        """Collective: every rank writes its part into the staging folder, rank 0 publishes it.
+
+        Non-finite weights are never written: the checkpoints and `latest` keep the last finite state.
+        """
+        self.sync_batchnorm_stats()
+        if not self.weights_finite():
+            raise TrainingDiverged(f"step {self.step}: the weights are not finite; no checkpoint written. "
+                                   f"{self.last_good()}")
         tmp = checkpoint.staging(self.root, self.step)
         if self.rank == 0:
             checkpoint.begin(self.root, self.step)
@@ -165,9 +224,18 @@ class Trainer:
         opt._link_all_hp_params()
         return "backbone fp32 weights and Adam moments re-partitioned"
 
+    def last_good(self) -> str:
+        last = checkpoint.latest(self.root)
+        where = f"the last finite checkpoint is {last} (train.resume=latest continues from it)" if last else \
+            "no checkpoint was written yet"
+        return f"{where}; lower train.lr (now {float(self.cfg.train.lr):g}) or check the data"
+
     def resume(self) -> None:
-        path = checkpoint.resolve(self.root, self.cfg.train.resume)
+        path = self.resume_path
         if path is None:
+            if self.base is not None:
+                self.log(f"continues from {self.base.run} ({self.base.meta['model']} at its step "
+                         f"{self.base.meta['step']}): backbone and prototypes loaded, a new schedule from step 0")
             return
         meta = checkpoint.read_meta(path)
         config.check_same({k: meta[k] for k in RESUME_KEYS}, {k: self.meta()[k] for k in RESUME_KEYS}, path)
@@ -193,13 +261,20 @@ class Trainer:
         self.log(f"resumed from {path} at step {self.step}")
 
     def export(self, ckpt: Path) -> Path:
-        """Rank 0: the fp32 backbone (merged from the ZeRO partitions) as RUN/train/backbone.pt."""
+        """Rank 0: the fp32 backbone (merged from the ZeRO partitions) as RUN/train/backbone.pt, then
+        RUN/train/export.json naming the checkpoint it came from. A non-finite export is never written."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=checkpoint.ENGINE_TAG)
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise TrainingDiverged(f"{ckpt}: non-finite weights ({', '.join(bad[:3])}); backbone.pt left as it was")
         out = self.run_dir / "train" / "backbone.pt"
         with atomic_path(out) as tmp:
             torch.save(backbone.export(str(self.cfg.model), state), tmp)
+        write_json_atomic(out.with_name(continuation.EXPORT_META), {
+            "model": str(self.cfg.model), "embed_dim": self.dim, "num_classes": self.k, "step": self.step,
+            "checkpoint": ckpt.name})
         return out
 
     # ---------------------------------------------------------------- training
@@ -208,7 +283,8 @@ class Trainer:
             print(f"[train] {text}", flush=True)
 
     def set_lr(self) -> float:
-        lr = schedule.lr_at(self.step, float(self.cfg.train.lr), self.warmup_steps, self.total_steps)
+        lr = schedule.lr_at(self.step, float(self.cfg.train.lr), self.warmup_steps, self.total_steps,
+                             str(self.cfg.train.schedule))
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
             # DeepSpeed's elastic ZeRO checkpoints (loadable on another rank count) read the step
@@ -227,18 +303,44 @@ class Trainer:
             emb.register_hook(lambda g: g * world)
         loss = self.layer(emb.float(), labels.to(self.device, non_blocking=True))
         self.engine.backward(loss)
+        # The loss is the same on every rank (the layer reduces it), so is this flag; kept on the device.
+        self.window_finite = self.window_finite & torch.isfinite(loss.detach())
         boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.step()
-        if boundary:
+        if not boundary:
+            self.engine.step()
+            return loss.detach(), False
+        bad = self.nonfinite_window()
+        skipped = self.engine.skipped_steps
+        self.engine.step()  # DeepSpeed skips the backbone's step itself when its gradients are not finite
+        bad = bad or self.engine.skipped_steps > skipped
+        if bad:
+            self.bad_steps += 1
+        else:
             self.proto_opt.step()
-            self.proto_opt.zero_grad(set_to_none=True)
-            self.layer.advance()
-            self.step += 1
-        return loss.detach(), boundary  # a tensor: reading it every step would sync with the GPU
+        self.proto_opt.zero_grad(set_to_none=True)
+        self.window_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self.layer.advance()
+        self.step += 1
+        if bad:
+            self.log(f"step {self.step}: non-finite loss or gradients, step skipped "
+                     f"({self.bad_steps} of train.max_bad_steps={int(self.cfg.train.max_bad_steps)} in this job)")
+            if self.bad_steps > int(self.cfg.train.max_bad_steps):
+                raise TrainingDiverged(f"{self.bad_steps} optimizer steps with non-finite loss or gradients "
+                                       f"(train.max_bad_steps={int(self.cfg.train.max_bad_steps)}); stopping without "
+                                       f"saving. {self.last_good()}")
+        return loss.detach(), True  # a tensor: reading it every step would sync with the GPU
+
+    def nonfinite_window(self) -> bool:
+        """Collective, once per optimizer step: a non-finite loss in this accumulation window or a
+        non-finite prototype gradient on any rank (every rank gets the same answer: no hang)."""
+        grad = self.layer.weight.grad
+        local = ~self.window_finite | (grad is not None and ~torch.isfinite(grad).all())
+        return bool(all_reduce_(local.float().reshape(1), "max").item())
 
     def run(self) -> dict:
         self.resume()
         self.set_lr()
+        self.window_finite = torch.ones((), dtype=torch.bool, device=self.device)
         cfg = self.cfg
         tb = tblog.writer(str(self.run_dir), "train") if self.rank == 0 else None
         self.log(f"{cfg.model} on {self.world} rank(s) ({self.device}, {self.dtype}), k={self.k}, "
@@ -253,9 +355,9 @@ class Trainer:
             n_steps = min(self.steps_per_epoch - in_epoch, self.stop - self.step)
             # Seeded by the position, so a resumed run draws a fresh stream rather than replaying one.
             batches = train_data.epoch_batches(
-                self.urls, self.run_dir, self.image_size, self.micro, n_steps * self.accum,
+                self.data.urls, self.source, self.image_size, self.micro, n_steps * self.accum,
                 seed=hash((int(cfg.seed), epoch, in_epoch)) & 0x7FFFFFFF, rank=self.rank,
-                workers=int(cfg.train.workers))
+                workers=int(cfg.train.workers), timeout_s=float(cfg.train.loader_timeout_s))
             for images, labels, skipped in batches:
                 lr = self.set_lr()
                 loss, boundary = self.micro_step(images, labels)
@@ -277,7 +379,8 @@ class Trainer:
                                "grad_norm": float(norm) if norm is not None else float("nan"),
                                "selected_classes": float(totals[-1]) / window_steps,
                                "peak_mem_mb": peak_mem_mb(self.device),
-                               "skipped_samples": float(skipped_total.sum())}
+                               "skipped_samples": float(skipped_total.sum()),
+                               "skipped_steps": float(self.bad_steps)}
                     if tb is not None:
                         for name, value in scalars.items():
                             tb.add_scalar(f"train/{name}", value, self.step)
@@ -296,7 +399,7 @@ class Trainer:
         summary = {"steps": self.step, "start_step": start_step, "seconds": round(seconds, 2),
                    "images_per_s": (self.step - start_step) * self.global_batch / max(seconds, 1e-9),
                    "loss": last_loss, "skipped": dict(zip(train_data.SKIP_REASONS, map(int, skipped_total.tolist()))),
-                   "checkpoint": str(final), "backbone": str(exported)}
+                   "skipped_steps": self.bad_steps, "checkpoint": str(final), "backbone": str(exported)}
         self.log(f"done: steps {start_step} -> {self.step} in {seconds:.0f}s, loss {last_loss:.4f}, "
                  f"skipped {summary['skipped']}, checkpoint {final}, backbone {exported}")
         if tb is not None:

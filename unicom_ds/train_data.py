@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import io
 import math
-from functools import partial
+import tarfile
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,8 +24,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torchvision import transforms as T
+from webdataset.tariterators import base_plus_ext
 
 from unicom_ds import shards
+from unicom_ds.continuation import LabelSource
+from unicom_ds.progress import progress
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SKIP_REASONS = ("no_label", "undecodable")
@@ -38,32 +44,99 @@ def train_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     ])
 
 
-def label_files(run_dir: str | Path, shard_stem: str) -> tuple[Path, Path]:
-    run = Path(run_dir)
-    return run / "embed" / f"{shard_stem}.keys.txt", run / "labels" / f"{shard_stem}.npy"
+class LabelError(ValueError):
+    """The cluster stage's labels cannot train this run; the message names the file and the fault."""
 
 
-def labelled_shards(run_dir: str | Path, pattern: str) -> tuple[list[str], int]:
-    """The shards of `pattern` that have labels in the run directory, and their number of rows."""
-    found, rows = [], 0
-    for path in shards.expand(pattern):
-        keys, labels = label_files(run_dir, shards.stem(path))
-        if keys.is_file() and labels.is_file():
-            found.append(path)
-            rows += int(np.load(labels, mmap_mode="r").shape[0])
-    if not found:
-        raise FileNotFoundError(f"no shard of data.shards={pattern!r} has labels in {Path(run_dir) / 'labels'} "
-                                "(and keys in embed/): run stage=cluster first")
-    return found, rows
+@dataclass(frozen=True)
+class LabelledShards:
+    urls: list[str]          # the shards of data.shards that have labels
+    rows: int                # labelled samples over those shards (label >= 0)
+    per_shard: dict[str, int]
 
 
-def read_label_table(run_dir: str | Path, shard_stem: str) -> dict[str, int]:
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def _tar_keys(url: str, limit: int) -> list[str]:
+    """The first `limit` webdataset keys of a local tar, from its member headers only."""
+    keys: list[str] = []
+    with tarfile.open(url) as tar:
+        for member in tar:
+            key, _ = base_plus_ext(member.name)
+            if member.isfile() and key and (not keys or keys[-1] != key):
+                keys.append(key)
+                if len(keys) >= limit:
+                    break
+    return keys
+
+
+def check_labels(source: LabelSource, pattern: str, num_classes: int, *, key_probe: int = 3,
+                 progress_mode: str = "auto") -> LabelledShards:
+    """Every labels file of `pattern` checked before the first step, and the labelled samples counted.
+
+    Raises LabelError naming the file for a length that differs from S.keys.txt, a class outside
+    [-1, k), a keys file without labels, or a run with no labelled sample at all. The keys of up to
+    `key_probe` shards (first, middle, last) are compared with their tars' __key__s, so labels made for
+    other shards fail here rather than as a loader that skips every sample.
+    """
+    urls, per_shard = [], {}
+    paths = shards.expand(pattern)
+    for url in progress(paths, total=len(paths), desc="train: checking labels", unit="shards", mode=progress_mode):
+        name = shards.stem(url)
+        keys, labels = source.keys(name), source.labels(name)
+        if not labels.is_file():
+            continue  # not assigned (yet): trained without it
+        if not keys.is_file():
+            raise LabelError(f"{labels} exists but {keys} does not: the labels number rows of a keys file")
+        table = np.load(labels, mmap_mode="r")
+        n_keys = _count_lines(keys)
+        if table.ndim != 1 or len(table) != n_keys or not np.issubdtype(table.dtype, np.integer):
+            raise LabelError(f"{labels} holds {table.dtype} {table.shape} labels but {keys} has {n_keys} keys: "
+                             "the cluster stage's outputs of this shard do not match (rerun stage=assign)")
+        if len(table):
+            lo, hi = int(table.min()), int(table.max())
+            if lo < -1 or hi >= num_classes:
+                bad = lo if lo < -1 else hi
+                raise LabelError(f"{labels} holds class {bad}, outside [0, {num_classes}) of "
+                                 f"{source.kmeans_summary} (-1 marks an unlabelled row)")
+        urls.append(url)
+        per_shard[name] = int((np.asarray(table) >= 0).sum())
+    rows = sum(per_shard.values())
+    if not urls:
+        raise LabelError(f"no shard of data.shards={pattern!r} has labels in {source.run / 'labels'}: "
+                         "run stage=cluster first, or point data.shards at the shards that were clustered")
+    if rows == 0:
+        raise LabelError(f"{source.run / 'labels'}: every label of the {len(urls)} labelled shard(s) is -1: "
+                         "no sample can be trained")
+    _probe_keys(source, [u for u in urls if per_shard[shards.stem(u)]], key_probe)
+    return LabelledShards(urls, rows, per_shard)
+
+
+def _probe_keys(source: LabelSource, urls: list[str], count: int) -> None:
+    picks = sorted({0, len(urls) // 2, len(urls) - 1})[:count]
+    for url in (urls[i] for i in picks):
+        if not Path(url).is_file():
+            continue  # remote shards (pipe:, http): the loader's watchdog is the check
+        keys_path = source.keys(shards.stem(url))
+        with open(keys_path) as f:
+            wanted = {line.rstrip("\n") for line in f}
+        found = _tar_keys(url, 1000)
+        if found and not wanted.intersection(found):
+            raise LabelError(f"none of the first {len(found)} samples of {url} has a key in {keys_path} "
+                             f"(tar: {found[0]!r}, keys file: {next(iter(wanted), '')!r}): the labels were made "
+                             "for other shards; check data.shards against the run's embed stage")
+
+
+def read_label_table(source: LabelSource, shard_stem: str) -> dict[str, int]:
     """{__key__: class} of one shard; rows with a negative label are left out (unlabelled)."""
-    keys_path, labels_path = label_files(run_dir, shard_stem)
+    keys_path, labels_path = source.keys(shard_stem), source.labels(shard_stem)
     keys = keys_path.read_text().splitlines()
     labels = np.load(labels_path)
     if labels.ndim != 1 or len(labels) != len(keys):
-        raise ValueError(f"{labels_path} holds {labels.shape} labels but {keys_path} has {len(keys)} keys: "
+        raise LabelError(f"{labels_path} holds {labels.shape} labels but {keys_path} has {len(keys)} keys: "
                          "the cluster stage's outputs of this shard do not match")
     return {k: int(c) for k, c in zip(keys, labels.tolist()) if c >= 0}
 
@@ -75,14 +148,15 @@ class LabelJoin:
     shard for a while), so memory does not grow with the number of shards.
     """
 
-    def __init__(self, run_dir: str | Path, transform: Callable, cached_shards: int = 8):
-        self.run_dir, self.transform, self.cached = run_dir, transform, cached_shards
+    def __init__(self, source: LabelSource, transform: Callable, cached_shards: int = 8,
+                 timeout_s: float = 600.0):
+        self.source, self.transform, self.cached, self.timeout_s = source, transform, cached_shards, timeout_s
         self.tables: OrderedDict[str, dict[str, int]] = OrderedDict()
 
     def table(self, url: str) -> dict[str, int]:
         name = shards.stem(url)
         if name not in self.tables:
-            self.tables[name] = read_label_table(self.run_dir, name)
+            self.tables[name] = read_label_table(self.source, name)
             if len(self.tables) > self.cached:
                 self.tables.popitem(last=False)
         self.tables.move_to_end(name)
@@ -102,13 +176,21 @@ class LabelJoin:
 
     def __call__(self, src: Iterator[dict]) -> Iterator[tuple[torch.Tensor, int, torch.Tensor]]:
         skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+        last = time.monotonic()
         for sample in src:
             item = self.prepare(sample)
             if isinstance(item, str):
                 skipped[SKIP_REASONS.index(item)] += 1
+                # A stream that only skips would spin forever and hold every GPU: stop it instead.
+                if time.monotonic() - last > self.timeout_s:
+                    counts = ", ".join(f"{n} {r}" for r, n in zip(SKIP_REASONS, skipped.tolist()) if n)
+                    raise LabelError(f"no trainable sample for {self.timeout_s:g}s (train.loader_timeout_s): "
+                                     f"skipped {counts}, last from {sample.get('__url__')}; do the labels in "
+                                     f"{self.source.run / 'labels'} belong to these shards?")
                 continue
             yield item[0], item[1], skipped
             skipped = torch.zeros_like(skipped)
+            last = time.monotonic()
 
 
 def collate(samples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,24 +203,25 @@ def _worker_seed(rank: int) -> int:
     return rank * 1000 + (info.id if info is not None else 0)
 
 
-def pipeline(urls: list[str], run_dir: str | Path, image_size: int, batch_size: int, *, seed: int,
-             rank: int, batches_per_worker: int, shuffle: int = 1000) -> wds.DataPipeline:
+def pipeline(urls: list[str], source: LabelSource, image_size: int, batch_size: int, *, seed: int,
+             rank: int, batches_per_worker: int, shuffle: int = 1000, timeout_s: float = 600.0) -> wds.DataPipeline:
     """Full batches (images, labels, skipped[no_label, undecodable]) of one rank, `batches_per_worker` each."""
     return wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, worker_seed=partial(_worker_seed, rank), deterministic=True),
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
         wds.shuffle(shuffle, initial=min(shuffle, 100)),
-        LabelJoin(run_dir, train_transform(image_size)),
+        LabelJoin(source, train_transform(image_size), timeout_s=timeout_s),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     ).with_epoch(batches_per_worker)
 
 
-def epoch_batches(urls: list[str], run_dir: str | Path, image_size: int, batch_size: int, num_batches: int,
-                  *, seed: int, rank: int, workers: int = 0) -> Iterator:
+def epoch_batches(urls: list[str], source: LabelSource, image_size: int, batch_size: int, num_batches: int,
+                  *, seed: int, rank: int, workers: int = 0, timeout_s: float = 600.0) -> Iterator:
     """Exactly `num_batches` micro-batches for this rank (the same count on every rank)."""
     workers = max(0, int(workers))
     per_worker = math.ceil(num_batches / max(1, workers))
-    data = pipeline(urls, run_dir, image_size, batch_size, seed=seed, rank=rank, batches_per_worker=per_worker)
+    data = pipeline(urls, source, image_size, batch_size, seed=seed, rank=rank, batches_per_worker=per_worker,
+                    timeout_s=timeout_s)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
                                          persistent_workers=False, pin_memory=torch.cuda.is_available())
     return islice(loader, num_batches)

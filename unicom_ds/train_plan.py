@@ -1,0 +1,94 @@
+"""The train stage's plan, checked before anything runs: model, DeepSpeed file, batch arithmetic,
+schedule, and the run it starts from. Light (no torch): the launcher runs it before submitting.
+
+The global batch is the recipe (`train_batch_size` in the DeepSpeed file); gradient accumulation
+follows from the number of ranks, so one file serves 1 GPU, one node and 128 GPUs alike.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from unicom_ds import continuation
+from unicom_ds.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+AUTO = "auto"
+# train.deepspeed_config=auto: each paper model's recipe file (the same global batch, a micro batch
+# that fits an 80 GB GPU without activation checkpointing); every other model uses zero2.json.
+RECIPE_DS = {"ViT-L-14": "ds_configs/zero2_l14.json", "ViT-L-14-336": "ds_configs/zero2_l14_336.json"}
+DEFAULT_DS = "ds_configs/zero2.json"
+PRECISIONS = ("bf16", "fp32")
+
+
+def ds_path(cfg: Any) -> Path:
+    """The DeepSpeed file of this run: train.deepspeed_config, or the model's recipe file for `auto`."""
+    value = str(cfg.train.deepspeed_config)
+    if value == AUTO:
+        return REPO / RECIPE_DS.get(str(cfg.model), DEFAULT_DS)
+    return Path(value)
+
+
+def deepspeed_config(cfg: Any, world: int) -> dict:
+    """The DeepSpeed config with precision from train.precision and accumulation for `world` ranks."""
+    path = ds_path(cfg)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed_config={cfg.train.deepspeed_config}: {path} is not a file")
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"train.deepspeed_config: {path} is not readable JSON ({e})") from None
+    if cfg.train.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision={cfg.train.precision}: expected bf16 or fp32")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu"):
+        if not isinstance(ds.get(key), int) or ds[key] < 1:
+            raise ConfigError(f"{path}: needs '{key}' as a positive integer (global batch and per-rank micro batch)")
+    global_batch, micro = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]
+    if global_batch % (micro * world):
+        fits = [w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if global_batch % (micro * w) == 0]
+        raise ConfigError(f"{path}: train_batch_size {global_batch} is not a multiple of "
+                          f"train_micro_batch_size_per_gpu {micro} x {world} ranks; with this file the number "
+                          f"of ranks must divide {global_batch // micro} (e.g. {', '.join(map(str, fits))})")
+    # The global batch is the recipe; accumulation follows the number of ranks (also on a resume).
+    ds["gradient_accumulation_steps"] = global_batch // (micro * world)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.precision == "bf16"}
+    ds.pop("fp16", None)
+    return ds
+
+
+def describe(cfg: Any, world: int, ranks: str) -> str:
+    """The plan in one paragraph: architecture, batch arithmetic, schedule, starting point."""
+    from unicom_ds import backbone
+
+    try:
+        model = backbone.description(str(cfg.model))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    ds = deepspeed_config(cfg, world)
+    micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    warmup = float(cfg.train.warmup_epochs)
+    start = (f"continues from {cfg.train.continue_from} (its weights and prototypes, a new schedule)"
+             if cfg.train.continue_from else "from scratch")
+    return (f"train: {model}\n"
+            f"  global batch {ds['train_batch_size']} = micro {micro} x {world} ranks ({ranks}) x {accum} accumulation; "
+            f"{cfg.train.precision}; {ds_path(cfg)}\n"
+            f"  {cfg.train.epochs} epoch(s), lr {float(cfg.train.lr):g} {cfg.train.schedule} after "
+            f"{warmup:g} warmup epoch(s); loss r1={cfg.loss.r1} r2={cfg.loss.r2} margin={cfg.loss.margin} "
+            f"({cfg.loss.margin_grad} gradient) scale={cfg.loss.scale}; {start}")
+
+
+def precheck(cfg: Any, world: int, ranks: str, labels_expected: bool) -> list[str]:
+    """Every train-stage check that needs no job: returns the plan's lines; raises ConfigError naming the key.
+
+    `labels_expected`: the cluster stage's outputs must exist now (stage=train, not stage=all).
+    """
+    lines = describe(cfg, world, ranks).splitlines()
+    if cfg.train.continue_from:
+        base = continuation.finished_run(cfg.train.continue_from)
+        continuation.check_compatible(base, str(cfg.model))
+    if labels_expected:
+        summary = continuation.label_source(cfg).kmeans_summary
+        if not summary.is_file():
+            raise ConfigError(f"run_dir={cfg.run_dir}: {summary} is missing; run stage=cluster first (or stage=all)")
+    return lines
