@@ -38,6 +38,7 @@ class ClusterSamples:
     sizes: dict[int, int]                     # class id -> number of rows in the class
     num_nonempty: int                         # non-empty classes in the whole run
     skipped: Counter = field(default_factory=Counter)
+    all_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # rows of every class id
 
 
 # ---- pure parts -------------------------------------------------------------------------------
@@ -187,7 +188,55 @@ def collect(run_dir: str | Path, shard_pattern: str, classes: int, per_class: in
     for c in samples:
         samples[c].sort(key=lambda s: (s.stem, s.key))
     return ClusterSamples(classes=samples, sizes={c: int(sizes[c]) for c in samples},
-                          num_nonempty=int(np.count_nonzero(sizes)), skipped=skipped)
+                          num_nonempty=int(np.count_nonzero(sizes)), skipped=skipped, all_sizes=sizes)
+
+
+def class_size_figure(sizes: np.ndarray, k: int | None = None):
+    """Histogram of the non-empty classes' sizes (the paper's Fig. 4) with honest axes: every tick label a
+    plain number of images or classes (never 10^0, 2x10^0), a log count axis only when bars span > 2 decades."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display on clusters and in CI
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    used = np.asarray(sizes)[np.asarray(sizes) > 0]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if len(used):
+        lo, hi = int(used.min()), int(used.max())
+        # One bar per size while sizes are few, else 50 bins; edges between integers.
+        edges = np.arange(lo, hi + 2) - 0.5 if hi - lo < 50 else np.linspace(lo - 0.5, hi + 0.5, 51)
+        counts, _, _ = ax.hist(used, bins=edges, color="#3b6ea8")
+        if counts.max() > 100 * max(1, counts[counts > 0].min()):
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=0.7)  # a bar of one class stays visible
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0,)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set_ylabel("number of classes (log scale)")
+        else:
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel("number of classes")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))  # no 1e6 offset
+        ax.set_xlim(edges[0], edges[-1])
+    ax.set_xlabel("images per pseudo class")
+    of = f" of k = {k:,}" if k else ""
+    ax.set_title(f"{len(used):,} non-empty classes{of}, {int(np.sum(used)):,} images", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_class_sizes(sizes: np.ndarray, path: str | Path, k: int | None = None) -> Path:
+    """`class_size_figure` as a PNG file."""
+    import matplotlib.pyplot as plt
+
+    from unicom_ds.atomic import atomic_path
+
+    fig = class_size_figure(sizes, k)
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
 
 
 def log_grids(run_dir: str | Path, samples: ClusterSamples, max_grids: int, step: int = 0) -> list[str]:

@@ -1,7 +1,9 @@
 """The run report: one static HTML page (RUN/report/index.html) over everything a run has produced so far.
 
-Sections: config and stage summaries, a cluster browser (thumbnails and captions of sampled pseudo
-classes, like the paper's Fig. 3 and 5), the class-size histogram, training curves and evaluation tables.
+Sections: what was run (and what it stands in for: random CLIP weights, digits in a real set's layout,
+damaged input shards), config and stage summaries, a cluster browser (thumbnails and captions of sampled
+pseudo classes, like the paper's Fig. 3 and 5), the class-size histogram, training curves and evaluation
+tables.
 A stage that has not run yet gets a note instead of its section. Every link is relative, so the report
 folder can be opened in place or copied together with the run directory.
 
@@ -18,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from omegaconf import OmegaConf
+
 from cluster_job import cluster_samples
 from unicom_ds import config, tblog
 from unicom_ds.atomic import atomic_path, read_json, write_text_atomic
@@ -33,6 +37,7 @@ figure{margin:0 0 1em} .grid figure{margin:0;width:var(--thumb)}
 .grid img{display:block;width:var(--thumb);height:var(--thumb)}
 figcaption{font-size:11px;line-height:1.25;max-height:5em;overflow:hidden;word-wrap:break-word}
 .curves img{width:400px;margin:4px}
+.warn{background:#fff4d6;border-left:4px solid #e0a800;padding:4px 8px;margin:4px 0}
 """
 
 
@@ -61,21 +66,93 @@ def _json_or_none(path: Path) -> Any:
     return read_json(path) if path.is_file() else None
 
 
+# ---- what was run ---------------------------------------------------------------------------
+
+def _embed_dir(run_dir: Path, cfg: Any) -> Path:
+    source = OmegaConf.select(cfg, "embed.from", default=None)  # embed.from: another run's features, in place
+    return Path(str(source or run_dir)) / "embed"
+
+
+def damaged_shards(run_dir: Path, cfg: Any) -> list[dict]:
+    """[{shard, reason, rows_kept, rows_lost}]: from RUN/labels/summary.json once assign has run, else
+    from the embed stage's done markers."""
+    labels = _json_or_none(run_dir / "labels" / "summary.json")
+    if isinstance(labels, dict) and "damaged_shards" in labels:
+        return list(labels["damaged_shards"])
+    found = []
+    for path in sorted(_embed_dir(run_dir, cfg).glob("*.done.json")):
+        damage = read_json(path).get("damaged")
+        if damage:
+            found.append({"shard": path.name[: -len(".done.json")], **damage})
+    return found
+
+
+def demo_stand_ins(cfg: Any, datasets: list[str]) -> dict[str, str]:
+    """{data set: what it really is} for the sets whose folder holds the demo-set marker (digits)."""
+    from evaluation.demo_sets import MARKER
+
+    out = {}
+    for name in datasets:
+        marker = Path(str(cfg.eval.data_root)) / name / MARKER
+        if marker.is_file():
+            out[name] = marker.read_text().strip()
+    return out
+
+
+def what_was_run(run_dir: Path, cfg: Any) -> str:
+    """Plain statements of what the numbers below come from, with warnings for stand-ins."""
+    warn, facts = [], []
+    pretrained = str(cfg.clip.pretrained)
+    facts.append(f"CLIP features: {cfg.clip.model}, weights {pretrained}")
+    if pretrained == "random":
+        warn.append(f"The CLIP weights were random (clip.pretrained=random): the pseudo classes come from an "
+                    f"untrained {cfg.clip.model}, so they group images by little more than colour and layout. "
+                    "The numbers show that the pipeline runs, not what Unicom reaches.")
+    facts.append(f"input shards: {cfg.data.shards}")
+    kmeans = _json_or_none(run_dir / "kmeans" / "summary.json")
+    if isinstance(kmeans, dict):
+        facts.append(f"k-means: k = {kmeans.get('k')} ({kmeans.get('mode')}) on {kmeans.get('points_used')} "
+                     f"of {kmeans.get('points_embedded')} embedded rows")
+    facts.append(f"trained model: {cfg.model}, from random initialisation (as in the paper)")
+    results = _json_or_none(run_dir / "eval" / "results.json")
+    evaluated = sorted({d for m in results.values() for d in m}) if isinstance(results, dict) else []
+    for name, truth in demo_stand_ins(cfg, evaluated or [str(d) for d in cfg.eval.datasets]).items():
+        warn.append(f"The data set '{name}' is not the real one: {truth}")
+    damaged = damaged_shards(run_dir, cfg)
+    if damaged:
+        lost = [d.get("rows_lost") for d in damaged]
+        known = sum(x for x in lost if x is not None)
+        warn.append(f"{len(damaged)} damaged input shard{'s' if len(damaged) != 1 else ''}: "
+                    f"{sum(int(d.get('rows_kept', 0)) for d in damaged)} rows kept, {known} rows lost"
+                    + (f" (unknown in {lost.count(None)})" if None in lost else "")
+                    + "; `stage=embed embed.redo_damaged=true` reads them again.")
+    out = "".join(f'<p class="warn">{_e(w)}</p>' for w in warn)
+    out += "<ul>" + "".join(f"<li>{_e(f)}</li>" for f in facts) + "</ul>"
+    if damaged:
+        head = "".join(f"<th>{h}</th>" for h in ("shard", "reason", "rows kept", "rows lost"))
+        rows = "".join(f"<tr><td>{_e(d.get('shard'))}</td><td>{_e(d.get('reason'))}</td>"
+                       f"<td>{_e(d.get('rows_kept'))}</td><td>{_e('unknown' if d.get('rows_lost') is None else d['rows_lost'])}</td></tr>"
+                       for d in damaged)
+        out += f'<table class="damaged"><tr>{head}</tr>{rows}</table>'
+    return out
+
+
 # ---- stage summaries ------------------------------------------------------------------------
 
-def stage_summaries(run_dir: Path) -> dict[str, dict | None]:
+def stage_summaries(run_dir: Path, embed_dir: Path) -> dict[str, dict | None]:
     """{stage: its summary as a flat dict, or None when it has not run yet}."""
-    done = sorted((run_dir / "embed").glob("*.done.json"))
+    done = sorted(embed_dir.glob("*.done.json"))
     embed = None
     if done:
         skipped: dict[str, int] = {}
-        rows = 0
+        rows = damaged = 0
         for path in done:
             d = read_json(path)
             rows += int(d.get("n", 0))
+            damaged += bool(d.get("damaged"))
             for reason, count in d.get("skipped", {}).items():
                 skipped[reason] = skipped.get(reason, 0) + int(count)
-        embed = {"shards embedded": len(done), "rows": rows, "skipped": skipped}
+        embed = {"shards embedded": len(done), "damaged shards": damaged, "rows": rows, "skipped": skipped}
     train = None
     if (run_dir / "train").is_dir():
         train = {"backbone": "train/backbone.pt" if (run_dir / "train" / "backbone.pt").is_file()
@@ -217,15 +294,17 @@ def build_report(run_dir: str | Path, cfg: Any = None) -> Path:
 
     samples = cluster_samples.collect(run_dir, cfg.data.shards, rc.classes, rc.per_class, cfg.seed,
                                       rc.thumb_size, mode=cfg.progress)
-    sizes_png = run_dir / "labels" / "class_sizes.png"
-    if sizes_png.is_file():
-        shutil.copyfile(sizes_png, assets / "class_sizes.png")
+    if samples is not None:
+        kmeans = _json_or_none(run_dir / "kmeans" / "summary.json")
+        k = kmeans.get("k") if isinstance(kmeans, dict) else None
+        cluster_samples.plot_class_sizes(samples.all_sizes, assets / "class_sizes.png", k)
         histogram = '<img src="assets/class_sizes.png" alt="class sizes">'
     else:
-        histogram = _note("not run yet: no RUN/labels/class_sizes.png")
+        histogram = _note("not run yet: no RUN/labels/S.npy")
 
     sections = [
-        ("Stages", _summaries_html(stage_summaries(run_dir))),
+        ("What was run", what_was_run(run_dir, cfg)),
+        ("Stages", _summaries_html(stage_summaries(run_dir, _embed_dir(run_dir, cfg)))),
         ("Cluster browser", _browser_html(samples, report_dir, rc.thumb_size)),
         ("Class sizes", histogram),
         ("Training curves", _curves_html(run_dir, report_dir)),

@@ -148,6 +148,7 @@ def plot_dims(results: dict, path: str | os.PathLike) -> bool:
     ax.set_xticks(all_dims, [str(d) for d in all_dims])
     ax.set_xlabel("feature dimension (first D dims, re-normalised)")
     ax.set_ylabel("Recall@1 (%), mean over retrieval sets")
+    ax.set_ylim(0, 100)  # the whole scale: a 2-point change must not look steep
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

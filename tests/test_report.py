@@ -267,8 +267,10 @@ def test_build_report_full_run(run_dir):
     assert "report.per_class" not in page and "per_class: 4" in page  # config.yaml shown as written
     assert "shards embedded" in page and "objective" in page and "train/backbone.pt" in page
     assert "not run yet" not in page
-    assert (run / "report" / "assets" / "class_sizes.png").read_bytes() == \
-        (run / "labels" / "class_sizes.png").read_bytes()
+    # The histogram is drawn from the labels themselves (6 classes, one empty), not copied.
+    sizes_png = Image.open(run / "report" / "assets" / "class_sizes.png")
+    assert sizes_png.size == (600, 400) and np.asarray(sizes_png.convert("L")).std() > 5
+    assert "What was run" in page and "weights openai" in page and 'class="warn"' not in page
 
 
 def test_rebuild_drops_stale_files_and_sections_degrade(tmp_path):
@@ -295,3 +297,87 @@ def test_cli_prints_the_path(run_dir, capsys):
     assert len(re.findall(r'<div class="cls">', index.read_text())) == 1
     with pytest.raises(config.ConfigError, match="report.clases"):
         report.main([f"run_dir={run_dir['run']}", "report.clases=1"])
+
+
+# ---- saying what was run, honest axes ----------------------------------------------------------
+
+def _tick_labels(axis) -> list[str]:
+    lo, hi = sorted(axis.get_view_interval())
+    return [t.get_text() for t in axis.get_ticklabels() if lo <= t.get_position()[axis.axis_name == "y"] <= hi]
+
+
+@pytest.mark.parametrize("sizes, scale", [
+    (np.array([1, 2, 2, 3, 3, 3, 0, 1]), "linear"),        # counts 1-3: once labelled 10^0, 2x10^0
+    (np.r_[np.full(5000, 2), np.arange(1, 40)], "log"),     # five thousand small classes and a tail
+])
+def test_class_size_axes_are_plain_integers(sizes, scale):
+    import matplotlib.pyplot as plt
+
+    fig = cs.class_size_figure(sizes, k=len(sizes))
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert ax.get_yscale() == scale
+    for axis in (ax.xaxis, ax.yaxis):
+        labels = _tick_labels(axis)
+        assert labels and all(re.fullmatch(r"[\d,]+", t) for t in labels), labels
+    if scale == "linear":
+        assert _tick_labels(ax.yaxis)[:4] == ["0", "1", "2", "3"]
+    else:
+        assert {"1", "10", "100", "1,000"} <= set(_tick_labels(ax.yaxis))
+    assert f"{np.count_nonzero(sizes):,} non-empty classes of k = {len(sizes):,}" in ax.get_title()
+    plt.close(fig)
+
+
+def test_recall_vs_dimension_plot_shows_the_whole_percent_scale(tmp_path, monkeypatch):
+    """A 2-point change must not fill the plot: the y-axis runs from 0 to 100 %."""
+    from matplotlib.figure import Figure
+
+    from evaluation import results
+
+    seen = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: (seen.append(fig.axes[0].get_ylim()),
+                                                                   save(fig, *a, **kw))[1])
+    res = {"run": {"sop": {"R@1": 0.52, "dim64/R@1": 0.51, "dim32/R@1": 0.50}}}
+    assert results.plot_dims(res, tmp_path / "dims.png")
+    assert seen == [(0.0, 100.0)]
+
+
+def test_report_says_random_clip_and_digit_stand_ins(tmp_path):
+    from evaluation import demo_sets
+
+    made = make_run(tmp_path)
+    eval_root = tmp_path / "demo_eval"
+    demo_sets.main(["--out", str(eval_root), "--retrieval", "50"])
+    (made["run"] / "eval" / "results.json").write_text(json.dumps(
+        {"run": {"sop": {"R@1": 0.5}, "eurosat": {"top1": 0.7}, "cub": {"R@1": 0.1}}}))
+    cfg = config.resolve([f"run_dir={made['run']}", "clip.pretrained=random", "clip.model=ViT-Tiny-16",
+                          f"eval.data_root={eval_root}", "report.classes=1", "progress=off"])
+    page = report.build_report(made["run"], cfg).read_text()
+    warnings = re.findall(r'<p class="warn">(.*?)</p>', page)
+    assert len(warnings) == 3, warnings
+    assert "The CLIP weights were random (clip.pretrained=random)" in warnings[0]
+    assert "untrained ViT-Tiny-16" in warnings[0]
+    assert "&#x27;eurosat&#x27; is not the real one: scikit-learn digits written in the layout of EuroSAT" in warnings[1]
+    assert "&#x27;sop&#x27; is not the real one" in warnings[2] and "Stanford Online Products" in warnings[2]
+    assert "cub" not in " ".join(warnings)      # a real set (no marker) is not called a stand-in
+
+
+def test_report_shows_damaged_shards(tmp_path):
+    made = make_run(tmp_path, with_train=False, with_eval=False)
+    run = made["run"]
+    done = run / "embed" / "00001.done.json"
+    done.write_text(json.dumps({"n": 7, "skipped": {}, "damaged": {"reason": "truncated tar", "rows_kept": 7,
+                                                                    "rows_lost": None}}))
+    page = report.build_report(run).read_text()   # before assign's summary knows: from the done markers
+    assert "1 damaged input shard: 7 rows kept, 0 rows lost (unknown in 1)" in page
+    assert "<td>00001</td><td>truncated tar</td><td>7</td><td>unknown</td>" in page
+    (run / "labels" / "summary.json").write_text(json.dumps({"non_empty": 5, "damaged_shards": [
+        {"shard": "00000", "reason": "read error", "rows_kept": 3, "rows_lost": 6},
+        {"shard": "00001", "reason": "truncated tar", "rows_kept": 7, "rows_lost": 2}]}))
+    page = report.build_report(run).read_text()
+    assert "2 damaged input shards: 10 rows kept, 8 rows lost;" in page
+    assert "<td>00000</td><td>read error</td><td>3</td><td>6</td>" in page
+    (run / "labels" / "summary.json").write_text(json.dumps({"non_empty": 5, "damaged_shards": []}))
+    done.write_text(json.dumps({"n": 7, "skipped": {}, "damaged": None}))
+    assert "damaged input shard" not in report.build_report(run).read_text()
