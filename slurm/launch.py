@@ -93,14 +93,38 @@ def plan(cfg: DictConfig) -> list[Job]:
     return jobs
 
 
-def precheck(cfg: DictConfig) -> None:
-    """The checks that can be made before anything runs; each raises with a message naming the key."""
+def precheck(cfg: DictConfig) -> list[str]:
+    """The checks that can be made before anything runs; each raises with a message naming the key.
+    Returns what the user should see of the plan (the train stage's batch arithmetic and schedule)."""
     steps = STEPS[cfg.stage]
+    notes: list[str] = []
     if {"embed", "kmeans", "assign"} & set(steps):
         checks = importlib.import_module("cluster_job.checks")
         checks.precheck(cfg, cfg.stage)
+    if "train" in steps:
+        world, ranks = train_world(cfg)
+        notes += importlib.import_module("unicom_ds.train_plan").precheck(
+            cfg, world, ranks, labels_expected="assign" not in steps)
     if "eval" in steps:
         importlib.import_module("evaluation.run").check(cfg)
+    return notes
+
+
+def train_world(cfg: DictConfig) -> tuple[int, str]:
+    """The number of training ranks and how they come about, as the launcher will start them."""
+    if cfg.launcher == "local":
+        if cfg.train.local_processes:
+            return int(cfg.train.local_processes), "train.local_processes"
+        gpus = 0 if cfg.device == "cpu" else _visible_gpus()
+        return max(1, gpus), f"{gpus} local GPU(s)" if gpus else "1 local CPU process"
+    job = Job("train", ((),), None, resources(cfg, "train"))
+    nodes = int(job.resources["nodes"])
+    return nodes * job.tasks_per_node, f"{nodes} node(s) x {job.tasks_per_node} GPU(s)"
+
+
+def _visible_gpus() -> int:
+    import torch
+    return torch.cuda.device_count()
 
 
 def output_dir(cfg: DictConfig, step: str) -> Path:

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.resolve(argv)
         jobs = launch.plan(cfg)
-        launch.precheck(cfg)
+        notes = launch.precheck(cfg)
     except USER_ERRORS as e:
         error(e)
         return 2
@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.dry_run:
         from slurm.launch_slurm import dry_run_scripts
         print(f"dry run: nothing is submitted; run directory would be {run_dir}")
+        for line in notes:
+            print(line)
         for job, script in dry_run_scripts(cfg, jobs):
             print(f"\n# ---- {job.step}: {len(job.tasks)} task(s) ----\n{script}")
         return 0
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         error(e)
         return 2
     print(f"run directory: {run_dir}")
+    for line in notes:
+        print(line)
     if cfg.launcher == "local":
         from slurm import launch_local
         return launch_local.run(cfg, jobs)

@@ -170,10 +170,8 @@ class Trainer:
     def sync_batchnorm_stats(self) -> None:
         """Average the BatchNorm running statistics over ranks (each rank normalises its own micro
         batch, as the release's training did; the saved statistics are those of all ranks)."""
-        if self.world == 1:
-            return
-        for name, buf in self.engine.module.named_buffers():
-            if name.endswith(("running_mean", "running_var")):
+        if self.world > 1:
+            for buf in self.running_stats():
                 all_reduce_(buf).div_(self.world)
 
     def weights_finite(self) -> bool:
@@ -226,8 +224,8 @@ class Trainer:
 
     def last_good(self) -> str:
         last = checkpoint.latest(self.root)
-        where = f"the last finite checkpoint is {last} (train.resume=latest continues from it)" if last else \
-            "no checkpoint was written yet"
+        where = f"The last finite checkpoint is {last} (train.resume=latest continues from it)" if last else \
+            "No checkpoint was written yet"
         return f"{where}; lower train.lr (now {float(self.cfg.train.lr):g}) or check the data"
 
     def resume(self) -> None:
@@ -315,8 +313,12 @@ class Trainer:
         bad = bad or self.engine.skipped_steps > skipped
         if bad:
             self.bad_steps += 1
+            # Train-mode forwards of the bad window moved the BatchNorm statistics (to NaN, often).
+            for buf, saved in zip(self.running_stats(), self.stats_before):
+                buf.copy_(saved)
         else:
             self.proto_opt.step()
+        self.stats_before = [buf.clone() for buf in self.running_stats()]
         self.proto_opt.zero_grad(set_to_none=True)
         self.window_finite = torch.ones((), dtype=torch.bool, device=self.device)
         self.layer.advance()
@@ -330,6 +332,9 @@ class Trainer:
                                        f"saving. {self.last_good()}")
         return loss.detach(), True  # a tensor: reading it every step would sync with the GPU
 
+    def running_stats(self) -> list[torch.Tensor]:
+        return [b for name, b in self.engine.module.named_buffers() if name.endswith(("running_mean", "running_var"))]
+
     def nonfinite_window(self) -> bool:
         """Collective, once per optimizer step: a non-finite loss in this accumulation window or a
         non-finite prototype gradient on any rank (every rank gets the same answer: no hang)."""
@@ -341,6 +346,7 @@ class Trainer:
         self.resume()
         self.set_lr()
         self.window_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self.stats_before = [buf.clone() for buf in self.running_stats()]
         cfg = self.cfg
         tb = tblog.writer(str(self.run_dir), "train") if self.rank == 0 else None
         self.log(f"{cfg.model} on {self.world} rank(s) ({self.device}, {self.dtype}), k={self.k}, "
