@@ -5,6 +5,7 @@
 - `extract(model, dataset, batch_size, workers, device, rank=0, world=1)` -> float32 [rows, d], the
   raw model outputs (not normalised) for this rank's contiguous block of rows (`shard_rows`), so
   the ranks' blocks concatenated in rank order are the data set in order. fp16 autocast on CUDA.
+  Progress counts images under `desc` (the eval job names the model and the data set).
 - `features_path(run_dir, model, dataset)` -> RUN/eval/features/MODEL/DATASET.npy.
 - `cached_extract(path, model, dataset, ...)` (dataset: an ImageFiles, or any Dataset with a
   `paths` list) -> the whole data set's features: read from `path`
@@ -64,16 +65,24 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def extract(model: torch.nn.Module, dataset: Dataset, batch_size: int = 256, workers: int = 8,
-            device: str = "auto", rank: int = 0, world: int = 1, progress_mode: str = "auto") -> np.ndarray:
+            device: str = "auto", rank: int = 0, world: int = 1, progress_mode: str = "auto",
+            desc: str = "features") -> np.ndarray:
     device = torch_device(device)
     rows = shard_rows(len(dataset), rank, world)
     loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size, num_workers=workers,
                         shuffle=False, pin_memory=device.type == "cuda")
     model = model.to(device).eval()
     out = []
-    for images in progress(loader, total=len(loader), desc=f"features rank {rank}", mode=progress_mode):
-        with _autocast(device):
-            out.append(model(images.to(device, non_blocking=True)).float().cpu())
+
+    def per_image():  # one item per image extracted, so progress counts (and rates) images
+        for images in loader:
+            with _autocast(device):
+                out.append(model(images.to(device, non_blocking=True)).float().cpu())
+            yield from range(len(images))
+
+    for _ in progress(per_image(), total=len(rows), desc=f"{desc}, rank {rank} of {world}", mode=progress_mode,
+                      unit="image"):
+        pass
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
     return torch.cat(out).numpy()
@@ -108,13 +117,14 @@ def _cached(path: Path, key: str) -> bool:
 
 def cached_extract(path, model: torch.nn.Module, dataset: ImageFiles, batch_size: int = 256,
                    workers: int = 8, device: str = "auto", rank: int = 0, world: int = 1,
-                   progress_mode: str = "auto") -> np.ndarray:
+                   progress_mode: str = "auto", desc: str = "features") -> np.ndarray:
     path = Path(path)
     key = fingerprint(dataset.paths)
     if not _cached(path, key):
         part = _part(path, key, rank, world)
         if not part.is_file():
-            save_npy_atomic(part, extract(model, dataset, batch_size, workers, device, rank, world, progress_mode))
+            save_npy_atomic(part, extract(model, dataset, batch_size, workers, device, rank, world, progress_mode,
+                                          desc))
         _barrier(world)
         if rank == 0:
             parts = [_part(path, key, r, world) for r in range(world)]

@@ -178,7 +178,8 @@ class Evaluator:
         from evaluation.features import cached_extract, features_path
         e = self.cfg.eval
         return cached_extract(features_path(self.run_dir, label, key), model, dataset, int(e.batch_size),
-                              int(e.workers), str(self.cfg.device), self.rank, self.world, self.mode)
+                              int(e.workers), str(self.cfg.device), self.rank, self.world, self.mode,
+                              desc=f"eval {label} on {key.replace('.', ' ')}")
 
     def retrieval(self, label: str, name: str, model, preprocess) -> dict | None:
         from evaluation import metrics

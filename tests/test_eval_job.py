@@ -176,6 +176,16 @@ def test_check_finds_a_deleted_eurosat_image(tmp_path):
         run.check(cfg)
 
 
+def test_progress_lines_name_model_data_set_and_images(tmp_path, capsys):
+    data = tmp_path / "data"
+    x, y = digit_images(30)
+    write_sop(data, x, y)
+    export_backbone(tmp_path / "run")
+    run.eval_job(config.select(eval_cfg(tmp_path / "run", data, "eval.datasets=[sop]", "progress=lines")))
+    err = capsys.readouterr().err
+    assert "[eval run on sop, rank 0 of 1] 30/30 images, " in err and " images/s, " in err
+
+
 def test_demo_sets_replace_an_older_eurosat_layout(tmp_path):
     """Demo data written before EuroSAT files were numbered per class is rewritten, not reported as gaps."""
     from evaluation import demo_sets

@@ -71,6 +71,15 @@ def test_extract_of_one_rank_is_its_block(tmp_path):
     np.testing.assert_allclose(got, expected_features_from_crops(paths[4:]), rtol=1e-5, atol=1e-6)
 
 
+def test_progress_lines_name_the_data_set_and_count_images(tmp_path, capsys):
+    paths = make_images(tmp_path / "img", 7)
+    features.extract(Counting(), dataset(paths), batch_size=2, workers=0, device="cpu", rank=1, world=2,
+                     progress_mode="lines", desc="eval m on sop")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("[eval m on sop, rank 1 of 2] 3/3 images, ")  # this rank's block, not 2 batches
+    assert " images/s, " in lines[-1]
+
+
 def test_unreadable_image_is_named(tmp_path):
     paths = make_images(tmp_path / "img", 2)
     (tmp_path / "img" / "bad.jpg").write_bytes(b"not an image")
