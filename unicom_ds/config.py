@@ -77,10 +77,37 @@ def resolve(argv: Iterable[str] = (), base: Mapping | None = None) -> DictConfig
         saved_cfg = _load(saved)
         _check_known(saved_cfg, ref, str(saved))
         layers.append(saved_cfg)
+    else:
+        inherited = _continued_config(OmegaConf.merge(*layers, cli), ref)
+        if inherited is not None:
+            layers.insert(1, inherited)
     layers.append(cli)
     cfg = OmegaConf.merge(*layers)
     schema.check(cfg, ref)
     return cfg
+
+
+# A continuation run takes its base run's config except what names the base run itself.
+_NOT_INHERITED = ("run_dir", "train.continue_from", "train.resume", "slurm.log_dir")
+
+
+def _continued_config(cfg: DictConfig, ref: DictConfig) -> DictConfig | None:
+    """For a new run with train.continue_from=BASE: BASE/config.yaml, the layer just above the defaults
+    (so config=FILE, e.g. a continuation recipe, and the command line still override it)."""
+    base = OmegaConf.select(cfg, "train.continue_from")
+    path = Path(str(base)) / "config.yaml" if base else None
+    if path is None or not path.is_file():
+        return None  # the train stage's checks say what is missing about BASE
+    plain = OmegaConf.to_container(_load(path))
+    for key in _NOT_INHERITED:
+        *parents, leaf = key.split(".")
+        node = plain
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    inherited = OmegaConf.create(plain)
+    _check_known(inherited, ref, str(path))
+    return inherited
 
 
 def save(cfg: DictConfig) -> Path:
