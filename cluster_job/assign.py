@@ -2,6 +2,10 @@
 
 Labels are only valid with the centroids that made them: RUN/labels/centroids.json records the
 centroids' fingerprint before any label is written, and a task meeting other centroids refuses to go on.
+A shard's labels are also only valid for the rows they label: a labels file whose length is not the
+shard's row count (the shard was embedded again, e.g. with embed.redo_damaged) is labelled again.
+Every label written is a real class: faiss answers -1 only for a non-finite query, and a non-finite
+row stops the task before its shard is written, naming the file (features.NonFiniteFeatures).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import numpy as np
 
 from cluster_job import features
 from cluster_job.kmeans import kmeans_dir, label_rows, search_index, use_gpu
+from unicom_ds import tblog
 from unicom_ds.atomic import atomic_path, read_json, save_npy_atomic, write_json_atomic
 from unicom_ds.config import ConfigError, as_config
 from unicom_ds.progress import progress
@@ -31,17 +36,32 @@ def fingerprint(run_dir: str) -> dict:
     return {"centroids_sha256": digest, "k": summary["k"], "mode": summary["mode"], "config": summary["config"]}
 
 
-def claim_labels(run_dir: str, fp: dict) -> None:
-    """Record the centroids' fingerprint for RUN/labels, or refuse if labels of other centroids are there."""
-    path = labels_dir(run_dir) / "centroids.json"
+def check_labels(cfg, fp: dict) -> bool:
+    """True when RUN/labels is claimed by these centroids, False when unclaimed; refuses other centroids'."""
+    path = labels_dir(cfg.run_dir) / "centroids.json"
     if not path.is_file():
-        write_json_atomic(path, fp)  # concurrent tasks write the same content; the rename is atomic
+        return False
     recorded = read_json(path)
     if recorded["centroids_sha256"] != fp["centroids_sha256"]:
         raise ConfigError(
-            f"{labels_dir(run_dir)} holds labels of other centroids ({path}: k={recorded['k']}, "
+            f"{labels_dir(cfg.run_dir)} holds labels of other centroids ({path}: k={recorded['k']}, "
             f"sha256 {recorded['centroids_sha256'][:12]}; now k={fp['k']}, sha256 {fp['centroids_sha256'][:12]}); "
-            "use a new run_dir or delete the labels folder to relabel")
+            + features.reuse_hint(cfg, recorded["config"], fp["config"])
+            + f"; or delete {labels_dir(cfg.run_dir)} to label again here")
+    return True
+
+
+def claim_labels(cfg, fp: dict) -> None:
+    """Record the centroids' fingerprint for RUN/labels, or refuse if labels of other centroids are there."""
+    if not check_labels(cfg, fp):
+        write_json_atomic(labels_dir(cfg.run_dir) / "centroids.json", fp)  # concurrent tasks write the same
+        check_labels(cfg, fp)  # another task's claim may have won the rename
+
+
+def labelled(run_dir: str, stem: str, n: int) -> bool:
+    """RUN/labels/S.npy exists and labels exactly the shard's n rows."""
+    path = labels_dir(run_dir) / f"{stem}.npy"
+    return path.is_file() and np.load(path, mmap_mode="r").shape == (n,)
 
 
 def class_sizes(run_dir: str, stems: list[str], k: int) -> np.ndarray:
@@ -81,22 +101,27 @@ def plot_sizes(sizes: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
-def write_summary(cfg, stems: list[str], fp: dict) -> dict:
-    """labels/summary.json + class_sizes.png + TensorBoard, from all shards' labels."""
+def write_summary(cfg, stems: list[str], records: list[dict], fp: dict) -> dict:
+    """labels/summary.json + class_sizes.png + TensorBoard, from all shards' labels; the damage and the
+    skipped rows recorded by the embed stage come along ("damaged_shards", "rows_skipped")."""
     from cluster_job import cluster_samples
-    from unicom_ds import tblog
 
     out = labels_dir(cfg.run_dir)
     sizes = class_sizes(cfg.run_dir, stems, int(fp["k"]))
+    skipped: dict[str, int] = {}
+    for r in records:
+        for reason, count in r.get("skipped", {}).items():
+            skipped[reason] = skipped.get(reason, 0) + int(count)
+    damaged = features.damaged_shards(stems, records)
     summary = {**size_stats(sizes), "shards": len(stems), "centroids_sha256": fp["centroids_sha256"],
-               "mode": fp["mode"]}
+               "mode": fp["mode"], "damaged_shards": damaged, "rows_skipped": dict(sorted(skipped.items()))}
     plot_sizes(sizes, out / "class_sizes.png")
-    tb = tblog.writer(cfg.run_dir, "cluster")
-    for key in ("non_empty_classes", "empty_classes", "min_size", "median_size", "max_size", "mean_size"):
-        if key in summary:
-            tb.add_scalar(f"labels/{key}", summary[key], 0)
-    tb.add_histogram("labels/class_sizes", sizes[sizes > 0], 0)
-    tb.close()
+    with tblog.writer(cfg.run_dir, "cluster") as tb:
+        for key in ("non_empty_classes", "empty_classes", "min_size", "median_size", "max_size", "mean_size"):
+            if key in summary:
+                tb.add_scalar(f"labels/{key}", summary[key], 0)
+        tb.add_scalar("labels/damaged_shards", len(damaged), 0)
+        tb.add_histogram("labels/class_sizes", sizes[sizes > 0], 0)
     cluster_samples.tensorboard_grids(cfg)
     write_json_atomic(out / "summary.json", summary)
     return summary
@@ -106,30 +131,36 @@ def assign_shards(cfg, stems: list[str]) -> dict | None:
     """Job function: label the given embedded shards; the task that finds every shard labelled
     afterwards writes the summary (returned then, else None)."""
     cfg = as_config(cfg)
-    run_dir = cfg.run_dir
+    run_dir, src = cfg.run_dir, features.source_run(cfg)
     if not (kmeans_dir(run_dir) / "summary.json").is_file():
         raise FileNotFoundError(f"assign: {kmeans_dir(run_dir)}/summary.json missing; run stage=kmeans first")
     fp = fingerprint(run_dir)
-    claim_labels(run_dir, fp)
-    embedded = set(features.embedded_stems(run_dir))
-    unknown = [s for s in stems if s not in embedded]
+    claim_labels(cfg, fp)
+    embedded = features.embedded_stems(src)
+    unknown = sorted(set(stems) - set(embedded))
     if unknown:
-        raise FileNotFoundError(f"assign: shard {unknown[0]} has no {features.done_path(run_dir, unknown[0])}")
-    todo = [s for s in stems if not (labels_dir(run_dir) / f"{s}.npy").is_file()]
+        raise FileNotFoundError(f"assign: shard {unknown[0]} has no {features.done_path(src, unknown[0])}")
+    rows = dict(zip(stems, features.row_counts(src, stems).tolist()))
+    todo = [s for s in stems if not labelled(run_dir, s, rows[s])]
     print(f"assign: {len(stems) - len(todo)} of {len(stems)} shards already labelled", file=sys.stderr, flush=True)
     if todo:
         index = search_index(np.load(kmeans_dir(run_dir) / "centroids.npy"), use_gpu(cfg.assign.gpu))
-        for s in progress(todo, total=len(todo), desc="assign", mode=cfg.progress):
-            start = time.monotonic()
-            labels = label_rows(index, features.iter_batches(run_dir, s, fp["mode"], cfg.assign.batch_size))
+        for s in progress(todo, total=len(todo), desc="assign", mode=cfg.progress, unit="shard",
+                          rows=lambda s: rows[s]):
+            labels = label_rows(index, features.iter_batches(src, s, fp["mode"], cfg.assign.batch_size))
             save_npy_atomic(labels_dir(run_dir) / f"{s}.npy", labels)
-            print(f"assign {s}: {len(labels)} rows in {time.monotonic() - start:.2f}s", file=sys.stderr)
-    print(f"assign: {len(todo)} shard(s) labelled -> {labels_dir(run_dir)}", file=sys.stderr, flush=True)
-    all_stems = sorted(embedded)
-    if all((labels_dir(run_dir) / f"{s}.npy").is_file() for s in all_stems):
-        summary = write_summary(cfg, all_stems, fp)
-        print(f"assign: all {len(all_stems)} embedded shards labelled: {summary['non_empty_classes']} non-empty "
-              f"classes, sizes {summary['min_size']}..{summary['max_size']} (median {summary['median_size']}) "
-              f"-> {labels_dir(run_dir)}/summary.json", file=sys.stderr, flush=True)
+    print(f"assign: {len(todo)} shards, {sum(rows[s] for s in todo):,} rows labelled -> {labels_dir(run_dir)}",
+          file=sys.stderr, flush=True)
+    # Cheap test first (every task makes it); the full one reads every done.json and labels header.
+    if all((labels_dir(run_dir) / f"{s}.npy").is_file() for s in embedded):
+        records = features.done_records(src, embedded)
+        if not all(labelled(run_dir, s, int(r["n"])) for s, r in zip(embedded, records)):
+            return None  # a shard embedded again is waiting for its task
+        summary = write_summary(cfg, embedded, records, fp)
+        print(f"assign: all {len(embedded)} embedded shards labelled: {summary['rows']:,} rows in "
+              f"{summary['non_empty_classes']:,} non-empty classes, sizes {summary['min_size']:,}.."
+              f"{summary['max_size']:,} (median {summary['median_size']:,})"
+              + (f"; {features.damage_line(summary['damaged_shards'])}" if summary["damaged_shards"] else "")
+              + f" -> {labels_dir(run_dir)}/summary.json", file=sys.stderr, flush=True)
         return summary
     return None

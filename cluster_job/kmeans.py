@@ -1,21 +1,28 @@
-"""K-means stage: spherical faiss k-means on a seeded sample of the embedded shards -> RUN/kmeans/."""
+"""K-means stage: spherical faiss k-means on a seeded sample of the embedded shards -> RUN/kmeans/.
+
+TensorBoard (RUN/tensorboard/kmeans): the objective per iteration and the sizes of the classes on the
+sample. The sizes cost one more assignment pass (1/niter of the fit); at two levels each sub-problem
+assigns only its own members, as in the fit.
+"""
 from __future__ import annotations
 
 import math
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import faiss
 import numpy as np
 
 from cluster_job import features
+from unicom_ds import tblog
 from unicom_ds.atomic import read_json, save_npy_atomic, write_json_atomic
 from unicom_ds.config import ConfigError, as_config, check_same, select
 from unicom_ds.progress import progress
 
 # The config keys whose change makes other centroids; stored in summary.json and compared on a rerun.
-KMEANS_KEYS = features.EMBED_KEYS + ("kmeans.k", "kmeans.mode", "kmeans.niter", "kmeans.init", "kmeans.max_points_per_centroid",
+KMEANS_KEYS = features.EMBED_KEYS + ("embed.from", "kmeans.k", "kmeans.mode", "kmeans.niter", "kmeans.init", "kmeans.max_points_per_centroid",
                                      "kmeans.min_points_per_centroid", "kmeans.two_level", "kmeans.seed")
 TWO_LEVEL_FROM_K = 65536  # `kmeans.two_level=auto` switches to two levels from this k on
 # Random seeding often leaves two centroids in one group and none in another; k-means++ fixes that but
@@ -50,24 +57,33 @@ def init_method(name: str) -> int:
     return INITS[name]
 
 
-def spherical_kmeans(x: np.ndarray, k: int, niter: int, seed: int, min_ppc: int = 1, gpu: int = 0,
-                     init: str = "afkmc2") -> tuple[np.ndarray, float, int]:
-    """faiss spherical k-means on rows of x. Returns (centroids, objective, iterations run).
+class Fit(NamedTuple):
+    centroids: np.ndarray      # [k, d] float32, unit rows
+    objective: float           # faiss's: summed inner product of each point with its centroid (higher is better)
+    history: list[float]       # the objective after each iteration (empty when nothing was iterated)
+    sizes: np.ndarray          # [k] points of x nearest to each centroid
 
-    The objective is faiss's: the sum over points of the inner product with their centroid (higher is
-    better). x is already the capped sample, so faiss must not subsample it again.
-    """
+    @property
+    def iterations(self) -> int:
+        return len(self.history)
+
+
+def spherical_kmeans(x: np.ndarray, k: int, niter: int, seed: int, min_ppc: int = 1, gpu: int = 0,
+                     init: str = "afkmc2") -> Fit:
+    """faiss spherical k-means on rows of x. x is already the capped sample, so faiss must not
+    subsample it again."""
     n, d = x.shape
     if k == n:  # every point its own centroid: nothing to fit
-        return np.ascontiguousarray(x, np.float32), float(n), 0
+        return Fit(np.ascontiguousarray(x, np.float32), float(n), [], np.ones(n, np.int64))
     if k == 1:
         c = features.normalize(x.mean(axis=0, keepdims=True))
-        return c, float((x @ c[0]).sum()), 0
+        return Fit(c, float((x @ c[0]).sum()), [], np.array([n], np.int64))
     km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=True, max_points_per_centroid=max(1, -(-n // k)),
                       min_points_per_centroid=min_ppc, gpu=gpu or False, init_method=init_method(init),
                       verbose=False)
     km.train(np.ascontiguousarray(x, np.float32))
-    return km.centroids, float(km.obj[-1]), len(km.obj)
+    sizes = np.bincount(nearest(km.centroids, x, gpu), minlength=k)
+    return Fit(km.centroids, float(km.obj[-1]), [float(o) for o in km.obj], sizes)
 
 
 def nearest(centroids: np.ndarray, x: np.ndarray, gpu: int = 0) -> np.ndarray:
@@ -111,24 +127,28 @@ def split_sizes(counts: np.ndarray, k: int) -> np.ndarray:
 
 
 def two_level_kmeans(x: np.ndarray, k: int, niter: int, seed: int, min_ppc: int = 1, gpu: int = 0,
-                     init: str = "afkmc2") -> tuple[np.ndarray, float, int]:
+                     init: str = "afkmc2") -> tuple[Fit, Fit]:
     """~sqrt(k) coarse clusters, then each split into sub-clusters in proportion to its size.
 
-    Returns (k centroids, summed objective of the sub-problems, total iterations run)."""
+    Returns (the k-centroid fit, the coarse fit). The fine fit's objective sums the sub-problems'; its
+    history sums them per iteration (a sub-problem solved without iterating adds its objective to each)."""
     kc = max(1, min(int(round(math.sqrt(k))), k))
-    coarse, _, iters = spherical_kmeans(x, kc, niter, seed, min_ppc, gpu, init)
-    assign = nearest(coarse, x, gpu)
+    coarse = spherical_kmeans(x, kc, niter, seed, min_ppc, gpu, init)
+    assign = nearest(coarse.centroids, x, gpu)
     sizes = split_sizes(np.bincount(assign, minlength=kc), k)
     order = np.argsort(assign, kind="stable")
     starts = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=kc))])
-    parts, objective = [], 0.0
-    for c in progress(np.flatnonzero(sizes), total=int((sizes > 0).sum()), desc="kmeans sub-clusters"):
+    parts = []
+    todo = np.flatnonzero(sizes)
+    for c in progress(todo, total=len(todo), desc="kmeans sub-clusters", unit="sub-problem",
+                      rows=lambda c: int(starts[c + 1] - starts[c])):
         members = x[order[starts[c]:starts[c + 1]]]
-        cent, obj, it = spherical_kmeans(members, int(sizes[c]), niter, seed + 1 + int(c), min_ppc, gpu, init)
-        parts.append(cent)
-        objective += obj
-        iters += it
-    return np.concatenate(parts), objective, iters
+        parts.append(spherical_kmeans(members, int(sizes[c]), niter, seed + 1 + int(c), min_ppc, gpu, init))
+    steps = max([p.iterations for p in parts] + [0])
+    history = [sum(p.history[i] if i < p.iterations else p.objective for p in parts) for i in range(steps)]
+    fine = Fit(np.concatenate([p.centroids for p in parts]), sum(p.objective for p in parts), history,
+               np.concatenate([p.sizes for p in parts]))
+    return fine, coarse
 
 
 def plan(cfg, counts: np.ndarray) -> int:
@@ -136,42 +156,72 @@ def plan(cfg, counts: np.ndarray) -> int:
     k, total = int(cfg.kmeans.k), int(counts.sum())
     if k > total:
         raise ConfigError(f"kmeans.k={k} is larger than the {total} embedded points in "
-                          f"{features.embed_dir(cfg.run_dir)}; lower kmeans.k or embed more shards")
+                          f"{features.embed_dir(features.source_run(cfg))}; lower kmeans.k or embed more shards")
     return min(total, k * int(cfg.kmeans.max_points_per_centroid))
+
+
+def check_done(cfg) -> dict | None:
+    """The summary of a finished k-means of this config, None when there is none; refuses another config's."""
+    path = kmeans_dir(cfg.run_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    summary, wanted = read_json(path), select(cfg, KMEANS_KEYS)
+    check_same(summary["config"], wanted, path, features.reuse_hint(cfg, summary["config"], wanted)
+               + f"; or delete {path.parent} and {Path(str(cfg.run_dir)) / 'labels'} to redo them here")
+    return summary
+
+
+def log_fit(run_dir: str, fit: Fit, coarse: Fit | None) -> None:
+    """TensorBoard: the objective after each iteration, and the class sizes on the sample."""
+    with tblog.writer(run_dir, "kmeans") as tb:
+        for i, obj in enumerate(fit.history, 1):
+            tb.add_scalar("kmeans/objective", obj, i)
+        for i, obj in enumerate(coarse.history if coarse else [], 1):
+            tb.add_scalar("kmeans/coarse_objective", obj, i)
+        tb.add_histogram("kmeans/class_sizes", fit.sizes, 0)
+        tb.add_scalar("kmeans/empty_classes", int((fit.sizes == 0).sum()), 0)
+        tb.add_scalar("kmeans/max_class_size", int(fit.sizes.max()), 0)
 
 
 def run_kmeans(cfg) -> dict:
     """Job function: centroids of the embedded shards. Skips when the same config already finished."""
     cfg = as_config(cfg)
     out = kmeans_dir(cfg.run_dir)
-    wanted = select(cfg, KMEANS_KEYS)
-    if (out / "summary.json").is_file():
-        summary = read_json(out / "summary.json")
-        check_same(summary["config"], wanted, out / "summary.json")
+    summary = check_done(cfg)
+    if summary is not None:
         print(f"kmeans: {out}/summary.json exists for this config; skipping", file=sys.stderr)
         return summary
     start = time.monotonic()
-    stems = features.embedded_stems(cfg.run_dir)
+    src = features.source_run(cfg)
+    stems = features.embedded_stems(src)
     if not stems:
-        raise FileNotFoundError(f"kmeans: no embedded shard (no *.done.json) in {features.embed_dir(cfg.run_dir)}")
-    counts = features.row_counts(cfg.run_dir, stems, select(cfg, features.EMBED_KEYS))
+        raise FileNotFoundError(f"kmeans: no embedded shard (no *.done.json) in {features.embed_dir(src)}")
+    records = features.done_records(src, stems, features.embed_identity(cfg))
+    counts = np.asarray([int(r["n"]) for r in records], dtype=np.int64)
+    damaged = features.damaged_shards(stems, records)
     n_sample = plan(cfg, counts)
-    k, d, mode = int(cfg.kmeans.k), features.dim(cfg.run_dir, stems[0]), str(cfg.kmeans.mode)
+    k, d, mode = int(cfg.kmeans.k), features.dim(src, stems[0]), str(cfg.kmeans.mode)
     rows = features.sample_rows(counts, n_sample, int(cfg.kmeans.seed))
-    x = features.gather(cfg.run_dir, stems, rows, mode, d)
+    x = features.gather(src, stems, rows, mode, d)
     gpu = use_gpu(cfg.kmeans.gpu)
     two = use_two_level(cfg.kmeans.two_level, k)
-    fit = two_level_kmeans if two else spherical_kmeans
-    print(f"kmeans: k={k} on {n_sample} of {int(counts.sum())} points (d={d}, mode={mode}, "
-          f"{'two-level' if two else 'one level'}, {'%d GPU' % gpu if gpu else 'CPU'})", file=sys.stderr, flush=True)
-    centroids, objective, iterations = fit(x, k, int(cfg.kmeans.niter), int(cfg.kmeans.seed),
-                                           int(cfg.kmeans.min_points_per_centroid), gpu, str(cfg.kmeans.init))
-    save_npy_atomic(out / "centroids.npy", np.ascontiguousarray(centroids, np.float32))
+    print(f"kmeans: k={k:,} on {n_sample:,} of {int(counts.sum()):,} rows of {len(stems):,} shards (d={d}, "
+          f"mode={mode}, {'two-level' if two else 'one level'}, {'%d GPU' % gpu if gpu else 'CPU'})"
+          + (f"; {features.damage_line(damaged)}" if damaged else ""), file=sys.stderr, flush=True)
+    args = (x, k, int(cfg.kmeans.niter), int(cfg.kmeans.seed), int(cfg.kmeans.min_points_per_centroid), gpu,
+            str(cfg.kmeans.init))
+    fit, coarse = two_level_kmeans(*args) if two else (spherical_kmeans(*args), None)
+    save_npy_atomic(out / "centroids.npy", np.ascontiguousarray(fit.centroids, np.float32))
+    log_fit(cfg.run_dir, fit, coarse)
     summary = {"k": k, "d": d, "mode": mode, "two_level": two, "points_used": int(n_sample),
-               "points_embedded": int(counts.sum()), "shards": len(stems), "objective": objective,
-               "mean_cosine": objective / n_sample, "iterations": iterations, "gpus": gpu,
-               "seconds": round(time.monotonic() - start, 3), "config": wanted}
+               "points_embedded": int(counts.sum()), "shards": len(stems), "damaged_shards": damaged,
+               "embeddings": str(features.embed_dir(src)), "objective": fit.objective,
+               "mean_cosine": fit.objective / n_sample, "iterations": fit.iterations,
+               "empty_classes_on_sample": int((fit.sizes == 0).sum()), "gpus": gpu,
+               "seconds": round(time.monotonic() - start, 3), "config": select(cfg, KMEANS_KEYS)}
+    if coarse is not None:
+        summary["coarse_iterations"] = coarse.iterations
     write_json_atomic(out / "summary.json", summary)  # last: it marks the stage done
-    print(f"kmeans: done, objective {objective:.1f} after {iterations} iterations, {summary['seconds']:.1f}s "
-          f"-> {out}/centroids.npy", file=sys.stderr, flush=True)
+    print(f"kmeans: done, objective {fit.objective:,.1f} (mean cosine {summary['mean_cosine']:.4f}) after "
+          f"{fit.iterations} iterations, {summary['seconds']:.1f}s -> {out}/centroids.npy", file=sys.stderr, flush=True)
     return summary

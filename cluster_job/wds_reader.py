@@ -2,14 +2,19 @@
 
 webdataset's own pipeline drops or raises on a bad sample; here each row comes out with a reason
 (missing image, missing caption, corrupt image, duplicate key) so the embed stage can count it, and a
-truncated tar ends the shard with the rows read so far plus a description of the fault.
+damaged tar (truncated, unreadable) ends the shard with the rows read so far plus a description of the
+fault. A read that fails with OSError is retried a few times first: network file systems report
+passing trouble that way, and only an error that persists counts as damage.
 """
 from __future__ import annotations
 
 import io
+import sys
 import tarfile
+import time
 from collections import Counter
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
 
 import torch
 from PIL import Image
@@ -17,6 +22,67 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+READ_ATTEMPTS = 4        # one read + 3 retries
+RETRY_BACKOFF_S = 0.5    # doubled after each failed attempt: 0.5 s, 1 s, 2 s
+
+
+def stats_path(path: str) -> Path:
+    """img2dataset's `S_stats.json` beside shard `S.tar` (its "successes" is the shard's sample count)."""
+    return Path(path).with_name(Path(path).name.split(".")[0] + "_stats.json")
+
+
+def _open_raw(path: str) -> BinaryIO:
+    return open(path, "rb")
+
+
+def _retried(what: str, call: Callable):
+    """call(), tried READ_ATTEMPTS times while it raises OSError, with a doubling backoff in between."""
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return call()
+        except OSError as exn:
+            if attempt == READ_ATTEMPTS:
+                raise
+            wait = RETRY_BACKOFF_S * 2 ** (attempt - 1)
+            print(f"{what}: {type(exn).__name__}: {exn}; retry {attempt}/{READ_ATTEMPTS - 1} in {wait:g}s",
+                  file=sys.stderr, flush=True)
+            time.sleep(wait)
+
+
+class RetryingReader:
+    """A binary file whose open, read and seek are retried on OSError (see module docstring)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.f = _retried(f"open {path}", lambda: _open_raw(path))
+
+    def read(self, size: int = -1) -> bytes:
+        at = self.f.tell()
+        return _retried(f"read {self.path} at byte {at}", lambda: self._read_at(at, size))
+
+    def _read_at(self, at: int, size: int) -> bytes:
+        self.f.seek(at)  # a failed attempt may have moved the position; within the buffer this costs nothing
+        return self.f.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return _retried(f"seek {self.path}", lambda: self.f.seek(offset, whence))
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self) -> "RetryingReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:  # webdataset appends the stream to its error messages
+        return self.path
 
 
 class TarSamples:
@@ -32,19 +98,22 @@ class TarSamples:
 
     def __iter__(self) -> Iterator[dict]:
         self.fault = None
-        with open(self.path, "rb") as f:
-            try:
+        try:
+            with RetryingReader(self.path) as f:
                 files = ({**s, "__url__": self.path} for s in tar_file_iterator(f, handler=self._handler))
                 yield from group_by_keys(files)
-            except (tarfile.TarError, OSError, EOFError) as exn:  # raised opening the stream
-                self._handler(exn)
+        except (tarfile.TarError, OSError, EOFError) as exn:  # raised opening the stream or reading a header
+            self._handler(exn)
         if self.fault is None:
-            self.fault = missing_end_marker(self.path)
+            try:
+                self.fault = missing_end_marker(self.path)
+            except OSError as exn:
+                self._handler(exn)
 
 
 def missing_end_marker(path: str) -> str | None:
     """Python's tarfile ends quietly when a tar stops at a header; a complete tar ends in zero blocks."""
-    with open(path, "rb") as f:
+    with RetryingReader(path) as f:
         head = f.read(2)
         if head == b"\x1f\x8b":  # gzip: the end marker is inside the compressed stream
             return None
@@ -99,7 +168,7 @@ class ShardBatches(IterableDataset):
 
     With W DataLoader workers every worker reads the tar (cheap: headers and bytes) but decodes only
     batches j with j % W == its id; the DataLoader takes workers round-robin, so batches arrive in tar
-    order. Each worker ends with a batch-less record carrying the tar's fault.
+    order. Each worker ends with a record {"end": True, "fault": the tar's fault or None}.
     """
 
     def __init__(self, path: str, batch_size: int, preprocess: Callable, tokenizer: Callable):
@@ -120,7 +189,7 @@ class ShardBatches(IterableDataset):
                 chunk, j = [], j + 1
         if chunk and j % nw == wid:
             yield self._decode(chunk)
-        yield {"keys": [], "skipped": {}, "fault": samples.fault}
+        yield {"end": True, "fault": samples.fault}
 
     def _decode(self, chunk: list) -> dict:
         keys, images, captions, skipped = [], [], [], Counter()
@@ -135,7 +204,7 @@ class ShardBatches(IterableDataset):
                 continue
             keys.append(key)
             captions.append(caption)
-        batch = {"keys": keys, "skipped": dict(skipped), "fault": None}
+        batch = {"keys": keys, "skipped": dict(skipped)}
         if keys:
             batch["images"] = torch.stack(images)
             batch["tokens"] = self.tokenizer(captions)

@@ -1,5 +1,6 @@
 """Assign stage: labels aligned with keys, batching, rerun skip, refusing other centroids, summary/PNG/TensorBoard."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from cluster_job import assign
 from embed_fixtures import write_embedded
 from unicom_ds.atomic import read_json, write_json_atomic
 from unicom_ds.config import ConfigError, resolve, select
+from unicom_ds.progress import line
 from unicom_ds.tblog import read_scalars
 
 K, D = 5, 8
@@ -107,3 +109,25 @@ def test_size_stats_reference():
     assert assign.size_stats(sizes) == {
         "k": 6, "rows": 16, "non_empty_classes": 4, "empty_classes": 2, "min_size": 1, "median_size": 3.0,
         "mean_size": 4.0, "max_size": 9, "p99_size": pytest.approx(9 - 0.03 * 5)}
+
+
+def test_progress_lines_say_shards_and_rows(tmp_path, capfd):
+    make_run(tmp_path)
+    capfd.readouterr()
+    assign.assign_shards(cfg_for(tmp_path, "progress=lines"), ["00000", "00001"])
+    err = capfd.readouterr().err
+    assert re.search(r"\[assign\] 2/2 shards, 17 rows, [\d.]+ shards/s, [\d,]+ rows/s, \d+s elapsed", err), err
+    assert "assign: 2 shards, 17 rows labelled" in err
+    assert line("x", 1, None, "batch", 1, 2.0) == "[x] 1 batch, 1 row, 0.5 batches/s, 0 rows/s, 2s elapsed"
+    assert line("x", 3, 4, "shard", 1234, 1.0) == "[x] 3/4 shards, 1,234 rows, 3.0 shards/s, 1,234 rows/s, 1s elapsed"
+
+
+def test_summary_carries_damage_and_skipped_rows(tmp_path):
+    make_run(tmp_path)
+    marker = tmp_path / "embed" / "00001.done.json"
+    damage = {"reason": "ReadError: unexpected end of data", "rows_kept": 7, "rows_lost": 5}
+    write_json_atomic(marker, {**read_json(marker), "damaged": damage, "skipped": {"corrupt_image": 2}})
+    summary = assign.assign_shards(cfg_for(tmp_path), ["00000", "00001"])
+    assert summary["damaged_shards"] == [{"shard": "00001", **damage}]
+    assert summary["rows_skipped"] == {"corrupt_image": 2}
+    assert read_scalars(str(tmp_path / "tensorboard" / "cluster"))["labels/damaged_shards"] == [(0, 1.0)]

@@ -1,10 +1,12 @@
 """Checks made before submitting a cluster-stage job: each failure names the key."""
 import json
+import shutil
 
 import numpy as np
 import pytest
 from webdataset import TarWriter
 
+from cluster_job import assign, kmeans
 from cluster_job.checks import precheck
 from embed_fixtures import write_embedded
 from unicom_ds.config import ConfigError, resolve, select
@@ -53,7 +55,7 @@ def test_model_and_weights_named(shards, tmp_path):
 
 
 def test_kmeans_init_named(shards):
-    with pytest.raises(ConfigError, match=r"kmeans.init=kmeans\+: expected one of afkmc2, kmeans\+\+, random"):
+    with pytest.raises(ConfigError, match=r"kmeans.init=kmeans\+: expected .*afkmc2.*kmeans\+\+.*random"):
         precheck(cfg_for(shards, "kmeans.init=kmeans+"), "cluster")
 
 
@@ -87,3 +89,65 @@ def test_kmeans_needs_embedded_points(tmp_path):
 def test_assign_needs_centroids(tmp_path):
     with pytest.raises(ConfigError, match=r"stage=assign: .*kmeans/summary.json missing"):
         precheck(cfg_for(tmp_path), "assign")
+
+
+def embedded_run(run, rows=(4, 3)):
+    """RUN/embed of the `shards` fixture's two tars (which sit in run's parent folder)."""
+    rng = np.random.default_rng(0)
+    for stem, n in zip(("00000", "00001"), rows):
+        write_embedded(run, stem, rng.standard_normal((n, 8)), rng.standard_normal((n, 8)),
+                       shard=str(run.parent / f"{stem}.tar"))
+
+
+def test_kmeans_of_another_config_refused_before_submission(shards):
+    run = shards / "run"
+    embedded_run(run)
+    kmeans.run_kmeans(cfg_for(shards, "kmeans.k=3", "kmeans.gpu=false"))
+    for stage in ("kmeans", "cluster", "all"):
+        with pytest.raises(ConfigError) as err:
+            precheck(cfg_for(shards, "kmeans.k=4", f"stage={stage}"), stage)
+        msg = str(err.value)
+        assert f"{run}/kmeans/summary.json was made with a different config (kmeans.k: 3 there, 4 now)" in msg
+        assert f"run_dir=NEW_RUN embed.from={run} kmeans.k=4" in msg
+        assert f"delete {run}/kmeans and {run}/labels to redo them here" in msg
+    precheck(cfg_for(shards, "kmeans.k=3"), "cluster")  # the same config: the finished k-means is reused
+
+
+def test_labels_of_other_centroids_refused_before_submission(shards):
+    run = shards / "run"
+    embedded_run(run)
+    cfg = cfg_for(shards, "kmeans.k=3", "kmeans.gpu=false", "assign.gpu=false", "report.tensorboard_grids=0")
+    kmeans.run_kmeans(cfg)
+    assign.assign_shards(cfg, ["00000", "00001"])
+    precheck(cfg, "assign")
+    np.save(run / "kmeans" / "centroids.npy", np.eye(8, dtype=np.float32)[:3])  # other centroids, same config
+    with pytest.raises(ConfigError, match=r"labels holds labels of other centroids .*; or delete .*labels"):
+        precheck(cfg, "assign")
+    shutil.rmtree(run / "kmeans")   # k-means deleted to redo it, labels forgotten
+    with pytest.raises(ConfigError, match=r"labels/centroids.json: .*labels holds labels of centroids that are gone"):
+        precheck(cfg, "cluster")
+
+
+def test_embeddings_of_another_clip_refused_before_submission(shards):
+    embedded_run(shards / "run")
+    with pytest.raises(ConfigError, match=r"00000.done.json was made with a different config "
+                                          r"\(clip.model: 'ViT-Tiny-16' there, 'ViT-Tiny-32' now\); embeddings of another CLIP "
+                                          r"cannot be reused: use a new run_dir"):
+        precheck(cfg_for(shards, "clip.model=ViT-Tiny-32"), "embed")
+
+
+def test_embed_from_checked_before_submission(shards):
+    old = shards / "old"
+    with pytest.raises(ConfigError, match=rf"embed.from={old}: {old}/embed does not exist"):
+        precheck(cfg_for(shards, f"embed.from={old}"), "cluster")
+    embedded_run(old)
+    precheck(cfg_for(shards, f"embed.from={old}"), "cluster")
+    precheck(cfg_for(shards, f"embed.from={old}", "kmeans.k=7"), "all")
+    with pytest.raises(ConfigError, match=r"kmeans.k=8 is larger than the 7 embedded rows in .*old/embed"):
+        precheck(cfg_for(shards, f"embed.from={old}", "kmeans.k=8"), "cluster")
+    with pytest.raises(ConfigError, match=r"embed.redo_damaged=true with embed.from=.*redo them there"):
+        precheck(cfg_for(shards, f"embed.from={old}", "embed.redo_damaged=true"), "embed")
+    (old / "embed" / "00001.done.json").unlink()
+    with pytest.raises(ConfigError, match=rf"embed.from={old}: 1 of the 2 shards of data.shards are not embedded "
+                                          rf"there \(first: {old}/embed/00001.done.json missing\)"):
+        precheck(cfg_for(shards, f"embed.from={old}"), "cluster")

@@ -1,6 +1,7 @@
 """K-means stage: joint feature, spherical and two-level k-means, memory-mapped sampling, run_kmeans files."""
 import os
 
+import faiss
 import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
@@ -9,6 +10,7 @@ from cluster_job import features, kmeans
 from embed_fixtures import CLIP, blobs, unit, write_embedded
 from unicom_ds.atomic import read_json
 from unicom_ds.config import ConfigError, resolve, select
+from unicom_ds.tblog import read_scalars
 
 
 def cfg_for(run_dir, *extra):
@@ -34,7 +36,8 @@ def test_spherical_kmeans_recovers_separated_groups():
     rng = np.random.default_rng(1)
     x, truth = blobs(np.eye(16)[:6], 30, 0.05, rng)
     x = unit(x).astype(np.float32)
-    c, objective, iterations = kmeans.spherical_kmeans(x, 6, niter=20, seed=0)
+    fit = kmeans.spherical_kmeans(x, 6, niter=20, seed=0)
+    c, objective, iterations = fit.centroids, fit.objective, fit.iterations
     assert c.shape == (6, 16)
     np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1, atol=1e-5)  # spherical: unit centroids
     labels = kmeans.nearest(c, x)
@@ -60,7 +63,8 @@ def test_two_level_recovers_groups_and_returns_k_centroids():
     rng = np.random.default_rng(2)
     x, truth = blobs(np.eye(32)[:16], 20, 0.03, rng)
     x = unit(x).astype(np.float32)
-    c, objective, iterations = kmeans.two_level_kmeans(x, 16, niter=25, seed=0)
+    fit, coarse = kmeans.two_level_kmeans(x, 16, niter=25, seed=0)
+    c, objective, iterations = fit.centroids, fit.objective, fit.iterations
     assert c.shape == (16, 32)
     # k-means is a heuristic: a sub-problem may keep a local optimum, so not necessarily a perfect 1.0.
     assert adjusted_rand_score(truth, kmeans.nearest(c, x)) > 0.9
@@ -176,3 +180,46 @@ def test_gpu_selection(monkeypatch):
         kmeans.use_gpu(True)
     assert kmeans.use_two_level("auto", 65536) and not kmeans.use_two_level("auto", 1000)
     assert kmeans.use_two_level(True, 10) and not kmeans.use_two_level("false", 10 ** 6)
+
+
+def test_tensorboard_objective_per_iteration_and_class_sizes(tmp_path):
+    """The logged objectives are faiss's own per-iteration values on the same points; the histogram holds
+    the class sizes of those points under the final centroids."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    make_run(tmp_path, groups=5, per=12, shards=3)
+    summary = kmeans.run_kmeans(cfg_for(tmp_path, "kmeans.k=5", "kmeans.niter=7", "kmeans.init=kmeans++"))
+    # Reference: every row is used (180 < 5 * 256), in shard order, clustered by faiss directly.
+    img = np.concatenate([np.load(tmp_path / "embed" / f"{i:05d}.img.npy") for i in range(3)]).astype(np.float64)
+    txt = np.concatenate([np.load(tmp_path / "embed" / f"{i:05d}.txt.npy") for i in range(3)]).astype(np.float64)
+    x = unit(img + txt).astype(np.float32)
+    ref = faiss.Kmeans(16, 5, niter=7, seed=0, spherical=True, max_points_per_centroid=36, verbose=False,
+                       init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS)
+    ref.train(x)
+    logged = read_scalars(str(tmp_path / "tensorboard" / "kmeans"))
+    assert 1 <= len(ref.obj) <= 7  # faiss stops early once the assignment no longer changes
+    assert [s for s, _ in logged["kmeans/objective"]] == list(range(1, len(ref.obj) + 1))
+    assert summary["iterations"] == len(ref.obj)
+    np.testing.assert_allclose([v for _, v in logged["kmeans/objective"]], ref.obj, rtol=1e-5)
+
+    cent = np.load(tmp_path / "kmeans" / "centroids.npy")
+    sizes = np.bincount(np.argmax(x @ cent.T, axis=1), minlength=5)
+    acc = EventAccumulator(str(tmp_path / "tensorboard" / "kmeans"), size_guidance={"histograms": 0})
+    acc.Reload()
+    [hist] = acc.Histograms("kmeans/class_sizes")
+    h = hist.histogram_value
+    assert (h.num, h.sum, h.min, h.max) == (5, 180, sizes.min(), sizes.max())
+    assert logged["kmeans/empty_classes"] == [(0, float((sizes == 0).sum()))]
+
+
+def test_tensorboard_two_level_objectives(tmp_path):
+    make_run(tmp_path, groups=9, per=10)
+    kmeans.run_kmeans(cfg_for(tmp_path, "kmeans.k=9", "kmeans.two_level=true", "kmeans.niter=6"))
+    logged = read_scalars(str(tmp_path / "tensorboard" / "kmeans"))
+    coarse = [s for s, _ in logged["kmeans/coarse_objective"]]
+    assert 1 <= len(coarse) <= 6 and coarse == list(range(1, len(coarse) + 1))
+    fine = [v for _, v in logged["kmeans/objective"]]
+    assert 1 <= len(fine) <= 6 and all(0 < v <= 270 + 1e-3 for v in fine)  # summed cosines of 270 points
+    # The last summed value is the fit's objective (the summary's), and splitting never scores worse.
+    assert fine[-1] == pytest.approx(read_json(tmp_path / "kmeans" / "summary.json")["objective"], rel=1e-6)
+    assert fine[-1] >= logged["kmeans/coarse_objective"][-1][1] - 1e-3
