@@ -109,7 +109,7 @@ def outcome(cfg: DictConfig, job: Job) -> str:
     if job.step == "train":
         steps = [int(p.name.rsplit("_", 1)[1]) for p in (out / "ckpt").glob("step_*") if p.name[5:].isdigit()]
         exported = "backbone.pt" if (out / "backbone.pt").is_file() else "no backbone.pt"
-        return f"{max(steps)} steps, {exported}" if steps else exported
+        return f"{_n(max(steps), 'step')}, {exported}" if steps else exported
     if job.step == "eval":
         results = _read(out / "results.json") or {}
         datasets = sorted({d for sets in results.values() for d in sets})
