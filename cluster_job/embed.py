@@ -145,8 +145,8 @@ def finished(cfg, path: str) -> dict | None:
         return None
     done = read_json(marker)
     check_same(done.get("config", {}), shard_config(cfg, path), marker,
-               f"embeddings of another CLIP cannot be reused: use a new run_dir (this one keeps its own), "
-               f"or delete {embed_dir(cfg.run_dir)} to embed again here")
+               "features made another way cannot be mixed with these: use a new run_dir (this one keeps its "
+               f"own), or delete {embed_dir(cfg.run_dir)} to embed again here")
     return done
 
 

@@ -131,8 +131,8 @@ def test_labels_of_other_centroids_refused_before_submission(shards):
 def test_embeddings_of_another_clip_refused_before_submission(shards):
     embedded_run(shards / "run")
     with pytest.raises(ConfigError, match=r"00000.done.json was made with a different config "
-                                          r"\(clip.model: 'ViT-Tiny-16' there, 'ViT-Tiny-32' now\); embeddings of another CLIP "
-                                          r"cannot be reused: use a new run_dir"):
+                                          r"\(clip.model: 'ViT-Tiny-16' there, 'ViT-Tiny-32' now\); features made another way "
+                                          r"cannot be mixed with these: use a new run_dir"):
         precheck(cfg_for(shards, "clip.model=ViT-Tiny-32"), "embed")
 
 
