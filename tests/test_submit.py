@@ -74,7 +74,7 @@ def test_dry_run_prints_scripts_with_resources_and_dependencies(tmp_path, demo_s
 
 def test_dry_run_train_and_eval_one_task_per_gpu(tmp_path, demo_shards, capsys, monkeypatch):
     # eval's data-set check is eval's business (tests/test_eval_job.py); here: what gets submitted.
-    monkeypatch.setattr(launch, "precheck", lambda cfg: None)
+    monkeypatch.setattr(launch, "precheck", lambda cfg: [])
     code = submit.main(tiny(tmp_path / "run", demo_shards, "stage=all", "dry_run=true", "slurm.gpus_per_node=4",
                             "slurm.nodes=2", "slurm.log_dir=" + str(tmp_path / "logs")))
     scripts = scripts_by_step(capsys.readouterr().out)
@@ -140,7 +140,7 @@ class Recorder:
 
 def test_local_launcher_runs_every_step_in_order(tmp_path, demo_shards, monkeypatch, capsys):
     rec = Recorder()
-    monkeypatch.setattr(launch, "precheck", lambda cfg: None)
+    monkeypatch.setattr(launch, "precheck", lambda cfg: [])
     monkeypatch.setattr(launch_local, "target", rec.targets())
     run = tmp_path / "run"
     code = submit.main(tiny(run, demo_shards, "stage=all", "launcher=local", "embed.shards_per_task=2",
@@ -160,7 +160,7 @@ def test_local_launcher_runs_every_step_in_order(tmp_path, demo_shards, monkeypa
 
 def test_local_launcher_failure_stops_the_chain(tmp_path, demo_shards, monkeypatch, capsys):
     rec = Recorder(fail="kmeans")
-    monkeypatch.setattr(launch, "precheck", lambda cfg: None)
+    monkeypatch.setattr(launch, "precheck", lambda cfg: [])
     monkeypatch.setattr(launch_local, "target", rec.targets())
     run = tmp_path / "run"
     code = submit.main(tiny(run, demo_shards, "stage=all", "launcher=local"))
@@ -198,7 +198,7 @@ def test_local_summary_counts_shards_rows_and_data_sets(tmp_path, demo_shards, m
                                     % (run / "train")],
     }
     (run / "labels").mkdir(parents=True)
-    monkeypatch.setattr(launch, "precheck", lambda cfg: None)
+    monkeypatch.setattr(launch, "precheck", lambda cfg: [])
     monkeypatch.setattr(launch_local, "target", fakes.__getitem__)
     code = submit.main(tiny(run, demo_shards, "stage=all", "launcher=local", "embed.shards_per_task=2",
                             "assign.shards_per_task=2"))
