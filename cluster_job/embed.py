@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cluster_job.features import (check_reuse, damage_line, damaged_shards, done_path, embed_dir, embed_identity,
+from cluster_job.features import (check_reuse, damage, damage_line, damaged_shards, done_path, embed_dir, embed_identity,
                                   source_run)
 from cluster_job.wds_reader import ShardBatches, stats_path
 from unicom_ds import model_configs, tblog
@@ -156,10 +156,10 @@ def pending(cfg, shards: list[str]) -> tuple[list[str], list[dict]]:
     todo, kept = [], []
     for path in shards:
         done = finished(cfg, path)
-        if done is None or (done.get("damaged") and cfg.embed.redo_damaged):
+        if done is None or (damage(done) and cfg.embed.redo_damaged):
             todo.append(path)
-        elif done.get("damaged"):
-            kept.append({"shard": stem(path), **done["damaged"]})
+        elif damage(done):
+            kept.append({"shard": stem(path), **damage(done)})
     return todo, kept
 
 

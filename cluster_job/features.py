@@ -125,9 +125,18 @@ def row_counts(run_dir: str, stems: list[str], identity: dict | None = None) -> 
     return np.asarray([int(d["n"]) for d in done_records(run_dir, stems, identity)], dtype=np.int64)
 
 
+def damage(done: dict) -> dict | None:
+    """A done.json's damage record; done markers written before it existed say only "fault": <reason>."""
+    if done.get("damaged"):
+        return done["damaged"]
+    if done.get("fault"):
+        return {"reason": done["fault"], "rows_kept": int(done["n"]), "rows_lost": None}
+    return None
+
+
 def damaged_shards(stems: list[str], records: list[dict]) -> list[dict]:
     """[{"shard", "reason", "rows_kept", "rows_lost"}] of the shards whose done.json records damage."""
-    return [{"shard": s, **d["damaged"]} for s, d in zip(stems, records) if d.get("damaged")]
+    return [{"shard": s, **damage(d)} for s, d in zip(stems, records) if damage(d)]
 
 
 def damage_line(damaged: list[dict]) -> str:

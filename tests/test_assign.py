@@ -131,3 +131,14 @@ def test_summary_carries_damage_and_skipped_rows(tmp_path):
     assert summary["damaged_shards"] == [{"shard": "00001", **damage}]
     assert summary["rows_skipped"] == {"corrupt_image": 2}
     assert read_scalars(str(tmp_path / "tensorboard" / "cluster"))["labels/damaged_shards"] == [(0, 1.0)]
+
+
+def test_damage_of_markers_written_before_the_damage_record(tmp_path):
+    """done.json of the earlier embed stage said only "fault"; such a shard still counts as damaged."""
+    make_run(tmp_path)
+    marker = tmp_path / "embed" / "00000.done.json"
+    old = {k: v for k, v in read_json(marker).items() if k != "damaged"}
+    write_json_atomic(marker, {**old, "fault": "OSError: [Errno 5] Input/output error"})
+    summary = assign.assign_shards(cfg_for(tmp_path), ["00000", "00001"])
+    assert summary["damaged_shards"] == [{"shard": "00000", "reason": "OSError: [Errno 5] Input/output error",
+                                          "rows_kept": 10, "rows_lost": None}]
