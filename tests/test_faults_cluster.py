@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from cluster_job import assign, embed, features, kmeans, wds_reader
-from embed_fixtures import good, member_offsets, unit, write_embedded, write_tar
+from embed_fixtures import good, member_offsets, write_embedded, write_tar
 from slurm import submit
-from unicom_ds.atomic import read_json, write_json_atomic
-from unicom_ds.config import as_config, resolve, select
+from unicom_ds.atomic import read_json
+from unicom_ds.config import resolve, select
 
 torch.set_num_threads(1)
 TINY = ["clip.model=ViT-Tiny-16", "clip.pretrained=random", "embed.batch_size=2", "embed.workers=0", "device=cpu",
