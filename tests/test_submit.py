@@ -179,7 +179,9 @@ def test_local_summary_counts_shards_rows_and_data_sets(tmp_path, demo_shards, m
 
     def embed(cfg, paths):
         for p in paths:
-            write_json(run / "embed" / f"{Path(p).stem}.done.json", {"n": 21, "skipped": {"corrupt image": 1}})
+            damaged = {"reason": "truncated", "rows_kept": 21, "rows_lost": 3} if p.endswith("00002.tar") else None
+            write_json(run / "embed" / f"{Path(p).stem}.done.json",
+                       {"n": 21, "skipped": {"corrupt image": 1}, "damaged": damaged})
 
     def assign(cfg, stems):
         for s in stems:
@@ -205,12 +207,13 @@ def test_local_summary_counts_shards_rows_and_data_sets(tmp_path, demo_shards, m
     out = capsys.readouterr().out
     assert code == 0
     summary = {line.split()[0]: line for line in out[out.index("summary:"):].splitlines()[1:]}
-    assert "3 of 3 shards, 63 rows (3 skipped)" in summary["embed"]
+    assert "3 of 3 shards, 63 rows (3 skipped), 1 damaged" in summary["embed"]
     assert "k=8 on 60 of 63 rows" in summary["kmeans"]
     assert "3 shards, 63 rows, 5 non-empty classes" in summary["assign"]
     assert "12 steps, backbone.pt" in summary["train"]
     assert "1 model x 2 data sets (eurosat, sop)" in summary["eval"]
     assert "task" not in out[out.index("summary:"):]
+    assert "[embed] task 1/2: 2 shards" in out and "[assign] task 2/2: 1 shard\n" in out
 
 
 def write_json(path: Path, data) -> None:
