@@ -156,41 +156,44 @@ def writable_dir_problem(path: Path) -> str | None:
 
 
 # Everything a default's type cannot say. Keys may be fnmatch patterns (`*slurm.nodes` also matches
-# `slurm.nodes`); the first matching entry wins. A rule without `kind` takes the default's type.
-POS_INT, NONNEG_INT, POS_FLOAT, NONNEG_FLOAT = Rule(lo=1), Rule(lo=0), Rule(lo=0, lo_open=True), Rule(lo=0)
+# `slurm.nodes`); the first matching entry wins. A rule without `kind` takes the default's type, so
+# AT_LEAST_1 on an integer default is an integer >= 1, and POSITIVE on a float default a number > 0.
+AT_LEAST_1, NON_NEGATIVE, POSITIVE = Rule(lo=1), Rule(lo=0), Rule(lo=0, lo_open=True)
 AUTO_BOOL = Rule(choices=("auto", True, False))
 RULES: dict[str, Rule] = {
     "run_dir": Rule("dir"),
     "stage": Rule(choices=STAGES),
     "launcher": Rule(choices=("slurm", "local")),
-    "seed": NONNEG_INT,
+    "seed": NON_NEGATIVE,
     "device": Rule(choices=("auto", "cpu", "cuda")),
     "progress": Rule(choices=("auto", "bar", "lines", "off", False)),  # YAML reads a bare `off` as false
     "*slurm.partition": Rule("str"), "*slurm.account": Rule("str"), "*slurm.qos": Rule("str"),
     "*slurm.constraint": Rule("str"),
     "*slurm.nodes": Rule("int", lo=1), "*slurm.gpus_per_node": Rule("int", lo=0),
     "*slurm.cpus_per_task": Rule("int", lo=1), "*slurm.mem_gb": Rule("float", lo=0, lo_open=True),
-    "*slurm.time_min": Rule("int", lo=1), "slurm.array_parallelism": POS_INT,
+    "*slurm.time_min": Rule("int", lo=1), "slurm.array_parallelism": AT_LEAST_1,
     "slurm.log_dir": Rule("dir"),
-    "report.classes": NONNEG_INT, "report.per_class": POS_INT, "report.thumb_size": Rule(lo=8),
-    "report.tensorboard_grids": NONNEG_INT,
-    "embed.batch_size": POS_INT, "embed.workers": NONNEG_INT, "embed.shards_per_task": POS_INT,
-    "kmeans.k": POS_INT, "kmeans.mode": Rule(choices=("joint", "image", "text")), "kmeans.niter": POS_INT,
+    "report.classes": NON_NEGATIVE, "report.per_class": AT_LEAST_1, "report.thumb_size": Rule(lo=8),
+    "report.tensorboard_grids": NON_NEGATIVE,
+    "embed.batch_size": AT_LEAST_1, "embed.workers": NON_NEGATIVE, "embed.shards_per_task": AT_LEAST_1,
+    "embed.from": Rule("str"),
+    "kmeans.k": AT_LEAST_1, "kmeans.mode": Rule(choices=("joint", "image", "text")), "kmeans.niter": AT_LEAST_1,
     "kmeans.init": Rule(choices=("afkmc2", "kmeans++", "random")),
-    "kmeans.max_points_per_centroid": POS_INT, "kmeans.min_points_per_centroid": NONNEG_INT,
-    "kmeans.two_level": AUTO_BOOL, "kmeans.seed": NONNEG_INT, "kmeans.gpu": AUTO_BOOL,
-    "assign.batch_size": POS_INT, "assign.shards_per_task": POS_INT, "assign.gpu": AUTO_BOOL,
+    "kmeans.max_points_per_centroid": AT_LEAST_1, "kmeans.min_points_per_centroid": NON_NEGATIVE,
+    "kmeans.two_level": AUTO_BOOL, "kmeans.seed": NON_NEGATIVE, "kmeans.gpu": AUTO_BOOL,
+    "assign.batch_size": AT_LEAST_1, "assign.shards_per_task": AT_LEAST_1, "assign.gpu": AUTO_BOOL,
     "loss.r1": Rule(lo=0, hi=1, lo_open=True), "loss.r2": Rule(lo=0, hi=1, lo_open=True),
-    "loss.margin": NONNEG_FLOAT, "loss.scale": POS_FLOAT,
+    "loss.margin": NON_NEGATIVE, "loss.scale": POSITIVE,
     "loss.margin_grad": Rule(choices=("straight_through", "exact")),
-    "train.epochs": POS_INT, "train.steps_per_epoch": Rule("int", lo=1), "train.max_steps": Rule("int", lo=1),
-    "train.lr": NONNEG_FLOAT, "train.schedule": Rule(choices=("cosine", "constant")),
-    "train.continue_from": Rule("str"), "train.max_bad_steps": NONNEG_INT, "train.loader_timeout_s": POS_FLOAT, "train.weight_decay": NONNEG_FLOAT, "train.warmup_epochs": NONNEG_FLOAT,
-    "train.prototype_lr_mult": NONNEG_FLOAT, "train.precision": Rule(choices=("bf16", "fp32")),
-    "train.workers": NONNEG_INT, "train.local_processes": Rule("int", lo=1),
-    "train.ckpt_every_steps": POS_INT, "train.keep_checkpoints": POS_INT, "train.log_every": POS_INT,
-    "eval.batch_size": POS_INT, "eval.workers": NONNEG_INT, "eval.dims": Rule("list", items=Rule("int", lo=1)),
-    "eval.probe.max_iter": POS_INT, "eval.probe.val_fraction": Rule(lo=0, hi=1, lo_open=True),
+    "train.epochs": AT_LEAST_1, "train.steps_per_epoch": Rule("int", lo=1), "train.max_steps": Rule("int", lo=1),
+    "train.lr": NON_NEGATIVE, "train.schedule": Rule(choices=("cosine", "constant")),
+    "train.continue_from": Rule("str"), "train.max_bad_steps": NON_NEGATIVE, "train.loader_timeout_s": POSITIVE,
+    "train.weight_decay": NON_NEGATIVE, "train.warmup_epochs": NON_NEGATIVE,
+    "train.prototype_lr_mult": NON_NEGATIVE, "train.precision": Rule(choices=("bf16", "fp32")),
+    "train.workers": NON_NEGATIVE, "train.local_processes": Rule("int", lo=1),
+    "train.ckpt_every_steps": AT_LEAST_1, "train.keep_checkpoints": AT_LEAST_1, "train.log_every": AT_LEAST_1,
+    "eval.batch_size": AT_LEAST_1, "eval.workers": NON_NEGATIVE, "eval.dims": Rule("list", items=Rule("int", lo=1)),
+    "eval.probe.max_iter": AT_LEAST_1, "eval.probe.val_fraction": Rule(lo=0, hi=1, lo_open=True),
 }
 
 
