@@ -154,7 +154,7 @@ class Trainer:
                 outcome[0] = train_data.check_labels(self.source, self.cfg.data.shards, self.k,
                                                      progress_mode=self.cfg.progress)
             except (train_data.LabelError, OSError) as e:
-                outcome[0] = f"{type(e).__name__}: {e}"
+                outcome[0] = str(e)
         if self.world > 1:
             dist.broadcast_object_list(outcome, src=0, device=self.device)
         if isinstance(outcome[0], str):

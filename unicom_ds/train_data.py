@@ -126,7 +126,7 @@ def _probe_keys(source: LabelSource, urls: list[str], count: int) -> None:
         found = _tar_keys(url, 1000)
         if found and not wanted.intersection(found):
             raise LabelError(f"none of the first {len(found)} samples of {url} has a key in {keys_path} "
-                             f"(tar: {found[0]!r}, keys file: {next(iter(wanted), '')!r}): the labels were made "
+                             f"(tar: {found[0]!r}, keys file: {min(wanted, default='')!r}): the labels were made "
                              "for other shards; check data.shards against the run's embed stage")
 
 

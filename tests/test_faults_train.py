@@ -1,0 +1,152 @@
+"""Training faults, injected for real through 2-rank `deepspeed` launches on one run directory:
+
+- a finite base run (steps 0-2), then lr=1e39, whose first update makes the weights infinite: the save is
+  refused, the job exits non-zero, `latest` and backbone.pt stay as they were;
+- lr=1e6 (the issue's reproduction): the loss turns NaN, the bad steps are skipped on both ranks together
+  (no hang), the job stops after train.max_bad_steps with a non-zero exit, every checkpoint left is finite;
+- a pickle payload planted in a rank file, resumed from outside the run: refused without
+  train.trust_checkpoint, and with it the payload still does not run;
+- labels made for other shards: the job fails before the first step, naming the run directory.
+"""
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train_fixtures import make_run
+from unicom_ds import config, tblog, train
+from unicom_ds.checkpoint import ENGINE_TAG, rank_file, read_rank_file
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def launch(run: Path, ds: Path, log: Path, *overrides: str) -> subprocess.CompletedProcess:
+    argv = ["deepspeed", "--num_nodes", "1", "--num_gpus", "2", "--master_port", str(train.free_port()),
+            str(REPO / "unicom_ds/train.py"), "--deepspeed_config", str(ds), f"run_dir={run}", *overrides]
+    proc = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=540)
+    log.write_text(proc.stdout + proc.stderr)
+    return proc
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def finite_checkpoint(step_dir: Path) -> bool:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=ENGINE_TAG)
+    blocks = [read_rank_file(rank_file(step_dir, r))["weight"] for r in (0, 1)]
+    return all(bool(torch.isfinite(t).all()) for t in (*state.values(), *blocks) if t.is_floating_point())
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    data = make_run(root, [13, 9, 6], k=10)
+    ds = root / "ds.json"
+    ds.write_text(json.dumps({"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
+                              "bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "elastic_checkpoint": True},
+                              "steps_per_print": 10**6}))
+    cfg = config.resolve([f"run_dir={data['run']}", f"data.shards={data['shards']}", "model=ViT-Tiny-16", "stage=train",
+                          "device=cpu", f"train.deepspeed_config={ds}", "train.epochs=10", "train.steps_per_epoch=4",
+                          "train.max_steps=2", "train.ckpt_every_steps=1", "train.log_every=1", "train.workers=0",
+                          "train.local_processes=2", "loss.r1=1.0", "train.keep_checkpoints=1", "train.warmup_epochs=0",
+                          "progress=off"])
+    proc = subprocess.run(train.local_command(cfg), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return {"root": root, "run": data["run"], "ds": ds, "data": data}
+
+
+@pytest.fixture(scope="module")
+def exploded(base):
+    """lr=1e39: the first update of step 3 makes the weights infinite; then lr=1e6 from the same checkpoint."""
+    run, ckpt = base["run"], base["run"] / "train" / "ckpt"
+    before = {"latest": (ckpt / "latest").read_text(), "backbone": sha(run / "train" / "backbone.pt"),
+              "export": (run / "train" / "export.json").read_text()}
+    inf = launch(run, base["ds"], base["root"] / "inf.log", "train.lr=1e39", "train.max_steps=6")
+    after_inf = {"latest": (ckpt / "latest").read_text(), "backbone": sha(run / "train" / "backbone.pt"),
+                 "export": (run / "train" / "export.json").read_text(), "finite": finite_checkpoint(ckpt / "step_2")}
+    nan = launch(run, base["ds"], base["root"] / "nan.log", "train.lr=1e6", "train.max_steps=12",
+                 "train.max_bad_steps=2")
+    return {"before": before, "after_inf": after_inf, "inf": inf, "nan": nan}
+
+
+@pytest.mark.slow
+def test_infinite_weights_are_never_saved(base, exploded):
+    inf = exploded["inf"]
+    out = inf.stdout + inf.stderr
+    assert inf.returncode != 0
+    assert "step 3: the weights are not finite; no checkpoint written. The last finite checkpoint is " \
+           f"{base['run'] / 'train' / 'ckpt' / 'step_2'}" in out
+    assert exploded["after_inf"] == {**exploded["before"], "finite": True}  # latest, backbone.pt, export.json kept
+
+
+@pytest.mark.slow
+def test_nan_steps_are_skipped_then_the_job_stops_with_an_error(base, exploded):
+    nan = exploded["nan"]
+    out = nan.stdout + nan.stderr
+    assert nan.returncode != 0
+    assert "3 optimizer steps with non-finite loss or gradients (train.max_bad_steps=2); stopping without saving" \
+        in out
+    skipped = [line for line in out.splitlines() if "non-finite loss or gradients, step skipped" in line]
+    assert len(skipped) == 3  # rank 0 logs: both ranks decided together, neither hung
+    ckpt = base["run"] / "train" / "ckpt"
+    latest = ckpt / (ckpt / "latest").read_text().strip()
+    assert sorted(p.name for p in ckpt.glob("step_*")) == [latest.name]  # keep_checkpoints=1 pruned the rest
+    assert finite_checkpoint(latest)
+    assert sha(base["run"] / "train" / "backbone.pt") == exploded["before"]["backbone"]  # never re-exported
+    scalars = tblog.read_scalars(str(base["run"] / "tensorboard" / "train"))
+    assert max(v for _, v in scalars["train/skipped_steps"]) == 2  # logged after the 1st and 2nd skip
+    # The gradients overflowed (the loss itself stayed finite): DeepSpeed's check, reduced over both ranks.
+    norms = dict(scalars["train/grad_norm"])
+    assert math.isfinite(norms[3]) and math.isinf(norms[4]) and math.isinf(norms[5])
+
+
+@pytest.mark.slow
+def test_a_planted_payload_in_a_resumed_checkpoint_does_not_run(base, exploded, tmp_path):
+    ckpt = base["run"] / "train" / "ckpt"
+    outside = tmp_path / "downloaded" / "step_x"
+    shutil.copytree(ckpt / (ckpt / "latest").read_text().strip(), outside)
+    marker = tmp_path / "pwned"
+    state = torch.load(rank_file(outside, 0), weights_only=True)
+    torch.save({**state, "rng": Payload(marker)}, rank_file(outside, 0))
+    run2 = tmp_path / "run2"
+    shutil.copytree(base["run"], run2, ignore=shutil.ignore_patterns("ckpt", "tensorboard"))
+    (run2 / "config.yaml").write_text((run2 / "config.yaml").read_text().replace(str(base["run"]), str(run2)))
+    refused = launch(run2, base["ds"], tmp_path / "untrusted.log", f"train.resume={outside}", "train.lr=1e-3")
+    assert refused.returncode != 0
+    assert "is outside this run's checkpoints" in refused.stdout + refused.stderr
+    trusted = launch(run2, base["ds"], tmp_path / "trusted.log", f"train.resume={outside}",
+                     "train.trust_checkpoint=true", "train.lr=1e-3")
+    assert trusted.returncode != 0
+    assert "rank_00000.pt: not a rank file this project wrote" in trusted.stdout + trusted.stderr
+    assert not marker.exists()
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.slow
+def test_labels_of_other_shards_fail_before_the_first_step(base, tmp_path):
+    run3 = tmp_path / "run3"
+    shutil.copytree(base["run"], run3, ignore=shutil.ignore_patterns("train", "tensorboard", "config.yaml"))
+    for keys in (run3 / "embed").glob("*.keys.txt"):
+        keys.write_text("".join(f"x{i}\n" for i in range(len(keys.read_text().splitlines()))))
+    proc = launch(run3, base["ds"], tmp_path / "unlabelled.log", f"data.shards={base['data']['shards']}",
+                  "model=ViT-Tiny-16", "device=cpu", "train.workers=0", "train.steps_per_epoch=2")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"LabelError: run_dir={run3}: none of the first 13 samples of " in out and "keys file: 'x0'" in out
+    assert not (run3 / "train" / "ckpt").exists() and not (run3 / "config.yaml").exists()
