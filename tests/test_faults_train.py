@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
 def launch(run: Path, ds: Path, log: Path, *overrides: str) -> subprocess.CompletedProcess:
-    argv = ["deepspeed", "--num_nodes", "1", "--num_gpus", "2", "--master_port", str(train.free_port()),
+    argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_nodes", "1", "--num_gpus", "2", "--master_port", str(train.free_port()),
             str(REPO / "unicom_ds/train.py"), "--deepspeed_config", str(ds), f"run_dir={run}", *overrides]
     proc = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=540)
     log.write_text(proc.stdout + proc.stderr)

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,13 +52,13 @@ def runs(tmp_path_factory):
                             "train.max_steps=4", "train.ckpt_every_steps=2", "train.log_every=1", "train.workers=0",
                             "train.local_processes=2", "loss.r1=0.5"])
     out = {"run": run, "logs": [launch(train.local_command(first), root / "run1.log")]}
-    resume = ["deepspeed", "--num_nodes", "1", "--master_port", str(train.free_port()), str(REPO / "unicom_ds/train.py"),
+    resume = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_nodes", "1", "--master_port", str(train.free_port()), str(REPO / "unicom_ds/train.py"),
               "--deepspeed_config", str(ds), f"run_dir={run}", "train.epochs=3"]
-    out["logs"].append(launch(resume[:3] + ["--num_gpus", "2"] + resume[3:] + ["loss.r2=0.5", "train.max_steps=6"],
+    out["logs"].append(launch(resume[:5] + ["--num_gpus", "2"] + resume[5:] + ["loss.r2=0.5", "train.max_steps=6"],
                               root / "run2.log"))
-    out["logs"].append(launch(resume[:3] + ["--num_gpus", "1"] + resume[3:] + ["train.max_steps=7", "train.lr=0.0"],
+    out["logs"].append(launch(resume[:5] + ["--num_gpus", "1"] + resume[5:] + ["train.max_steps=7", "train.lr=0.0"],
                               root / "run3.log"))
-    out["logs"].append(launch(resume[:3] + ["--num_gpus", "2"] + resume[3:] + ["train.max_steps=8", "train.lr=0.0",
+    out["logs"].append(launch(resume[:5] + ["--num_gpus", "2"] + resume[5:] + ["train.max_steps=8", "train.lr=0.0",
                                                                                "train.keep_checkpoints=3"],
                               root / "run4.log"))
     return out
@@ -183,7 +184,7 @@ def test_deepspeed_config_errors(tmp_path):
 def test_local_command_passes_only_changed_keys(tmp_path):
     cfg = config.resolve([f"run_dir={tmp_path}", "loss.r2=0.5", "train.epochs=33", "device=cpu"])
     argv = train.local_command(config.select(cfg))
-    assert argv[:3] == ["env", "DS_ACCELERATOR=cpu", "deepspeed"]
+    assert argv[:5] == ["env", "DS_ACCELERATOR=cpu", sys.executable, "-m", "deepspeed.launcher.runner"]
     assert argv[argv.index("--num_gpus") + 1] == "1" and str(train.TRAIN_PY) in argv
     assert sorted(a for a in argv if "=" in a and not a.startswith("DS_")) == sorted(
         [f"run_dir={tmp_path}", "loss.r2=0.5", "train.epochs=33", "device=cpu"])

@@ -471,7 +471,9 @@ def local_command(cfg: dict | DictConfig) -> list[str]:
     base = _flat(config.select(config.resolve([f"run_dir={cfg.run_dir}"])))
     overrides = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in _flat(config.select(cfg)).items()
                  if k != "run_dir" and not k.startswith(("slurm.", "config")) and base.get(k) != v]
-    argv = ["deepspeed", "--num_nodes", "1", "--num_gpus", str(procs), "--master_port", str(free_port()),
+    # deepspeed's runner under this interpreter: the `deepspeed` on PATH may belong to another Python.
+    argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_nodes", "1", "--num_gpus", str(procs),
+            "--master_port", str(free_port()),
             str(TRAIN_PY), "--deepspeed_config", str(cfg.train.deepspeed_config), f"run_dir={cfg.run_dir}",
             *overrides]
     return argv if gpus else ["env", "DS_ACCELERATOR=cpu", *argv]

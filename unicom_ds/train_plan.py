@@ -67,6 +67,9 @@ def describe(cfg: Any, world: int, ranks: str) -> str:
         raise ConfigError(str(e)) from None
     ds = deepspeed_config(cfg, world)
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    if micro < 2 and backbone.is_release(str(cfg.model)):
+        raise ConfigError(f"{ds_path(cfg)}: train_micro_batch_size_per_gpu {micro}: the {cfg.model} head's BatchNorm "
+                          "normalises each rank's micro batch, which needs at least 2 samples")
     warmup = float(cfg.train.warmup_epochs)
     start = (f"continues from {cfg.train.continue_from} (its weights and prototypes, a new schedule)"
              if cfg.train.continue_from else "from scratch")
