@@ -31,22 +31,47 @@ def fraction_count(ratio: float, n: int) -> int:
     return math.ceil(round(ratio * n, 6))
 
 
+def select_slots(hit: torch.Tensor, local: torch.Tensor, block: int, r1: float, batch: int,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """r1's class selection in a shape fixed by (block, r1, batch), never by the labels.
+
+    `local[i]` is row i's class in this block where `hit[i]`. The selection keeps every positive
+    and fills up with uniformly random negatives to ceil(r1 * block) classes; with more positives
+    than that, all positives and nothing else. Its size varies, so it lives in
+    K = min(block, max(ceil(r1 * block), batch)) slots, room for every positive of `batch` rows.
+    Returns (index [K]: local ids, the selection first and sorted; valid [K] bool, or None when every
+    slot is selected; count: the number selected, a 0-dim tensor). Padding slots hold real ids
+    (so gathers stay in range) that the softmax must mask out with `valid`.
+    """
+    want = fraction_count(r1, block)
+    slots = min(block, max(want, batch))
+    # The top of iid uniform scores is a uniform subset; a score of 2 puts every positive on top.
+    # amax scatter: rows of other blocks write -1 to a clamped id, which any score in [0, 1) beats.
+    score = torch.rand(block, generator=gen, device=gen.device).to(local.device)
+    marks = torch.where(hit, 2.0, -1.0).to(score.dtype)
+    score.scatter_reduce_(0, local.clamp(0, block - 1), marks, "amax")
+    count = (score == 2.0).sum().clamp_min(want)
+    top = score.topk(slots).indices  # by descending score: the selection first
+    if slots == want:
+        return top.sort().values, None, count
+    # Padding slots get keys past the block, so the sort keeps the selection first and sorted.
+    keys = torch.where(torch.arange(slots, device=top.device) < count, top, top + block).sort().values
+    valid = keys < block
+    return torch.where(valid, keys, keys - block), valid, count
+
+
 def select_classes(positives: torch.Tensor, block: int, r1: float, gen: torch.Generator) -> torch.Tensor | None:
     """Local class ids to score this step (sorted), or None for the whole block.
 
-    Keeps every id in `positives` (sorted, unique) and fills up with uniformly random negatives to
+    Keeps every id in `positives` and fills up with uniformly random negatives to
     ceil(r1 * block) ids; when there are more positives than that, all positives and nothing else.
+    `select_slots`' draw cut to its selection (a host sync: for analysis, not for the train step).
     """
-    want = fraction_count(r1, block)
-    if want >= block:
+    if fraction_count(r1, block) >= block:
         return None
-    if positives.numel() >= want:
-        return positives
-    # The top of iid uniform scores is a uniform subset; a score of 2 puts every positive on top.
-    # No host sync, unlike masking out the positives and drawing from the rest.
-    score = torch.rand(block, generator=gen, device=gen.device).to(positives.device)
-    score[positives] = 2.0
-    return score.topk(want).indices.sort().values
+    hit = torch.ones(positives.numel(), dtype=torch.bool, device=positives.device)
+    index, _, count = select_slots(hit, positives, block, r1, positives.numel(), gen)
+    return index[: int(count)]
 
 
 def feature_subset(dim: int, r2: float, seed: int, step: int) -> torch.Tensor | None:
@@ -132,10 +157,15 @@ def add_angle(c: torch.Tensor, margin: float, grad: str = "exact") -> torch.Tens
 
 
 def margin_logits(cos: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, margin: float,
-                  scale: float, grad: str = "exact") -> torch.Tensor:
-    """scale * cos, with scale * cos(theta + margin) at the positives (rows[i], cols[i])."""
+                  scale: float, grad: str = "exact", hit: torch.Tensor | None = None) -> torch.Tensor:
+    """scale * cos, with scale * cos(theta + margin) at the positives (rows[i], cols[i]).
+
+    With `hit`, only the pairs where hit[i] are positives (a fixed-size list of pairs).
+    """
     logits = cos * scale
-    logits.index_put_((rows, cols), add_angle(cos[rows, cols], margin, grad) * scale)
+    at = cos[rows, cols]
+    shifted = add_angle(at, margin, grad)
+    logits.index_put_((rows, cols), (shifted if hit is None else torch.where(hit, shifted, at)) * scale)
     return logits
 
 
@@ -143,7 +173,8 @@ class _ShardedCrossEntropy(torch.autograd.Function):
     """Mean softmax cross-entropy over rows whose columns (classes) are split across ranks."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                hit: torch.Tensor | None) -> torch.Tensor:
         n = logits.shape[0]
         top = all_reduce_(logits.max(dim=1, keepdim=True).values, "max")
         prob = (logits - top).exp_()
@@ -151,36 +182,43 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         prob.div_(total)
         # Each row's positive lives on exactly one rank: a sum over ranks hands it to every rank.
         positive = logits.new_zeros(n, 1)
-        positive[rows, 0] = logits[rows, cols]
+        at = logits[rows, cols]
+        # where, not a product: a non-positive pair may point at a masked -inf column.
+        positive[rows, 0] = at if hit is None else torch.where(hit, at, 0.0)
         all_reduce_(positive)
-        ctx.save_for_backward(prob, rows, cols)
+        ctx.save_for_backward(prob, rows, cols, hit)
         return (top + total.log() - positive).mean()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        prob, rows, cols = ctx.saved_tensors
+        prob, rows, cols, hit = ctx.saved_tensors
         unit = grad / prob.shape[0]
         out = prob * unit
-        out[rows, cols] -= unit
-        return out, None, None
+        out[rows, cols] -= unit if hit is None else unit * hit
+        return out, None, None, None
 
 
-def sharded_cross_entropy(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def sharded_cross_entropy(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                          hit: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy averaged over all rows; `logits` [n, c_rank] hold this rank's columns.
 
     Row rows[i]'s class is column cols[i] on this rank; the other rows' classes live on other
     ranks (every row's class lives on exactly one rank). Max, normaliser and positive logit are all-reduced, so every rank returns the same loss and
-    never sees another rank's logits.
+    never sees another rank's logits. With `hit`, only the pairs where hit[i] are positives.
     """
-    return _ShardedCrossEntropy.apply(logits, rows, cols)
+    return _ShardedCrossEntropy.apply(logits, rows, cols, hit)
 
 
 def margin_softmax_loss(embeddings: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                        margin: float, scale: float, grad: str = "exact") -> torch.Tensor:
+                        margin: float, scale: float, grad: str = "exact", hit: torch.Tensor | None = None,
+                        valid: torch.Tensor | None = None) -> torch.Tensor:
     """ArcFace loss of `embeddings` [n, d] against this rank's (selected) prototypes `weight` [c, d].
 
-    The positives are (rows[i], cols[i]): row rows[i] belongs to class `weight[cols[i]]`.
-    `grad` is the margin's gradient (`add_angle`).
+    The positives are (rows[i], cols[i]): row rows[i] belongs to class `weight[cols[i]]`; with
+    `hit`, only the pairs where hit[i]. `valid` [c] bool leaves padding rows of `weight` out of the
+    softmax (no loss, no gradient). `grad` is the margin's gradient (`add_angle`).
     """
-    logits = margin_logits(cosine(embeddings, weight), rows, cols, margin, scale, grad)
-    return sharded_cross_entropy(logits, rows, cols)
+    logits = margin_logits(cosine(embeddings, weight), rows, cols, margin, scale, grad, hit)
+    if valid is not None:
+        logits = logits.masked_fill(~valid, float("-inf"))
+    return sharded_cross_entropy(logits, rows, cols, hit)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from unicom_ds.dist import gather_rows, rank_world
-from unicom_ds.margin import (MARGIN_GRADS, STREAM_INIT, STREAM_R1, feature_subset, generator,
-                              margin_softmax_loss, select_classes)
+from unicom_ds.margin import (MARGIN_GRADS, STREAM_INIT, STREAM_R1, feature_subset, fraction_count, generator,
+                              margin_softmax_loss, select_slots)
 
 # Rows are initialised in chunks seeded by (seed, chunk): the full matrix is the same for any
 # number of ranks, and no rank ever materialises more than its block plus one chunk.
@@ -61,6 +61,11 @@ def init_block(start: int, end: int, dim: int, seed: int) -> torch.Tensor:
     return out
 
 
+def _checks_at_once(device: torch.device) -> bool:
+    """Whether a label range check may ask the device at once: yes where the host is the device."""
+    return device.type == "cpu"
+
+
 class ShardedPrototypes(nn.Module):
     """Margin softmax over a class-sharded prototype matrix with Unicom's r1/r2 selections.
 
@@ -70,6 +75,14 @@ class ShardedPrototypes(nn.Module):
     ranks, scores the global batch against this rank's selected prototypes and returns the mean
     ArcFace loss over the global batch, the same value on every rank. Logits and W are never
     gathered; only the selected rows of `weight` receive gradient.
+
+    The step never waits on the host: every shape follows from (batch, block, r1, r2), not from the
+    labels (r1's selection lives in fixed-size padded slots, see `margin.select_slots`), and labels
+    on an accelerator are range-checked asynchronously: an out-of-range label makes the loss NaN
+    (the train loop's non-finite guard skips the step on every rank) and sets `label_fault`, which
+    `check_labels()` turns into the ValueError. Labels on the CPU are checked at once. `selected`
+    and `last_stats` are read lazily (a host sync when read); `device_stats` holds the same
+    counts as tensors on the device.
 
     Randomness: r2's feature subset depends on (seed, step) only, so it is equal on all ranks;
     `step` moves only with `advance()`, which the train loop calls once per optimizer step (all
@@ -100,9 +113,38 @@ class ShardedPrototypes(nn.Module):
         self.weight = nn.Parameter(init_block(*self.class_range, embed_dim, seed))
         self.step = 0
         self._draws = 0  # forwards since the last advance(): fresh negatives per micro-batch
-        self.selected: torch.Tensor | None = None  # global class ids scored in the last forward
+        self._slots: tuple[torch.Tensor, torch.Tensor | int] | None = None  # (index, count) of the last forward
+        self._dims: tuple | None = None  # ((step, device), dims on the cpu, dims on the device)
         self.features: torch.Tensor | None = None  # feature dims used in the last forward
-        self.last_stats: dict[str, int] = {}
+        self.device_stats: dict[str, torch.Tensor | int] = {}
+        # On the device, over the forwards since check_labels(): [any label out of range, -min, max].
+        self.label_fault: torch.Tensor | None = None
+
+    @property
+    def selected(self) -> torch.Tensor | None:
+        """Global class ids scored in the last forward, sorted (a host sync: not for the step)."""
+        if self._slots is None:
+            return None
+        index, count = self._slots
+        return self.class_range[0] + index[: int(count)]
+
+    @property
+    def last_stats(self) -> dict[str, int]:
+        """`device_stats` of the last forward as ints (a host sync)."""
+        return {name: int(value) for name, value in self.device_stats.items()}
+
+    def check_labels(self) -> None:
+        """Raise the ValueError of an out-of-range label seen on the device since the last call."""
+        if self.label_fault is None:
+            return
+        fault, neg_low, high = self.label_fault.tolist()
+        self.label_fault = None
+        if fault:
+            raise ValueError(f"labels must be in [0, {self.num_classes}), got labels from {-neg_low} to {high}")
+
+    def _raise_bad_labels(self, labels: torch.Tensor) -> None:
+        bad = labels[(labels < 0) | (labels >= self.num_classes)]
+        raise ValueError(f"labels must be in [0, {self.num_classes}), got {bad[:5].tolist()}")
 
     def advance(self) -> None:
         """Move to the next optimizer step (new r2 subset, new r1 negatives)."""
@@ -121,34 +163,65 @@ class ShardedPrototypes(nn.Module):
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             emb = gather_rows(embeddings.to(dtype))
             labels = gather_rows(labels.to(device=self.weight.device, dtype=torch.long))
-            # Every rank sees the same gathered labels, so all ranks raise together (no hang).
-            if ((labels < 0) | (labels >= self.num_classes)).any():
-                bad = labels[(labels < 0) | (labels >= self.num_classes)]
-                raise ValueError(f"labels must be in [0, {self.num_classes}), got {bad[:5].tolist()}")
+            out_of_range = (labels < 0) | (labels >= self.num_classes)
+            # Every rank sees the same gathered labels, so all ranks raise or poison together (no hang).
+            if _checks_at_once(labels.device):
+                if out_of_range.any():
+                    self._raise_bad_labels(labels)
+                fault = None
+            else:
+                fault = out_of_range.any()
+                seen = torch.stack([fault.long(), -labels.min(), labels.max()])
+                self.label_fault = seen if self.label_fault is None else torch.maximum(self.label_fault, seen)
             start, end = self.class_range
-            rows = ((labels >= start) & (labels < end)).nonzero().squeeze(1)
-            local = labels[rows] - start
-            positives = local.unique()
+            block, n = end - start, labels.shape[0]
+            # Every global row takes part, with hit[i] saying whether its class is on this rank.
+            hit = (labels >= start) & (labels < end)
+            local = (labels - start).clamp(0, block - 1)
+            rows = torch.arange(n, device=labels.device)
             gen = generator(self.seed, STREAM_R1, self.step, self._draws, self.rank, device=self.weight.device)
             self._draws += 1
-            index = select_classes(positives, end - start, self.r1, gen)
-            dims = feature_subset(self.embed_dim, self.r2, self.seed, self.step)
-            cols = local if index is None else torch.searchsorted(index, local)
+            if fraction_count(self.r1, block) >= block:
+                index, valid, count, cols = None, None, block, local
+            else:
+                index, valid, count = select_slots(hit, local, block, self.r1, n, gen)
+                cols = torch.searchsorted(index if valid is None else torch.where(valid, index, block), local)
+                cols = cols.clamp_max(index.numel() - 1)
+            dims = self._feature_dims(emb.device)
             weight = self._rows(index, dims)
             if dims is not None:
-                emb = emb[:, dims.to(emb.device)]
-            loss = margin_softmax_loss(emb, weight.to(dtype), rows, cols, self.margin, self.scale, self.margin_grad)
-        self.selected = start + (torch.arange(end - start, device=self.weight.device) if index is None else index)
-        self.features = dims
-        self.last_stats = {"selected_classes": int(weight.shape[0]), "positives": int(positives.numel()),
-                           "features": int(weight.shape[1]), "global_batch": int(labels.numel())}
+                emb = emb[:, dims]
+            loss = margin_softmax_loss(emb, weight.to(dtype), rows, cols, self.margin, self.scale, self.margin_grad,
+                                       hit=hit, valid=valid)
+            if fault is not None:
+                loss = torch.where(fault, torch.nan, loss)
+        self._slots = (torch.arange(block, device=self.weight.device) if index is None else index, count)
+        self.device_stats = {"selected_classes": count, "positives": self._positives(hit, local, block),
+                             "features": int(weight.shape[1]), "global_batch": n}
         return loss
+
+    @staticmethod
+    def _positives(hit: torch.Tensor, local: torch.Tensor, block: int) -> torch.Tensor:
+        """Distinct classes of this block in the batch, as a device tensor (fixed shapes)."""
+        seen = torch.zeros(block, dtype=torch.int32, device=local.device)
+        return seen.scatter_reduce_(0, local, hit.to(torch.int32), "amax").sum()
+
+    def _feature_dims(self, device: torch.device) -> torch.Tensor | None:
+        """r2's dims of this step on `device`, copied once per step without waiting on the host."""
+        if self._dims is None or self._dims[0] != (self.step, device):
+            dims = feature_subset(self.embed_dim, self.r2, self.seed, self.step)
+            on_device = dims
+            if dims is not None and device.type != "cpu":
+                on_device = (dims.pin_memory() if device.type == "cuda" else dims).to(device, non_blocking=True)
+            self._dims = ((self.step, device), dims, on_device)
+        self.features = self._dims[1]
+        return self._dims[2]
 
     def _rows(self, index: torch.Tensor | None, dims: torch.Tensor | None) -> torch.Tensor:
         """The selected sub-matrix of `weight`, with no copy when everything is selected."""
         # index_select, not w[index]: its backward is index_add_, which CPUs run in parallel.
         weight = self.weight if index is None else self.weight.index_select(0, index)
-        return weight if dims is None else weight.index_select(1, dims.to(weight.device))
+        return weight if dims is None else weight.index_select(1, dims)
 
     def get_extra_state(self) -> dict:
         return {"step": self.step, "class_range": self.class_range, "num_classes": self.num_classes}
