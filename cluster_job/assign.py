@@ -18,7 +18,7 @@ import numpy as np
 from cluster_job import features
 from cluster_job.kmeans import kmeans_dir, label_rows, search_index, use_gpu
 from unicom_ds import tblog
-from unicom_ds.atomic import atomic_path, read_json, save_npy_atomic, write_json_atomic
+from unicom_ds.atomic import read_json, save_npy_atomic, write_json_atomic
 from unicom_ds.config import ConfigError, as_config
 from unicom_ds.progress import progress
 
@@ -81,25 +81,6 @@ def size_stats(sizes: np.ndarray) -> dict:
     return stats
 
 
-def plot_sizes(sizes: np.ndarray, path: Path) -> None:
-    """Histogram of class sizes with log-scale counts, as in the Unicom paper's Fig. 4."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    used = sizes[sizes > 0]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.hist(used, bins=min(50, max(1, int(used.max() - used.min() + 1))) if len(used) else 1, color="#3b6ea8")
-    ax.set_yscale("log")
-    ax.set_xlabel("images per pseudo class")
-    ax.set_ylabel("number of classes (log)")
-    ax.set_title(f"{len(used)} non-empty of {len(sizes)} classes, {int(sizes.sum())} images")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
 def write_summary(cfg, stems: list[str], records: list[dict], fp: dict) -> dict:
     """labels/summary.json + class_sizes.png + TensorBoard, from all shards' labels; the damage and the
     skipped rows recorded by the embed stage come along ("damaged_shards", "rows_skipped")."""
@@ -114,7 +95,7 @@ def write_summary(cfg, stems: list[str], records: list[dict], fp: dict) -> dict:
     damaged = features.damaged_shards(stems, records)
     summary = {**size_stats(sizes), "shards": len(stems), "centroids_sha256": fp["centroids_sha256"],
                "mode": fp["mode"], "damaged_shards": damaged, "rows_skipped": dict(sorted(skipped.items()))}
-    plot_sizes(sizes, out / "class_sizes.png")
+    cluster_samples.plot_class_sizes(sizes, out / "class_sizes.png", len(sizes))
     with tblog.writer(cfg.run_dir, "cluster") as tb:
         for key in ("non_empty_classes", "empty_classes", "min_size", "median_size", "max_size", "mean_size"):
             if key in summary:

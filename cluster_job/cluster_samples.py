@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from webdataset.tariterators import base_plus_ext
 
-from unicom_ds import shards, tblog
+from unicom_ds import continuation, shards, tblog
 from unicom_ds.progress import progress
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -98,15 +98,15 @@ def grid(tiles: list[np.ndarray], ncol: int, pad: int = 2, fill: int = 255) -> n
 
 # ---- reading the run directory and the shards -----------------------------------------------
 
-def labelled_stems(run_dir: str | Path) -> list[str]:
-    """Shards with both RUN/labels/S.npy and RUN/embed/S.keys.txt, sorted."""
+def labelled_stems(run_dir: str | Path, keys_dir: str | Path | None = None) -> list[str]:
+    """Shards with both RUN/labels/S.npy and S.keys.txt in `keys_dir` (default RUN/embed), sorted."""
     run_dir = Path(run_dir)
-    return sorted(p.stem for p in (run_dir / "labels").glob("*.npy")
-                  if (run_dir / "embed" / f"{p.stem}.keys.txt").is_file())
+    keys_dir = Path(keys_dir or run_dir / "embed")
+    return sorted(p.stem for p in (run_dir / "labels").glob("*.npy") if (keys_dir / f"{p.stem}.keys.txt").is_file())
 
 
-def _read_keys(run_dir: Path, stem: str, n: int) -> list[str]:
-    path = run_dir / "embed" / f"{stem}.keys.txt"
+def _read_keys(run_dir: Path, keys_dir: Path, stem: str, n: int) -> list[str]:
+    path = keys_dir / f"{stem}.keys.txt"
     keys = path.read_text().splitlines()
     if len(keys) != n:
         raise ValueError(f"{path} has {len(keys)} keys but {run_dir / 'labels' / (stem + '.npy')} "
@@ -153,10 +153,13 @@ def _decode(sample: Sample, members: dict[str, bytes], size: int, skipped: Count
 
 
 def collect(run_dir: str | Path, shard_pattern: str, classes: int, per_class: int, seed: int,
-            size: int, mode: str = "auto") -> ClusterSamples | None:
-    """Thumbnails and captions for a seeded sample of pseudo classes; None when nothing is labelled yet."""
+            size: int, mode: str = "auto", keys_dir: str | Path | None = None) -> ClusterSamples | None:
+    """Thumbnails and captions for a seeded sample of pseudo classes; None when nothing is labelled yet.
+
+    `keys_dir` holds the S.keys.txt the labels are aligned with: RUN/embed, or `embed.from`'s embed/."""
     run_dir = Path(run_dir)
-    stems = labelled_stems(run_dir)
+    keys_dir = Path(keys_dir or run_dir / "embed")
+    stems = labelled_stems(run_dir, keys_dir)
     if not stems:
         return None
     # Memory-mapped: two passes over the labels cost no more RAM than one shard's worth of rows.
@@ -175,7 +178,7 @@ def collect(run_dir: str | Path, shard_pattern: str, classes: int, per_class: in
     todo = sorted(by_shard.items())
     for shard, wanted in progress(todo, total=len(todo), desc="class samples", mode=mode):
         stem = stems[shard]
-        keys = _read_keys(run_dir, stem, len(labels[shard]))
+        keys = _read_keys(run_dir, keys_dir, stem, len(labels[shard]))
         picked = [Sample(c, stem, keys[row]) for c, row in wanted]
         path = inputs.get(stem)
         if path is None or not Path(path).is_file():
@@ -258,7 +261,8 @@ def log_grids(run_dir: str | Path, samples: ClusterSamples, max_grids: int, step
 def tensorboard_grids(cfg) -> list[str]:
     """The cluster stage's hook: sample classes per `report.*` and log their grids (no-op before labels)."""
     samples = collect(cfg["run_dir"], cfg["data"]["shards"], cfg["report"]["classes"],
-                      cfg["report"]["per_class"], cfg["seed"], cfg["report"]["thumb_size"], cfg["progress"])
+                      cfg["report"]["per_class"], cfg["seed"], cfg["report"]["thumb_size"], cfg["progress"],
+                      keys_dir=continuation.embed_source(cfg))
     if samples is None:
         return []
     return log_grids(cfg["run_dir"], samples, cfg["report"]["tensorboard_grids"])

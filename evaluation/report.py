@@ -23,7 +23,7 @@ from typing import Any, Mapping
 from omegaconf import OmegaConf
 
 from cluster_job import cluster_samples
-from unicom_ds import config, tblog
+from unicom_ds import config, continuation, tblog
 from unicom_ds.atomic import atomic_path, read_json, write_text_atomic
 
 CSS = """
@@ -265,6 +265,12 @@ def _eval_html(run_dir: Path, report_dir: Path) -> str:
                 f"<td>{'&ndash;' if v is None else f'{v:.1f}'}</td>" for v in values) + "</tr>"
             for model, values in rows.items())
         out.append(f"<h3>{_e(caption)}</h3><table><tr><th>model</th>{head}</tr>{body}</table>")
+    caption, dataset, columns = eval_results.DETECTION_TABLE
+    if rows := eval_results.split_rows(results, dataset, columns):
+        head = "".join(f"<th>{_e(t)}</th>" for t in columns)
+        body = "".join(f"<tr><td>{_e(model)}</td>" + "".join(
+            f"<td>{'&ndash;' if v is None else f'{v:.1f}'}</td>" for v in values) + "</tr>" for model, values in rows.items())
+        out.append(f"<h3>{_e(caption)}</h3><table><tr><th>model</th>{head}</tr>{body}</table>")
     assets = report_dir / "assets"
     for png in sorted(eval_dir.glob("*.png")):
         out.append(f'<figure><img src="assets/eval_{png.name}" alt="{_e(png.stem)}">'
@@ -293,7 +299,7 @@ def build_report(run_dir: str | Path, cfg: Any = None) -> Path:
               else _note("no RUN/config.yaml yet"))
 
     samples = cluster_samples.collect(run_dir, cfg.data.shards, rc.classes, rc.per_class, cfg.seed,
-                                      rc.thumb_size, mode=cfg.progress)
+                                      rc.thumb_size, mode=cfg.progress, keys_dir=continuation.embed_source(cfg))
     if samples is not None:
         kmeans = _json_or_none(run_dir / "kmeans" / "summary.json")
         k = kmeans.get("k") if isinstance(kmeans, dict) else None

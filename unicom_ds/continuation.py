@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from unicom_ds.atomic import read_json
 from unicom_ds.config import ConfigError
@@ -44,6 +44,7 @@ def _saved_config(run: Path) -> Any:
 
 def embed_source(cfg: Any) -> Path:
     """The folder of a run's S.keys.txt: its own embed/, or embed.from's."""
+    cfg = OmegaConf.create(dict(cfg)) if isinstance(cfg, Mapping) and not isinstance(cfg, DictConfig) else cfg
     return Path(str(OmegaConf.select(cfg, "embed.from", default=None) or cfg.run_dir)) / "embed"
 
 
