@@ -43,15 +43,21 @@ def check_model(model: str, pretrained: str) -> None:
             f"(tags: {', '.join(tags) or 'none'}; or 'random' for a test run)")
 
 
-def count_tar_samples(path: str) -> int:
-    """Samples with an image in one tar, from its headers only (members' data is skipped by seeking)."""
+def tar_keys(path: str) -> set[str]:
+    """The keys of the samples with an image in one tar, from its headers only (members' data is skipped
+    by seeking)."""
     keys = set()
     with tarfile.open(path) as tar:
         for m in tar:
             base, _, ext = Path(m.name).name.partition(".")
             if ext.lower() in IMAGE_EXTS:
                 keys.add(str(Path(m.name).parent / base))
-    return len(keys)
+    return keys
+
+
+def count_tar_samples(path: str) -> int:
+    """Samples with an image in one tar, from its headers only."""
+    return len(tar_keys(path))
 
 
 def count_samples(paths: list[str]) -> int | None:
@@ -116,6 +122,11 @@ def precheck(cfg, stage: str) -> None:
         check_model(str(cfg.clip.model), str(cfg.clip.pretrained))
         if reuse:
             features.check_reuse(cfg, [stem(p) for p in paths])
+        elif cfg.embed.get("source"):  # the import replaces the embed step (slurm.launch.plan)
+            from cluster_job import import_embeddings
+
+            import_embeddings.stem_width([stem(p) for p in paths])
+            import_embeddings.check_source(cfg)
         else:
             check_embedded(cfg, paths)
         if "kmeans" in steps and not reuse:

@@ -35,6 +35,8 @@ def embed_identity(cfg) -> dict:
     ident = {k: OmegaConf.select(cfg, k) for k in EMBED_KEYS}
     if ident["clip.pretrained"] == "random":
         ident["seed"] = int(cfg.seed)
+    if OmegaConf.select(cfg, "embed.source"):  # imported features (cluster_job.import_embeddings)
+        ident["embed.source"] = str(cfg.embed.source)
     return ident
 
 
@@ -89,12 +91,15 @@ def embedded_stems(run_dir: str) -> list[str]:
 
 
 def done_records(run_dir: str, stems: list[str], identity: dict | None = None) -> list[dict]:
-    """The S.done.json of each stem; with `identity`, refuse shards made by another CLIP (see check_same)."""
+    """The S.done.json of each stem; with `identity`, refuse shards made by another CLIP, or imported from
+    another source (an own embedding records no embed.source), see check_same."""
     records = []
     for s in stems:
         done = read_json(done_path(run_dir, s))
         if identity is not None:
-            check_same({k: done.get("config", {}).get(k) for k in identity}, identity, done_path(run_dir, s))
+            keys = set(identity) | {"embed.source"}
+            check_same({k: done.get("config", {}).get(k) for k in keys}, {k: identity.get(k) for k in keys},
+                       done_path(run_dir, s))
         records.append(done)
     return records
 

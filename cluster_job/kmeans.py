@@ -22,7 +22,7 @@ from unicom_ds.config import ConfigError, as_config, check_same, select
 from unicom_ds.progress import progress
 
 # The config keys whose change makes other centroids; stored in summary.json and compared on a rerun.
-KMEANS_KEYS = features.EMBED_KEYS + ("embed.from", "kmeans.k", "kmeans.mode", "kmeans.niter", "kmeans.init", "kmeans.max_points_per_centroid",
+KMEANS_KEYS = features.EMBED_KEYS + ("embed.from", "embed.source", "kmeans.k", "kmeans.mode", "kmeans.niter", "kmeans.init", "kmeans.max_points_per_centroid",
                                      "kmeans.min_points_per_centroid", "kmeans.two_level", "kmeans.seed")
 TWO_LEVEL_FROM_K = 65536  # `kmeans.two_level=auto` switches to two levels from this k on
 # Random seeding often leaves two centroids in one group and none in another; k-means++ fixes that but

@@ -31,13 +31,14 @@ TARGETS = {
     "train_local": "unicom_ds.train:local_command",   # launcher=local: the `deepspeed ...` argv
     "eval": "evaluation.run:eval_job",
     "report": "evaluation.report:report_job",
+    "import": "cluster_job.import_embeddings:import_parts",   # embed.source: replaces embed
 }
 # Where each step writes inside the run directory (DESIGN.md "Stage contracts").
 OUTPUTS = {"embed": "embed", "kmeans": "kmeans", "assign": "labels", "train": "train", "eval": "eval",
-           "report": "report"}
+           "report": "report", "import": "embed"}
 # The job functions are single-process: more nodes would only run copies of the same task.
-SINGLE_NODE = ("embed", "kmeans", "assign", "report")
-CPU_ONLY = ("report",)
+SINGLE_NODE = ("embed", "kmeans", "assign", "report", "import")
+CPU_ONLY = ("report", "import")
 RESOURCE_KEYS = ("partition", "account", "qos", "constraint", "nodes", "gpus_per_node",
                  "cpus_per_task", "mem_gb", "time_min", "array_parallelism")
 
@@ -51,7 +52,7 @@ class Job:
 
     @property
     def is_array(self) -> bool:
-        return self.step in ("embed", "assign")
+        return self.step in ("embed", "assign", "import")
 
     @property
     def tasks_per_node(self) -> int:
@@ -86,8 +87,12 @@ def plan(cfg: DictConfig) -> list[Job]:
         "embed": tuple((group,) for group in shards.chunks(paths, cfg.embed.shards_per_task)),
         "assign": tuple((group,) for group in shards.chunks(stems, cfg.assign.shards_per_task)),
     }
+    steps = steps_of(cfg)
+    if "import" in steps:  # one task per group of source parts: the folder is listed here
+        parts = importlib.import_module("cluster_job.import_embeddings").part_names(str(cfg.embed.source))
+        args["import"] = tuple((group,) for group in shards.chunks(parts, cfg["import"].parts_per_task))
     jobs, previous = [], None
-    for step in STEPS[cfg.stage]:
+    for step in steps:
         jobs.append(Job(step, args.get(step, ((),)), previous, resources(cfg, step)))
         previous = step
     return jobs
@@ -96,9 +101,9 @@ def plan(cfg: DictConfig) -> list[Job]:
 def precheck(cfg: DictConfig) -> list[str]:
     """The checks that can be made before anything runs; each raises with a message naming the key.
     Returns what the user should see of the plan (the train stage's batch arithmetic and schedule)."""
-    steps = STEPS[cfg.stage]
+    steps = steps_of(cfg)
     notes: list[str] = []
-    if {"embed", "kmeans", "assign"} & set(steps):
+    if {"embed", "import", "kmeans", "assign"} & set(steps):
         checks = importlib.import_module("cluster_job.checks")
         checks.precheck(cfg, cfg.stage)
     if "train" in steps:
@@ -108,6 +113,14 @@ def precheck(cfg: DictConfig) -> list[str]:
     if "eval" in steps:
         importlib.import_module("evaluation.run").check(cfg)
     return notes
+
+
+def steps_of(cfg: DictConfig) -> tuple[str, ...]:
+    """The steps of `cfg.stage`."""
+    steps = STEPS[cfg.stage]
+    if cfg.embed.get("source") and not cfg.embed.get("from"):  # imported features replace the embed step
+        steps = tuple("import" if s == "embed" else s for s in steps)
+    return steps
 
 
 def train_world(cfg: DictConfig) -> tuple[int, str]:

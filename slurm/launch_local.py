@@ -72,7 +72,8 @@ def run_step(job: Job, cfg_dict: dict) -> None:
     fn = target(job.step)
     for i, args in enumerate(job.tasks):
         if len(job.tasks) > 1:
-            print(f"[{job.step}] task {i + 1}/{len(job.tasks)}: {_n(len(args[0]), 'shard')}", flush=True)
+            print(f"[{job.step}] task {i + 1}/{len(job.tasks)}: "
+                  f"{_n(len(args[0]), 'part' if job.step == 'import' else 'shard')}", flush=True)
         fn(cfg_dict, *args)
 
 
@@ -97,6 +98,12 @@ def outcome(cfg: DictConfig, job: Job) -> str:
         damaged = sum(bool(d.get("damaged")) for d in done)
         return f"{len(done)} of {_n(len(stems), 'shard')}, {_n(sum(int(d.get('n', 0)) for d in done), 'row')} " \
                f"({skipped} skipped)" + (f", {damaged} damaged" if damaged else "")
+    if job.step == "import":
+        done = [d for d in map(_read, sorted(out.glob("*.done.json"))) if d is not None]
+        skipped = sum(int(v) for d in done for v in d.get("skipped", {}).values())
+        parts = sum(1 for args in job.tasks for _ in args[0])
+        return f"{_n(parts, 'part')} -> {_n(len(done), 'shard')}, {_n(sum(int(d.get('n', 0)) for d in done), 'row')} " \
+               f"({skipped} dropped)"
     if job.step == "kmeans":
         s = _read(out / "summary.json") or {}
         return f"k={s.get('k', '?')} on {s.get('points_used', '?')} of {s.get('points_embedded', '?')} rows"

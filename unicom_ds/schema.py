@@ -177,6 +177,8 @@ RULES: dict[str, Rule] = {
     "report.tensorboard_grids": NON_NEGATIVE,
     "embed.batch_size": AT_LEAST_1, "embed.workers": NON_NEGATIVE, "embed.shards_per_task": AT_LEAST_1,
     "embed.from": Rule("str"),
+    "embed.source": Rule("str"), "import.parts_per_task": AT_LEAST_1, "import.batch_size": AT_LEAST_1,
+    "import.key_column": Rule(choices=("auto", "key", "image_path")),
     "kmeans.k": AT_LEAST_1, "kmeans.mode": Rule(choices=("joint", "image", "text")), "kmeans.niter": AT_LEAST_1,
     "kmeans.init": Rule(choices=("afkmc2", "kmeans++", "random")),
     "kmeans.max_points_per_centroid": AT_LEAST_1, "kmeans.min_points_per_centroid": NON_NEGATIVE,
