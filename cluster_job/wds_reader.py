@@ -8,7 +8,6 @@ passing trouble that way, and only an error that persists counts as damage.
 """
 from __future__ import annotations
 
-import io
 import sys
 import tarfile
 import time
@@ -17,9 +16,10 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from unicom_ds.decode import needed_size, open_for
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -157,12 +157,6 @@ def rows(samples: TarSamples) -> Iterator[tuple[str, bytes | None, str | None, s
         yield pending
 
 
-def decode_image(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()  # decode now, so a corrupt file fails here and not inside the transform
-    return img.convert("RGB")
-
-
 class ShardBatches(IterableDataset):
     """Decoded, tokenised batches of one shard, in tar order.
 
@@ -174,6 +168,7 @@ class ShardBatches(IterableDataset):
     def __init__(self, path: str, batch_size: int, preprocess: Callable, tokenizer: Callable):
         self.path, self.batch_size = path, int(batch_size)
         self.preprocess, self.tokenizer = preprocess, tokenizer
+        self.need = needed_size(preprocess)  # JPEGs decode at the smallest scale its Resize still needs
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -196,7 +191,7 @@ class ShardBatches(IterableDataset):
         for key, data, caption, reason in chunk:
             if reason is None:
                 try:
-                    images.append(self.preprocess(decode_image(data)))
+                    images.append(self.preprocess(open_for(data, self.need)))
                 except Exception:  # PIL raises many types for broken files; all mean the same here
                     reason = "corrupt_image"
             if reason is not None:

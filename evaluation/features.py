@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from unicom_ds.arrays import torch_device
 from unicom_ds.atomic import read_json, save_npy_atomic, write_json_atomic
+from unicom_ds.decode import draft, needed_size
 from unicom_ds.progress import progress
 
 
@@ -37,6 +38,7 @@ class ImageFiles(Dataset):
     def __init__(self, paths: Sequence[str], transform: Callable):
         self.paths = list(paths)
         self.transform = transform
+        self.need = needed_size(transform)  # JPEGs decode at the smallest scale its Resize still needs
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -44,6 +46,8 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         try:
             with Image.open(self.paths[i]) as image:
+                if self.need is not None:
+                    draft(image, self.need(image.size))
                 return self.transform(image.convert("RGB"))
         except OSError as e:
             raise OSError(f"{self.paths[i]}: cannot read image ({e})") from e

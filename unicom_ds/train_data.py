@@ -28,6 +28,7 @@ from webdataset.tariterators import base_plus_ext
 
 from unicom_ds import shards
 from unicom_ds.continuation import LabelSource
+from unicom_ds.decode import DraftRandomResizedCrop
 from unicom_ds.progress import progress
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -35,9 +36,13 @@ SKIP_REASONS = ("no_label", "undecodable")
 
 
 def train_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """RandomResizedCrop + horizontal flip + CLIP normalisation (open_clip's mean/std)."""
+    """RandomResizedCrop + horizontal flip + CLIP normalisation (open_clip's mean/std).
+
+    Give it images straight from Image.open: a JPEG decodes at the smallest DCT scale that still
+    covers the crop at `image_size` (`decode.DraftRandomResizedCrop`).
+    """
     return T.Compose([
-        T.RandomResizedCrop(image_size, interpolation=T.InterpolationMode.BICUBIC),
+        DraftRandomResizedCrop(image_size, interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD),
@@ -168,11 +173,10 @@ class LabelJoin:
         if label is None:
             return "no_label"
         data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-        try:
-            image = Image.open(io.BytesIO(data)).convert("RGB")
+        try:  # the transform decodes (drafted to its crop), so decoding faults surface inside it
+            return self.transform(Image.open(io.BytesIO(data))), label
         except Exception:  # missing, truncated or not an image: skip and count, never crash
             return "undecodable"
-        return self.transform(image), label
 
     def __call__(self, src: Iterator[dict]) -> Iterator[tuple[torch.Tensor, int, torch.Tensor]]:
         skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
