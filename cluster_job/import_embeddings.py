@@ -9,9 +9,10 @@ Keys (the join rule): each row's webdataset `__key__` is the metadata's `key` co
 or, without one, the file name of `image_path` up to its first dot. Its image shard is the shard of
 `data.shards` whose stem is the key's first characters (img2dataset's keys are the shard number followed
 by the row number, e.g. `000420017` is row 17 of `00042.tar`). Rows of a shard missing from data.shards
-("shard_not_in_data_shards", counted per part), rows whose key is not in their tar (the image failed to
-download there: "image_absent"), repeated keys ("duplicate_key") and rows holding NaN, inf or zeros
-("nonfinite_feature") are counted and dropped, never given a label.
+("shard_not_in_data_shards", counted per part), rows whose key has no image in its shard (the download
+failed there; told by img2dataset's S.parquet next to the tar, else by the tar's headers: "image_absent"),
+repeated keys ("duplicate_key") and rows holding NaN, inf or zeros ("nonfinite_feature") are counted and
+dropped, never given a label.
 
 Copy, not read in place: a part's rows come from up to ~100 tars, interleaved, and k-means, assign and the
 train stage's join all read one contiguous file per image shard. Each part is written as per-shard
@@ -167,14 +168,27 @@ def unit_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float16), bad
 
 
-def tar_keys(path: str) -> set[str]:
-    from cluster_job.checks import tar_keys as keys_in_tar  # headers only
+def shard_parquet(path: str) -> Path:
+    """img2dataset's per-shard table next to the tar (`00042.parquet` for `00042.tar`): key and status."""
+    return Path(path).with_name(stem(path) + ".parquet")
 
+
+def image_keys(path: str) -> set[str]:
+    """The keys of the samples with an image in a shard: from img2dataset's S.parquet (status "success")
+    when it is there, else from the tar's headers (several times slower, see docs/benchmarks.md)."""
+    table = shard_parquet(path)
     try:
-        return keys_in_tar(path)
-    except (tarfile.TarError, OSError) as e:
-        raise OSError(f"{path}: cannot list its keys to join imported rows ({type(e).__name__}: {e}); "
-                      "repair or re-download the shard, or leave it out of data.shards") from None
+        if table.is_file():
+            import pyarrow.parquet as pq
+
+            t = pq.read_table(table, columns=["key", "status"]).to_pydict()
+            return {str(k) for k, ok in zip(t["key"], t["status"]) if ok == "success"}
+        from cluster_job.checks import tar_keys  # headers only
+
+        return tar_keys(path)
+    except (tarfile.TarError, OSError, KeyError, ValueError) as e:
+        raise OSError(f"{table if table.is_file() else path}: cannot list the shard's keys to join imported rows "
+                      f"({type(e).__name__}: {e}); repair or re-download the shard, or leave it out of data.shards") from None
 
 
 @dataclass
@@ -188,9 +202,9 @@ class Plan:
     not_in_shards: int
 
 
-def plan_part(keys: np.ndarray, width: int, wanted: dict[str, str], present=tar_keys) -> Plan:
+def plan_part(keys: np.ndarray, width: int, wanted: dict[str, str], present=image_keys) -> Plan:
     """Group a part's rows by image shard in key order; drop (and count) rows without an image.
-    `present(path)` gives the keys of a tar."""
+    `present(path)` gives the keys of a shard that have an image."""
     shard = np.asarray([k[:width] for k in keys.tolist()], dtype=str)
     order = np.lexsort((keys, shard))
     frag = np.full(len(keys), -1, np.int64)

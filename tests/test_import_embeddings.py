@@ -143,6 +143,15 @@ def test_key_rule_image_path_without_key_column(tmp_path):
     assert p.frag.tolist() == [1, 0, -1, -1, 0, -1] and p.pos[[0, 1, 4]].tolist() == [0, 1, 0]
 
 
+def test_image_keys_from_img2dataset_parquet_else_tar(tmp_path, runs):
+    tar = tmp_path / "00007.tar"
+    pd.DataFrame({"key": ["000070000", "000070001"], "status": ["success", "failed_to_download"]}).to_parquet(
+        tmp_path / "00007.parquet")
+    assert imp.image_keys(str(tar)) == {"000070000"}  # the tar itself is not read
+    shard = runs["pattern"].replace("{00000..00002}", "00001")
+    assert imp.image_keys(shard) == set((runs["own"] / "embed" / "00001.keys.txt").read_text().split())
+
+
 def test_unit_rows_keeps_unit_rows_bit_for_bit():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6, 32)).astype(np.float32)

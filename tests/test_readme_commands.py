@@ -171,7 +171,25 @@ def stand_ins(tmp_path_factory):
                  "train.workers=0", "train.local_processes=1", "loss.r1=1.0")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert (trained / "train" / "backbone.pt").is_file()
-    return {"tmp": tmp, "shards": shards, "clustered": clustered, "trained": trained}
+    return {"tmp": tmp, "shards": shards, "clustered": clustered, "trained": trained,
+            "embeddings": clip_retrieval_folder(tmp / "laion-embeddings", clustered)}
+
+
+def clip_retrieval_folder(folder: Path, run: Path, d: int = 512) -> Path:
+    """LAION's embeddings for `embed.source`: one clip-retrieval part holding every key of `run`'s shards,
+    random unit rows of ViT-B-32's width."""
+    import pandas as pd
+
+    keys = [k for f in sorted((run / "embed").glob("*.keys.txt")) for k in f.read_text().split()]
+    rng = np.random.default_rng(0)
+    for sub, name in (("img_emb", "img_emb_0.npy"), ("text_emb", "text_emb_0.npy")):
+        (folder / sub).mkdir(parents=True)
+        x = rng.standard_normal((len(keys), d))
+        np.save(folder / sub / name, (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16))
+    (folder / "metadata").mkdir()
+    pd.DataFrame({"image_path": [f"{k}.jpg" for k in keys], "caption": ["c"] * len(keys), "key": keys}).to_parquet(
+        folder / "metadata" / "metadata_0.parquet")
+    return folder
 
 
 def as_run(command: str, stand_ins: dict, index: int) -> list[str]:
@@ -199,6 +217,8 @@ def as_run(command: str, stand_ins: dict, index: int) -> list[str]:
             value = str(stand_ins["trained"])
         elif key == "data.shards" and value.startswith("/data/"):
             value = stand_ins["shards"]
+        elif key == "embed.source" and value.startswith("/data/"):
+            value = str(stand_ins["embeddings"])
         elif key == "eval.data_root" and value.startswith("/data/"):
             continue                                     # added below, with the sets the command names
         elif "$" in value or value.startswith(("/data/", "/scratch/", "/weights/")):

@@ -12,6 +12,10 @@ covers what its transform will sample:
 
 Images that cannot shrink by 2 or more (already near the input size, PNG, WebP) decode as before,
 to the same pixels.
+
+Where a GPU is at hand, `decode_batch` decodes a batch's JPEGs there at once (nvJPEG), falling
+back to PIL on the CPU for each member it cannot take, and `TensorPreprocess` / `TensorTrainCrop`
+apply the eval and train transforms to the decoded tensors on the GPU.
 """
 from __future__ import annotations
 
@@ -20,9 +24,12 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as TF
+from torchvision.transforms.v2 import functional as F2
 
 
 @dataclass(frozen=True)
@@ -96,3 +103,95 @@ class DraftRandomResizedCrop(T.RandomResizedCrop):
             return TF.resized_crop(image, top, left, h, w, self.size, self.interpolation, antialias=True)
         box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
         return image.resize((out_w, out_h), Image.Resampling.BICUBIC, box=box)
+
+
+# --- Batch decoding on an accelerator (nvJPEG through torchvision), with a per-member CPU fallback.
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def decode_batch(datas: list[bytes | None], device: torch.device | str) -> tuple[list[torch.Tensor | None], int]:
+    """uint8 RGB [3, H, W] tensors on `device`, one per member, None where a member does not decode.
+
+    JPEGs decode together with torchvision's decode_jpeg (nvJPEG on CUDA). A batch that fails as a
+    whole is retried member by member; members that are not JPEG (PNG, WebP) or that the batch
+    decoder refuses decode with PIL on the CPU. Returns (images, members that took the CPU).
+    """
+    out: list[torch.Tensor | None] = [None] * len(datas)
+    jpegs = [i for i, d in enumerate(datas) if d and d[:3] == JPEG_MAGIC]
+    if jpegs:
+        raw = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpegs]
+        try:
+            decoded = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad member fails the whole call: find it
+            decoded = [_decode_one(r, device) for r in raw]
+        for i, image in zip(jpegs, decoded):
+            out[i] = image
+    fallback = 0
+    for i, data in enumerate(datas):
+        if out[i] is None and data:
+            fallback += 1
+            try:
+                out[i] = TF.pil_to_tensor(open_for(data, None)).to(device, non_blocking=True)
+            except Exception:  # PIL raises many types for broken files; all mean "undecodable"
+                pass
+    return out, fallback
+
+
+def _decode_one(raw: torch.Tensor, device: torch.device | str) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None
+
+
+class TensorPreprocess:
+    """An eval preprocess (Resize shorter side or (h, w), CenterCrop, ToTensor, Normalize) on uint8
+    image tensors, on whatever device they are: the same steps as the PIL transform it is built
+    from, with torch's antialiased resampling instead of PIL's (close, not equal: see tests)."""
+
+    def __init__(self, transform):
+        steps = getattr(transform, "transforms", [transform])
+        resize = next((t for t in steps if isinstance(t, T.Resize)), None)
+        crop = next((t for t in steps if isinstance(t, T.CenterCrop)), None)
+        norm = next((t for t in steps if isinstance(t, T.Normalize)), None)
+        known = (T.Resize, T.CenterCrop, T.Normalize, T.ToTensor)
+        unknown = [type(t).__name__ for t in steps
+                   if not isinstance(t, known) and type(t).__name__ not in ("MaybeToTensor", "MaybeConvertMode")]
+        if resize is None or unknown:
+            raise ValueError(f"no tensor version of the transform: it needs a Resize and only Resize, "
+                             f"CenterCrop, ToTensor, Normalize steps (has {', '.join(unknown) or 'no Resize'})")
+        self.size, self.interpolation = resize.size, resize.interpolation
+        self.crop = crop.size if crop is not None else None
+        self.mean = torch.tensor(norm.mean if norm else (0.0, 0.0, 0.0)).view(3, 1, 1)
+        self.std = torch.tensor(norm.std if norm else (1.0, 1.0, 1.0)).view(3, 1, 1)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        x = F2.resize(image.float(), _size_list(self.size), self.interpolation, antialias=True)
+        if self.crop is not None:
+            x = F2.center_crop(x, _size_list(self.crop))
+        x = x.clamp_(0, 255).round_().div_(255)  # as PIL: the resized image is 8-bit again
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+def _size_list(size) -> list[int]:
+    return [size] if isinstance(size, int) else list(size)
+
+
+class TensorTrainCrop:
+    """The train transform (RandomResizedCrop, horizontal flip, CLIP normalisation) on a uint8 image
+    tensor, on its device: the same random draws as `train_data.train_transform`, torch's
+    antialiased bicubic resampling instead of PIL's."""
+
+    def __init__(self, size: int, mean, std):
+        self.crop = T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC)
+        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        top, left, h, w = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+        x = F2.resized_crop(image.float(), top, left, h, w, list(self.crop.size), self.crop.interpolation,
+                            antialias=True)
+        if torch.rand(1) < 0.5:  # RandomHorizontalFlip's draw
+            x = x.flip(-1)
+        x = x.clamp_(0, 255).round_().div_(255)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
