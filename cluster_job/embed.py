@@ -27,6 +27,7 @@ from unicom_ds import model_configs, tblog
 from unicom_ds.arrays import torch_device
 from unicom_ds.atomic import read_json, save_npy_atomic, write_json_atomic, write_text_atomic
 from unicom_ds.config import as_config, check_same
+from unicom_ds.decode import TensorPreprocess, decode_batch
 from unicom_ds.progress import count, progress
 from unicom_ds.shards import expand, stem
 
@@ -88,6 +89,30 @@ def rows_lost(path: str, rows_read: int) -> int | None:
     return successes - rows_read if successes >= rows_read else None
 
 
+def device_preprocess(preprocess, device: torch.device) -> TensorPreprocess | None:
+    """The preprocess as tensor operations where images decode on the device (CUDA: nvJPEG), else
+    None: the CPU workers decode and preprocess with PIL."""
+    if device.type != "cuda":
+        return None
+    try:
+        return TensorPreprocess(preprocess)
+    except ValueError as e:
+        print(f"embed: decoding on the CPU: {e}", file=sys.stderr, flush=True)
+        return None
+
+
+def decode_on(batch: dict, tensor_pre: TensorPreprocess, device: torch.device, skipped: Counter) -> dict:
+    """A batch of raw image bytes decoded and preprocessed on `device`; members that decode nowhere
+    (not even with PIL on the CPU) are dropped and counted as corrupt_image, as the CPU path does."""
+    images, _ = decode_batch(batch["raw"], device)
+    keep = [i for i, image in enumerate(images) if image is not None]
+    skipped["corrupt_image"] += len(images) - len(keep)
+    out = {"keys": [batch["keys"][i] for i in keep], "tokens": batch["tokens"][keep]}
+    if keep:
+        out["images"] = torch.stack([tensor_pre(images[i]) for i in keep])
+    return out
+
+
 def embed_shard(cfg, path: str, model, preprocess, tokenizer, device: torch.device, desc: str = "") -> dict:
     """Embed one input shard and write its four files, done.json last. Returns done.json's content."""
     start = time.monotonic()
@@ -97,7 +122,9 @@ def embed_shard(cfg, path: str, model, preprocess, tokenizer, device: torch.devi
         print(f"embed {s}: decoding in the main process: a daemonic process cannot start embed.workers",
               file=sys.stderr, flush=True)
         workers = 0
-    loader = DataLoader(ShardBatches(path, cfg.embed.batch_size, preprocess, tokenizer), batch_size=None,
+    tensor_pre = device_preprocess(preprocess, device)
+    loader = DataLoader(ShardBatches(path, cfg.embed.batch_size, preprocess, tokenizer, raw_images=tensor_pre is not None),
+                        batch_size=None,
                         num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=False, prefetch_factor=2 if workers else None)
     keys, imgs, txts, skipped, faults = [], [], [], Counter(), []
@@ -112,6 +139,8 @@ def embed_shard(cfg, path: str, model, preprocess, tokenizer, device: torch.devi
     for batch in progress(batches(), desc=desc or f"embed {s}", mode=cfg.progress, unit="batch",
                           rows=lambda b: len(b["keys"]) + sum(b["skipped"].values())):
         skipped.update(batch["skipped"])
+        if batch["keys"] and tensor_pre is not None:
+            batch = decode_on(batch, tensor_pre, device, skipped)
         if batch["keys"]:
             img, txt = encode(model, batch["images"], batch["tokens"], device)
             ok = finite_rows(img, txt)

@@ -165,9 +165,10 @@ class ShardBatches(IterableDataset):
     order. Each worker ends with a record {"end": True, "fault": the tar's fault or None}.
     """
 
-    def __init__(self, path: str, batch_size: int, preprocess: Callable, tokenizer: Callable):
+    def __init__(self, path: str, batch_size: int, preprocess: Callable, tokenizer: Callable, raw_images: bool = False):
         self.path, self.batch_size = path, int(batch_size)
         self.preprocess, self.tokenizer = preprocess, tokenizer
+        self.raw_images = raw_images  # leave decoding to the consumer (on a GPU): batches carry "raw" bytes
         self.need = needed_size(preprocess)  # JPEGs decode at the smallest scale its Resize still needs
 
     def __iter__(self) -> Iterator[dict]:
@@ -189,7 +190,9 @@ class ShardBatches(IterableDataset):
     def _decode(self, chunk: list) -> dict:
         keys, images, captions, skipped = [], [], [], Counter()
         for key, data, caption, reason in chunk:
-            if reason is None:
+            if reason is None and self.raw_images:
+                images.append(data)
+            elif reason is None:
                 try:
                     images.append(self.preprocess(open_for(data, self.need)))
                 except Exception:  # PIL raises many types for broken files; all mean the same here
@@ -201,6 +204,6 @@ class ShardBatches(IterableDataset):
             captions.append(caption)
         batch = {"keys": keys, "skipped": dict(skipped)}
         if keys:
-            batch["images"] = torch.stack(images)
+            batch["raw" if self.raw_images else "images"] = images if self.raw_images else torch.stack(images)
             batch["tokens"] = self.tokenizer(captions)
         return batch

@@ -125,3 +125,32 @@ def test_gpu_path_matches_the_cpu_path(side):
         assert decoded.float().mean() < NVJPEG_MEAN and decoded.float().flatten().quantile(0.99) < NVJPEG_P99
         diff = pixel_diff(tp(image).cpu(), pre(open_for(data, None)))
         assert diff.mean() < NVJPEG_MEAN and diff.flatten().quantile(0.99) < NVJPEG_P99
+
+
+def test_embed_stage_device_path_equals_the_cpu_path(tmp_path, monkeypatch):
+    """The embed stage with decoding handed to the device (forced onto the CPU here): the same rows,
+    the same skip counts (a broken JPEG, a PNG through the fallback), features within tolerance."""
+    from embed_fixtures import good, write_tar
+
+    from cluster_job import embed
+    from unicom_ds.config import as_config, resolve, select
+
+    samples = [good(0), {"__key__": "corrupt", "jpg": b"\xff\xd8\xff not a jpeg", "txt": "broken"},
+               {"__key__": "photo", "jpg": jpeg(300, "astronaut"), "txt": "a photo"},
+               {"__key__": "png", "png": jpeg(200, "coffee", fmt="PNG"), "txt": "a png"}, good(3)]
+    path = write_tar(tmp_path / "00000.tar", samples)
+    torch.manual_seed(0)
+    clip = embed.load_clip("ViT-Tiny-16", "random", torch.device("cpu"))
+    done = {}
+    for name in ("cpu", "device"):
+        if name == "device":
+            monkeypatch.setattr(embed, "device_preprocess", lambda pre, device: TensorPreprocess(pre))
+        cfg = as_config(select(resolve([f"run_dir={tmp_path / name}", "clip.model=ViT-Tiny-16", "clip.pretrained=random",
+                                        "embed.batch_size=3", "embed.workers=0", "device=cpu", "progress=off"])))
+        done[name] = embed.embed_shard(cfg, path, *clip, torch.device("cpu"))
+    assert done["device"]["n"] == done["cpu"]["n"] == 4
+    assert done["device"]["skipped"] == done["cpu"]["skipped"] == {"corrupt_image": 1}
+    out = {n: tmp_path / n / "embed" for n in done}
+    assert (out["device"] / "00000.keys.txt").read_text() == (out["cpu"] / "00000.keys.txt").read_text()
+    a, b = (np.load(out[n] / "00000.img.npy").astype(np.float32) for n in ("device", "cpu"))
+    assert (a * b).sum(1).min() > 0.999  # unit rows: cosine
