@@ -1,0 +1,234 @@
+"""A loaded ViT as a Mask R-CNN backbone, ViTDet style (Li et al. 2022), and the Mask R-CNN around it.
+
+`ViTDetBackbone` takes the patch embedding, position embedding and blocks of any model `unicom_ds.load`
+returns (the Unicom release architecture, this repo's exports of it, or an open_clip vision tower) and
+drops the rest (the release's BatchNorm head, CLIP's class token, `ln_post`, `proj`). Its forward:
+
+- the position embedding grid is resized bicubically to the input's patch grid on every forward (as
+  ViTDet's `get_abs_pos`), so any detection size works with the pre-trained weights;
+- the blocks run on non-overlapping windows of `window_size` x `window_size` patches, except the
+  `global_blocks`, which attend over the whole image (ViTDet's choice for ViT-B: window 14, global
+  blocks 2, 5, 8, 11). A block is token-wise apart from attention, so running a whole block on the
+  windows is windowed attention; the grid is zero-padded to a multiple of the window. ViTDet's
+  relative position biases are not added (they would be new, untrained parameters of every block).
+  `window_size=0` is plain global attention everywhere (memory quadratic in the token count);
+- ViTDet's simple feature pyramid on the last feature map (stride = patch): deconvolutions x4 and x2,
+  the map itself, a 2x2 max-pool, each followed by a 1x1 and a 3x3 conv with channel LayerNorm, and a
+  further max-pool level for the RPN (strides 4/8/16/32/64 at patch 16).
+
+Drop path (stochastic depth, rising linearly over the blocks to `drop_path`) uses the release
+blocks' own per-branch drop path; open_clip blocks have none, so there the whole block's residual
+update is dropped per sample.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.convnext import LayerNorm2d
+from torchvision.ops import stochastic_depth
+
+# ViTDet's feature pyramid: scale factors of the last feature map -> strides patch/4 ... 2 * patch.
+SCALES = (4.0, 2.0, 1.0, 0.5)
+LEVELS = ("p2", "p3", "p4", "p5")
+
+
+def default_global_blocks(depth: int) -> list[int]:
+    """ViTDet's spacing: the last block of each quarter of the depth (2, 5, 8, 11 for 12 blocks)."""
+    return sorted({max(0, (i + 1) * depth // 4 - 1) for i in range(4)})
+
+
+def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """[B, H, W, C] -> ([B * nW, window * window, C], (padded H, padded W)); the grid is zero-padded
+    at the bottom and right to a multiple of `window`."""
+    b, h, w, c = x.shape
+    ph, pw = -h % window, -w % window
+    if ph or pw:
+        x = F.pad(x, (0, 0, 0, pw, 0, ph))
+    hp, wp = h + ph, w + pw
+    x = x.view(b, hp // window, window, wp // window, window, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, window * window, c), (hp, wp)
+
+
+def window_unpartition(windows: torch.Tensor, window: int, padded: tuple[int, int],
+                       size: tuple[int, int]) -> torch.Tensor:
+    """The inverse of `window_partition`: [B * nW, window * window, C] -> [B, H, W, C], padding cut off."""
+    hp, wp = padded
+    c = windows.shape[-1]
+    b = windows.shape[0] // (hp * wp // window // window)
+    x = windows.view(b, hp // window, wp // window, window, window, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, hp, wp, c)[:, : size[0], : size[1]]
+
+
+def resize_pos_embed(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A [1, g, g, C] position-embedding grid bicubically resized to [1, h, w, C] (itself if equal)."""
+    if tuple(grid.shape[1:3]) == tuple(size):
+        return grid
+    out = F.interpolate(grid.permute(0, 3, 1, 2).float(), size=size, mode="bicubic", align_corners=False)
+    return out.permute(0, 2, 3, 1).to(grid.dtype)
+
+
+def _parts(vit: nn.Module) -> tuple[nn.Conv2d, torch.Tensor, nn.Module, list[nn.Module], bool]:
+    """(patch conv, position grid [1, g, g, C], pre-norm, blocks, is the release architecture) of a loaded ViT."""
+    if hasattr(vit, "patch_embed") and hasattr(vit, "blocks"):  # unicom_ds.unicom_vit.UnicomViT
+        pos = vit.pos_embed.detach()
+        pre, blocks, release = nn.Identity(), list(vit.blocks), True
+        conv = vit.patch_embed.proj
+    elif hasattr(vit, "conv1") and hasattr(vit, "transformer"):  # open_clip VisionTransformer
+        if not getattr(vit.transformer, "batch_first", True):
+            raise ValueError("open_clip tower with a sequence-first transformer: not supported")
+        pos = vit.positional_embedding.detach()[None, 1:]  # ViTDet drops the class token and its position
+        pre, blocks, release = vit.ln_pre, list(vit.transformer.resblocks), False
+        conv = vit.conv1
+    else:
+        raise ValueError(f"{type(vit).__name__}: not a ViT this adapter knows (Unicom ViT or open_clip tower)")
+    g = int(round(pos.shape[1] ** 0.5))
+    if g * g != pos.shape[1]:
+        raise ValueError(f"position embedding of {pos.shape[1]} tokens is not a square grid")
+    return conv, pos.reshape(1, g, g, -1).clone(), pre, blocks, release
+
+
+class ViTDetBackbone(nn.Module):
+    """images [B, 3, H, W] -> OrderedDict of pyramid maps (torchvision's backbone contract, `out_channels`)."""
+
+    def __init__(self, vit: nn.Module, window_size: int = 14, global_blocks: list[int] | None = None,
+                 drop_path: float = 0.1, out_channels: int = 256):
+        super().__init__()
+        conv, pos, pre, blocks, release = _parts(vit)
+        self.patch_embed = conv
+        self.pos_embed = nn.Parameter(pos)
+        self.pre_norm = pre
+        self.blocks = nn.ModuleList(blocks)
+        self.patch_size = int(conv.kernel_size[0])
+        depth, width = len(blocks), pos.shape[-1]
+        self.window_size = int(window_size)
+        self.global_blocks = set(default_global_blocks(depth) if global_blocks is None else global_blocks)
+        bad = sorted(i for i in self.global_blocks if not 0 <= i < depth)
+        if bad:
+            raise ValueError(f"detect.global_blocks {bad}: the backbone has blocks 0..{depth - 1}")
+        rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
+        for block, rate in zip(blocks, rates):
+            if release:
+                block.drop_path = rate
+        self.block_drop = [0.0] * depth if release else rates
+        self.out_channels = out_channels
+        self.pyramid = nn.ModuleList(self._level(width, scale, out_channels) for scale in SCALES)
+
+    @staticmethod
+    def _level(width: int, scale: float, out: int) -> nn.Sequential:
+        if scale == 4.0:
+            layers = [nn.ConvTranspose2d(width, width // 2, 2, stride=2), LayerNorm2d(width // 2), nn.GELU(),
+                      nn.ConvTranspose2d(width // 2, width // 4, 2, stride=2)]
+            dim = width // 4
+        elif scale == 2.0:
+            layers, dim = [nn.ConvTranspose2d(width, width // 2, 2, stride=2)], width // 2
+        elif scale == 1.0:
+            layers, dim = [], width
+        else:
+            layers, dim = [nn.MaxPool2d(2, stride=2)], width
+        layers += [nn.Conv2d(dim, out, 1, bias=False), LayerNorm2d(out),
+                   nn.Conv2d(out, out, 3, padding=1, bias=False), LayerNorm2d(out)]
+        return nn.Sequential(*layers)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The last block's patch grid [B, h, w, C] (no final norm, as ViTDet)."""
+        x = self.patch_embed(images).permute(0, 2, 3, 1)  # [B, h, w, C]
+        b, h, w, c = x.shape
+        x = self.pre_norm(x + resize_pos_embed(self.pos_embed, (h, w)))
+        for i, block in enumerate(self.blocks):
+            if self.window_size and i not in self.global_blocks:
+                windows, padded = window_partition(x, self.window_size)
+                out = window_unpartition(block(windows), self.window_size, padded, (h, w))
+            else:
+                out = block(x.reshape(b, h * w, c)).view(b, h, w, c)
+            if self.block_drop[i]:
+                out = x + stochastic_depth(out - x, self.block_drop[i], "row", self.training)
+            x = out
+        return x
+
+    def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        x = self.tokens(images).permute(0, 3, 1, 2).contiguous()
+        return OrderedDict((name, level(x)) for name, level in zip(LEVELS, self.pyramid))
+
+
+def build_model(vit: nn.Module, num_classes: int, image_size: int, mean, std, window_size: int = 14,
+                global_blocks: list[int] | None = None, drop_path: float = 0.1, channels: int = 256,
+                rois_per_image: int = 512):
+    """torchvision's MaskRCNN on a ViTDet backbone, with ViTDet's heads: a 2-conv RPN head, a 4-conv +
+    1-fc box head and a 4-conv mask head, all convs with channel LayerNorm. `num_classes` counts the
+    background. Images are resized so that the longer side is `image_size` (training images already
+    are, by the large-scale jitter) and anchors (32 ... 512 px at 1024) scale with `image_size`."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.models.detection.rpn import RPNHead
+    from torchvision.ops import MultiScaleRoIAlign
+
+    backbone = ViTDetBackbone(vit, window_size, global_blocks, drop_path, channels)
+    sizes = tuple((max(4, round(32 * 2 ** i * image_size / 1024)),) for i in range(len(LEVELS) + 1))
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    model = MaskRCNN(
+        _WithPool(backbone), min_size=image_size, max_size=image_size,
+        image_mean=list(mean), image_std=list(std), rpn_anchor_generator=anchors,
+        rpn_head=RPNHead(channels, 3, conv_depth=2),
+        box_roi_pool=MultiScaleRoIAlign(list(LEVELS), 7, 0),
+        box_head=FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [1024], norm_layer=LayerNorm2d),
+        box_predictor=FastRCNNPredictor(1024, num_classes),
+        mask_roi_pool=MultiScaleRoIAlign(list(LEVELS), 14, 0),
+        mask_head=MaskRCNNHeads(channels, [channels] * 4, 1, norm_layer=LayerNorm2d),
+        mask_predictor=MaskRCNNPredictor(channels, channels, num_classes), box_batch_size_per_image=rois_per_image,
+        # The pyramid's strides are multiples of the patch: pad batches to twice the patch.
+        size_divisible=2 * backbone.patch_size)
+    return model
+
+
+class _WithPool(nn.Module):
+    """The pyramid plus the extra RPN level ("pool", a max-pool of p5), as torchvision's FPN adds it."""
+
+    def __init__(self, body: ViTDetBackbone):
+        super().__init__()
+        self.body = body
+        self.out_channels = body.out_channels
+
+    def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        out = self.body(images)
+        out["pool"] = F.max_pool2d(out["p5"], 1, 2, 0)
+        return out
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups with ViTDet's layer-wise lr decay: the patch and position embeddings are layer 0,
+    block i is layer i + 1, everything else (pyramid, RPN, heads) layer depth + 1 at the full `lr`;
+    layer l gets lr * layer_decay ** (depth + 1 - l). Norm gains, biases and the position embedding
+    get no weight decay."""
+    depth = len(_find_backbone(model).blocks)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = layer_id(name, depth)
+        decay = not (p.ndim < 2 or name.endswith("pos_embed"))
+        g = groups.setdefault((layer, decay), {
+            "params": [], "weight_decay": weight_decay if decay else 0.0, "layer": layer,
+            "lr_scale": layer_decay ** (depth + 1 - layer), "lr": lr * layer_decay ** (depth + 1 - layer)})
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def layer_id(name: str, depth: int) -> int:
+    """The layer of a parameter of `build_model`'s model for the layer-wise lr decay."""
+    head, _, rest = name.partition("backbone.body.")
+    if head or not rest:
+        return depth + 1
+    if rest.startswith(("patch_embed.", "pos_embed", "pre_norm.")):
+        return 0
+    if rest.startswith("blocks."):
+        return int(rest.split(".")[1]) + 1
+    return depth + 1
+
+
+def _find_backbone(model: nn.Module) -> ViTDetBackbone:
+    return model.backbone.body

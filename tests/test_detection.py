@@ -1,0 +1,241 @@
+"""The detect stage's pieces, each against an independent reference, on one CPU process: window
+partition, position-embedding resize, the ViTDet backbone on both ViT families, the layer-wise lr decay,
+the schedule, large-scale jitter, the COCO reading and scoring, checkpoints and the launcher's checks.
+(tests/test_detection_learns.py trains one for real.)"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from evaluation.detection import backbone as det_backbone
+from evaluation.detection import data, job, synthetic
+from unicom_ds import unicom_vit
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    return synthetic.write(tmp_path_factory.mktemp("coco"), train=6, val=4, size=96, seed=3)
+
+
+def test_window_partition_round_trip_and_blocks_see_only_their_window():
+    x = torch.randn(2, 7, 9, 5)  # not a multiple of the window: padded, then cut off again
+    windows, padded = det_backbone.window_partition(x, 4)
+    assert padded == (8, 12) and windows.shape == (2 * 2 * 3, 16, 5)
+    assert torch.equal(det_backbone.window_unpartition(windows, 4, padded, (7, 9)), x)
+    # Window (0, 1) of image 1 holds exactly the patches rows 0..3, columns 4..7.
+    assert torch.equal(windows[1 * 6 + 1].view(4, 4, 5), x[1, 0:4, 4:8])
+
+
+def test_windowed_block_equals_attention_inside_each_window():
+    torch.manual_seed(0)
+    vit = unicom_vit.build("ViT-Tiny-16")
+    bb = det_backbone.ViTDetBackbone(vit, window_size=2, global_blocks=[1], drop_path=0.0, out_channels=16).eval()
+    images = torch.randn(1, 3, 64, 64)  # a 4 x 4 patch grid: four 2 x 2 windows in block 0
+    with torch.no_grad():
+        got = bb.tokens(images)
+        x = bb.patch_embed(images).permute(0, 2, 3, 1) + bb.pos_embed
+        ref = torch.empty_like(x)
+        for r in (0, 2):
+            for c in (0, 2):
+                ref[:, r:r + 2, c:c + 2] = vit.blocks[0](x[:, r:r + 2, c:c + 2].reshape(1, 4, -1)).view(1, 2, 2, -1)
+        ref = vit.blocks[1](ref.reshape(1, 16, -1)).view(1, 4, 4, -1)  # block 1 is global
+    torch.testing.assert_close(got, ref)
+
+
+def test_pos_embed_resize_matches_the_release_resize():
+    state = unicom_vit.build("ViT-Tiny-16").state_dict()
+    grid = state["pos_embed"].reshape(1, 4, 4, -1)
+    ours = det_backbone.resize_pos_embed(grid, (6, 6)).reshape(1, 36, -1)
+    torch.testing.assert_close(ours, unicom_vit.resize_state_dict(state, 96)["pos_embed"])
+    assert det_backbone.resize_pos_embed(grid, (4, 4)) is grid
+
+
+def test_global_blocks_follow_vitdet():
+    assert det_backbone.default_global_blocks(12) == [2, 5, 8, 11]
+    assert det_backbone.default_global_blocks(24) == [5, 11, 17, 23]
+    with pytest.raises(ValueError, match="global_blocks"):
+        det_backbone.ViTDetBackbone(unicom_vit.build("ViT-Tiny-16"), global_blocks=[2])
+
+
+@pytest.mark.parametrize("name", ["ViT-Tiny-16", "openclip:ViT-Tiny-16"])
+def test_backbone_pyramid_strides_for_both_vit_families(name):
+    from unicom_ds import backbone
+    vit = backbone.build(name).eval()
+    bb = det_backbone.ViTDetBackbone(vit, window_size=3, drop_path=0.2, out_channels=8).eval()
+    feats = bb(torch.randn(2, 3, 96, 128))
+    assert [tuple(f.shape) for f in feats.values()] == [(2, 8, 24, 32), (2, 8, 12, 16), (2, 8, 6, 8), (2, 8, 3, 4)]
+    if name.startswith("openclip"):  # the class token's position is dropped
+        assert bb.pos_embed.shape[1:3] == (4, 4) and bb.block_drop[-1] == pytest.approx(0.2)
+    else:  # the release blocks' own per-branch drop path
+        assert [b.drop_path for b in bb.blocks] == pytest.approx([0.0, 0.2])
+
+
+def test_layer_wise_lr_decay_and_weight_decay():
+    model = det_backbone.build_model(unicom_vit.build("ViT-Tiny-16"), 4, 64, [0.5] * 3, [0.25] * 3,
+                                     window_size=2, channels=16)
+    groups = det_backbone.param_groups(model, lr=1e-3, weight_decay=0.1, layer_decay=0.5)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
+    where = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    depth = 2
+    expect = {"backbone.body.pos_embed": (1e-3 * 0.5 ** 3, 0.0), "backbone.body.patch_embed.weight": (1e-3 * 0.5 ** 3, 0.1),
+              "backbone.body.blocks.0.attn.qkv.weight": (1e-3 * 0.5 ** 2, 0.1),
+              "backbone.body.blocks.1.norm1.weight": (1e-3 * 0.5, 0.0),
+              "backbone.body.blocks.1.mlp.fc1.bias": (1e-3 * 0.5, 0.0),
+              "roi_heads.box_head.0.0.weight": (1e-3, 0.1), "rpn.head.conv.0.0.bias": (1e-3, 0.0)}
+    for name, (lr, wd) in expect.items():
+        g = where[id(named[name])]
+        assert (g["lr"], g["weight_decay"]) == (pytest.approx(lr), wd), name
+        assert det_backbone.layer_id(name, depth) == g["layer"]
+
+
+def test_schedule_warmup_and_steps():
+    assert job.lr_factor(0, 250, [100_000]) == pytest.approx(0.001)
+    assert job.lr_factor(125, 250, [100_000]) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert job.lr_factor(250, 250, [1000, 2000]) == 1.0
+    assert job.lr_factor(1000, 250, [1000, 2000]) == pytest.approx(0.1)
+    assert job.lr_factor(2500, 250, [1000, 2000]) == pytest.approx(0.01)
+    assert job.lr_factor(0, 0, []) == 1.0
+
+
+def _mask_box(m: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(m)
+    return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_large_scale_jitter_keeps_boxes_and_masks_together(seed):
+    rng = np.random.default_rng(seed)
+    image, shapes = synthetic.render(rng, 120)
+    from PIL import ImageDraw
+    masks = []
+    for s in shapes:  # independent masks: each polygon filled by PIL
+        canvas = __import__("PIL.Image", fromlist=["Image"]).new("L", (120, 120), 0)
+        ImageDraw.Draw(canvas).polygon(s["polygon"], fill=1)
+        masks.append(np.asarray(canvas, np.uint8))
+    masks = np.stack(masks)
+    inst = data.Instances(np.array([_mask_box(m) for m in masks], np.float32), np.arange(1, len(masks) + 1), masks)
+    out_img, out = data.large_scale_jitter(image, inst, 96, (0.3, 2.0), rng, fill=(1, 2, 3))
+    assert out_img.size == (96, 96) and out.masks.shape[1:] == (96, 96)
+    assert len(out.labels) == len(out.masks) == len(out.boxes) <= len(masks)
+    for box, m in zip(out.boxes, out.masks):
+        assert m.any()
+        assert box.tolist() == _mask_box(m)  # boxes recomputed from the masks
+
+
+def test_stream_walks_a_permutation_per_epoch():
+    seq = [data.stream_index(k, 7, seed=1) for k in range(21)]
+    assert all(sorted(seq[i:i + 7]) == list(range(7)) for i in (0, 7, 14))
+    assert seq[:7] != seq[7:14]
+
+
+def test_coco_split_reads_the_written_set(coco):
+    raw = json.loads(data.annotation_file(coco, "val2017").read_text())  # the file itself, not pycocotools
+    assert len({a["id"] for a in raw["annotations"]}) == len(raw["annotations"])
+    val = data.CocoSplit(coco, "val2017", train=False)
+    assert val.category_of == {1: 1, 2: 3, 3: 7} and val.num_classes == 4
+    assert val.image_ids == sorted(im["id"] for im in raw["images"])
+    for image_id in val.image_ids:
+        anns = [a for a in raw["annotations"] if a["image_id"] == image_id]
+        inst = val.instances(image_id)
+        assert inst.labels.tolist() == [val.label_of[a["category_id"]] for a in anns]
+        np.testing.assert_allclose(inst.boxes, [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)])
+        for a, m in zip(anns, inst.masks):  # each mask fills its own polygon's box
+            assert np.allclose(_mask_box(m), [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                                              a["bbox"][1] + a["bbox"][3]], atol=1.5)
+    assert val.image(val.image_ids[0]).size == (96, 96)
+
+
+def test_training_leaves_out_images_without_instances(tmp_path):
+    root = synthetic.write(tmp_path / "c", train=3, val=2, size=64)
+    path = data.annotation_file(root, "train2017")
+    ann = json.loads(path.read_text())
+    ann["annotations"] = [a for a in ann["annotations"] if a["image_id"] != 2]
+    path.write_text(json.dumps(ann))
+    assert data.CocoSplit(root, "train2017", train=True).image_ids == [1, 3]
+    assert data.CocoSplit(root, "train2017", train=False).image_ids == [1, 2, 3]
+    assert len(data.CocoSplit(root, "train2017", train=False).instances(2).labels) == 0
+
+
+def test_coco_metrics_against_ground_truth(coco):
+    from pycocotools import mask as mask_utils
+    val = data.CocoSplit(coco, "val2017", train=False)
+    perfect = []
+    for a in val.coco.loadAnns(val.coco.getAnnIds()):
+        rle = mask_utils.encode(np.asfortranarray(val.coco.annToMask(a)))
+        rle["counts"] = rle["counts"].decode()
+        perfect.append({"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+                        "score": 1.0, "segmentation": rle})
+    m = job.coco_metrics(val.coco, perfect)
+    assert m["box/AP"] == pytest.approx(1.0) and m["mask/AP"] == pytest.approx(1.0)
+    assert "box/APs" not in m or m["box/APs"] == pytest.approx(1.0)  # -1 (no small objects) is left out
+    wrong = [dict(p, category_id=[c for c in (1, 3, 7) if c != p["category_id"]][0]) for p in perfect]
+    assert job.coco_metrics(val.coco, wrong)["box/AP"] == 0.0
+    assert job.coco_metrics(val.coco, [])["mask/AP"] == 0.0
+
+
+def test_missing_coco_files_name_the_expected_path(tmp_path, coco):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "train2017")):
+        data.check_files(tmp_path)
+    (coco / "annotations" / "instances_val2017.json").rename(tmp_path / "moved.json")
+    try:
+        with pytest.raises(FileNotFoundError, match="annotations/instances_val2017.json"):
+            data.check_files(coco)
+    finally:
+        (tmp_path / "moved.json").rename(coco / "annotations" / "instances_val2017.json")
+
+
+def test_launcher_checks_before_submitting(tmp_path, coco):
+    """In process, as slurm/submit.py does it: resolve, plan, precheck, render the sbatch scripts."""
+    from slurm import launch
+    from slurm.launch_slurm import dry_run_scripts
+    from unicom_ds import config
+    run = tmp_path / "run"
+    (run / "train").mkdir(parents=True)
+    torch.save(unicom_vit.build("ViT-Tiny-16").state_dict(), run / "train" / "backbone.pt")
+
+    def plan(*args):
+        cfg = config.resolve(["stage=detect", f"run_dir={run}", "model=ViT-Tiny-16", f"detect.data_root={coco}", *args])
+        return cfg, launch.plan(cfg), launch.precheck(cfg)
+
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "none" / "train2017")):
+        plan(f"detect.data_root={tmp_path / 'none'}")
+    with pytest.raises(ValueError, match=r"detect.batch_size=12: must split evenly over the 8 rank"):
+        plan("detect.batch_size=12", "slurm.gpus_per_node=8")
+    with pytest.raises(FileNotFoundError, match="detect.model=unicom:ViT-Tiny-16@/nowhere.pt"):
+        plan("detect.model=unicom:ViT-Tiny-16@/nowhere.pt")
+    cfg, jobs, notes = plan()
+    assert [j.step for j in jobs] == ["detect"] and "detect: Mask R-CNN on run" in notes[0]
+    (_, script), = dry_run_scripts(cfg, jobs)
+    assert "#SBATCH --ntasks-per-node=8" in script and "#SBATCH --gpus-per-node=8" in script
+    cfg, jobs, _ = plan("stage=eval", "detect.with_eval=true", "eval.datasets=[]")
+    assert [j.step for j in jobs] == ["eval", "detect"] and jobs[1].after == "eval"
+    cfg = config.resolve(["stage=all", f"run_dir={run}", "detect.with_eval=true"])
+    assert launch.steps_of(cfg)[-3:] == ("eval", "detect", "report")
+
+
+def test_checkpoint_round_trip_and_planted_payload_refused(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    made = {"detect.lr": 0.1}
+    for step in (1, 2, 3):
+        job.save_checkpoint(tmp_path, step, model, opt, made)
+    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_2.pt", "step_3.pt"]
+    assert job.latest_step(tmp_path) == 3
+    state = job.load_checkpoint(tmp_path, made)
+    assert torch.equal(state["model"]["weight"], model.weight)
+    with pytest.raises(ValueError, match="detect.lr"):
+        job.load_checkpoint(tmp_path, {"detect.lr": 0.2})
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("planted payload ran",))
+
+    torch.save({"step": 4, "model": Payload()}, tmp_path / "step_4.pt")
+    (tmp_path / "latest").write_text("step_4.pt\n")
+    with pytest.raises(RuntimeError, match="step_4.pt: not a checkpoint this project wrote"):
+        job.load_checkpoint(tmp_path, made)
