@@ -5,7 +5,9 @@
 - `extract(model, dataset, batch_size, workers, device, rank=0, world=1)` -> float32 [rows, d], the
   raw model outputs (not normalised) for this rank's contiguous block of rows (`shard_rows`), so
   the ranks' blocks concatenated in rank order are the data set in order. fp16 autocast on CUDA.
-  Progress counts images under `desc` (the eval job names the model and the data set).
+  Progress counts images under `desc` (the eval job names the model and the data set). On CUDA,
+  an ImageFiles whose transform has a tensor version (`decode.TensorPreprocess`) is decoded and
+  resized there (nvJPEG, PIL per file where nvJPEG refuses); the workers only read the files.
 - `features_path(run_dir, model, dataset)` -> RUN/eval/features/MODEL/DATASET.npy.
 - `cached_extract(path, model, dataset, ...)` (dataset: an ImageFiles, or any Dataset with a
   `paths` list) -> the whole data set's features: read from `path`
@@ -30,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from unicom_ds.arrays import torch_device
 from unicom_ds.atomic import read_json, save_npy_atomic, write_json_atomic
-from unicom_ds.decode import draft, needed_size
+from unicom_ds.decode import TensorPreprocess, decode_batch, draft, needed_size
 from unicom_ds.progress import progress
 
 
@@ -53,6 +55,43 @@ class ImageFiles(Dataset):
             raise OSError(f"{self.paths[i]}: cannot read image ({e})") from e
 
 
+class FileBytes(Dataset):
+    """(path, bytes) of image files, for decoding on the device."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[str, bytes]:
+        try:
+            with open(self.paths[i], "rb") as f:
+                return self.paths[i], f.read()
+        except OSError as e:
+            raise OSError(f"{self.paths[i]}: cannot read image ({e})") from e
+
+
+def device_preprocess(dataset: Dataset, device: torch.device) -> TensorPreprocess | None:
+    """The dataset's preprocess as tensor operations where its images decode on the device (an
+    ImageFiles on CUDA whose transform has a tensor version), else None."""
+    if device.type != "cuda" or not isinstance(dataset, ImageFiles):
+        return None
+    try:
+        return TensorPreprocess(dataset.transform)
+    except ValueError:
+        return None
+
+
+def decode_on(files: list[tuple[str, bytes]], tensor_pre: TensorPreprocess, device: torch.device) -> torch.Tensor:
+    """A batch of image files decoded (nvJPEG, PIL fallback per file) and preprocessed on `device`."""
+    images, _ = decode_batch([data for _, data in files], device)
+    for (path, _), image in zip(files, images):
+        if image is None:
+            raise OSError(f"{path}: cannot read image (undecodable)")
+    return torch.stack([tensor_pre(image) for image in images])
+
+
 def shard_rows(n: int, rank: int, world: int) -> np.ndarray:
     """Rank `rank`'s contiguous block of rows 0..n-1 (blocks differ in size by at most one)."""
     if not 0 <= rank < world:
@@ -73,15 +112,22 @@ def extract(model: torch.nn.Module, dataset: Dataset, batch_size: int = 256, wor
             desc: str = "features") -> np.ndarray:
     device = torch_device(device)
     rows = shard_rows(len(dataset), rank, world)
-    loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size, num_workers=workers,
-                        shuffle=False, pin_memory=device.type == "cuda")
+    tensor_pre = device_preprocess(dataset, device)
+    if tensor_pre is None:
+        loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size, num_workers=workers,
+                            shuffle=False, pin_memory=device.type == "cuda")
+        batches = (images.to(device, non_blocking=True) for images in loader)
+    else:  # workers only read the files; the batch decodes and resizes on the device
+        loader = DataLoader(Subset(FileBytes(dataset.paths), rows.tolist()), batch_size=batch_size,
+                            num_workers=workers, shuffle=False, collate_fn=list)
+        batches = (decode_on(files, tensor_pre, device) for files in loader)
     model = model.to(device).eval()
     out = []
 
     def per_image():  # one item per image extracted, so progress counts (and rates) images
-        for images in loader:
+        for images in batches:
             with _autocast(device):
-                out.append(model(images.to(device, non_blocking=True)).float().cpu())
+                out.append(model(images).float().cpu())
             yield from range(len(images))
 
     for _ in progress(per_image(), total=len(rows), desc=f"{desc}, rank {rank} of {world}", mode=progress_mode,

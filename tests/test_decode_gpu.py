@@ -69,7 +69,7 @@ PIXEL_MAX, PIXEL_P99 = 0.03, 0.006
 
 
 def pixel_diff(a, b):
-    return ((a - b) * torch.tensor(STD).view(3, 1, 1).to(a.device)).abs()
+    return ((a - b) * torch.tensor(STD).view(-1, 1, 1).to(a.device)).abs()
 
 
 @pytest.mark.parametrize("side", [300, 1024])
@@ -154,3 +154,30 @@ def test_embed_stage_device_path_equals_the_cpu_path(tmp_path, monkeypatch):
     assert (out["device"] / "00000.keys.txt").read_text() == (out["cpu"] / "00000.keys.txt").read_text()
     a, b = (np.load(out[n] / "00000.img.npy").astype(np.float32) for n in ("device", "cpu"))
     assert (a * b).sum(1).min() > 0.999  # unit rows: cosine
+
+
+def test_eval_extraction_device_path_equals_the_cpu_path(tmp_path, monkeypatch):
+    """evaluation.features.extract with decoding handed to the device (forced onto the CPU here):
+    the preprocessed pixels within tolerance of PIL's, and an undecodable file is an error naming it."""
+    from evaluation import features
+
+    paths = []
+    for i, (side, photo, fmt) in enumerate([(300, "astronaut", "JPEG"), (500, "coffee", "JPEG"), (200, "rocket", "PNG")]):
+        paths.append(str(tmp_path / f"{i}.{fmt.lower()}"))
+        open(paths[-1], "wb").write(jpeg(side, photo, fmt=fmt))
+    pre = eval_preprocess(32)
+    model = torch.nn.Flatten()  # the features are the preprocessed pixels
+    cpu = features.extract(model, features.ImageFiles(paths, pre), batch_size=2, workers=0, device="cpu",
+                           progress_mode="off")
+    monkeypatch.setattr(features, "device_preprocess", lambda dataset, device: TensorPreprocess(dataset.transform))
+    dev = features.extract(model, features.ImageFiles(paths, pre), batch_size=2, workers=0, device="cpu",
+                           progress_mode="off")
+    assert dev.shape == cpu.shape == (3, 3 * 32 * 32)
+    # Against PIL's full decode (the CPU path drafts the 500-px JPEG: that difference is test_decode's).
+    full = torch.stack([pre(Image.open(p).convert("RGB")) for p in paths])
+    diff = pixel_diff(torch.from_numpy(dev).view(3, 3, 32, 32), full)
+    assert 0 < diff.max() < PIXEL_MAX and diff.flatten().quantile(0.99) < PIXEL_P99
+    open(paths[1], "wb").write(b"\xff\xd8\xff broken")
+    with pytest.raises(OSError, match=r"1\.jpeg: cannot read image"):
+        features.extract(model, features.ImageFiles(paths, pre), batch_size=2, workers=0, device="cpu",
+                         progress_mode="off")
