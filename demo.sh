@@ -12,6 +12,7 @@ echo "demo: setting up Python (the first time installs the pinned requirements: 
 install_python_packages
 "$PY" -m cluster_job.demo_data --out data/demo
 "$PY" -m evaluation.demo_sets --out data/demo_eval
+"$PY" -m evaluation.detection.synthetic --out data/demo_coco --train 64 --val 24 --size 96
 echo "demo: tiny, randomly initialised models (nothing is downloaded): real use passes pretrained CLIP weights"
 "$PY" slurm/submit.py config=slurm/configs/demo.yaml "$@"
 run_dir=$("$PY" -c 'import sys; from unicom_ds import config; print(config.resolve(sys.argv[1:]).run_dir)' \
@@ -20,7 +21,8 @@ cat <<MSG
 
 demo finished. Look at:
   $run_dir/report/index.html     the run report: cluster browser, class sizes, training curves, tables
-  $run_dir/eval/results.md       the results tables (the eval sets are scikit-learn digits in SOP's and EuroSAT's layouts)
+  $run_dir/eval/results.md       the results tables (the eval sets are scikit-learn digits in SOP's and EuroSAT's layouts,
+                                 the detection set rendered shapes in COCO's)
   tensorboard --logdir $run_dir  every stage's curves, statistics and sample grids
 MSG
 if [[ ${VIRTUAL_ENV:-} == "$PWD/.venv" ]]; then

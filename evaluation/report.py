@@ -118,6 +118,9 @@ def what_was_run(run_dir: Path, cfg: Any) -> str:
     evaluated = sorted({d for m in results.values() for d in m}) if isinstance(results, dict) else []
     for name, truth in demo_stand_ins(cfg, evaluated or [str(d) for d in cfg.eval.datasets]).items():
         warn.append(f"The data set '{name}' is not the real one: {truth}")
+    shapes = Path(str(cfg.detect.data_root)) / "DEMO_SET.txt"  # evaluation.detection.synthetic's marker
+    if "coco" in evaluated and shapes.is_file():
+        warn.append(f"The detection set is not COCO: {shapes.read_text().strip()}")
     damaged = damaged_shards(run_dir, cfg)
     if damaged:
         lost = [d.get("rows_lost") for d in damaged]
@@ -255,8 +258,10 @@ def _eval_html(run_dir: Path, report_dir: Path) -> str:
     from evaluation import results as eval_results  # the very tables of RUN/eval/results.md
 
     out = []
-    for caption, columns in eval_results.PAPER_TABLES:
-        titles, rows = eval_results.rows(results, columns)
+    tables = [(caption, *eval_results.rows(results, columns)) for caption, columns in eval_results.PAPER_TABLES]
+    caption, dataset, columns = eval_results.DETECTION_TABLE  # Tab. 9: box and mask AP
+    tables.append((caption, list(columns), eval_results.split_rows(results, dataset, columns)))
+    for caption, titles, rows in tables:
         if not rows:
             continue
         head = "".join(f"<th>{_e(t)}</th>" for t in titles)

@@ -63,6 +63,11 @@ SPLIT_TABLES = (
     ("GLDv2 mAP@100 (percent) of the public and the private test queries against the index; the "
      "retrieval table's GLDv2 column is the private split", "gldv2",
      {"public": "public/mAP@100", "private": "private/mAP@100"}),
+    DETECTION_TABLE := (
+        "COCO detection and instance segmentation (val2017): Mask R-CNN fine-tuned on each backbone as ViTDet, "
+        "box and mask AP (percent), as in the Unicom paper's Tab. 9", "coco",
+        {f"{key} {m}": f"{key}/{m}" for key in ("box", "mask")
+         for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")}),
 )
 
 
@@ -96,10 +101,15 @@ def table(results: dict, columns: dict[str, tuple[str, str]]) -> str:
     return _markdown_table(titles, body) if body else ""
 
 
+def split_rows(results: dict, dataset: str, columns: dict[str, str]) -> dict[str, list]:
+    """{model: [percent or None per column]} of one data set's metrics `columns` ({title: metric})."""
+    return {model: [_percent(sets[dataset].get(m)) for m in columns.values()]
+            for model, sets in results.items() if dataset in sets}
+
+
 def split_table(results: dict, dataset: str, columns: dict[str, str]) -> str:
     """A markdown table of one data set's metrics `columns` ({title: metric}), a row per model that has it."""
-    body = {model: [_percent(sets[dataset].get(m)) for m in columns.values()]
-            for model, sets in results.items() if dataset in sets}
+    body = split_rows(results, dataset, columns)
     return _markdown_table(list(columns), body) if body else ""
 
 

@@ -20,6 +20,7 @@ STEPS = {
     "train": ("train",), "eval": ("eval",),
     "report": ("report",),
     "all": ("embed", "kmeans", "assign", "train", "eval", "report"),
+    "detect": ("detect",),
 }
 # The job function of each step, imported only when a job runs or is submitted: the launcher's
 # config checks must work while a stage's code is missing or broken.
@@ -31,11 +32,12 @@ TARGETS = {
     "train_local": "unicom_ds.train:local_command",   # launcher=local: the `deepspeed ...` argv
     "eval": "evaluation.run:eval_job",
     "report": "evaluation.report:report_job",
+    "detect": "evaluation.detection.job:DetectJob",   # a submitit Checkpointable: requeued at the time limit
     "import": "cluster_job.import_embeddings:import_parts",   # embed.source: replaces embed
 }
 # Where each step writes inside the run directory (DESIGN.md "Stage contracts").
 OUTPUTS = {"embed": "embed", "kmeans": "kmeans", "assign": "labels", "train": "train", "eval": "eval",
-           "report": "report", "import": "embed"}
+           "report": "report", "detect": "detect", "import": "embed"}
 # The job functions are single-process: more nodes would only run copies of the same task.
 SINGLE_NODE = ("embed", "kmeans", "assign", "report", "import")
 CPU_ONLY = ("report", "import")
@@ -57,7 +59,7 @@ class Job:
     @property
     def tasks_per_node(self) -> int:
         # train and eval run one task per GPU (at least one on a GPU-less node).
-        if self.step in ("train", "eval"):
+        if self.step in ("train", "eval", "detect"):
             return max(1, int(self.resources["gpus_per_node"] or 0))
         return 1
 
@@ -112,15 +114,28 @@ def precheck(cfg: DictConfig) -> list[str]:
             cfg, world, ranks, labels_expected="assign" not in steps)
     if "eval" in steps:
         importlib.import_module("evaluation.run").check(cfg)
+    if "detect" in steps:
+        notes += importlib.import_module("evaluation.detection.job").check(cfg, detect_world(cfg))
     return notes
 
 
 def steps_of(cfg: DictConfig) -> tuple[str, ...]:
-    """The steps of `cfg.stage`."""
+    """The steps of `cfg.stage`; detect.with_eval=true adds detect after eval (stage=eval, stage=all)."""
     steps = STEPS[cfg.stage]
+    if cfg.detect.with_eval and "eval" in steps:
+        at = steps.index("eval") + 1
+        steps = (*steps[:at], "detect", *steps[at:])
     if cfg.embed.get("source") and not cfg.embed.get("from"):  # imported features replace the embed step
         steps = tuple("import" if s == "embed" else s for s in steps)
     return steps
+
+
+def detect_world(cfg: DictConfig) -> int:
+    """The detect job's ranks: one process here, one task per GPU under SLURM."""
+    if cfg.launcher == "local":
+        return 1
+    job = Job("detect", ((),), None, resources(cfg, "detect"))
+    return int(job.resources["nodes"]) * job.tasks_per_node
 
 
 def train_world(cfg: DictConfig) -> tuple[int, str]:

@@ -70,6 +70,8 @@ def run_step(job: Job, cfg_dict: dict) -> None:
         run_subprocess(target("train_local")(cfg_dict))
         return
     fn = target(job.step)
+    if isinstance(fn, type):  # a submitit Checkpointable (DetectJob): its instance is the job function
+        fn = fn()
     for i, args in enumerate(job.tasks):
         if len(job.tasks) > 1:
             print(f"[{job.step}] task {i + 1}/{len(job.tasks)}: "
@@ -122,6 +124,10 @@ def outcome(cfg: DictConfig, job: Job) -> str:
         results = _read(out / "results.json") or {}
         datasets = sorted({d for sets in results.values() for d in sets})
         return f"{_n(len(results), 'model')} x {_n(len(datasets), 'data set')} ({', '.join(datasets)})"
+    if job.step == "detect":
+        done = [d.get("metrics", {}) for d in map(_read, sorted(out.glob("*/metrics.json"))) if d]
+        return ", ".join(f"box AP {100 * m.get('box/AP', 0):.1f}, mask AP {100 * m.get('mask/AP', 0):.1f}"
+                         for m in done) or "no metrics.json"
     return "index.html" if (out / "index.html").is_file() else "no index.html"
 
 

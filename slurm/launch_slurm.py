@@ -70,8 +70,8 @@ def submit(cfg: DictConfig, jobs: list[Job]) -> Iterator[tuple[Job, list]]:
         ex = submitit.SlurmExecutor(folder)
         ex.update_parameters(**sbatch_parameters(job, f"afterok:{previous_id}" if previous_id else None))
         fn = target(job.step)
-        if job.step == "train":
-            fn = fn()  # TrainJob is a submitit Checkpointable: an instance, requeued on timeout
+        if isinstance(fn, type):
+            fn = fn()  # TrainJob, DetectJob: submitit Checkpointables, instances requeued on timeout
         try:
             if job.is_array:
                 handles = ex.map_array(fn, [cfg_dict] * len(job.tasks), *zip(*job.tasks))

@@ -27,6 +27,7 @@ STAGE_HELP = {
     "train": "the ViT on the pseudo classes, DeepSpeed ZeRO-2 -> RUN/train/",
     "eval": "retrieval and linear-probe evaluation -> RUN/eval/",
     "report": "the HTML run report -> RUN/report/index.html",
+    "detect": "COCO Mask R-CNN on the trained ViT (ViTDet), box and mask AP -> RUN/detect/, RUN/eval/",
 }  # the composite stages (cluster, all) list their steps from launch.STEPS
 USAGE = """usage: python slurm/submit.py stage=STAGE [config=FILE] [key=value ...]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-STAGES = ("embed", "kmeans", "assign", "cluster", "train", "eval", "report", "all")
+STAGES = ("embed", "kmeans", "assign", "cluster", "train", "eval", "report", "all", "detect")
 _NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
           "list": "a list such as [a,b]", "dir": "a writable directory", "any": "any value"}
 _PLURAL = {"int": "integers", "float": "numbers", "bool": "booleans", "str": "strings", "any": "values"}
@@ -196,6 +196,14 @@ RULES: dict[str, Rule] = {
     "train.ckpt_every_steps": AT_LEAST_1, "train.keep_checkpoints": AT_LEAST_1, "train.log_every": AT_LEAST_1,
     "eval.batch_size": AT_LEAST_1, "eval.workers": NON_NEGATIVE, "eval.dims": Rule("list", items=Rule("int", lo=1)),
     "eval.probe.max_iter": AT_LEAST_1, "eval.probe.val_fraction": Rule(lo=0, hi=1, lo_open=True),
+    "detect.model": Rule("str"), "detect.image_size": Rule(lo=32), "detect.steps": AT_LEAST_1,
+    "detect.scale_range": Rule("list", items=Rule("float", lo=0, lo_open=True)),
+    "detect.batch_size": AT_LEAST_1, "detect.lr": NON_NEGATIVE, "detect.warmup_steps": NON_NEGATIVE,
+    "detect.decay_steps": Rule("list", items=Rule("int", lo=1)), "detect.weight_decay": NON_NEGATIVE,
+    "detect.layer_decay": Rule(lo=0, hi=1, lo_open=True), "detect.drop_path": Rule(lo=0, hi=1),
+    "detect.window_size": NON_NEGATIVE, "detect.global_blocks": Rule("list", items=Rule("int", lo=0)),
+    "detect.fpn_channels": Rule(lo=8), "detect.rois_per_image": AT_LEAST_1, "detect.max_bad_steps": NON_NEGATIVE, "detect.workers": NON_NEGATIVE,
+    "detect.eval_batch_size": AT_LEAST_1, "detect.ckpt_every_steps": AT_LEAST_1, "detect.log_every": AT_LEAST_1,
 }
 
 

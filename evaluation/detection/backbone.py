@@ -159,7 +159,8 @@ def build_model(vit: nn.Module, num_classes: int, image_size: int, mean, std, wi
     """torchvision's MaskRCNN on a ViTDet backbone, with ViTDet's heads: a 2-conv RPN head, a 4-conv +
     1-fc box head and a 4-conv mask head, all convs with channel LayerNorm. `num_classes` counts the
     background. Images are resized so that the longer side is `image_size` (training images already
-    are, by the large-scale jitter) and anchors (32 ... 512 px at 1024) scale with `image_size`."""
+    are, by the large-scale jitter). Each pyramid level has anchors of 8 x its stride (32 ... 512 px at
+    patch 16, as detectron2 and torchvision), whatever the image size."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
@@ -168,7 +169,7 @@ def build_model(vit: nn.Module, num_classes: int, image_size: int, mean, std, wi
     from torchvision.ops import MultiScaleRoIAlign
 
     backbone = ViTDetBackbone(vit, window_size, global_blocks, drop_path, channels)
-    sizes = tuple((max(4, round(32 * 2 ** i * image_size / 1024)),) for i in range(len(LEVELS) + 1))
+    sizes = tuple((round(8 * backbone.patch_size / SCALES[0] * 2 ** i),) for i in range(len(LEVELS) + 1))
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     model = MaskRCNN(
         _WithPool(backbone), min_size=image_size, max_size=image_size,

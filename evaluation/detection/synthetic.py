@@ -42,7 +42,7 @@ def _polygon(kind: str, cx: float, cy: float, r: float, rot: float) -> list[tupl
             for i in range(n)]
 
 
-def render(rng: np.random.Generator, size: int, max_shapes: int = 4) -> tuple[Image.Image, list[dict]]:
+def render(rng: np.random.Generator, size: int, max_shapes: int = 3) -> tuple[Image.Image, list[dict]]:
     """One image and its instances [{category_id, polygon}], shapes placed without overlap."""
     image = _background(rng, size)
     draw = ImageDraw.Draw(image)
@@ -50,7 +50,7 @@ def render(rng: np.random.Generator, size: int, max_shapes: int = 4) -> tuple[Im
     shapes = []
     for _ in range(int(rng.integers(1, max_shapes + 1))):
         for _attempt in range(20):
-            r = rng.uniform(0.08, 0.2) * size
+            r = rng.uniform(0.1, 0.22) * size
             cx, cy = rng.uniform(r, size - r, 2)
             if all(math.hypot(cx - x, cy - y) > r + pr + 2 for x, y, pr in placed):
                 break
