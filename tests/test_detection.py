@@ -144,7 +144,8 @@ def test_coco_split_reads_the_written_set(coco):
         inst = val.instances(image_id)
         assert inst.labels.tolist() == [val.label_of[a["category_id"]] for a in anns]
         np.testing.assert_allclose(inst.boxes, [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)])
-        for a, m in zip(anns, inst.masks):  # each mask fills its own polygon's box
+        for a, m in zip(anns, inst.masks):  # each mask fills its own polygon's box and area
+            assert abs(int(m.sum()) - a["area"]) <= 2
             assert np.allclose(_mask_box(m), [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
                                               a["bbox"][1] + a["bbox"][3]], atol=1.5)
     assert val.image(val.image_ids[0]).size == (96, 96)

@@ -64,14 +64,14 @@ def render(rng: np.random.Generator, size: int, max_shapes: int = 3) -> tuple[Im
     return image, shapes
 
 
-def _annotation(ann_id: int, image_id: int, shape: dict) -> dict:
+def _annotation(ann_id: int, image_id: int, shape: dict, size: int) -> dict:
     from pycocotools import mask as mask_utils
     flat = [round(v, 2) for xy in shape["polygon"] for v in xy]
     xs, ys = flat[0::2], flat[1::2]
     x, y = min(xs), min(ys)
     return {"id": ann_id, "image_id": image_id, "category_id": shape["category_id"], "segmentation": [flat],
             "bbox": [x, y, max(xs) - x, max(ys) - y], "iscrowd": 0,
-            "area": float(mask_utils.area(mask_utils.frPyObjects([flat], 1 << 20, 1 << 20))[0])}
+            "area": float(mask_utils.area(mask_utils.frPyObjects([flat], size, size))[0])}
 
 
 def write_split(out: Path, split: str, n: int, size: int, seed: int) -> Path:
@@ -86,7 +86,7 @@ def write_split(out: Path, split: str, n: int, size: int, seed: int) -> Path:
         with atomic_path(folder / name) as tmp:
             image.save(tmp, format="JPEG", quality=92)
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
-        anns += [_annotation(len(anns) + j + 1, i + 1, s) for j, s in enumerate(shapes)]
+        anns += [_annotation(len(anns) + j + 1, i + 1, s, size) for j, s in enumerate(shapes)]
     path = out / "annotations" / f"instances_{split}.json"
     write_json_atomic(path, {"images": images, "annotations": anns, "categories": list(CATEGORIES),
                              "info": {"description": "unicom-ds synthetic shapes"}, "licenses": []})

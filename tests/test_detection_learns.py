@@ -1,0 +1,128 @@
+"""The detect stage for real on CPU: a tiny ViT Mask R-CNN trained on rendered shapes (a COCO-format set
+with polygon masks and real instances_*.json) reaches box and mask AP on the held-out split that the same
+model untrained does not; a resumed run equals an uninterrupted one; the job runs through the local
+SLURM cluster too."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from evaluation.detection import job, synthetic
+from unicom_ds import backbone, config, unicom_vit
+from unicom_ds.tblog import read_scalars
+
+SIZE = 96
+# What the job is given: a tiny schedule for 4-image batches, no lr decay down the random-init ViT, no decay step.
+TINY = ["model=ViT-Tiny-16", f"detect.image_size={SIZE}", "detect.scale_range=[0.8,1.25]", "detect.batch_size=4",
+        "detect.lr=1e-3", "detect.layer_decay=1.0", "detect.warmup_steps=20", "detect.decay_steps=[100000]",
+        "detect.window_size=3",
+        "detect.fpn_channels=32", "detect.rois_per_image=32", "detect.workers=0", "detect.eval_batch_size=12",
+        "detect.log_every=10", "progress=lines", "device=cpu"]
+STEPS = 200
+# Measured (docs/benchmarks.md, "Detect stage"): untrained (the same seeded model), AP50 0.004 box and 0.0 mask;
+# after STEPS steps, AP50 0.20 box and 0.18 mask. The bars sit between, 20 x above and 2.3 x below.
+BAR = {"box/AP50": 0.08, "mask/AP50": 0.08}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on 2 busy cores, two threads spin against each other (3-5x slower here), and
+    one thread makes the CPU run bit-for-bit repeatable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(tmp, *extra: str) -> dict:
+    return config.select(config.resolve([f"run_dir={tmp / 'run'}", f"detect.data_root={tmp / 'coco'}", *TINY,
+                                         *extra]))
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """The set and a run directory whose RUN/train/backbone.pt is a random-init ViT-Tiny-16 export."""
+    tmp = tmp_path_factory.mktemp("det")
+    synthetic.write(tmp / "coco", train=64, val=24, size=SIZE, seed=0)
+    torch.manual_seed(0)
+    (tmp / "run" / "train").mkdir(parents=True)
+    torch.save(backbone.export("ViT-Tiny-16", unicom_vit.build("ViT-Tiny-16").state_dict()),
+               tmp / "run" / "train" / "backbone.pt")
+    return tmp
+
+
+@pytest.mark.slow
+def test_trained_detector_beats_untrained(shapes):
+    from evaluation.detection.data import CocoSplit
+    cfg = config.as_config(_run(shapes, f"detect.steps={STEPS}", f"detect.ckpt_every_steps={STEPS}"))
+    det = job.Detector(cfg)
+    val = CocoSplit(cfg.detect.data_root, "val2017", train=False)
+    untrained_model, _ = det.build(val.num_classes)
+    untrained = job.coco_metrics(val.coco, det.predict(untrained_model, val))
+
+    trained = job.detect(cfg)
+    print({"untrained": untrained, "trained": trained})
+    for key, bar in BAR.items():
+        assert untrained.get(key, 0.0) < bar <= trained[key], (key, untrained, trained)
+    run = shapes / "run"
+    assert json.loads((run / "eval" / "results.json").read_text())["run"]["coco"] == trained
+    table = (run / "eval" / "results.md").read_text()
+    assert "Tab. 9" in table and re.search(r"\| run \| [\d.]+ \|", table)
+    tags = read_scalars(str(run / "tensorboard" / "detect"))
+    assert {"detect/loss", "detect/loss_mask", "detect/lr", "detect/run/box/AP", "detect/run/mask/AP"} <= set(tags)
+    loss = [v for _, v in sorted(tags["detect/loss"])]
+    assert sum(loss[-3:]) < sum(loss[:3])
+    # A rerun finds the metrics and trains nothing.
+    assert job.detect(cfg) == trained
+
+
+@pytest.mark.slow
+def test_resumed_run_equals_uninterrupted(tmp_path, shapes):
+    """Stopped after step 2 (its checkpoint), continued to 4: the same weights as 4 steps in one go."""
+    from evaluation.detection.data import CocoSplit
+
+    def train(run_dir, steps):
+        cfg = config.as_config(_run(shapes, f"run_dir={run_dir}", f"detect.steps={steps}", "detect.ckpt_every_steps=2",
+                                    "detect.drop_path=0.3"))
+        det = job.Detector(cfg)
+        split = CocoSplit(cfg.detect.data_root, "train2017", train=True)
+        model, mean = det.build(split.num_classes)
+        det.train(model, split, mean)
+        return model.state_dict()
+
+    for d in ("a", "b"):  # both runs read the same backbone file
+        (tmp_path / d / "train").mkdir(parents=True)
+        (tmp_path / d / "train" / "backbone.pt").write_bytes((shapes / "run" / "train" / "backbone.pt").read_bytes())
+    train(tmp_path / "a", 2)
+    resumed = train(tmp_path / "a", 4)
+    straight = train(tmp_path / "b", 4)
+    assert job.latest_step(tmp_path / "a" / "detect" / "run" / "ckpt") == 4
+    for k, v in straight.items():
+        assert torch.equal(v, resumed[k]), k
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_detect_stage_through_slurm(slurm, tmp_path, shapes):
+    """`python slurm/submit.py stage=detect launcher=slurm`: a short run as a submitit job (DetectJob, one
+    CPU task), its metrics in RUN/detect and RUN/eval, the COCO set checked before submission."""
+    from test_slurm_cluster_stage import SLURM, log_tails, submit, wait_for
+    run = tmp_path / "run"
+    (run / "train").mkdir(parents=True)
+    (run / "train" / "backbone.pt").write_bytes((shapes / "run" / "train" / "backbone.pt").read_bytes())
+    args = ["stage=detect", f"run_dir={run}", f"detect.data_root={shapes / 'coco'}", *TINY, *SLURM,
+            "detect.steps=3", "detect.ckpt_every_steps=2"]
+    missing = submit(*args, f"detect.data_root={tmp_path / 'nowhere'}")
+    assert missing.returncode == 2 and str(tmp_path / "nowhere" / "train2017") in missing.stderr
+    res = submit(*args)
+    assert res.returncode == 0, res.stdout + res.stderr
+    ids = re.findall(r"detect: job (\d+)", res.stdout)
+    states = wait_for(ids)
+    assert set(states.values()) == {"COMPLETED"}, log_tails(run)
+    metrics = json.loads((run / "detect" / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and set(metrics["metrics"]) >= {"box/AP", "mask/AP", "box/AP50", "mask/AP75"}
+    assert json.loads((run / "eval" / "results.json").read_text())["run"]["coco"] == metrics["metrics"]
+    assert job.latest_step(run / "detect" / "run" / "ckpt") == 3
