@@ -114,16 +114,46 @@ def test_labels_on_a_device_are_checked_asynchronously(monkeypatch):
     layer.check_labels()  # reported once
 
 
+def test_max_positives_caps_the_slots_and_refuses_more(monkeypatch):
+    # 12 rows, r1's count 4: without a cap 12 slots; with max_positives=6, 6 slots and still exact.
+    classes, r1, labels = CASES["many_positives_padded"]  # 9 distinct classes
+    labels = torch.tensor(labels)
+    few = torch.tensor([3, 3, 7, 3, 7, 9, 3, 7, 3, 3, 7, 21])  # 4 distinct
+    torch.manual_seed(0)
+    layer = ShardedPrototypes(classes, 16, r1=r1, r2=1.0, seed=3, max_positives=6).double()
+    emb = torch.randn(12, 16, dtype=torch.float64, requires_grad=True)
+    loss = layer(emb, few)
+    loss.backward()
+    assert layer._slots[0].numel() == 6
+    expected = old_selection(few, classes, r1, generator(3, STREAM_R1, 0, 0, 0))
+    assert layer.selected.tolist() == expected.tolist()
+    ref_emb = emb.detach().clone().requires_grad_()
+    ref = dense_loss(ref_emb, layer.weight.detach(), few, expected, torch.arange(16))
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(emb.grad, ref_emb.grad, rtol=1e-9, atol=1e-12)
+    # More positives than the room: an error on the CPU; NaN then the error on a device.
+    with pytest.raises(ValueError, match="held 9 classes of one rank.s block, more than max_positives=6"):
+        layer(emb, labels)
+    monkeypatch.setattr(prototypes, "_checks_at_once", lambda device: False)
+    assert torch.isfinite(layer(emb, few))
+    assert torch.isnan(layer(emb, labels))
+    with pytest.raises(ValueError, match="held 9 classes"):
+        layer.check_labels()
+    with pytest.raises(ValueError, match="max_positives=0 must be at least 1"):
+        ShardedPrototypes(10, 4, max_positives=0)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @cuda
-@pytest.mark.parametrize("r1, r2", [(0.1, 0.5), (1.0, 1.0), (0.01, 0.5)])
-def test_gpu_step_never_synchronises(r1, r2):
+@pytest.mark.parametrize("r1, r2, cap", [(0.1, 0.5, None), (1.0, 1.0, None), (0.01, 0.5, None), (0.01, 0.5, 24)])
+def test_gpu_step_never_synchronises(r1, r2, cap):
     device = torch.device("cuda")
     classes, dim, batch = 2000, 64, 32  # r1=0.01: 20 classes, fewer than the batch -> padded slots
     backbone = torch.nn.Linear(dim, dim).to(device)
-    layer = ShardedPrototypes(classes, dim, r1=r1, r2=r2).to(device)
+    layer = ShardedPrototypes(classes, dim, r1=r1, r2=r2, max_positives=cap).to(device)
     opt = torch.optim.SGD([*backbone.parameters(), layer.weight], lr=0.1)
     inputs = torch.randn(4, batch, dim, device=device)
     labels = torch.randint(0, classes, (4, batch), device=device)

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from unicom_ds.dist import gather_rows, rank_world
+from unicom_ds.dist import all_reduce_, gather_rows, rank_world
 from unicom_ds.margin import (MARGIN_GRADS, STREAM_INIT, STREAM_R1, feature_subset, fraction_count, generator,
                               margin_softmax_loss, select_slots)
 
@@ -80,7 +80,10 @@ class ShardedPrototypes(nn.Module):
     labels (r1's selection lives in fixed-size padded slots, see `margin.select_slots`), and labels
     on an accelerator are range-checked asynchronously: an out-of-range label makes the loss NaN
     (the train loop's non-finite guard skips the step on every rank) and sets `label_fault`, which
-    `check_labels()` turns into the ValueError. Labels on the CPU are checked at once. `selected`
+    `check_labels()` turns into the ValueError. Labels on the CPU are checked at once. The slots
+    have room for every positive a global batch can hold on a rank; `max_positives` caps that room
+    (a rank averages global batch / ranks positives), and a batch with more positives on a rank is
+    handled like a bad label (NaN loss, then the error). `selected`
     and `last_stats` are read lazily (a host sync when read); `device_stats` holds the same
     counts as tensors on the device.
 
@@ -96,8 +99,12 @@ class ShardedPrototypes(nn.Module):
     """
 
     def __init__(self, num_classes: int, embed_dim: int, r1: float = 0.1, r2: float = 1.0,
-                 margin: float = 0.3, scale: float = 64.0, seed: int = 0, margin_grad: str = "exact"):
+                 margin: float = 0.3, scale: float = 64.0, seed: int = 0, margin_grad: str = "exact",
+                 max_positives: int | None = None):
         super().__init__()
+        if max_positives is not None and max_positives < 1:
+            raise ValueError(f"max_positives={max_positives} must be at least 1 (or None: no cap)")
+        self.max_positives = max_positives
         for name, value in (("r1", r1), ("r2", r2)):
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"{name}={value} must be in (0, 1]")
@@ -117,7 +124,8 @@ class ShardedPrototypes(nn.Module):
         self._dims: tuple | None = None  # ((step, device), dims on the cpu, dims on the device)
         self.features: torch.Tensor | None = None  # feature dims used in the last forward
         self.device_stats: dict[str, torch.Tensor | int] = {}
-        # On the device, over the forwards since check_labels(): [any label out of range, -min, max].
+        # On the device, over the forwards since check_labels(): [any label out of range, -min, max,
+        # most positives on this rank beyond the slots' room (0: none)].
         self.label_fault: torch.Tensor | None = None
 
     @property
@@ -137,10 +145,16 @@ class ShardedPrototypes(nn.Module):
         """Raise the ValueError of an out-of-range label seen on the device since the last call."""
         if self.label_fault is None:
             return
-        fault, neg_low, high = self.label_fault.tolist()
+        fault, neg_low, high, over = self.label_fault.tolist()
         self.label_fault = None
         if fault:
             raise ValueError(f"labels must be in [0, {self.num_classes}), got labels from {-neg_low} to {high}")
+        if over:
+            self._raise_overflow(over)
+
+    def _raise_overflow(self, positives: int) -> None:
+        raise ValueError(f"a global batch held {positives} classes of one rank's block, more than "
+                         f"max_positives={self.max_positives} leaves room for: raise max_positives (or None)")
 
     def _raise_bad_labels(self, labels: torch.Tensor) -> None:
         bad = labels[(labels < 0) | (labels >= self.num_classes)]
@@ -165,14 +179,9 @@ class ShardedPrototypes(nn.Module):
             labels = gather_rows(labels.to(device=self.weight.device, dtype=torch.long))
             out_of_range = (labels < 0) | (labels >= self.num_classes)
             # Every rank sees the same gathered labels, so all ranks raise or poison together (no hang).
-            if _checks_at_once(labels.device):
-                if out_of_range.any():
-                    self._raise_bad_labels(labels)
-                fault = None
-            else:
-                fault = out_of_range.any()
-                seen = torch.stack([fault.long(), -labels.min(), labels.max()])
-                self.label_fault = seen if self.label_fault is None else torch.maximum(self.label_fault, seen)
+            at_once = _checks_at_once(labels.device)
+            if at_once and out_of_range.any():
+                self._raise_bad_labels(labels)
             start, end = self.class_range
             block, n = end - start, labels.shape[0]
             # Every global row takes part, with hit[i] saying whether its class is on this rank.
@@ -184,7 +193,8 @@ class ShardedPrototypes(nn.Module):
             if fraction_count(self.r1, block) >= block:
                 index, valid, count, cols = None, None, block, local
             else:
-                index, valid, count = select_slots(hit, local, block, self.r1, n, gen)
+                room = n if self.max_positives is None else min(n, self.max_positives)
+                index, valid, count = select_slots(hit, local, block, self.r1, room, gen)
                 cols = torch.searchsorted(index if valid is None else torch.where(valid, index, block), local)
                 cols = cols.clamp_max(index.numel() - 1)
             dims = self._feature_dims(emb.device)
@@ -193,8 +203,19 @@ class ShardedPrototypes(nn.Module):
                 emb = emb[:, dims]
             loss = margin_softmax_loss(emb, weight.to(dtype), rows, cols, self.margin, self.scale, self.margin_grad,
                                        hit=hit, valid=valid)
-            if fault is not None:
-                loss = torch.where(fault, torch.nan, loss)
+            # Positives beyond the slots' room (only possible under max_positives), 0 if none.
+            if index is None:
+                over = torch.zeros((), dtype=torch.long, device=labels.device)
+            else:
+                over = torch.where(count > index.numel(), count, 0)
+            if not at_once:
+                seen = torch.stack([out_of_range.any().long(), -labels.min(), labels.max(), over])
+                self.label_fault = seen if self.label_fault is None else torch.maximum(self.label_fault, seen)
+                loss = torch.where(seen[0].bool() | (seen[3] > 0), torch.nan, loss)
+            elif self.max_positives is not None:  # one rank's overflow stops every rank: no hang
+                worst = int(all_reduce_(over.reshape(1).double(), "max").item())
+                if worst:
+                    self._raise_overflow(worst)
         self._slots = (torch.arange(block, device=self.weight.device) if index is None else index, count)
         self.device_stats = {"selected_classes": count, "positives": self._positives(hit, local, block),
                              "features": int(weight.shape[1]), "global_batch": n}
