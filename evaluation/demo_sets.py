@@ -45,6 +45,22 @@ def write_sop(data_root, x, y) -> None:
     (root / "Ebay_test.txt").write_text("\n".join(lines) + "\n")
 
 
+def write_cub(data_root, x, y, test_from: int) -> None:
+    """CUB_200_2011 layout: images.txt, image_class_labels.txt, images/CLASS/FILE.jpg. Digits below
+    `test_from` are train classes 1..; the others test classes 101.. (the reader splits at 100)."""
+    root = Path(data_root) / "cub"
+    lines, labels = [], []
+    for i in range(len(x)):
+        digit = int(y[i])
+        cls = digit + 1 if digit < test_from else 101 + digit - test_from
+        rel = f"{cls:03d}.digit_{digit}/digit_{digit}_{i}.jpg"
+        save_image(root / "images" / rel, x[i])
+        lines.append(f"{i + 1} {rel}")
+        labels.append(f"{i + 1} {cls}")
+    (root / "images.txt").write_text("\n".join(lines) + "\n")
+    (root / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+
+
 def write_eurosat(data_root, x, y) -> dict:
     """EuroSAT layout (torchvision): eurosat/2750/<class>/<class>_<i>.jpg, i = 1..N within each class
     as in the release; the reader draws the split."""

@@ -270,12 +270,12 @@ def _eval_html(run_dir: Path, report_dir: Path) -> str:
                 f"<td>{'&ndash;' if v is None else f'{v:.1f}'}</td>" for v in values) + "</tr>"
             for model, values in rows.items())
         out.append(f"<h3>{_e(caption)}</h3><table><tr><th>model</th>{head}</tr>{body}</table>")
-    caption, dataset, columns = eval_results.DETECTION_TABLE
-    if rows := eval_results.split_rows(results, dataset, columns):
-        head = "".join(f"<th>{_e(t)}</th>" for t in columns)
+    titles, rows = eval_results.finetune_rows(results)
+    if rows:  # Tab. 4: each starting model beside the models fine-tuned from it
+        head = "".join(f"<th>{_e(t)}</th>" for t in titles)
         body = "".join(f"<tr><td>{_e(model)}</td>" + "".join(
             f"<td>{'&ndash;' if v is None else f'{v:.1f}'}</td>" for v in values) + "</tr>" for model, values in rows.items())
-        out.append(f"<h3>{_e(caption)}</h3><table><tr><th>model</th>{head}</tr>{body}</table>")
+        out.append(f"<h3>{_e(eval_results.FINETUNE_CAPTION)}</h3><table><tr><th>model</th>{head}</tr>{body}</table>")
     assets = report_dir / "assets"
     for png in sorted(eval_dir.glob("*.png")):
         out.append(f'<figure><img src="assets/eval_{png.name}" alt="{_e(png.stem)}">'

@@ -113,12 +113,46 @@ def split_table(results: dict, dataset: str, columns: dict[str, str]) -> str:
     return _markdown_table(list(columns), body) if body else ""
 
 
+# Tab. 4, supervised fine-tuning (evaluation.finetune): the model fine-tuned on set S from the model
+# labelled INIT is the results.json row ft-S:INIT, scored on S's test split.
+FT_PREFIX = "ft-"
+FINETUNE_SETS = ("cub", "cars", "sop", "inshop", "inat")
+FINETUNE_METRICS = ("R@1", "MAP@R")
+FINETUNE_CAPTION = ("Supervised fine-tuning on each set's train split, scored on its test split (Recall@1 and "
+                    "MAP@R, percent): the starting model and the model fine-tuned from it, as in the Unicom "
+                    "paper's Tab. 4")
+
+
+def finetune_rows(results: dict) -> tuple[list[str], dict[str, list]]:
+    """(column titles, {row: [percent or None]}): per starting model, its row and its fine-tuned row."""
+    tuned: dict[str, dict[str, str]] = {}  # init label -> {set: fine-tuned row}
+    for model, sets in results.items():
+        name, _, init = model[len(FT_PREFIX):].partition(":")
+        if model.startswith(FT_PREFIX) and name in FINETUNE_SETS and name in sets:
+            tuned.setdefault(init, {})[name] = model
+    used = [n for n in FINETUNE_SETS if any(n in t for t in tuned.values())]
+    titles = [f"{RETRIEVAL_COLUMNS[n][0]} {m}" for n in used for m in FINETUNE_METRICS]
+    body = {}
+    for init, by_set in tuned.items():
+        for row, source in ((init, lambda n: init), (f"{init} fine-tuned", lambda n: by_set[n])):
+            body[row] = [_percent(results.get(source(n), {}).get(n, {}).get(m)) if n in by_set else None
+                         for n in used for m in FINETUNE_METRICS]
+    return titles, body
+
+
+def finetune_table(results: dict) -> str:
+    titles, body = finetune_rows(results)
+    return _markdown_table(titles, body) if body else ""
+
+
 def markdown(results: dict) -> str:
     """The paper's two tables, then the per-split tables, each with its caption (a table is left
     out when no model has any of its sets)."""
     parts = [f"{caption}\n\n{text}" for caption, columns in PAPER_TABLES if (text := table(results, columns))]
     parts += [f"{caption}\n\n{text}" for caption, dataset, columns in SPLIT_TABLES
               if (text := split_table(results, dataset, columns))]
+    if text := finetune_table(results):
+        parts.append(f"{FINETUNE_CAPTION}\n\n{text}")
     return "\n\n".join(parts) + "\n"
 
 

@@ -204,7 +204,71 @@ def read(name: str, root) -> RetrievalSet:
     return READERS[name](Path(root))
 
 
-def check_images(ds: RetrievalSet) -> None:
+@dataclass
+class TrainSplit:
+    """The training images of a set that has a train split (supervised fine-tuning), classes disjoint
+    from the test set's as in the metric-learning protocol."""
+    name: str
+    paths: list[str]
+    labels: np.ndarray                    # int64, the set's own class ids
+    lists: tuple[str, ...] = ()
+
+
+def _train_cub(root: Path) -> TrainSplit:
+    """CUB: classes 1-100 of images.txt / image_class_labels.txt."""
+    names = {r[0]: r[1] for r in _table(root, "images.txt", "cub", 2)}
+    labels = {r[0]: int(r[1]) for r in _table(root, "image_class_labels.txt", "cub", 2)}
+    ids = [i for i in names if i in labels and labels[i] <= 100]
+    return TrainSplit("cub", [str(root / "images" / names[i]) for i in ids],
+                      np.array([labels[i] for i in ids], dtype=np.int64), (str(root / "images.txt"),))
+
+
+def _train_cars(root: Path) -> TrainSplit:
+    """Cars196: classes 1-98 of cars_annos.mat."""
+    from scipy.io import loadmat
+    annos = np.atleast_1d(loadmat(_need(root, "cars_annos.mat", "cars"), squeeze_me=True)["annotations"])
+    keep = [(str(a["relative_im_path"]), int(a["class"])) for a in annos if int(a["class"]) <= 98]
+    return TrainSplit("cars", [str(root / p) for p, _ in keep], np.array([c for _, c in keep], dtype=np.int64),
+                      (str(root / "cars_annos.mat"),))
+
+
+def _train_sop(root: Path) -> TrainSplit:
+    """SOP: Ebay_train.txt (the 11,318 training classes)."""
+    rows = _table(root, "Ebay_train.txt", "sop", 4, skip=1)
+    return TrainSplit("sop", [str(root / r[3]) for r in rows], np.array([int(r[1]) for r in rows], dtype=np.int64),
+                      (str(root / "Ebay_train.txt"),))
+
+
+def _train_inshop(root: Path) -> TrainSplit:
+    """In-Shop: the rows of Eval/list_eval_partition.txt whose status is train (3,997 items)."""
+    rows = [r for r in _table(root, "Eval/list_eval_partition.txt", "inshop", 3, skip=2) if r[2] == "train"]
+    items = {item: i for i, item in enumerate(sorted({r[1] for r in rows}))}
+    return TrainSplit("inshop", [str(root / "Img" / r[0]) for r in rows],
+                      np.array([items[r[1]] for r in rows], dtype=np.int64),
+                      (str(root / "Eval/list_eval_partition.txt"),))
+
+
+def _train_inat(root: Path) -> TrainSplit:
+    """iNaturalist 2018, Brown et al.'s Inat_dataset_splits/Inaturalist_train_set1.txt (5,690 classes)."""
+    listed = "Inat_dataset_splits/Inaturalist_train_set1.txt"
+    paths = [r[0] for r in _table(root, listed, "inat", 1)]
+    return TrainSplit("inat", [str(root / p) for p in paths],
+                      np.array([int(Path(p).parent.name) for p in paths], dtype=np.int64), (str(root / listed),))
+
+
+# The sets with a train split: the five the Unicom paper fine-tunes on (Tab. 4).
+TRAIN_READERS = {"cub": _train_cub, "cars": _train_cars, "sop": _train_sop, "inshop": _train_inshop,
+                 "inat": _train_inat}
+
+
+def read_train(name: str, root) -> TrainSplit:
+    """The train split of retrieval set `name` (one of TRAIN_READERS) read from folder `root`."""
+    if name not in TRAIN_READERS:
+        raise ValueError(f"retrieval set '{name}' has no train split; fine-tuning knows {', '.join(TRAIN_READERS)}")
+    return TRAIN_READERS[name](Path(root))
+
+
+def check_images(ds: RetrievalSet | TrainSplit) -> None:
     """Raise FileNotFoundError naming the set, its list files and the images they name that are
     missing (found by listing folders; nothing is decoded)."""
     gone = files.missing(ds.paths)

@@ -168,8 +168,11 @@ def _finished(path: Path, made_with: dict) -> dict | None:
 class Evaluator:
     """One task's share of the eval job; rank 0 also scores."""
 
-    def __init__(self, cfg, rank: int, world: int):
+    def __init__(self, cfg, rank: int, world: int, models: list[tuple[str, ModelSpec]] | None = None):
+        """`models`: (entry, spec) pairs to evaluate instead of eval.models (fine-tuning names its own)."""
         self.cfg, self.rank, self.world = cfg, rank, world
+        self.models = models if models is not None else [
+            (str(entry), parse_model(str(entry), cfg.run_dir, str(cfg.model))) for entry in cfg.eval.models]
         self.run_dir = Path(str(cfg.run_dir))
         self.data_root = Path(str(cfg.eval.data_root))
         self.mode = str(cfg.progress)
@@ -214,10 +217,9 @@ class Evaluator:
         from unicom_ds.loading import load
         found: dict = {}
         computed: dict = {}
-        for entry in self.cfg.eval.models:
-            spec = parse_model(str(entry), self.run_dir, str(self.cfg.model))
+        for entry, spec in self.models:
             if self.rank == 0:
-                check_model_files(self.run_dir, str(entry), spec)
+                check_model_files(self.run_dir, entry, spec)
             loaded = None
             for name in self.cfg.eval.datasets:
                 name = str(name)

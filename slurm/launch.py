@@ -21,6 +21,7 @@ STEPS = {
     "report": ("report",),
     "all": ("embed", "kmeans", "assign", "train", "eval", "report"),
     "detect": ("detect",),
+    "finetune": ("finetune",),
 }
 # The job function of each step, imported only when a job runs or is submitted: the launcher's
 # config checks must work while a stage's code is missing or broken.
@@ -32,12 +33,15 @@ TARGETS = {
     "train_local": "unicom_ds.train:local_command",   # launcher=local: the `deepspeed ...` argv
     "eval": "evaluation.run:eval_job",
     "report": "evaluation.report:report_job",
-    "detect": "evaluation.detection.job:DetectJob",   # a submitit Checkpointable: requeued at the time limit
     "import": "cluster_job.import_embeddings:import_parts",   # embed.source: replaces embed
+    "detect": "evaluation.detection.job:DetectJob",   # a submitit Checkpointable: requeued at the time limit
+    "finetune": "evaluation.finetune.job:FinetuneJob",  # the train stage's TrainJob on finetune.*
+    "finetune_local": "evaluation.finetune.job:local_command",
 }
 # Where each step writes inside the run directory (DESIGN.md "Stage contracts").
 OUTPUTS = {"embed": "embed", "kmeans": "kmeans", "assign": "labels", "train": "train", "eval": "eval",
-           "report": "report", "detect": "detect", "import": "embed"}
+           "report": "report", "detect": "detect", "import": "embed",
+           "finetune": "finetune"}
 # The job functions are single-process: more nodes would only run copies of the same task.
 SINGLE_NODE = ("embed", "kmeans", "assign", "report", "import")
 CPU_ONLY = ("report", "import")
@@ -59,7 +63,7 @@ class Job:
     @property
     def tasks_per_node(self) -> int:
         # train and eval run one task per GPU (at least one on a GPU-less node).
-        if self.step in ("train", "eval", "detect"):
+        if self.step in ("train", "eval", "detect", "finetune"):
             return max(1, int(self.resources["gpus_per_node"] or 0))
         return 1
 
@@ -116,6 +120,8 @@ def precheck(cfg: DictConfig) -> list[str]:
         importlib.import_module("evaluation.run").check(cfg)
     if "detect" in steps:
         notes += importlib.import_module("evaluation.detection.job").check(cfg, detect_world(cfg))
+    if "finetune" in steps:
+        notes += importlib.import_module("evaluation.finetune.job").check(cfg, *train_world(cfg, "finetune"))
     return notes
 
 
@@ -125,6 +131,8 @@ def steps_of(cfg: DictConfig) -> tuple[str, ...]:
     if cfg.detect.with_eval and "eval" in steps:
         at = steps.index("eval") + 1
         steps = (*steps[:at], "detect", *steps[at:])
+    if cfg.stage == "all" and cfg.finetune.datasets:  # stage=all ends with fine-tuning when sets are named
+        steps = (*steps, "finetune")
     if cfg.embed.get("source") and not cfg.embed.get("from"):  # imported features replace the embed step
         steps = tuple("import" if s == "embed" else s for s in steps)
     return steps
@@ -138,14 +146,15 @@ def detect_world(cfg: DictConfig) -> int:
     return int(job.resources["nodes"]) * job.tasks_per_node
 
 
-def train_world(cfg: DictConfig) -> tuple[int, str]:
-    """The number of training ranks and how they come about, as the launcher will start them."""
+def train_world(cfg: DictConfig, step: str = "train") -> tuple[int, str]:
+    """The number of training ranks of `step` (train, finetune) and how they come about, as the launcher
+    will start them."""
     if cfg.launcher == "local":
-        if cfg.train.local_processes:
-            return int(cfg.train.local_processes), "train.local_processes"
+        if cfg[step].local_processes:
+            return int(cfg[step].local_processes), f"{step}.local_processes"
         gpus = 0 if cfg.device == "cpu" else _visible_gpus()
         return max(1, gpus), f"{gpus} local GPU(s)" if gpus else "1 local CPU process"
-    job = Job("train", ((),), None, resources(cfg, "train"))
+    job = Job(step, ((),), None, resources(cfg, step))
     nodes = int(job.resources["nodes"])
     return nodes * job.tasks_per_node, f"{nodes} node(s) x {job.tasks_per_node} GPU(s)"
 

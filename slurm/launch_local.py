@@ -66,8 +66,8 @@ def run_subprocess(argv: list[str]) -> None:
 
 
 def run_step(job: Job, cfg_dict: dict) -> None:
-    if job.step == "train":  # deepspeed starts its own processes
-        run_subprocess(target("train_local")(cfg_dict))
+    if job.step in ("train", "finetune"):  # deepspeed starts its own processes
+        run_subprocess(target(f"{job.step}_local")(cfg_dict))
         return
     fn = target(job.step)
     if isinstance(fn, type):  # a submitit Checkpointable (DetectJob): its instance is the job function
@@ -124,6 +124,9 @@ def outcome(cfg: DictConfig, job: Job) -> str:
         results = _read(out / "results.json") or {}
         datasets = sorted({d for sets in results.values() for d in sets})
         return f"{_n(len(results), 'model')} x {_n(len(datasets), 'data set')} ({', '.join(datasets)})"
+    if job.step == "finetune":
+        done = [p.parent.name for p in sorted(out.glob("*/backbone.pt"))]
+        return f"fine-tuned on {', '.join(done)}; results in RUN/eval/results.md" if done else "no backbone.pt"
     if job.step == "detect":
         done = [d.get("metrics", {}) for d in map(_read, sorted(out.glob("*/metrics.json"))) if d]
         return ", ".join(f"box AP {100 * m.get('box/AP', 0):.1f}, mask AP {100 * m.get('mask/AP', 0):.1f}"

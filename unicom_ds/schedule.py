@@ -1,4 +1,5 @@
-"""Learning rate by optimizer step: linear warmup, then cosine decay to zero (or a constant rate).
+"""Learning rate by optimizer step: linear warmup, then cosine decay to zero (or a constant rate), or
+the one-cycle cosine schedule fine-tuning uses.
 Pure and stateless, so a resume needs nothing but the step. A continuation run (compact or 336-px
 epoch) is a new run with a schedule of its own, never the tail of the old cosine."""
 from __future__ import annotations
@@ -6,7 +7,14 @@ from __future__ import annotations
 import math
 
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "onecycle")
+# torch's OneCycleLR defaults, which deepglint/unicom retrieval.py fine-tunes with: it starts at
+# lr / 25 and ends at that / 1e4.
+ONECYCLE_DIV, ONECYCLE_FINAL_DIV = 25.0, 1e4
+
+
+def _cos_between(start: float, end: float, progress: float) -> float:
+    return end + (start - end) / 2.0 * (math.cos(math.pi * progress) + 1.0)
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, kind: str = "cosine") -> float:
@@ -16,6 +24,12 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, kind: 
     if total_steps < 1:
         raise ValueError(f"total_steps={total_steps}: must be >= 1")
     warmup_steps = min(max(0, warmup_steps), total_steps)
+    if kind == "onecycle":  # torch.optim.lr_scheduler.OneCycleLR(anneal_strategy="cos"), pct_start = warmup share
+        low = base_lr / ONECYCLE_DIV
+        peak = max(warmup_steps - 1, 0)
+        if step <= peak:
+            return _cos_between(low, base_lr, step / peak) if peak else base_lr
+        return _cos_between(base_lr, low / ONECYCLE_FINAL_DIV, min(1.0, (step - peak) / max(total_steps - 1 - peak, 1)))
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps  # the first step already moves the weights
     if kind == "constant":

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-STAGES = ("embed", "kmeans", "assign", "cluster", "train", "eval", "report", "all", "detect")
+STAGES = ("embed", "kmeans", "assign", "cluster", "train", "eval", "report", "all", "detect", "finetune")
 _NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
           "list": "a list such as [a,b]", "dir": "a writable directory", "any": "any value"}
 _PLURAL = {"int": "integers", "float": "numbers", "bool": "booleans", "str": "strings", "any": "values"}
@@ -196,6 +196,21 @@ RULES: dict[str, Rule] = {
     "train.ckpt_every_steps": AT_LEAST_1, "train.keep_checkpoints": AT_LEAST_1, "train.log_every": AT_LEAST_1,
     "eval.batch_size": AT_LEAST_1, "eval.workers": NON_NEGATIVE, "eval.dims": Rule("list", items=Rule("int", lo=1)),
     "eval.probe.max_iter": AT_LEAST_1, "eval.probe.val_fraction": Rule(lo=0, hi=1, lo_open=True),
+    "finetune.datasets": Rule("list", items=Rule("str", choices=("cub", "cars", "sop", "inshop", "inat"))),
+    "finetune.eval_datasets": Rule("list", items=Rule("str")), "finetune.init": Rule("str"),
+    "finetune.batch_size": AT_LEAST_1, "finetune.epochs": AT_LEAST_1, "finetune.steps_per_epoch": Rule("int", lo=1),
+    "finetune.max_steps": Rule("int", lo=1), "finetune.lr": NON_NEGATIVE,
+    "finetune.schedule": Rule(choices=("onecycle", "cosine", "constant")), "finetune.warmup_epochs": NON_NEGATIVE,
+    "finetune.weight_decay": NON_NEGATIVE, "finetune.prototype_lr_mult": NON_NEGATIVE,
+    "finetune.precision": Rule(choices=("bf16", "fp32")), "finetune.max_bad_steps": NON_NEGATIVE,
+    "finetune.loader_timeout_s": POSITIVE, "finetune.workers": NON_NEGATIVE, "finetune.local_processes": Rule("int", lo=1),
+    "finetune.ckpt_every_steps": AT_LEAST_1, "finetune.keep_checkpoints": AT_LEAST_1, "finetune.log_every": AT_LEAST_1,
+    "finetune.augment.auto_augment": Rule("str"), "finetune.augment.color_jitter": NON_NEGATIVE,
+    "finetune.augment.re_prob": Rule(lo=0, hi=1), "finetune.augment.re_mode": Rule(choices=("pixel", "rand", "const")),
+    "finetune.augment.re_count": AT_LEAST_1,
+    "finetune.loss.r1": Rule(lo=0, hi=1, lo_open=True), "finetune.loss.r2": Rule(lo=0, hi=1, lo_open=True),
+    "finetune.loss.margin": NON_NEGATIVE, "finetune.loss.scale": POSITIVE,
+    "finetune.loss.margin_grad": Rule(choices=("straight_through", "exact")),
     "detect.model": Rule("str"), "detect.image_size": Rule(lo=32), "detect.steps": AT_LEAST_1,
     "detect.scale_range": Rule("list", items=Rule("float", lo=0, lo_open=True)),
     "detect.batch_size": AT_LEAST_1, "detect.lr": NON_NEGATIVE, "detect.warmup_steps": NON_NEGATIVE,

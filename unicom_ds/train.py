@@ -26,11 +26,12 @@ import os
 import resource
 import socket
 import time
+from typing import Callable
 
 import submitit
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from unicom_ds import (backbone, checkpoint, config, continuation, schedule, tblog, train_data, train_plan,
                        unicom_vit)
@@ -85,53 +86,105 @@ def peak_mem_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-class Trainer:
-    """One rank's training state: engine, prototype block, optimizers, position."""
+class ShardData:
+    """The train stage's data: the image shards of data.shards with the cluster stage's pseudo labels
+    joined by __key__. Fine-tuning passes another object with the same three members to `Trainer`."""
+
+    skip_reasons = train_data.SKIP_REASONS
 
     def __init__(self, cfg: DictConfig):
+        self.cfg, self.source = cfg, continuation.label_source(cfg)
+        self.classes = num_classes(self.source)
+
+    def check(self, rank: int, world: int, device: torch.device) -> int:
+        """Collective: rank 0 checks every labels file (a few GB at 400M samples), every rank gets the
+        verdict; returns the number of labelled samples."""
+        outcome = [None]
+        if rank == 0:
+            try:
+                outcome[0] = train_data.check_labels(self.source, self.cfg.data.shards, self.classes,
+                                                     progress_mode=self.cfg.progress)
+            except (train_data.LabelError, OSError) as e:
+                outcome[0] = str(e)
+        if world > 1:
+            dist.broadcast_object_list(outcome, src=0, device=device)
+        if isinstance(outcome[0], str):
+            raise train_data.LabelError(f"run_dir={self.cfg.run_dir}: {outcome[0]}")
+        self.shards = outcome[0]
+        return self.shards.rows
+
+    def batches(self, *, epoch: int, in_epoch: int, accum: int, count: int, micro: int, image_size: int,
+                rank: int, world: int, seed: int, workers: int, timeout_s: float):
+        """`count` micro batches (images, labels, skipped per reason) of this rank from step `in_epoch` of `epoch`."""
+        # Seeded by the position, so a resumed run draws a fresh stream rather than replaying one.
+        return train_data.epoch_batches(
+            self.shards.urls, self.source, image_size, micro, count,
+            seed=hash((seed, epoch, in_epoch)) & 0x7FFFFFFF, rank=rank, workers=workers, timeout_s=timeout_s)
+
+
+class Trainer:
+    """One rank's training state: engine, prototype block, optimizers, position.
+
+    The train stage uses the defaults. A job that reuses this machinery (fine-tuning) passes its own
+    `data` (see ShardData), `out` (the folder under run_dir for checkpoints, export and TensorBoard),
+    the config `section` holding its train.* keys and `loss` its loss.* keys, and `init`, which
+    returns (model name, backbone in fp32) to start from instead of a random init.
+    """
+
+    def __init__(self, cfg: DictConfig, data=None, *, out: str = "train", section: str = "train",
+                 loss: str = "loss", init: Callable[[], tuple[str, torch.nn.Module]] | None = None):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
         on_cpu = get_accelerator().device_name() == "cpu"
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
         self.rank, self.world = rank_world()
-        self.cfg, self.run_dir = cfg, Path(str(cfg.run_dir))
-        self.source = continuation.label_source(cfg)
-        self.k = num_classes(self.source)
-        self.ds = train_plan.deepspeed_config(cfg, self.world)
+        self.cfg, self.run_dir, self.out = cfg, Path(str(cfg.run_dir)), out
+        self.tc, self.lc = OmegaConf.select(cfg, section), OmegaConf.select(cfg, loss)
+        self.section = section
+        self.data = ShardData(cfg) if data is None else data
+        self.k = int(self.data.classes)
+        self.ds = train_plan.deepspeed_config(cfg, self.world, section)
         self.micro, self.accum = int(self.ds["train_micro_batch_size_per_gpu"]), self.ds["gradient_accumulation_steps"]
         self.global_batch = int(self.ds["train_batch_size"])
-        self.root = checkpoint.ckpt_root(self.run_dir)
-        self.resume_path = checkpoint.resolve(self.root, cfg.train.resume, bool(cfg.train.trust_checkpoint))
+        self.root = self.run_dir / out / "ckpt"
+        self.resume_path = checkpoint.resolve(self.root, self.tc.resume, bool(self.tc.trust_checkpoint))
         # A continuation starts from its base run only once; after that it resumes from its own checkpoints.
-        self.base = (continuation.finished_run(cfg.train.continue_from)
-                     if cfg.train.continue_from and self.resume_path is None else None)
+        continue_from = OmegaConf.select(self.tc, "continue_from")
+        self.base = (continuation.finished_run(continue_from)
+                     if continue_from and self.resume_path is None else None)
         if self.base is not None:
             continuation.check_compatible(self.base, str(cfg.model))
 
         torch.manual_seed(int(cfg.seed))  # the same backbone init on every rank
-        model = backbone.build(cfg.model, bool(cfg.train.grad_checkpointing))
+        if init is None:
+            self.model_name = str(cfg.model)
+            model = backbone.build(self.model_name, bool(self.tc.grad_checkpointing))
+        else:  # every rank loads the same file; a resume then overwrites these weights
+            self.model_name, model = init()
+            model.train()
         if self.base is not None:  # before the engine: ZeRO makes its fp32 master copies from these weights
             model.load_state_dict(self.base_weights(), strict=True)
-        self.dim, self.image_size = backbone.embed_dim(cfg.model), backbone.image_size(cfg.model)
-        wd = float(cfg.train.weight_decay)
-        opt = adamw(backbone.param_groups(model, wd), float(cfg.train.lr), wd)
+        self.dim, self.image_size = backbone.embed_dim(self.model_name), backbone.image_size(self.model_name)
+        wd = float(self.tc.weight_decay)
+        opt = adamw(backbone.param_groups(model, wd), float(self.tc.lr), wd)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds)
         self.device = self.engine.device
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
-        self.data = self.checked_labels()
-        self.steps_per_epoch = int(cfg.train.steps_per_epoch or max(1, self.data.rows // self.global_batch))
-        self.total_steps = int(cfg.train.epochs) * self.steps_per_epoch
-        self.warmup_steps = round(float(cfg.train.warmup_epochs) * self.steps_per_epoch)
-        self.stop = min(self.total_steps, int(cfg.train.max_steps or self.total_steps))
-        self.layer = ShardedPrototypes(self.k, self.dim, r1=float(cfg.loss.r1), r2=float(cfg.loss.r2),
-                                       margin=float(cfg.loss.margin), scale=float(cfg.loss.scale),
-                                       seed=int(cfg.seed), margin_grad=str(cfg.loss.margin_grad)).to(self.device)
+        self.rows = self.data.check(self.rank, self.world, self.device)
+        self.steps_per_epoch = int(self.tc.steps_per_epoch or max(1, self.rows // self.global_batch))
+        self.total_steps = int(self.tc.epochs) * self.steps_per_epoch
+        self.warmup_steps = round(float(self.tc.warmup_epochs) * self.steps_per_epoch)
+        self.stop = min(self.total_steps, int(self.tc.max_steps or self.total_steps))
+        lc = self.lc
+        self.layer = ShardedPrototypes(self.k, self.dim, r1=float(lc.r1), r2=float(lc.r2),
+                                       margin=float(lc.margin), scale=float(lc.scale),
+                                       seed=int(cfg.seed), margin_grad=str(lc.margin_grad)).to(self.device)
         if self.base is not None:
             states = checkpoint.load_rank_states(self.base.checkpoint, self.k, *self.layer.class_range)
             weight, _ = checkpoint.merge_prototype_states(states, *self.layer.class_range)
             self.layer.weight.data.copy_(weight.to(self.device))
-        self.proto_opt = adamw(self.layer.parameters(), float(cfg.train.lr), wd)
+        self.proto_opt = adamw(self.layer.parameters(), float(self.tc.lr), wd)
         self.step = self.bad_steps = 0
         self.resumed_from: Path | None = None
         # Every check has passed: only now does a first train stage record the run's config.
@@ -142,28 +195,13 @@ class Trainer:
     def base_weights(self) -> dict[str, torch.Tensor]:
         """The base run's exported backbone for this model: at this input size (release models), fp32."""
         state = torch.load(self.base.backbone, map_location="cpu", weights_only=True)
-        if not backbone.is_release(str(self.cfg.model)):
+        if not backbone.is_release(self.model_name):
             return state["state_dict"]
-        return unicom_vit.resize_state_dict(state, backbone.image_size(str(self.cfg.model)))
-
-    def checked_labels(self) -> train_data.LabelledShards:
-        """Rank 0 checks every labels file (a few GB at 400M samples); every rank gets the verdict."""
-        outcome = [None]
-        if self.rank == 0:
-            try:
-                outcome[0] = train_data.check_labels(self.source, self.cfg.data.shards, self.k,
-                                                     progress_mode=self.cfg.progress)
-            except (train_data.LabelError, OSError) as e:
-                outcome[0] = str(e)
-        if self.world > 1:
-            dist.broadcast_object_list(outcome, src=0, device=self.device)
-        if isinstance(outcome[0], str):
-            raise train_data.LabelError(f"run_dir={self.run_dir}: {outcome[0]}")
-        return outcome[0]
+        return unicom_vit.resize_state_dict(state, backbone.image_size(self.model_name))
 
     # ---------------------------------------------------------------- checkpoints
     def meta(self) -> dict:
-        return {"model": str(self.cfg.model), "num_classes": self.k, "embed_dim": self.dim,
+        return {"model": self.model_name, "num_classes": self.k, "embed_dim": self.dim,
                 "world_size": self.world, "epoch": self.step // self.steps_per_epoch,
                 "step_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch}
 
@@ -201,7 +239,7 @@ class Trainer:
         dist.barrier()
         final = self.root / checkpoint.step_name(self.step)
         if self.rank == 0:
-            checkpoint.commit(self.root, self.step, self.meta(), int(self.cfg.train.keep_checkpoints))
+            checkpoint.commit(self.root, self.step, self.meta(), int(self.tc.keep_checkpoints))
         dist.barrier()
         return final
 
@@ -226,7 +264,7 @@ class Trainer:
         last = checkpoint.latest(self.root)
         where = f"The last finite checkpoint is {last} (train.resume=latest continues from it)" if last else \
             "No checkpoint was written yet"
-        return f"{where}; lower train.lr (now {float(self.cfg.train.lr):g}) or check the data"
+        return f"{where}; lower {self.section}.lr (now {float(self.tc.lr):g}) or check the data"
 
     def resume(self) -> None:
         path = self.resume_path
@@ -267,29 +305,29 @@ class Trainer:
         bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
             raise TrainingDiverged(f"{ckpt}: non-finite weights ({', '.join(bad[:3])}); backbone.pt left as it was")
-        out = self.run_dir / "train" / "backbone.pt"
+        out = self.run_dir / self.out / "backbone.pt"
         with atomic_path(out) as tmp:
-            torch.save(backbone.export(str(self.cfg.model), state), tmp)
+            torch.save(backbone.export(self.model_name, state), tmp)
         write_json_atomic(out.with_name(continuation.EXPORT_META), {
-            "model": str(self.cfg.model), "embed_dim": self.dim, "num_classes": self.k, "step": self.step,
+            "model": self.model_name, "embed_dim": self.dim, "num_classes": self.k, "step": self.step,
             "checkpoint": ckpt.name})
         return out
 
     # ---------------------------------------------------------------- training
     def log(self, text: str) -> None:
         if self.rank == 0:
-            print(f"[train] {text}", flush=True)
+            print(f"[{self.out}] {text}", flush=True)
 
     def set_lr(self) -> float:
-        lr = schedule.lr_at(self.step, float(self.cfg.train.lr), self.warmup_steps, self.total_steps,
-                             str(self.cfg.train.schedule))
+        lr = schedule.lr_at(self.step, float(self.tc.lr), self.warmup_steps, self.total_steps,
+                             str(self.tc.schedule))
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
             # DeepSpeed's elastic ZeRO checkpoints (loadable on another rank count) read the step
             # from the param groups; torch's AdamW keeps it per parameter only.
             group["step"] = self.step
         for group in self.proto_opt.param_groups:
-            group["lr"] = lr * float(self.cfg.train.prototype_lr_mult)
+            group["lr"] = lr * float(self.tc.prototype_lr_mult)
         return lr
 
     def micro_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -325,10 +363,10 @@ class Trainer:
         self.step += 1
         if bad:
             self.log(f"step {self.step}: non-finite loss or gradients, step skipped "
-                     f"({self.bad_steps} of train.max_bad_steps={int(self.cfg.train.max_bad_steps)} in this job)")
-            if self.bad_steps > int(self.cfg.train.max_bad_steps):
+                     f"({self.bad_steps} of {self.section}.max_bad_steps={int(self.tc.max_bad_steps)} in this job)")
+            if self.bad_steps > int(self.tc.max_bad_steps):
                 raise TrainingDiverged(f"{self.bad_steps} optimizer steps with non-finite loss or gradients "
-                                       f"(train.max_bad_steps={int(self.cfg.train.max_bad_steps)}); stopping without "
+                                       f"({self.section}.max_bad_steps={int(self.tc.max_bad_steps)}); stopping without "
                                        f"saving. {self.last_good()}")
         return loss.detach(), True  # a tensor: reading it every step would sync with the GPU
 
@@ -348,22 +386,21 @@ class Trainer:
         self.window_finite = torch.ones((), dtype=torch.bool, device=self.device)
         self.stats_before = [buf.clone() for buf in self.running_stats()]
         cfg = self.cfg
-        tb = tblog.writer(str(self.run_dir), "train") if self.rank == 0 else None
-        self.log(f"{cfg.model} on {self.world} rank(s) ({self.device}, {self.dtype}), k={self.k}, "
+        tb = tblog.writer(str(self.run_dir), self.out) if self.rank == 0 else None
+        self.log(f"{self.model_name} on {self.world} rank(s) ({self.device}, {self.dtype}), k={self.k}, "
                  f"global batch {self.global_batch} = {self.micro} x {self.world} x {self.accum} accumulation, "
                  f"{self.steps_per_epoch} steps/epoch, steps {self.step} -> {self.stop} of {self.total_steps}")
-        counts = torch.zeros(len(train_data.SKIP_REASONS) + 1, dtype=torch.float64)  # skipped..., selected
-        skipped_total = torch.zeros(len(train_data.SKIP_REASONS), dtype=torch.float64)
+        counts = torch.zeros(len(self.data.skip_reasons) + 1, dtype=torch.float64)  # skipped..., selected
+        skipped_total = torch.zeros(len(self.data.skip_reasons), dtype=torch.float64)
         losses, window_start, window_steps, start = [], time.time(), 0, time.time()
         start_step, last_loss = self.step, float("nan")
         while self.step < self.stop:
             epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
             n_steps = min(self.steps_per_epoch - in_epoch, self.stop - self.step)
-            # Seeded by the position, so a resumed run draws a fresh stream rather than replaying one.
-            batches = train_data.epoch_batches(
-                self.data.urls, self.source, self.image_size, self.micro, n_steps * self.accum,
-                seed=hash((int(cfg.seed), epoch, in_epoch)) & 0x7FFFFFFF, rank=self.rank,
-                workers=int(cfg.train.workers), timeout_s=float(cfg.train.loader_timeout_s))
+            batches = self.data.batches(
+                epoch=epoch, in_epoch=in_epoch, accum=self.accum, count=n_steps * self.accum, micro=self.micro,
+                image_size=self.image_size, rank=self.rank, world=self.world, seed=int(cfg.seed),
+                workers=int(self.tc.workers), timeout_s=float(self.tc.loader_timeout_s))
             for images, labels, skipped in batches:
                 lr = self.set_lr()
                 loss, boundary = self.micro_step(images, labels)
@@ -373,7 +410,7 @@ class Trainer:
                     continue
                 counts[-1] += self.layer.last_stats["selected_classes"]
                 window_steps += 1
-                if self.step % int(cfg.train.log_every) == 0 or self.step == self.stop:
+                if self.step % int(self.tc.log_every) == 0 or self.step == self.stop:
                     totals = all_reduce_(counts.to(self.device)).cpu()
                     skipped_total += totals[:-1]
                     now = time.time()
@@ -389,14 +426,14 @@ class Trainer:
                                "skipped_steps": float(self.bad_steps)}
                     if tb is not None:
                         for name, value in scalars.items():
-                            tb.add_scalar(f"train/{name}", value, self.step)
+                            tb.add_scalar(f"{self.section}/{name}", value, self.step)
                         tb.flush()
                     self.log(f"step {self.step}/{self.stop} epoch {epoch} loss {last_loss:.4f} lr {lr:.3g} "
                              f"{ips:.1f} img/s grad_norm {scalars['grad_norm']:.3g} "
                              f"selected {scalars['selected_classes']:.0f} skipped {int(scalars['skipped_samples'])}")
                     counts.zero_()
                     losses, window_start, window_steps = [], now, 0
-                if self.step % int(cfg.train.ckpt_every_steps) == 0 and self.step < self.stop:
+                if self.step % int(self.tc.ckpt_every_steps) == 0 and self.step < self.stop:
                     self.save()
         # The last step is never saved periodically; a run resumed at its end has nothing new to save.
         final = self.save() if self.step > start_step or self.resumed_from is None else self.resumed_from
@@ -404,7 +441,7 @@ class Trainer:
         seconds = time.time() - start
         summary = {"steps": self.step, "start_step": start_step, "seconds": round(seconds, 2),
                    "images_per_s": (self.step - start_step) * self.global_batch / max(seconds, 1e-9),
-                   "loss": last_loss, "skipped": dict(zip(train_data.SKIP_REASONS, map(int, skipped_total.tolist()))),
+                   "loss": last_loss, "skipped": dict(zip(self.data.skip_reasons, map(int, skipped_total.tolist()))),
                    "skipped_steps": self.bad_steps, "checkpoint": str(final), "backbone": str(exported)}
         self.log(f"done: steps {start_step} -> {self.step} in {seconds:.0f}s, loss {last_loss:.4f}, "
                  f"skipped {summary['skipped']}, checkpoint {final}, backbone {exported}")
@@ -413,29 +450,36 @@ class Trainer:
         return summary
 
 
-def train(cfg: DictConfig) -> dict:
-    """Train on the ranks of the current environment (deepspeed launcher, SLURM task, or one process)."""
+def train(cfg: DictConfig, **job) -> dict:
+    """Train on the ranks of the current environment (deepspeed launcher, SLURM task, or one process);
+    `job`: Trainer's keyword arguments for a job that reuses this machinery (fine-tuning)."""
     if cfg.device == "cpu" or not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return Trainer(cfg).run()
+    return Trainer(cfg, **job).run()
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """The SLURM job: one task per GPU, torch.distributed set up from SLURM, requeued on timeout."""
+    """The SLURM job: one task per GPU, torch.distributed set up from SLURM, requeued on timeout.
+    A job reusing the train machinery subclasses it with its own `section` and `run`."""
+
+    section = "train"  # the config section whose `resume` a requeue sets
 
     def __call__(self, cfg: dict) -> dict:
         env = submitit.JobEnvironment()
         os.environ.update({"RANK": str(env.global_rank), "WORLD_SIZE": str(env.num_tasks),
                            "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": env.hostnames[0],
                            "MASTER_PORT": str(master_port(env.job_id))})
-        return train(config.as_config(cfg))
+        return self.run(config.as_config(cfg))
+
+    def run(self, cfg: DictConfig) -> dict:
+        return train(cfg)
 
     def checkpoint(self, cfg: dict) -> submitit.helpers.DelayedSubmission:
         # The periodic saves are the checkpoints: SIGUSR1 reaches one task only and a save is a
         # collective of all ranks. The requeued job continues from the latest complete one.
         cfg = config.select(config.as_config(cfg))
-        cfg["train"]["resume"] = "latest"
-        return submitit.helpers.DelayedSubmission(TrainJob(), cfg)
+        cfg[self.section]["resume"] = "latest"
+        return submitit.helpers.DelayedSubmission(type(self)(), cfg)
 
 
 def master_port(job_id: str) -> int:
@@ -460,22 +504,23 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def local_command(cfg: dict | DictConfig) -> list[str]:
-    """The `deepspeed ...` argv of launcher=local: one process per visible GPU (train.local_processes on CPU).
+def local_command(cfg: dict | DictConfig, script: Path = TRAIN_PY, section: str = "train") -> list[str]:
+    """The `deepspeed ...` argv of launcher=local: one process per visible GPU (<section>.local_processes on CPU).
 
-    It passes run_dir and every key whose value differs from what the run directory alone resolves to.
+    It runs `script` (this file; fine-tuning passes its own) with run_dir and every key whose value
+    differs from what the run directory alone resolves to.
     """
     cfg = config.as_config(cfg)
     gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
-    procs = int(cfg.train.local_processes or gpus or 1)
+    procs = int(OmegaConf.select(cfg, section).local_processes or gpus or 1)
     base = _flat(config.select(config.resolve([f"run_dir={cfg.run_dir}"])))
     overrides = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in _flat(config.select(cfg)).items()
                  if k != "run_dir" and not k.startswith(("slurm.", "config")) and base.get(k) != v]
+    ds_arg = ["--deepspeed_config", str(cfg.train.deepspeed_config)] if section == "train" else []
     # deepspeed's runner under this interpreter: the `deepspeed` on PATH may belong to another Python.
     argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_nodes", "1", "--num_gpus", str(procs),
             "--master_port", str(free_port()),
-            str(TRAIN_PY), "--deepspeed_config", str(cfg.train.deepspeed_config), f"run_dir={cfg.run_dir}",
-            *overrides]
+            str(script), *ds_arg, f"run_dir={cfg.run_dir}", *overrides]
     return argv if gpus else ["env", "DS_ACCELERATOR=cpu", *argv]
 
 

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from unicom_ds import continuation
 from unicom_ds.config import ConfigError
 
@@ -22,25 +24,34 @@ DEFAULT_DS = "ds_configs/zero2.json"
 PRECISIONS = ("bf16", "fp32")
 
 
-def ds_path(cfg: Any) -> Path:
-    """The DeepSpeed file of this run: train.deepspeed_config, or the model's recipe file for `auto`."""
-    value = str(cfg.train.deepspeed_config)
+def ds_path(cfg: Any, section: str = "train") -> Path:
+    """The DeepSpeed file of this run: <section>.deepspeed_config, or the model's recipe file for `auto`."""
+    value = str(OmegaConf.select(cfg, section).deepspeed_config)
     if value == AUTO:
         return REPO / RECIPE_DS.get(str(cfg.model), DEFAULT_DS)
     return Path(value)
 
 
-def deepspeed_config(cfg: Any, world: int) -> dict:
-    """The DeepSpeed config with precision from train.precision and accumulation for `world` ranks."""
-    path = ds_path(cfg)
+def deepspeed_config(cfg: Any, world: int, section: str = "train") -> dict:
+    """The DeepSpeed config with precision from <section>.precision and accumulation for `world` ranks.
+
+    A section with a `batch_size` key (fine-tuning) sets the global batch itself, split evenly over the
+    ranks without accumulation; otherwise the file's train_batch_size is the recipe."""
+    sec = OmegaConf.select(cfg, section)
+    path = ds_path(cfg, section)
     if not path.is_file():
-        raise ConfigError(f"train.deepspeed_config={cfg.train.deepspeed_config}: {path} is not a file")
+        raise ConfigError(f"{section}.deepspeed_config={sec.deepspeed_config}: {path} is not a file")
     try:
         ds = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"train.deepspeed_config: {path} is not readable JSON ({e})") from None
-    if cfg.train.precision not in PRECISIONS:
-        raise ConfigError(f"train.precision={cfg.train.precision}: expected bf16 or fp32")
+        raise ConfigError(f"{section}.deepspeed_config: {path} is not readable JSON ({e})") from None
+    if sec.precision not in PRECISIONS:
+        raise ConfigError(f"{section}.precision={sec.precision}: expected bf16 or fp32")
+    batch = OmegaConf.select(sec, "batch_size")
+    if batch is not None:
+        if int(batch) % world:
+            raise ConfigError(f"{section}.batch_size={batch}: not a multiple of the {world} ranks")
+        ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"] = int(batch), int(batch) // world
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu"):
         if not isinstance(ds.get(key), int) or ds[key] < 1:
             raise ConfigError(f"{path}: needs '{key}' as a positive integer (global batch and per-rank micro batch)")
@@ -52,7 +63,7 @@ def deepspeed_config(cfg: Any, world: int) -> dict:
                           f"of ranks must divide {global_batch // micro} (e.g. {', '.join(map(str, fits))})")
     # The global batch is the recipe; accumulation follows the number of ranks (also on a resume).
     ds["gradient_accumulation_steps"] = global_batch // (micro * world)
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.precision == "bf16"}
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": sec.precision == "bf16"}
     ds.pop("fp16", None)
     return ds
 
