@@ -126,3 +126,48 @@ def test_detect_stage_through_slurm(slurm, tmp_path, shapes):
     assert metrics["steps"] == 3 and set(metrics["metrics"]) >= {"box/AP", "mask/AP", "box/AP50", "mask/AP75"}
     assert json.loads((run / "eval" / "results.json").read_text())["run"]["coco"] == metrics["metrics"]
     assert job.latest_step(run / "detect" / "run" / "ckpt") == 3
+
+
+@pytest.mark.slow
+def test_non_finite_steps_skipped_then_the_job_stops_with_its_checkpoint_kept(tmp_path, shapes):
+    """Fault injection: steps 2 and 3 give a NaN loss. Step 2 is skipped (weights untouched), step 3 is one
+    more than detect.max_bad_steps=1: the job stops naming the key, and step 1's finite checkpoint stays latest."""
+    from evaluation.detection.data import CocoSplit
+    (tmp_path / "run" / "train").mkdir(parents=True)
+    (tmp_path / "run" / "train" / "backbone.pt").write_bytes((shapes / "run" / "train" / "backbone.pt").read_bytes())
+    cfg = config.as_config(_run(shapes, f"run_dir={tmp_path / 'run'}", "detect.steps=4", "detect.ckpt_every_steps=1",
+                                "detect.max_bad_steps=1"))
+    det = job.Detector(cfg)
+    split = CocoSplit(cfg.detect.data_root, "train2017", train=True)
+    model, mean = det.build(split.num_classes)
+    real, calls, seen = model.forward, [], {}
+
+    def forward(images, targets=None):
+        out = real(images, targets)
+        calls.append(1)
+        if len(calls) == 2:
+            seen["before"] = {k: v.clone() for k, v in model.state_dict().items()}
+        if len(calls) == 3:
+            seen["after"] = {k: v.clone() for k, v in model.state_dict().items()}
+        if len(calls) in (2, 3):
+            out["loss_mask"] = out["loss_mask"] * float("nan")
+        return out
+
+    model.forward = forward
+    with pytest.raises(RuntimeError, match="detect.max_bad_steps=1"):
+        det.train(model, split, mean)
+    assert len(calls) == 3
+    assert all(torch.equal(v, seen["after"][k]) for k, v in seen["before"].items())  # step 2 changed nothing
+    ckpt = tmp_path / "run" / "detect" / "run" / "ckpt"
+    assert job.latest_step(ckpt) == 1
+    state = torch.load(ckpt / "step_1.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_requeue_resubmits_the_same_job():
+    """At the time limit submitit calls checkpoint(): the same DetectJob and config, resumed from `latest`."""
+    import submitit
+    cfg = {"run_dir": "/x", "detect": {"steps": 10}}
+    delayed = job.DetectJob().checkpoint(cfg)
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    assert isinstance(delayed.function, job.DetectJob) and delayed.args == (cfg,)
