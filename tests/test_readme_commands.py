@@ -147,6 +147,15 @@ def eval_root(tmp: Path, datasets: list[str]) -> Path:
     return root
 
 
+def coco_root(tmp: Path) -> Path:
+    """A tiny set in COCO 2017's layout (train2017/, val2017/, annotations/) for detect.data_root."""
+    from evaluation.detection import synthetic
+    root = tmp / "coco"
+    if not root.is_dir():
+        synthetic.write(root, train=2, val=1, size=64)
+    return root
+
+
 def submit(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "slurm" / "submit.py"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=900)
@@ -221,6 +230,8 @@ def as_run(command: str, stand_ins: dict, index: int) -> list[str]:
             value = str(stand_ins["embeddings"])
         elif key == "eval.data_root" and value.startswith("/data/"):
             continue                                     # added below, with the sets the command names
+        elif key == "detect.data_root" and value.startswith("/data/"):
+            value = str(coco_root(stand_ins["tmp"]))     # COCO 2017's layout, rendered shapes
         elif "$" in value or value.startswith(("/data/", "/scratch/", "/weights/")):
             pytest.fail(f"no stand-in for {key}={value} in: {command}")
         out.append(f"{key}={value}")
