@@ -111,10 +111,10 @@ def _mask_box(m: np.ndarray) -> list[float]:
 def test_large_scale_jitter_keeps_boxes_and_masks_together(seed):
     rng = np.random.default_rng(seed)
     image, shapes = synthetic.render(rng, 120)
-    from PIL import ImageDraw
+    from PIL import Image, ImageDraw
     masks = []
     for s in shapes:  # independent masks: each polygon filled by PIL
-        canvas = __import__("PIL.Image", fromlist=["Image"]).new("L", (120, 120), 0)
+        canvas = Image.new("L", (120, 120), 0)
         ImageDraw.Draw(canvas).polygon(s["polygon"], fill=1)
         masks.append(np.asarray(canvas, np.uint8))
     masks = np.stack(masks)

@@ -76,9 +76,9 @@ def check(cfg: Any, world: int = 1) -> list[str]:
         raise ConfigError(f"detect.batch_size={d.batch_size}: must split evenly over the {world} rank(s)")
     if list(d.decay_steps) != sorted(d.decay_steps):
         raise ConfigError(f"detect.decay_steps={list(d.decay_steps)}: must be increasing")
-    epochs = int(d.steps) * int(d.batch_size)
+    images = int(d.steps) * int(d.batch_size)
     return [f"detect: Mask R-CNN on {spec.label} ({spec.name}), {d.steps} steps x batch {d.batch_size} "
-            f"({world} rank(s) x {int(d.batch_size) // world}) = {epochs:,} images at {d.image_size} px, "
+            f"({world} rank(s) x {int(d.batch_size) // world}) = {images:,} images at {d.image_size} px, "
             f"lr {d.lr} (x{d.layer_decay} per layer down the ViT), decay x0.1 at {list(d.decay_steps)}, "
             f"window {d.window_size or 'none (global attention)'}"]
 
