@@ -171,3 +171,42 @@ def test_requeue_resubmits_the_same_job():
     delayed = job.DetectJob().checkpoint(cfg)
     assert isinstance(delayed, submitit.helpers.DelayedSubmission)
     assert isinstance(delayed.function, job.DetectJob) and delayed.args == (cfg,)
+
+
+def _ddp_rank(rank: int, port: int, cfg: dict) -> None:
+    import os
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        job.detect(cfg)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_ddp_train_and_gather_every_prediction(tmp_path, shapes):
+    """Two gloo ranks (2 images each) continue the trained model 2 steps: DDP keeps them in step, rank 0
+    checkpoints, and both ranks' val predictions are gathered: the metrics equal one process scoring every
+    image with the final weights (and are not zero, so a lost half would show)."""
+    from evaluation.detection.data import CocoSplit
+    from unicom_ds.train import free_port
+    trained = shapes / "run" / "detect" / "run" / "ckpt" / f"step_{STEPS}.pt"
+    if not trained.is_file():
+        pytest.skip("continues test_trained_detector_beats_untrained's checkpoint: run the whole file")
+    run = tmp_path / "run"
+    (run / "train").mkdir(parents=True)
+    (run / "train" / "backbone.pt").write_bytes((shapes / "run" / "train" / "backbone.pt").read_bytes())
+    ckpt = run / "detect" / "run" / "ckpt"
+    ckpt.mkdir(parents=True)
+    (ckpt / trained.name).write_bytes(trained.read_bytes())
+    (ckpt / "latest").write_text(trained.name + "\n")
+    cfg = _run(shapes, f"run_dir={run}", f"detect.steps={STEPS + 2}", f"detect.ckpt_every_steps={STEPS + 2}")
+    torch.multiprocessing.spawn(_ddp_rank, args=(free_port(), cfg), nprocs=2, join=True)
+    metrics = json.loads((run / "detect" / "run" / "metrics.json").read_text())["metrics"]
+    assert metrics["box/AP50"] > 0 and metrics["mask/AP50"] > 0
+    det = job.Detector(config.as_config(cfg))
+    val = CocoSplit(str(shapes / "coco"), "val2017", train=False)
+    model, _ = det.build(val.num_classes)
+    model.load_state_dict(torch.load(ckpt / f"step_{STEPS + 2}.pt", weights_only=True)["model"])
+    assert job.coco_metrics(val.coco, det.predict(model, val)) == pytest.approx(metrics)
