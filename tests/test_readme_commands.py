@@ -235,8 +235,9 @@ def as_run(command: str, stand_ins: dict, index: int) -> list[str]:
         elif "$" in value or value.startswith(("/data/", "/scratch/", "/weights/")):
             pytest.fail(f"no stand-in for {key}={value} in: {command}")
         out.append(f"{key}={value}")
-    if stage in ("eval", "all"):
-        listed = next((v for k, _, v in args if k == "eval.datasets"), None)
+    if stage in ("eval", "all", "finetune"):
+        listed = next((v for k, _, v in args if k == ("finetune.datasets" if stage == "finetune" else "eval.datasets")),
+                      None)
         names = re.findall(r"\w+", listed) if listed else list(DEFAULT_EVAL_SETS)
         out.append(f"eval.data_root={eval_root(stand_ins['tmp'], names)}")
     return out + ["dry_run=true"]
