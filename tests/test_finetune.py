@@ -40,7 +40,8 @@ def test_defaults_are_retrieval_py():
     assert (f.lr, f.prototype_lr_mult, f.weight_decay, f.epochs, f.batch_size) == (1e-4, 5.0, 0.0, 32, 128)
     assert (f.loss.scale, f.loss.margin, f.loss.r1, f.loss.r2) == (32.0, 0.3, 1.0, 1.0)
     assert f.init == "run" and f.schedule == "onecycle"
-    assert OmegaConf.to_container(f.augment) == {"auto_augment": "rand-m9-mstd0.5-inc1", "color_jitter": 0.4,
+    assert OmegaConf.to_container(f.augment) == {"crop_scale_min": 0.08, "auto_augment": "rand-m9-mstd0.5-inc1",
+                                                 "color_jitter": 0.4,
                                                  "re_prob": 0.25, "re_mode": "pixel", "re_count": 1}
     for world in (1, 8):  # the global batch is 128 on any number of ranks, no accumulation
         ds = train_plan.deepspeed_config(cfg, world, "finetune")

@@ -205,7 +205,7 @@ RULES: dict[str, Rule] = {
     "finetune.precision": Rule(choices=("bf16", "fp32")), "finetune.max_bad_steps": NON_NEGATIVE,
     "finetune.loader_timeout_s": POSITIVE, "finetune.workers": NON_NEGATIVE, "finetune.local_processes": Rule("int", lo=1),
     "finetune.ckpt_every_steps": AT_LEAST_1, "finetune.keep_checkpoints": AT_LEAST_1, "finetune.log_every": AT_LEAST_1,
-    "finetune.augment.auto_augment": Rule("str"), "finetune.augment.color_jitter": NON_NEGATIVE,
+    "finetune.augment.crop_scale_min": Rule(lo=0, hi=1, lo_open=True), "finetune.augment.auto_augment": Rule("str"), "finetune.augment.color_jitter": NON_NEGATIVE,
     "finetune.augment.re_prob": Rule(lo=0, hi=1), "finetune.augment.re_mode": Rule(choices=("pixel", "rand", "const")),
     "finetune.augment.re_count": AT_LEAST_1,
     "finetune.loss.r1": Rule(lo=0, hi=1, lo_open=True), "finetune.loss.r2": Rule(lo=0, hi=1, lo_open=True),

@@ -26,7 +26,8 @@ def train_transform(augment: Any, image_size: int) -> Callable:
     """retrieval.py's get_transform(is_train=True), from the finetune.augment keys."""
     from timm.data import create_transform
     _pillow13_posterize()
-    return create_transform(input_size=image_size, is_training=True, color_jitter=float(augment.color_jitter),
+    return create_transform(input_size=image_size, is_training=True, scale=(float(augment.crop_scale_min), 1.0),
+                            color_jitter=float(augment.color_jitter),
                             auto_augment=augment.auto_augment or None, interpolation="bicubic",
                             re_prob=float(augment.re_prob), re_mode=str(augment.re_mode),
                             re_count=int(augment.re_count), mean=open_clip.OPENAI_DATASET_MEAN,
