@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Every figure of issue 13 that waits for a GPU, in one run of a few minutes on one CUDA GPU.
+# Every figure that waits for a GPU (issue 13's, and the detect and finetune stages'), in one run of a
+# few minutes on one CUDA GPU.
 #
 #     bash benchmarks/gpu_figures.sh [OUT_DIR]        # default OUT_DIR: gpu_figures/ ($OUT when set)
 #
 # Each part has its own time limit and log (OUT_DIR/NN_name.log); a part that fails or runs out of
 # time is reported and the others still run. The summary (OUT_DIR/summary.txt) lists each part's
 # exit status and last lines; copy the figures into docs/benchmarks.md with the machine and date.
-# Parts (about 8 minutes on an H100 / H200 with 16 CPU cores, 20 at the most with every limit hit;
+# Parts (about 11 minutes on an H100 / H200 with 16 CPU cores, 25 at the most with every limit hit;
 # the embed parts spend most of their time writing their shard: about 10 ms per sample on one core):
 #   01 the sync-free prototype layer on the GPU (tests/test_prototypes_sync.py under sync_debug_mode)
 #   02 training step vs backbone forward+backward, ViT-B-32 bf16 batch 256, 125k prototypes, + profile
@@ -15,6 +16,8 @@
 #   05 embed stage vs forward-only: ViT-B-32 on a 10,240-sample shard, ViT-L-14 on 4,096 (400-px JPEGs)
 #   06 eval extraction vs forward-only (bench_eval.py, extraction only, 4,096 500 x 375 JPEGs)
 #   07 GPU JPEG decoding (nvJPEG) vs PIL decoding, equality and speed (tests/test_decode_gpu.py + bench)
+#   08 detect stage: one ViT-B Mask R-CNN step at 1024 px, windowed vs global attention (img/s, peak memory)
+#   09 finetune stage: ViT-B/16 bf16 at the recipe's batch of 128 (img/s)
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu_figures}}
@@ -52,4 +55,10 @@ part 06_eval_extract 120 $PY benchmarks/bench_eval.py --device cuda --skip knn -
 part 07_gpu_decode_tests 60 $PY -m pytest -q -rs tests/test_decode_gpu.py
 part 07_gpu_decode_rate 60 $PY benchmarks/gpu_figures.py decode --side 500 --batch 256
 part 07_gpu_decode_rate_1024 60 $PY benchmarks/gpu_figures.py decode --side 1024 --batch 256
+part 08_detect_windowed 90 $PY benchmarks/bench_detection.py --device cuda --model ViT-B-16 --size 1024 --batch 2 \
+  --window 14 --bf16
+part 08_detect_global 90 $PY benchmarks/bench_detection.py --device cuda --model ViT-B-16 --size 1024 --batch 2 \
+  --window 0 --bf16
+part 09_finetune 150 $PY benchmarks/bench_finetune.py --device cuda --model ViT-B-16 --batch 128 --steps 60 \
+  --precision bf16 --workers 8
 echo "done: $SUMMARY" | tee -a "$SUMMARY"
