@@ -391,6 +391,8 @@ class Trainer:
                  f"global batch {self.global_batch} = {self.micro} x {self.world} x {self.accum} accumulation, "
                  f"{self.steps_per_epoch} steps/epoch, steps {self.step} -> {self.stop} of {self.total_steps}")
         counts = torch.zeros(len(self.data.skip_reasons) + 1, dtype=torch.float64)  # skipped..., selected
+        # Summed on the device and read at log steps only: reading the layer's stats per step waits on the GPU.
+        selected = torch.zeros((), dtype=torch.float64, device=self.device)
         skipped_total = torch.zeros(len(self.data.skip_reasons), dtype=torch.float64)
         losses, window_start, window_steps, start = [], time.time(), 0, time.time()
         start_step, last_loss = self.step, float("nan")
@@ -408,9 +410,12 @@ class Trainer:
                 counts[:-1] += skipped
                 if not boundary:
                     continue
-                counts[-1] += self.layer.last_stats["selected_classes"]
+                selected += self.layer.device_stats["selected_classes"]
                 window_steps += 1
                 if self.step % int(self.tc.log_every) == 0 or self.step == self.stop:
+                    self.layer.check_labels()  # labels on a GPU are range-checked there, reported here
+                    counts[-1] = float(selected)
+                    selected.zero_()
                     totals = all_reduce_(counts.to(self.device)).cpu()
                     skipped_total += totals[:-1]
                     now = time.time()
