@@ -62,7 +62,7 @@ def mfu(a) -> None:
                                          "--classes", str(a.classes), "--bf16", "--steps", "10", "--warmup", "3",
                                          "--rounds", "2"])
         seconds = summary["ms"]["step"] / 1e3
-        print(json.dumps({"mfu": model_name, "gpu": name, "batch": int(batch), "tflop_per_step": round(flops / 1e12, 3),
+        print(json.dumps({"model": model_name, "gpu": name, "batch": int(batch), "tflop_per_step": round(flops / 1e12, 3),
                           "step_ms": summary["ms"]["step"], "images_per_s": summary["images_per_s"],
                           "achieved_tflops": round(flops / seconds / 1e12, 1), "peak_tflops": peak,
                           "mfu": round(flops / seconds / 1e12 / peak, 4)}), flush=True)

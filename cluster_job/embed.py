@@ -246,7 +246,7 @@ def log_shard(tb, step: int, done: dict, shards_done: int) -> None:
     """TensorBoard scalars of one embedded shard: throughput, skipped rows by reason, damage, progress."""
     tb.add_scalar("embed/images_per_s", done["n"] / max(done["seconds"], 1e-9), step)
     tb.add_scalar("embed/rows", done["n"], step)
-    for reason, count in done["skipped"].items():
-        tb.add_scalar(f"embed/skipped/{reason}", count, step)
+    for reason, rows in done["skipped"].items():
+        tb.add_scalar(f"embed/skipped/{reason}", rows, step)
     tb.add_scalar("embed/damaged", int(bool(done["damaged"])), step)
     tb.add_scalar("embed/shards_done", shards_done, step)

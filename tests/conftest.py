@@ -10,6 +10,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_submit():
+    """slurm/submit.py as a module (it is a script, not part of a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("submit_script", REPO / "slurm" / "submit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # Where tests/slurm_cluster.sh keeps its generated slurm.conf (same default as the script).
 SLURM_STATE = Path(os.environ.get("UNICOM_SLURM_DIR", "/tmp/unicom-ds-slurm"))
 

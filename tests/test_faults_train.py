@@ -9,7 +9,6 @@
 - labels made for other shards: the job fails before the first step, naming the run directory.
 """
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_fixtures import make_run
+from tests.train_fixtures import ds_config, make_run
 from unicom_ds import config, tblog, train
 from unicom_ds.checkpoint import ENGINE_TAG, rank_file, read_rank_file
 
@@ -51,10 +50,7 @@ def finite_checkpoint(step_dir: Path) -> bool:
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     data = make_run(root, [13, 9, 6], k=10)
-    ds = root / "ds.json"
-    ds.write_text(json.dumps({"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
-                              "bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "elastic_checkpoint": True},
-                              "steps_per_print": 10**6}))
+    ds = ds_config(root / "ds.json")
     cfg = config.resolve([f"run_dir={data['run']}", f"data.shards={data['shards']}", "model=ViT-Tiny-16", "stage=train",
                           "device=cpu", f"train.deepspeed_config={ds}", "train.epochs=10", "train.steps_per_epoch=4",
                           "train.max_steps=2", "train.ckpt_every_steps=1", "train.log_every=1", "train.workers=0",

@@ -1,7 +1,6 @@
 """slurm/submit.py: dry-run sbatch scripts, up-front checks, and the local launcher's order and failures."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -12,16 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, load_submit
 from slurm import launch, launch_local
 from unicom_ds import config
-
-
-def load_submit():
-    spec = importlib.util.spec_from_file_location("submit_script", REPO / "slurm" / "submit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 submit = load_submit()

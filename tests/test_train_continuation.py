@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_fixtures import make_run
+from tests.train_fixtures import ds_config, make_run
 from unicom_ds import config, schedule, tblog, train, unicom_vit
 from unicom_ds.checkpoint import rank_file, read_rank_file
 
@@ -52,10 +52,7 @@ def base(tmp_path_factory):
     """A finished 2-rank run of ViT-Tiny-16 (64 px): 2 epochs of 2 steps."""
     root = tmp_path_factory.mktemp("continuation")
     data = make_run(root, [13, 9, 6], k=10)
-    ds = root / "ds.json"
-    ds.write_text(json.dumps({"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
-                              "zero_optimization": {"stage": 2, "elastic_checkpoint": True},
-                              "steps_per_print": 10**6}))
+    ds = ds_config(root / "ds.json", bf16=None)
     cfg = config.resolve([f"run_dir={data['run']}", f"data.shards={data['shards']}", "model=ViT-Tiny-16", "stage=train",
                           "device=cpu", f"train.deepspeed_config={ds}", "train.precision=fp32", "train.epochs=2",
                           "train.steps_per_epoch=2", "train.workers=0", "train.local_processes=2", "loss.r1=0.5",

@@ -5,7 +5,6 @@ resume to step 6 with the compact recipe's r2=0.5 and one more epoch, then 1 ran
 lr=0 for one step and 2 ranks again for another, so the weights must equal the first 2-rank
 checkpoint's exactly, and the Adam moments must follow Adam's recurrence across each change.
 """
-import json
 import math
 import os
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_fixtures import make_run
+from tests.train_fixtures import ds_config, make_run
 from unicom_ds import config, tblog, train, train_plan
 from unicom_ds.checkpoint import ENGINE_TAG, rank_file, read_meta, read_rank_file
 from unicom_ds.optim import adamw
@@ -23,14 +22,6 @@ from unicom_ds.optim import adamw
 REPO = Path(__file__).resolve().parents[1]
 TAGS = ("loss", "lr", "images_per_s", "images_per_s_per_gpu", "grad_norm", "selected_classes",
         "peak_mem_mb", "skipped_samples", "skipped_steps")
-
-
-def ds_config(path: Path) -> Path:
-    path.write_text(json.dumps({
-        "train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
-        "bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "elastic_checkpoint": True},
-        "steps_per_print": 10**6}))
-    return path
 
 
 def launch(argv: list[str], log: Path) -> str:

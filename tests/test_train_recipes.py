@@ -12,20 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_fixtures import make_run
+from conftest import load_submit
+from tests.train_fixtures import ds_config, make_run
 from unicom_ds import config, train, train_plan, unicom_vit
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 32768
 MICRO = {"ViT-B-32": 128, "ViT-B-16": 128, "ViT-L-14": 64, "ViT-L-14-336": 32}
-
-
-def load_submit():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("submit_script", REPO / "slurm" / "submit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 submit = load_submit()
@@ -160,10 +153,7 @@ def test_train_help_prints_usage_and_where_the_keys_are():
 @pytest.mark.slow
 def test_release_vit_b16_trains_in_two_deepspeed_processes_and_exports_a_release_file(tmp_path):
     data = make_run(tmp_path, [5, 5], k=10)
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
-                              "bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "elastic_checkpoint": True},
-                              "steps_per_print": 10**6}))
+    ds = ds_config(tmp_path / "ds.json", batch=4, micro=2)
     cfg = config.resolve([f"run_dir={data['run']}", f"data.shards={data['shards']}", "model=ViT-B-16", "stage=train",
                           "device=cpu", f"train.deepspeed_config={ds}", "train.epochs=1", "train.steps_per_epoch=2",
                           "train.workers=0", "train.local_processes=2", "loss.r1=1.0", "train.log_every=1",

@@ -21,6 +21,16 @@ def image_bytes(color: tuple[int, int, int], size: int, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def ds_config(path: Path, batch: int = 8, micro: int = 4, bf16: bool | None = True) -> Path:
+    """A small ZeRO-2 config for 2-rank CPU runs (bf16=None: the key left out, train.precision decides)."""
+    cfg = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": micro, "gradient_clipping": 1.0,
+           "zero_optimization": {"stage": 2, "elastic_checkpoint": True}, "steps_per_print": 10**6}
+    if bf16 is not None:
+        cfg["bf16"] = {"enabled": bf16}
+    path.write_text(json.dumps(cfg))
+    return path
+
+
 def make_run(root: Path, sizes: list[int], k: int, *, unlabelled_every: int = 0, broken: tuple = (),
              size: int = 40) -> dict:
     """Shards root/data/{00000..}.tar of `sizes` samples; class of sample j of shard i = (7*i + j) % k.
