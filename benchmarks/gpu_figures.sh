@@ -7,7 +7,7 @@
 # Each part has its own time limit and log (OUT_DIR/NN_name.log); a part that fails or runs out of
 # time is reported and the others still run. The summary (OUT_DIR/summary.txt) lists each part's
 # exit status and last lines; copy the figures into docs/benchmarks.md with the machine and date.
-# Parts (about 11 minutes on an H100 / H200 with 16 CPU cores, 25 at the most with every limit hit;
+# Parts (about 12 minutes on an H100 / H200 with 16 CPU cores, 29 at the most with every limit hit;
 # the embed parts spend most of their time writing their shard: about 10 ms per sample on one core):
 #   01 the sync-free prototype layer on the GPU (tests/test_prototypes_sync.py under sync_debug_mode)
 #   02 training step vs backbone forward+backward, ViT-B-32 bf16 batch 256, 125k prototypes, + profile
@@ -18,6 +18,7 @@
 #   07 GPU JPEG decoding (nvJPEG) vs PIL decoding, equality and speed (tests/test_decode_gpu.py + bench)
 #   08 detect stage: one ViT-B Mask R-CNN step at 1024 px, windowed vs global attention (img/s, peak memory)
 #   09 finetune stage: ViT-B/16 bf16 at the recipe's batch of 128 (img/s)
+#   10 assign's nearest-centroid search in torch on the GPU (faiss-cpu build) vs faiss on the CPU, k = 100k and 1M
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu_figures}}
@@ -61,4 +62,6 @@ part 08_detect_global 90 $PY benchmarks/bench_detection.py --device cuda --model
   --window 0 --bf16
 part 09_finetune 150 $PY benchmarks/bench_finetune.py --device cuda --model ViT-B-16 --batch 128 --steps 60 \
   --precision bf16 --workers 8
+part 10_assign_100k 90 $PY benchmarks/bench_assign.py --device cuda --k 100000 --d 768 --n 65536 --faiss-rows 8192
+part 10_assign_1m 120 $PY benchmarks/bench_assign.py --device cuda --k 1000000 --d 768 --n 65536 --faiss-rows 1024
 echo "done: $SUMMARY" | tee -a "$SUMMARY"

@@ -6,6 +6,8 @@ A shard's labels are also only valid for the rows they label: a labels file whos
 shard's row count (the shard was embedded again, e.g. with embed.redo_damaged) is labelled again.
 Every label written is a real class: faiss answers -1 only for a non-finite query, and a non-finite
 row stops the task before its shard is written, naming the file (features.NonFiniteFeatures).
+The search runs on faiss's GPU index where faiss sees a GPU; where it does not (a faiss-cpu build) but
+torch sees a CUDA GPU, as blocked matrix products there (cluster_job/nearest.py); else on the CPU.
 """
 from __future__ import annotations
 
@@ -13,10 +15,13 @@ import hashlib
 import sys
 from pathlib import Path
 
+import faiss
 import numpy as np
+import torch
 
 from cluster_job import features
 from cluster_job.kmeans import kmeans_dir, label_rows, search_index, use_gpu
+from cluster_job.nearest import TorchFlatIP
 from unicom_ds import tblog
 from unicom_ds.atomic import read_json, save_npy_atomic, write_json_atomic
 from unicom_ds.config import ConfigError, as_config
@@ -61,6 +66,18 @@ def labelled(run_dir: str, stem: str, n: int) -> bool:
     """RUN/labels/S.npy exists and labels exactly the shard's n rows."""
     path = labels_dir(run_dir) / f"{stem}.npy"
     return path.is_file() and np.load(path, mmap_mode="r").shape == (n,)
+
+
+def torch_gpu(setting) -> bool:
+    """Whether `assign.gpu` searches with torch on a CUDA GPU: not off, faiss sees no GPU, torch sees one."""
+    return setting not in (False, "false", 0) and not faiss.get_num_gpus() and torch.cuda.is_available()
+
+
+def centroid_index(centroids: np.ndarray, setting):
+    """What searches the centroids for `assign.gpu`: a faiss index, or its top-1 search in torch on CUDA."""
+    if torch_gpu(setting):
+        return TorchFlatIP(centroids, "cuda")
+    return search_index(centroids, use_gpu(setting))
 
 
 def class_sizes(run_dir: str, stems: list[str], k: int) -> np.ndarray:
@@ -124,7 +141,7 @@ def assign_shards(cfg, stems: list[str]) -> dict | None:
     todo = [s for s in stems if not labelled(run_dir, s, rows[s])]
     print(f"assign: {len(stems) - len(todo)} of {len(stems)} shards already labelled", file=sys.stderr, flush=True)
     if todo:
-        index = search_index(np.load(kmeans_dir(run_dir) / "centroids.npy"), use_gpu(cfg.assign.gpu))
+        index = centroid_index(np.load(kmeans_dir(run_dir) / "centroids.npy"), cfg.assign.gpu)
         for s in progress(todo, total=len(todo), desc="assign", mode=cfg.progress, unit="shard",
                           rows=lambda s: rows[s]):
             labels = label_rows(index, features.iter_batches(src, s, fp["mode"], cfg.assign.batch_size))

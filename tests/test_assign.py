@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from cluster_job import assign
 from embed_fixtures import write_embedded
@@ -13,6 +14,8 @@ from unicom_ds.progress import line
 from unicom_ds.tblog import read_scalars
 
 K, D = 5, 8
+# torch's and faiss's OpenMP pools in one process spin against each other on a small machine (100x slower).
+torch.set_num_threads(1)
 
 
 def cfg_for(run_dir, *extra):
@@ -142,3 +145,78 @@ def test_damage_of_markers_written_before_the_damage_record(tmp_path):
     summary = assign.assign_shards(cfg_for(tmp_path), ["00000", "00001"])
     assert summary["damaged_shards"] == [{"shard": "00000", "reason": "OSError: [Errno 5] Input/output error",
                                           "rows_kept": 10, "rows_lost": None}]
+
+
+def unit_rows(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("blocks", [(None, None), (61, 37), (128, 300), (1000, 64), (400, 1)])
+def test_blocked_torch_search_equals_faiss(blocks):
+    """nearest.nearest_ip on the CPU against faiss's IndexFlatIP (assign's index), whole and in blocks that do
+    not divide the 1,000 rows or the 300 centroids."""
+    import faiss
+
+    from cluster_job import nearest
+
+    rng = np.random.default_rng(1)
+    centroids, x = unit_rows(rng, 300, 32), unit_rows(rng, 1000, 32)
+    # Ties-free: rows whose best two centroids are within float32 rounding of each other are left out.
+    top2 = np.sort(x.astype(np.float64) @ centroids.T.astype(np.float64), axis=1)[:, -2:]
+    x = x[top2[:, 1] - top2[:, 0] > 1e-5]
+    assert len(x) > 950
+    index = faiss.IndexFlatIP(32)
+    index.add(centroids)
+    want_scores, want = index.search(x, 1)
+    rows, cols = blocks
+    if rows is None:  # TorchFlatIP, blocks sized by a budget of 4,000 scores
+        scores, got = nearest.TorchFlatIP(centroids, "cpu", budget_bytes=16000).search(x, 1)
+        rows, cols = nearest.block_sizes(len(x), 300, 16000)
+        assert rows * cols <= 4000 and cols < 300  # it did block
+    else:
+        s, g = nearest.nearest_ip(torch.from_numpy(centroids), torch.from_numpy(x), rows, cols)
+        scores, got = s.numpy()[:, None], g.numpy()[:, None]
+    assert got.dtype == np.int64 and np.array_equal(got, want)
+    np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-5)
+
+
+def test_block_sizes_fit_the_budget():
+    from cluster_job import nearest
+
+    for n, k, budget in [(65536, 1_000_000, 2 << 30), (65536, 100_000, 2 << 30), (10, 5, 1 << 20), (3000, 7, 400),
+                         (5, 10**6, 4)]:
+        rows, cols = nearest.block_sizes(n, k, budget)
+        assert 1 <= rows <= n and 1 <= cols <= k and rows * cols * 4 <= max(budget, 4)
+    assert nearest.block_sizes(65536, 100_000, 2 << 30) == (5368, 100_000)  # every centroid at once
+    with pytest.raises(ValueError, match="k=1"):
+        nearest.TorchFlatIP(np.eye(3), "cpu").search(np.eye(3), 2)
+
+
+def test_torch_search_where_faiss_sees_no_gpu(tmp_path, monkeypatch):
+    """assign.gpu=auto/true with a faiss-cpu build and a CUDA GPU: the stage searches with TorchFlatIP
+    (here moved onto the CPU) and writes the labels faiss would; off, or with faiss on a GPU, it does not."""
+    from cluster_job import nearest
+
+    monkeypatch.setattr(assign.faiss, "get_num_gpus", lambda: 0)
+    monkeypatch.setattr(assign.torch.cuda, "is_available", lambda: True)
+    assert assign.torch_gpu("auto") and assign.torch_gpu(True) and not assign.torch_gpu(False)
+    made = []
+
+    def on_cpu(centroids, device):
+        made.append(device)
+        return nearest.TorchFlatIP(centroids, "cpu", budget_bytes=8)  # one row x two centroids per block
+
+    monkeypatch.setattr(assign, "TorchFlatIP", on_cpu)
+    expected = make_run(tmp_path)
+    assign.assign_shards(cfg_for(tmp_path, "assign.gpu=true"), ["00000", "00001"])
+    assert made == ["cuda"]
+    for stem, want in expected.items():
+        keys = (tmp_path / "embed" / f"{stem}.keys.txt").read_text().split()
+        labels = np.load(tmp_path / "labels" / f"{stem}.npy")
+        assert labels.dtype == np.int64 and dict(zip(keys, labels.tolist())) == {k: int(v) for k, v in want.items()}
+    monkeypatch.setattr(assign.faiss, "get_num_gpus", lambda: 1)
+    assert not assign.torch_gpu("auto")
+    monkeypatch.setattr(assign.faiss, "get_num_gpus", lambda: 0)
+    monkeypatch.setattr(assign.torch.cuda, "is_available", lambda: False)
+    assert not assign.torch_gpu("auto")
