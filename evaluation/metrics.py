@@ -6,7 +6,8 @@
   Values are fractions in [0, 1].
 - `evaluate_dims(features, dataset, dims)` -> {dim: evaluate(...)} on the first `dim` dimensions,
   re-normalised (the paper's Fig. 1a); dims larger than the feature are skipped.
-- The pieces, usable alone: `normalize`, `truncate`, `knn`, `recall_at_k`, `map_at_r`, `map_at_100`.
+- The pieces, usable alone: `normalize`, `truncate`, `knn`, `index_search`, `recall_at_k`, `map_at_r`,
+  `map_at_k` (SCQ's mAP@K), `map_at_100`.
 
 Definitions: Recall@K is the fraction of queries with at least one same-class item among their
 K nearest gallery items; MAP@R (Musgrave et al. 2020) averages over queries
@@ -69,9 +70,17 @@ def knn(queries: np.ndarray, gallery: np.ndarray, k: int, device: str = "auto",
     k = min(k, len(gallery) - int(exclude_self))
     if k < 1:
         raise ValueError(f"knn: a gallery of {len(gallery)} rows has no neighbours to return")
-    search_k = k + int(exclude_self)
-    index = _index(gallery.shape[1], device, search_k)
+    index = _index(gallery.shape[1], device, k + int(exclude_self))
     index.add(gallery)
+    return index_search(index, queries, k, exclude_self)
+
+
+def index_search(index: faiss.Index, queries: np.ndarray, k: int,
+                 exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of any filled faiss index (flat, PQ, IVF-PQ) in query chunks: (scores [nq, k], rows [nq, k]);
+    exclude_self as in knn. Scores are the index's own (similarities, or distances for an L2 index)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    search_k = k + int(exclude_self)
     sims = np.empty((len(queries), k), dtype=np.float32)
     ids = np.empty((len(queries), k), dtype=np.int64)
     for start in range(0, len(queries), QUERY_CHUNK):
@@ -121,6 +130,18 @@ def map_at_r(hits: np.ndarray, r: np.ndarray) -> float:
     return float(np.mean((precision * hits * within).sum(1) / r))
 
 
+def map_at_k(hits: np.ndarray, k: int) -> float:
+    """mAP@K as SCQ (Wu et al. 2022) and the hashing literature score it: per query, the mean of the
+    precision at each relevant position among its top K (none relevant: 0), averaged over all queries.
+    hits [nq, >= K] bool, ranked; multi-label sets mark a neighbour relevant when it shares a label."""
+    hits = np.asarray(hits)[:, :k].astype(np.float64)
+    if hits.shape[1] < k:
+        raise ValueError(f"map_at_k: {hits.shape[1]} neighbours given, {k} needed")
+    found = hits.sum(1)
+    precision = np.cumsum(hits, 1) / np.arange(1, k + 1)
+    return float(np.mean(np.where(found > 0, (precision * hits).sum(1) / np.maximum(found, 1), 0.0)))
+
+
 def map_at_100(ids: np.ndarray, relevant: list[np.ndarray]) -> float:
     """GLDv2 mAP@100 from the ranked gallery rows ids [nq, >=100 or all] and each query's relevant rows."""
     ids = ids[:, :100]
@@ -139,36 +160,45 @@ def _class_counts(labels: np.ndarray, of: np.ndarray) -> np.ndarray:
     return np.where(values[pos] == of, counts[pos], 0)
 
 
-def evaluate_split(features: np.ndarray, labels: np.ndarray, split, ks, device: str = "auto") -> dict[str, float]:
-    """Metrics of one `retrieval_sets.Split` from normalised features of all the set's rows."""
+def evaluate_split(features: np.ndarray, labels: np.ndarray, split, ks, device: str = "auto", search=knn,
+                   map_k: int | None = None) -> dict[str, float]:
+    """Metrics of one `retrieval_sets.Split` from normalised features of all the set's rows.
+    `search`: knn's signature, another index behind it (compact codes); `map_k`: also mAP@K (map_at_k)."""
     query = features[split.query]
     if split.relevant is not None:
-        _, ids = knn(query, features[split.gallery], 100, device)
+        _, ids = search(query, features[split.gallery], 100, device)
         # ids are positions in the gallery; relevant rows are rows of the whole set.
         return {"mAP@100": map_at_100(split.gallery[ids], split.relevant)}
     q_labels = labels[split.query]
+    width = max(max(ks), map_k or 0)
     if split.gallery is None:
         g_labels = q_labels
         r = _class_counts(q_labels, q_labels) - 1
-        _, ids = knn(query, query, max(max(ks), int(r.max())), device, exclude_self=True)
+        map_k = map_k and min(map_k, len(query) - 1)
+        _, ids = search(query, query, max(width, int(r.max())), device, exclude_self=True)
     else:
         g_labels = labels[split.gallery]
         r = _class_counts(g_labels, q_labels)
-        _, ids = knn(query, features[split.gallery], max(max(ks), int(r.max())), device)
+        map_k = map_k and min(map_k, len(split.gallery))
+        _, ids = search(query, features[split.gallery], max(width, int(r.max())), device)
     hits = g_labels[ids] == q_labels[:, None]
     out = {f"R@{k}": v for k, v in recall_at_k(hits, ks).items()}
     out["MAP@R"] = map_at_r(hits, r)
+    if map_k:
+        out[f"mAP@{map_k}"] = map_at_k(hits, map_k)
     return out
 
 
-def evaluate(features: np.ndarray, dataset, device: str = "auto") -> dict[str, float]:
+def evaluate(features: np.ndarray, dataset, device: str = "auto", search=knn,
+             map_k: int | None = None) -> dict[str, float]:
     """Every split's metrics of a RetrievalSet from its features [len(dataset), d] (any norm)."""
     if len(features) != len(dataset.paths):
         raise ValueError(f"{dataset.name}: {len(features)} feature rows for {len(dataset.paths)} images")
     features = normalize(features)
     out = {}
     for name, split in dataset.splits.items():
-        for metric, value in evaluate_split(features, dataset.labels, split, dataset.ks, device).items():
+        for metric, value in evaluate_split(features, dataset.labels, split, dataset.ks, device, search,
+                                            map_k).items():
             out[f"{name}/{metric}" if name else metric] = value
     return out
 

@@ -1,0 +1,235 @@
+"""SCQ, self-supervised consistent quantisation (Wu et al. 2022, arXiv 2206.09806), as a head on frozen
+backbone features, written from the paper and the authors' code (cazhang/sscq).
+
+The head projects a feature to M sub-vectors of `sub_dim` and soft-quantises each against its codebook of
+K codewords (softmax of -squared distance / tau_sq). Trained on two augmented views of each image with:
+
+- part consistency: `part_neighbour` (each sub-space's top neighbours made more likely than the rest) and
+  `codeword_diversity` (the batch's mean codeword assignment kept near uniform: its negative entropy);
+- global consistency: `instance_contrastive` on the embeddings and on the quantised vectors (NT-Xent), and
+  `fused_consistency` (symmetric KL between the two views' similarity distributions over the fused
+  embedding + quantised vector).
+
+Every loss is a pure function of the head's outputs; `loss_terms` weighs them from the config keys. The hard
+code of a vector is its nearest codeword per sub-space (the soft assignment's argmax); `to_faiss` puts the
+codebooks and codes into a faiss IndexPQ (L2, searched by ADC with the projected query).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evaluation.metrics import index_search
+
+
+class SCQHead(nn.Module):
+    """Projection (MLP to books x sub_dim, as the authors' Projection_Head) and M codebooks of K codewords."""
+
+    def __init__(self, in_dim: int, books: int, words: int, sub_dim: int, hidden: int = 512, tau_sq: float = 0.2):
+        super().__init__()
+        self.books, self.words, self.sub_dim, self.tau_sq = books, words, sub_dim, tau_sq
+        self.proj = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, books * sub_dim))
+        nn.init.normal_(self.proj[0].weight, 0, 0.01)
+        nn.init.xavier_uniform_(self.proj[2].weight)
+        self.codebooks = nn.Parameter(torch.empty(books, words, sub_dim))
+        nn.init.xavier_uniform_(self.codebooks.view(books * words, sub_dim))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """f: the embedding [B, M*d]; z: its soft quantisation [B, M*d]; cos: cosine of each sub-vector with
+        each codeword of its book [B, M, K] (what codeword diversity is measured on)."""
+        f = self.project(x)
+        z, _ = soft_quantize(f, self.codebooks, self.tau_sq)
+        parts = F.normalize(f.view(len(f), self.books, self.sub_dim), dim=-1)
+        cos = torch.einsum("bmd,mkd->bmk", parts, F.normalize(self.codebooks, dim=-1))
+        return {"f": f, "z": z, "cos": cos}
+
+
+def sub_distances(f: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Squared distance of each sub-vector of f [B, M*d] to each codeword of its book: [B, M, K]."""
+    books, _, d = codebooks.shape
+    parts = f.view(len(f), books, d)
+    return ((parts.unsqueeze(2) - codebooks.unsqueeze(0)) ** 2).sum(-1)
+
+
+def soft_quantize(f: torch.Tensor, codebooks: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z [B, M*d], assignment [B, M, K]): each sub-vector replaced by the softmax(-distance / tau)-weighted
+    mean of its book's codewords."""
+    assign = torch.softmax(-sub_distances(f, codebooks) / tau, dim=-1)
+    z = torch.einsum("bmk,mkd->bmd", assign, codebooks)
+    return z.reshape(len(f), -1), assign
+
+
+def _others(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities of the 2B rows [a; b]: (each row with its other view [2B], each row with the
+    2B - 2 rows that are neither itself nor its other view [2B, 2B - 2], in row order)."""
+    x = F.normalize(torch.cat([a, b]), dim=1)
+    sim = x @ x.T
+    n = len(a)
+    pair = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(a.device)
+    keep = torch.ones_like(sim, dtype=torch.bool)
+    keep[torch.arange(2 * n), torch.arange(2 * n)] = False
+    keep[torch.arange(2 * n), pair] = False
+    return sim[torch.arange(2 * n), pair], sim[keep].view(2 * n, 2 * n - 2)
+
+
+def instance_contrastive(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
+    """NT-Xent over the 2B rows of two views: each row's other view against the 2B - 2 other rows."""
+    pos, neg = _others(a, b)
+    logits = torch.cat([pos[:, None], neg], dim=1) / tau
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=a.device))
+
+
+def part_neighbour(za: torch.Tensor, zb: torch.Tensor, books: int, top: int, tau: float) -> torch.Tensor:
+    """Per sub-space, -log of the share of each row's `top` nearest other rows in its softmax(sim / tau)
+    over all 2B - 2 other rows (self and other view left out, as the authors' default); mean over books."""
+    total = za.new_zeros(())
+    for a, b in zip(za.chunk(books, dim=1), zb.chunk(books, dim=1)):
+        _, neg = _others(a, b)
+        ranked = neg.sort(dim=1, descending=True).values / tau
+        total = total + (torch.logsumexp(ranked, 1) - torch.logsumexp(ranked[:, :top], 1)).mean()
+    return total / books
+
+
+def codeword_diversity(cos_a: torch.Tensor, cos_b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Negative entropy of each book's codeword distribution averaged over the batch (softmax over the
+    codewords of the cosines [B, M, K], both views), mean over books: minimised, it spreads the codes."""
+    p = torch.softmax(torch.cat([cos_a, cos_b]), dim=-1).mean(0)  # [M, K]
+    return (p * torch.log(p + eps)).sum(-1).mean()
+
+
+def fused_consistency(fa: torch.Tensor, fb: torch.Tensor, za: torch.Tensor, zb: torch.Tensor,
+                      tau: float) -> torch.Tensor:
+    """Symmetric KL between view a's and view b's distributions softmax(sim / tau) over the other images,
+    similarities of the fused vectors f + z (the authors' `sum` fusion)."""
+    _, neg = _others(fa + za, fb + zb)
+    n = len(fa)
+    log_p, log_q = F.log_softmax(neg[:n] / tau, 1), F.log_softmax(neg[n:] / tau, 1)
+    kl_pq = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")  # KL(p || q)
+    kl_qp = F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+    return 0.5 * (kl_pq + kl_qp)
+
+
+def loss_terms(out_a: dict, out_b: dict, c: Any, books: int) -> dict[str, torch.Tensor]:
+    """The weighted terms (weights and temperatures from the quantize.scq keys `c`); 'loss' is their sum."""
+    terms = {
+        "ic_embedding": float(c.w_ic_embedding) * instance_contrastive(out_a["f"], out_b["f"], float(c.tau_ic)),
+        "ic_quantised": float(c.w_ic_quantised) * instance_contrastive(out_a["z"], out_b["z"], float(c.tau_ic)),
+        "fused": float(c.w_fused) * fused_consistency(out_a["f"], out_b["f"], out_a["z"], out_b["z"],
+                                                      float(c.tau_fused)),
+        "part_neighbour": float(c.w_part_neighbour) * part_neighbour(out_a["z"], out_b["z"], books,
+                                                                     int(c.top_neighbours), float(c.tau_pn)),
+        "diversity": float(c.w_diversity) * codeword_diversity(out_a["cos"], out_b["cos"]),
+    }
+    terms["loss"] = sum(terms.values())
+    return terms
+
+
+def batches(n: int, batch: int, epoch: int, seed: int) -> list[np.ndarray]:
+    """One epoch's rows in full batches (the contrastive losses want equal-size batches), seeded by epoch."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    batch = min(batch, n)
+    return [order[i:i + batch] for i in range(0, n - batch + 1, batch)]
+
+
+def train_head(views: np.ndarray, c: Any, books: int, nbits: int, *, seed: int = 0, device: str = "cpu",
+               log: Callable[[int, dict], None] | None = None) -> SCQHead:
+    """An SCQ head trained on `views` [V >= 2, n, D] (features of V augmented views of n images): each step
+    takes a batch of images and two different views of each. Adam with warmup + cosine (the authors')."""
+    from unicom_ds import schedule
+
+    if views.ndim != 3 or len(views) < 2:
+        raise ValueError(f"SCQ needs features of at least 2 views per image [V, n, D], got shape {views.shape}")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    head = SCQHead(views.shape[2], books, 2 ** nbits, int(c.sub_dim), int(c.hidden), float(c.tau_sq)).to(device)
+    opt = torch.optim.Adam(head.parameters(), lr=float(c.lr), weight_decay=float(c.weight_decay))
+    x = torch.as_tensor(np.ascontiguousarray(views, dtype=np.float32))
+    per_epoch = len(batches(x.shape[1], int(c.batch_size), 0, seed))
+    total = int(c.epochs) * per_epoch
+    warmup = round(float(c.warmup_epochs) * per_epoch)
+    step = 0
+    head.train()
+    for epoch in range(int(c.epochs)):
+        for rows in batches(x.shape[1], int(c.batch_size), epoch, seed):
+            va = rng.integers(0, len(x), len(rows))
+            vb = (va + rng.integers(1, len(x), len(rows))) % len(x)  # a different view of each image
+            a, b = x[va, rows].to(device), x[vb, rows].to(device)
+            for group in opt.param_groups:
+                group["lr"] = schedule.lr_at(step, float(c.lr), warmup, total, "cosine")
+            terms = loss_terms(head(a), head(b), c, books)
+            if not torch.isfinite(terms["loss"]):
+                raise FloatingPointError(f"SCQ head: non-finite loss at step {step} "
+                                         f"({ {k: float(v) for k, v in terms.items()} })")
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            step += 1
+            if log is not None:
+                log(step, {k: float(v.detach()) for k, v in terms.items()})
+    return head.eval()
+
+
+@torch.no_grad()
+def embed(head: SCQHead, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """The projected embeddings f [n, M*d] (what is coded, and the query side of ADC)."""
+    device = head.codebooks.device
+    t = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
+    return torch.cat([head.project(t[i:i + batch].to(device)).cpu() for i in range(0, len(t), batch)]
+                     ).numpy() if len(t) else np.zeros((0, head.books * head.sub_dim), np.float32)
+
+
+@torch.no_grad()
+def hard_codes(head: SCQHead, f: np.ndarray) -> np.ndarray:
+    """Each sub-vector's nearest codeword (the argmax of its soft assignment): int64 [n, M]."""
+    d = sub_distances(torch.as_tensor(f), head.codebooks.detach().cpu())
+    return d.argmin(-1).numpy()
+
+
+@torch.no_grad()
+def adc_search(head: SCQHead, queries_f: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The head's own asymmetric distance search: per query, a table of squared distances of its
+    sub-vectors to every codeword, summed over the database's codes; (distances, rows) of the k nearest."""
+    table = sub_distances(torch.as_tensor(queries_f), head.codebooks.detach().cpu())  # [nq, M, K]
+    idx = torch.as_tensor(codes).T  # [M, n]
+    dist = sum(table[:, m, idx[m]] for m in range(head.books))  # [nq, n]
+    d, i = torch.topk(dist, k, dim=1, largest=False)
+    return d.numpy(), i.numpy()
+
+
+def pack_codes(codes: np.ndarray, nbits: int) -> np.ndarray:
+    """Codes [n, M] in faiss' PQ layout: code m at bits m*nbits.. of the row, least significant bit first."""
+    shifts = np.arange(nbits)
+    bits = ((codes[:, :, None] >> shifts) & 1).reshape(len(codes), -1).astype(np.uint8)
+    return np.packbits(bits, axis=1, bitorder="little")
+
+
+def to_faiss(head: SCQHead, codes: np.ndarray) -> faiss.IndexPQ:
+    """A faiss IndexPQ (L2) with the head's codebooks as its PQ centroids, holding `codes` [n, M]."""
+    books, words, d = head.codebooks.shape
+    nbits = int(np.log2(words))
+    if 2 ** nbits != words:
+        raise ValueError(f"{words} codewords per book: faiss PQ needs a power of two")
+    index = faiss.IndexPQ(books * d, books, nbits, faiss.METRIC_L2)
+    # faiss' centroid table is (M, ksub, dsub), row-major: the head's codebooks as they are.
+    faiss.copy_array_to_vector(head.codebooks.detach().cpu().numpy().astype(np.float32).ravel(), index.pq.centroids)
+    index.is_trained = True
+    index.add_sa_codes(pack_codes(np.asarray(codes, dtype=np.int64), nbits))
+    return index
+
+
+def searcher(head: SCQHead):
+    """metrics.knn's signature over the head: the gallery (backbone features) projected and hard-coded
+    into the exported faiss IndexPQ, the projected queries searched by ADC."""
+    def search(queries, gallery, k, device="auto", exclude_self=False):
+        k = min(k, len(gallery) - int(exclude_self))
+        index = to_faiss(head, hard_codes(head, embed(head, gallery)))
+        return index_search(index, embed(head, queries), k, exclude_self)
+    return search

@@ -1,0 +1,243 @@
+"""Compact codes (evaluation.quantize): the SCQ loss terms against loop references written here, the SCQ
+codebook exported to faiss against the head's own ADC, the PQ/OPQ baselines against faiss called directly,
+mAP@K against a brute-force reference, and stage=quantize run for real (locally and through SLURM)."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from evaluation import demo_sets, metrics
+from evaluation.quantize import baselines, scq
+from unicom_ds.arrays import normalize
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """faiss' and torch's threads spin against each other on a loaded 2-core machine (OPQ: 3 s -> 36 s)."""
+    before = faiss.omp_get_max_threads(), torch.get_num_threads()
+    faiss.omp_set_num_threads(1)
+    torch.set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before[0])
+    torch.set_num_threads(before[1])
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn digits as L2-normalised 64-d pixel features and their labels."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    return normalize(d.data.astype(np.float32)), d.target
+
+
+# ---- reference helpers: plain loops over python floats ----------------------------------------------
+
+def _cos(u, v) -> float:
+    return float(np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v)))
+
+
+def _others_ref(a: np.ndarray, b: np.ndarray):
+    """For each of the 2B rows of [a; b]: (similarity to its other view, [similarities to the rest])."""
+    rows = np.concatenate([a, b])
+    n = len(a)
+    out = []
+    for i in range(2 * n):
+        pair = (i + n) % (2 * n)
+        out.append((_cos(rows[i], rows[pair]), [_cos(rows[i], rows[j]) for j in range(2 * n) if j not in (i, pair)]))
+    return out
+
+
+def _lse(values) -> float:
+    m = max(values)
+    return m + math.log(sum(math.exp(v - m) for v in values))
+
+
+def _rand(*shape, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float64))
+
+
+# ---- SCQ loss terms --------------------------------------------------------------------------------
+
+def test_instance_contrastive_matches_loop_reference():
+    a, b, tau = _rand(6, 5), _rand(6, 5, seed=1), 0.5
+    ref = np.mean([-(pos / tau) + _lse([pos / tau] + [s / tau for s in neg]) for pos, neg in _others_ref(a.numpy(), b.numpy())])
+    assert float(scq.instance_contrastive(a, b, tau)) == pytest.approx(ref, rel=1e-9)
+
+
+def test_part_neighbour_matches_loop_reference():
+    books, top, tau = 3, 4, 0.5
+    za, zb = _rand(7, 6), _rand(7, 6, seed=1)
+    per_book = []
+    for m in range(books):
+        cols = slice(2 * m, 2 * m + 2)
+        losses = []
+        for _, neg in _others_ref(za.numpy()[:, cols], zb.numpy()[:, cols]):
+            best = sorted(neg, reverse=True)[:top]
+            losses.append(_lse([s / tau for s in neg]) - _lse([s / tau for s in best]))
+        per_book.append(np.mean(losses))
+    assert float(scq.part_neighbour(za, zb, books, top, tau)) == pytest.approx(np.mean(per_book), rel=1e-9)
+    # Every other row among the top neighbours: nothing left to pull closer.
+    assert float(scq.part_neighbour(za, zb, books, 12, tau)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_codeword_diversity_is_negative_entropy_of_the_batch_marginal():
+    cos_a, cos_b = _rand(5, 2, 4), _rand(5, 2, 4, seed=1)
+    rows = np.concatenate([cos_a.numpy(), cos_b.numpy()])
+    total = 0.0
+    for m in range(2):
+        marginal = [0.0] * 4
+        for r in rows:
+            e = [math.exp(v) for v in r[m]]
+            for k in range(4):
+                marginal[k] += e[k] / sum(e) / len(rows)
+        total += sum(p * math.log(p + 1e-5) for p in marginal)
+    assert float(scq.codeword_diversity(cos_a, cos_b)) == pytest.approx(total / 2, rel=1e-9)
+    # Uniform assignment is the minimum, -log K (up to eps).
+    flat = torch.zeros(5, 2, 4, dtype=torch.float64)
+    assert float(scq.codeword_diversity(flat, flat)) == pytest.approx(-math.log(4), abs=1e-4)
+
+
+def test_fused_consistency_is_symmetric_kl_of_the_views_distributions():
+    fa, fb, za, zb, tau = _rand(5, 4), _rand(5, 4, seed=1), _rand(5, 4, seed=2), _rand(5, 4, seed=3), 0.2
+    rows = _others_ref((fa + za).numpy(), (fb + zb).numpy())
+
+    def dist(neg):
+        e = [math.exp(s / tau) for s in neg]
+        return [v / sum(e) for v in e]
+
+    kl = 0.0
+    for i in range(5):
+        p, q = dist(rows[i][1]), dist(rows[i + 5][1])
+        kl += 0.5 * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)) + 0.5 * sum(qi * math.log(qi / pi) for pi, qi in zip(p, q))
+    assert float(scq.fused_consistency(fa, fb, za, zb, tau)) == pytest.approx(kl / 5, rel=1e-9)
+    assert float(scq.fused_consistency(fa, fa, za, za, tau)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_soft_quantisation_approaches_the_nearest_codeword():
+    codebooks = _rand(2, 4, 3, seed=5)
+    f = _rand(6, 6, seed=6)
+    hard = scq.sub_distances(f, codebooks).argmin(-1)
+    nearest = torch.stack([codebooks[m, hard[:, m]] for m in range(2)], 1).reshape(6, 6)
+    z, assign = scq.soft_quantize(f, codebooks, 1e-4)
+    assert torch.allclose(z, nearest, atol=1e-6) and (assign.argmax(-1) == hard).all()
+    for i in range(6):  # the temperature-0.2 assignment against a loop
+        for m in range(2):
+            d = [float(((f[i, 3 * m:3 * m + 3] - codebooks[m, k]) ** 2).sum()) for k in range(4)]
+            e = [math.exp(-v / 0.2) for v in d]
+            assert scq.soft_quantize(f, codebooks, 0.2)[1][i, m].tolist() == pytest.approx([v / sum(e) for v in e])
+
+
+# ---- SCQ in faiss ----------------------------------------------------------------------------------
+
+SCQ_KEYS = dict(w_ic_embedding=0.5, w_ic_quantised=0.5, w_fused=0.4, w_part_neighbour=0.1, w_diversity=0.2,
+                tau_ic=0.5, tau_fused=0.2, tau_pn=0.5, top_neighbours=20, sub_dim=8, hidden=64, tau_sq=0.2,
+                lr=1e-3, weight_decay=1e-5, batch_size=128, epochs=2, warmup_epochs=0.5)
+
+
+@pytest.mark.parametrize("nbits", [4, 8])
+def test_scq_exported_to_faiss_finds_the_heads_adc_neighbours(digits, nbits):
+    x, _ = digits
+    rng = np.random.default_rng(0)
+    views = np.stack([normalize(x + 0.05 * rng.standard_normal(x.shape).astype(np.float32)) for _ in range(2)])
+    head = scq.train_head(views[:, :600], SimpleNamespace(**SCQ_KEYS), 32 // nbits, nbits, seed=0)
+    f = scq.embed(head, x)
+    codes = scq.hard_codes(head, f)
+    index = scq.to_faiss(head, codes)
+    assert index.ntotal == len(x) and index.sa_code_size() == 4
+    # faiss decodes the packed codes to the head's codewords, and codes the embeddings the same way.
+    words = head.codebooks.detach().numpy()[np.arange(head.books)[None, :], codes].reshape(len(x), -1)
+    np.testing.assert_allclose(index.reconstruct_n(0, len(x)), words, atol=1e-6)
+    assert (index.sa_encode(f) == scq.pack_codes(codes, nbits)).all()
+    d_faiss, i_faiss = index.search(f[:50], 10)
+    d_head, i_head = scq.adc_search(head, f[:50], codes, 10)
+    np.testing.assert_allclose(d_faiss, d_head, rtol=1e-4, atol=1e-4)
+    # The same neighbours up to ties (rows sharing a code): each returned row is at the distance reported,
+    # and the rows strictly closer than the 10th distance are the same set.
+    full = _adc_all(head, f[:50], codes)
+    np.testing.assert_allclose(np.take_along_axis(full, i_faiss, 1), d_faiss, rtol=1e-4, atol=1e-4)
+    for q in range(50):
+        inside = lambda ids, d: {i for i, v in zip(ids, d) if v < d[-1] - 1e-4}  # noqa: E731
+        assert inside(i_faiss[q], d_faiss[q]) == inside(i_head[q], d_head[q]), q
+
+
+def _adc_all(head, q, codes):
+    table = ((q.reshape(len(q), head.books, 1, -1) - head.codebooks.detach().numpy()[None]) ** 2).sum(-1)
+    return sum(table[:, m, codes[:, m]] for m in range(head.books))
+
+
+def test_train_head_refuses_a_single_view(digits):
+    with pytest.raises(ValueError, match="at least 2 views"):
+        scq.train_head(digits[0][None], SimpleNamespace(**SCQ_KEYS), 8, 4)
+
+
+# ---- faiss baselines -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,text", [("pq", "PQ8x4"), ("opq", "OPQ8,PQ8x4")])
+def test_baseline_equals_faiss_called_directly(digits, method, text):
+    x, _ = digits
+    train, gallery, queries = x[:1000], x[1000:], x[:40]
+    ours = baselines.filled(baselines.train(method, train, 32, 4), gallery)
+    ref = faiss.index_factory(64, text, faiss.METRIC_INNER_PRODUCT)
+    if method == "opq":
+        faiss.downcast_VectorTransform(ref.chain.at(0)).pq = faiss.downcast_index(ref.index).pq
+    ref.train(train)
+    ref.add(gallery)
+    np.testing.assert_array_equal(ours.search(queries, 10)[1], ref.search(queries, 10)[1])
+    assert baselines.code_bytes(ours) == 4
+    # Through metrics.evaluate's search hook: the same neighbours as the index searched by hand.
+    _, ids = baselines.searcher(baselines.train(method, train, 32, 4))(queries, gallery, 10)
+    np.testing.assert_array_equal(ids, ref.search(queries, 10)[1])
+
+
+def test_factory_refuses_what_faiss_cannot_split():
+    with pytest.raises(ValueError, match="do not divide the feature dimension 60"):
+        baselines.factory("pq", 60, 64, 4)
+    with pytest.raises(ValueError, match="cannot be split"):
+        baselines.factory("pq", 64, 20, 8)
+
+
+def test_ivfpq_sweep_recall_grows_with_nprobe(digits):
+    x, _ = digits
+    index = baselines.filled(baselines.train("ivfpq", x, 64, 4, nlist=16), x)
+    _, exact = metrics.knn(x[:100], x, 10, "cpu")
+    sweep = baselines.nprobe_sweep(index, x[:100], exact, [1, 16])
+    assert sweep[1]["recall"] < sweep[16]["recall"] and sweep[16]["ms_per_query"] > 0
+
+
+# ---- mAP@K -----------------------------------------------------------------------------------------
+
+def test_map_at_k_matches_brute_force():
+    rng = np.random.default_rng(3)
+    hits = rng.random((30, 50)) < 0.2
+    hits[0] = False  # a query with nothing relevant in its top K counts as 0
+    for k in (1, 7, 50):
+        aps = []
+        for row in hits[:, :k]:
+            precisions = [row[:i + 1].sum() / (i + 1) for i in range(k) if row[i]]
+            aps.append(sum(precisions) / len(precisions) if precisions else 0.0)
+        assert metrics.map_at_k(hits, k) == pytest.approx(np.mean(aps), rel=1e-12)
+    with pytest.raises(ValueError, match="51 needed"):
+        metrics.map_at_k(hits, 51)
+
+
+def test_evaluate_adds_map_at_k_with_any_search(digits):
+    from evaluation.retrieval_sets import RetrievalSet, Split
+    x, y = digits
+    ds = RetrievalSet("digits", [str(i) for i in range(len(x))], y, (1, 10), {"": Split(np.arange(len(x)))})
+    plain = metrics.evaluate(x, ds, "cpu")
+    out = metrics.evaluate(x, ds, "cpu", map_k=1000)
+    assert {k: out[k] for k in plain} == plain  # the flat search's metrics stay as they were
+    _, ids = metrics.knn(x, x, 1000, "cpu", exclude_self=True)
+    assert out["mAP@1000"] == pytest.approx(metrics.map_at_k(y[ids] == y[:, None], 1000))
+    coded = metrics.evaluate(x, ds, "cpu", search=baselines.searcher(baselines.train("pq", x, 16, 4)), map_k=1000)
+    assert 0.1 < coded["mAP@1000"] < out["mAP@1000"]  # 16-bit codes lose to 64 floats, still far above chance
