@@ -1,4 +1,4 @@
-"""ShardedPrototypes on 2 real gloo processes against 1 rank, and the block helpers."""
+"""ShardedPrototypes and dist.gather_rows on 2 real gloo processes against 1 rank, and the block helpers."""
 import datetime
 import socket
 
@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from unicom_ds import ShardedPrototypes
+from unicom_ds.dist import gather_rows
 from unicom_ds.margin import feature_subset
 from unicom_ds.prototypes import block_range, init_block, reslice
 
@@ -34,13 +35,14 @@ def case_inputs(name):
     return emb, labels
 
 
-def run_case(name, rank, world):
+def run_case(name, rank, world, equal_batches=False):
     """Two optimizer steps of a case on this rank's slice of the global batch."""
     c = CASES[name]
     emb, labels = case_inputs(name)
     sizes = c["sizes"] if world == 2 else (sum(c["sizes"]),)
     lo = sum(sizes[:rank])
-    layer = ShardedPrototypes(c["num_classes"], c["dim"], r1=c["r1"], r2=c["r2"], seed=4).double()
+    layer = ShardedPrototypes(c["num_classes"], c["dim"], r1=c["r1"], r2=c["r2"], seed=4,
+                              equal_batches=equal_batches).double()
     steps = []
     for _ in range(2):
         local = emb[lo : lo + sizes[rank]].clone().requires_grad_()
@@ -53,12 +55,38 @@ def run_case(name, rank, world):
     return dict(class_range=layer.class_range, weight=layer.weight.detach(), steps=steps)
 
 
+# gather_rows cases: (equal, local row counts of the two ranks).
+GATHERS = [(True, (3, 3)), (False, (3, 3)), (False, (2, 5))]
+
+
+def gather_inputs(sizes, rank):
+    """This rank's rows (distinct values on every rank) and the weights of its own loss over the gathered rows."""
+    x = torch.arange(sizes[rank] * 2, dtype=torch.float64).view(-1, 2) + 100 * rank
+    weights = torch.randn(sum(sizes), 2, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+    return x, weights
+
+
+def gather_case(rank):
+    out = {}
+    for equal, sizes in GATHERS:
+        x, weights = gather_inputs(sizes, rank)
+        x.requires_grad_()
+        y = gather_rows(x, equal)
+        (y * weights).sum().backward()  # each rank its own loss: x's gradient sums every rank's
+        out[equal, sizes] = (y.detach(), x.grad)
+    return out
+
+
 def _worker(rank, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     try:
-        torch.save({name: run_case(name, rank, 2) for name in CASES}, f"{out_dir}/rank{rank}.pt")
+        results = {name: run_case(name, rank, 2) for name in CASES}
+        results.update({f"{name}_equal": run_case(name, rank, 2, equal_batches=True)
+                        for name in CASES if len(set(CASES[name]["sizes"])) == 1})
+        results["gather"] = gather_case(rank)
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -107,6 +135,32 @@ def test_two_ranks_equal_one_rank(two_ranks, name):
         assert torch.cat([r[name]["steps"][step]["selected"] for r in two_ranks]).tolist() == ref["selected"].tolist()
     # Blocks of the 2-rank run are the rows of the 1-rank matrix: init does not depend on the world size.
     torch.testing.assert_close(torch.cat([r[name]["weight"] for r in two_ranks]), one["weight"])
+
+
+@pytest.mark.slow
+def test_gather_rows_with_and_without_the_size_exchange(two_ranks):
+    """equal=True (no size exchange) and the padded path gather the same rows and return the same
+    gradients, both equal to the concatenation and the summed gradient; the padded path also takes unequal sizes."""
+    for equal, sizes in GATHERS:
+        inputs = [gather_inputs(sizes, r) for r in range(2)]
+        want = torch.cat([x for x, _ in inputs])
+        grad = sum(w for _, w in inputs)
+        for rank, res in enumerate(two_ranks):
+            y, x_grad = res["gather"][equal, sizes]
+            assert torch.equal(y, want)
+            assert torch.equal(x_grad, grad[sum(sizes[:rank]): sum(sizes[:rank + 1])])
+    for rank, res in enumerate(two_ranks):
+        assert all(torch.equal(a, b) for a, b in zip(res["gather"][True, (3, 3)], res["gather"][False, (3, 3)]))
+
+
+@pytest.mark.slow
+def test_layer_with_equal_batches_equals_the_padded_gather(two_ranks):
+    """ShardedPrototypes(equal_batches=True), as the train loop builds it, gives the same steps bit for bit."""
+    for name in ("full", "all_positive"):
+        for res in two_ranks:
+            for got, ref in zip(res[f"{name}_equal"]["steps"], res[name]["steps"]):
+                for key in ("loss", "emb_grad", "weight_grad", "selected"):
+                    assert torch.equal(got[key], ref[key]), (name, key)
 
 
 @pytest.mark.slow
@@ -175,3 +229,15 @@ def test_init_block_independent_of_world_size():
     assert torch.equal(torch.cat(parts), whole)
     assert 0.009 < whole.std() < 0.011
     assert not torch.equal(init_block(0, 10, 3, seed=2), whole[:10])
+
+
+def test_train_loop_refuses_a_micro_batch_of_another_size():
+    """The train loop builds its layer with equal_batches=True: a micro batch of another size than every
+    rank's would hang the gather, so it stops first, naming the sizes."""
+    from types import SimpleNamespace
+
+    from unicom_ds.train import Trainer
+
+    trainer = SimpleNamespace(micro=4, rank=1)  # fails before touching the engine
+    with pytest.raises(RuntimeError, match=r"rank 1: a micro batch of 3 rows, not the 4 of every rank"):
+        Trainer.micro_step(trainer, torch.zeros(3, 3, 8, 8), torch.zeros(3, dtype=torch.long))

@@ -36,10 +36,19 @@ def _gather_padded(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sizes
 
 
+def _gather_equal(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """All-gather rows of `x` from every rank, every rank holding as many rows: one collective, and
+    no size exchange, so the host never waits for the device."""
+    world = rank_world()[1]
+    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+    dist.all_gather_single(out, x)
+    return out, [x.shape[0]] * world
+
+
 class _GatherRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        out, sizes = _gather_padded(x.contiguous())
+    def forward(ctx, x: torch.Tensor, equal: bool) -> torch.Tensor:
+        out, sizes = (_gather_equal if equal else _gather_padded)(x.contiguous())
         ctx.sizes = sizes
         return out
 
@@ -49,15 +58,20 @@ class _GatherRows(torch.autograd.Function):
         grad = all_reduce_(grad.contiguous().clone())
         rank = rank_world()[0]
         start = sum(ctx.sizes[:rank])
-        return grad[start : start + ctx.sizes[rank]]
+        return grad[start : start + ctx.sizes[rank]], None
 
 
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, equal: bool = False) -> torch.Tensor:
     """Concatenate `x` over ranks in rank order (autograd-aware); `x` itself on one rank.
+
+    Ranks may hold different row counts: they exchange them first, which makes the host read them
+    (a wait on the device per call). `equal=True` promises the same row count on every rank and
+    skips that exchange; a rank that breaks the promise makes the collective fail or hang, so only
+    callers that know the sizes (the train loop's fixed micro batches) set it.
 
     Backward sums the gathered gradient over ranks and returns this rank's rows, so each rank
     holds the exact gradient of a loss that every rank computes over the whole gathered batch.
     """
     if rank_world()[1] == 1:
         return x
-    return _GatherRows.apply(x)
+    return _GatherRows.apply(x, equal)

@@ -83,7 +83,8 @@ class ShardedPrototypes(nn.Module):
     `check_labels()` turns into the ValueError. Labels on the CPU are checked at once. The slots
     have room for every positive a global batch can hold on a rank; `max_positives` caps that room
     (a rank averages global batch / ranks positives), and a batch with more positives on a rank is
-    handled like a bad label (NaN loss, then the error). `selected`
+    handled like a bad label (NaN loss, then the error). `equal_batches=True` promises the same local
+    batch size on every rank (`dist.gather_rows(equal=True)`: no size exchange). `selected`
     and `last_stats` are read lazily (a host sync when read); `device_stats` holds the same
     counts as tensors on the device.
 
@@ -100,8 +101,9 @@ class ShardedPrototypes(nn.Module):
 
     def __init__(self, num_classes: int, embed_dim: int, r1: float = 0.1, r2: float = 1.0,
                  margin: float = 0.3, scale: float = 64.0, seed: int = 0, margin_grad: str = "exact",
-                 max_positives: int | None = None):
+                 max_positives: int | None = None, equal_batches: bool = False):
         super().__init__()
+        self.equal_batches = equal_batches
         if max_positives is not None and max_positives < 1:
             raise ValueError(f"max_positives={max_positives} must be at least 1 (or None: no cap)")
         self.max_positives = max_positives
@@ -175,8 +177,8 @@ class ShardedPrototypes(nn.Module):
                                f"{rank_world()}: build the layer after init_process_group")
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            emb = gather_rows(embeddings.to(dtype))
-            labels = gather_rows(labels.to(device=self.weight.device, dtype=torch.long))
+            emb = gather_rows(embeddings.to(dtype), self.equal_batches)
+            labels = gather_rows(labels.to(device=self.weight.device, dtype=torch.long), self.equal_batches)
             out_of_range = (labels < 0) | (labels >= self.num_classes)
             # Every rank sees the same gathered labels, so all ranks raise or poison together (no hang).
             at_once = _checks_at_once(labels.device)

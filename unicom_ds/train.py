@@ -179,7 +179,8 @@ class Trainer:
         lc = self.lc
         self.layer = ShardedPrototypes(self.k, self.dim, r1=float(lc.r1), r2=float(lc.r2),
                                        margin=float(lc.margin), scale=float(lc.scale),
-                                       seed=int(cfg.seed), margin_grad=str(lc.margin_grad)).to(self.device)
+                                       seed=int(cfg.seed), margin_grad=str(lc.margin_grad),
+                                       equal_batches=True).to(self.device)  # micro batches: micro rows on every rank
         if self.base is not None:
             states = checkpoint.load_rank_states(self.base.checkpoint, self.k, *self.layer.class_range)
             weight, _ = checkpoint.merge_prototype_states(states, *self.layer.class_range)
@@ -331,6 +332,9 @@ class Trainer:
         return lr
 
     def micro_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        if images.shape[0] != self.micro:  # the layer gathers without exchanging sizes: a short batch would hang
+            raise RuntimeError(f"rank {self.rank}: a micro batch of {images.shape[0]} rows, not the "
+                               f"{self.micro} of every rank (train_micro_batch_size_per_gpu)")
         emb = self.engine(images.to(self.device, self.dtype, non_blocking=True))
         if self.world > 1:
             # The layer gives each rank the exact gradient of the global-batch loss; DeepSpeed then
