@@ -265,7 +265,12 @@ def read_train(name: str, root) -> TrainSplit:
     """The train split of retrieval set `name` (one of TRAIN_READERS) read from folder `root`."""
     if name not in TRAIN_READERS:
         raise ValueError(f"retrieval set '{name}' has no train split; fine-tuning knows {', '.join(TRAIN_READERS)}")
-    return TRAIN_READERS[name](Path(root))
+    split = TRAIN_READERS[name](Path(root))
+    classes = len(np.unique(split.labels))
+    if classes < 2:  # a margin softmax over one class (or none) has nothing to learn
+        raise ValueError(f"retrieval set '{name}': the train split in {' and '.join(split.lists)} has "
+                         f"{len(split.paths)} images of {classes} classes; fine-tuning needs at least 2")
+    return split
 
 
 def check_images(ds: RetrievalSet | TrainSplit) -> None:

@@ -1,5 +1,5 @@
 """Supervised retrieval fine-tuning (evaluation.finetune): the recipe's defaults, the pieces in one
-process, and real runs: scikit-learn digits in CUB's layout (digits 0-4 train, 5-9 the held-out test
+process, and real runs: pairs of scikit-learn digits in CUB's layout (50 pairs train, 50 held-out test
 classes), a random-init ViT-Tiny-16 release file as the start, launched through slurm/submit.py."""
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from unicom_ds import config, schedule, train_plan, unicom_vit
 from unicom_ds.tblog import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
-# How much R@1 on the held-out digits must gain over the random start. Not met yet: measured on cpu2
-# (2026-12-01, this test's settings, one launch) the start has R@1 0.50 / MAP@R 0.108 and the fine-tuned
-# model 0.45 / 0.098 (train loss 5.2 -> 1.7 on digits 0-4); unshifted digits: 0.95 -> 0.93. See the xfail.
-MIN_GAIN = 0.05
+# How much R@1 / MAP@R on the held-out pairs must gain over the random start. Measured on cpu2 (2026-12-02,
+# this test's settings, 184 steps, one launch without the kill): R@1 0.382 -> 0.729, MAP@R 0.072 -> 0.328; the
+# same data in a bare loop over 3 seeds gained 0.34-0.38 R@1. The bars sit at under half of that.
+MIN_GAIN, MIN_MAP_GAIN = 0.15, 0.10
 
 
 # ---- the recipe --------------------------------------------------------------------------------
@@ -40,7 +40,7 @@ def test_defaults_are_retrieval_py():
     assert (f.lr, f.prototype_lr_mult, f.weight_decay, f.epochs, f.batch_size) == (1e-4, 5.0, 0.0, 32, 128)
     assert (f.loss.scale, f.loss.margin, f.loss.r1, f.loss.r2) == (32.0, 0.3, 1.0, 1.0)
     assert f.init == "run" and f.schedule == "onecycle"
-    assert OmegaConf.to_container(f.augment) == {"crop_scale_min": 0.08, "auto_augment": "rand-m9-mstd0.5-inc1",
+    assert OmegaConf.to_container(f.augment) == {"crop_scale_min": 0.08, "hflip": 0.5, "auto_augment": "rand-m9-mstd0.5-inc1",
                                                  "color_jitter": 0.4,
                                                  "re_prob": 0.25, "re_mode": "pixel", "re_count": 1}
     for world in (1, 8):  # the global batch is 128 on any number of ranks, no accumulation
@@ -59,7 +59,7 @@ def test_defaults_are_retrieval_py():
         ref.step()
     # The augmentation is timm's create_transform as retrieval.py calls it.
     from timm.data import create_transform
-    expected = create_transform(input_size=224, is_training=True, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1",
+    expected = create_transform(input_size=224, is_training=True, hflip=0.5, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1",
                                 interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1,
                                 mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
     assert repr(ft_data.train_transform(f.augment, 224)) == repr(expected)
@@ -89,20 +89,40 @@ def test_cub_train_split_is_the_other_classes(tmp_path):
     assert len(split.paths) + len(test.paths) == 200 and not set(split.paths) & set(test.paths)
     with pytest.raises(ValueError, match="no train split"):
         retrieval_sets.read_train("gldv2", tmp_path)
+    demo_sets.write_cub(tmp_path / "all_test", x, y, test_from=0)  # every class is a test class
+    with pytest.raises(ValueError, match=r"'cub': the train split in .*images.txt.* has 0 images of 0 classes"):
+        retrieval_sets.read_train("cub", tmp_path / "all_test" / "cub")
 
 
 # ---- real runs ---------------------------------------------------------------------------------
 
-def _data(root: Path) -> tuple[Path, Path]:
-    """Digits 0-4 to train on (all ~900), digits 5-9 held out (20 each), every digit placed at a random
-    offset on a 48-px canvas: a random backbone's features are not shift invariant, fine-tuning teaches it."""
+def digit_pairs(per_train: int, per_test: int, jitter: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """64x64 images of two digits side by side, each shifted down by up to `jitter` px; the class is the
+    ordered pair (a, b). 50 random pairs are train classes (labels 0-49), the other 50 held out (50-99).
+
+    Five train digits did not transfer to five held-out ones (R@1 0.50 -> 0.45): what a tiny net learns
+    about 5 classes does not describe 5 others. Pairs do: held-out pairs are new combinations of the
+    digits it learnt to tell apart at each position (as new bird species share parts with the train ones)."""
     x, y = demo_sets.digit_images()
-    rng = np.random.default_rng(0)
-    canvas = np.zeros((len(x), 48, 48, 3), np.uint8)
-    for i, (r, c) in enumerate(rng.integers(0, 17, (len(x), 2))):
-        canvas[i, r:r + 32, c:c + 32] = x[i]
-    keep = np.concatenate([np.flatnonzero(y < 5)] + [np.flatnonzero(y == d)[:20] for d in range(5, 10)])
-    demo_sets.write_cub(root / "data", canvas[keep], y[keep], test_from=5)
+    rng = np.random.default_rng(seed)
+    pairs = rng.permutation(100)
+    by_digit = [np.flatnonzero(y == d) for d in range(10)]
+    images, labels = [], []
+    for label, pair in enumerate(pairs):
+        for _ in range(per_train if label < 50 else per_test):
+            image = np.zeros((64, 64, 3), np.uint8)
+            for side, (digit, down) in enumerate(zip(divmod(int(pair), 10), rng.integers(0, jitter + 1, 2))):
+                image[down:down + 32, 32 * side:32 * side + 32] = x[rng.choice(by_digit[digit])]
+            images.append(image)
+            labels.append(label)
+    return np.stack(images), np.array(labels)
+
+
+def _data(root: Path) -> tuple[Path, Path]:
+    """Digit pairs in CUB's layout (50 train classes of 30 images, 50 held-out classes of 20) and a
+    random-init ViT-Tiny-16 release file as the start."""
+    x, y = digit_pairs(per_train=30, per_test=20, jitter=8)
+    demo_sets.write_cub(root / "data", x, y, test_from=50)
     torch.manual_seed(0)
     init = root / "init.pt"
     torch.save(unicom_vit.build("ViT-Tiny-16").state_dict(), init)
@@ -113,10 +133,12 @@ def _args(run: Path, data: Path, init: Path, *extra: str) -> list[str]:
     return ["stage=finetune", f"run_dir={run}", "model=ViT-Tiny-16", "device=cpu", "finetune.datasets=[cub]",
             f"finetune.init=unicom:ViT-Tiny-16@{init}", f"eval.data_root={data}", "finetune.batch_size=64",
             "finetune.precision=fp32", "finetune.workers=0", "finetune.log_every=1", "eval.workers=0",
-            # A random start, not the recipe's pre-trained one: a higher lr, and no margin (with m = 0.3 the
-            # straight-through ArcFace barely moves a random tiny ViT on 5 classes in 100 steps).
-            "finetune.lr=1e-3", "finetune.loss.margin=0.0",
-            "eval.batch_size=256", "eval.dims=[32]", *extra]
+            # A random start, not the recipe's pre-trained one: a higher lr, no margin (with m = 0.3 the
+            # straight-through ArcFace barely moves a random tiny ViT in 100 steps), and no augmentation
+            # but the whole image (pairs are ordered: a flip or a small crop changes the class).
+            "finetune.lr=1e-3", "finetune.loss.margin=0.0", "finetune.augment.crop_scale_min=1.0",
+            "finetune.augment.hflip=0", "finetune.augment.auto_augment=", "finetune.augment.color_jitter=0",
+            "finetune.augment.re_prob=0", "eval.batch_size=256", "eval.dims=[32]", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +148,7 @@ def tuned(tmp_path_factory):
     data, init = _data(root)
     run = root / "run"
     argv = [sys.executable, "slurm/submit.py", "launcher=local",
-            *_args(run, data, init, "finetune.epochs=6", "finetune.ckpt_every_steps=5")]
+            *_args(run, data, init, "finetune.epochs=8", "finetune.ckpt_every_steps=5")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              start_new_session=True)
@@ -147,7 +169,7 @@ def tuned(tmp_path_factory):
 def test_resume_after_kill_continues_the_step_count(tuned):
     run, log, killed_at = tuned
     assert re.search(rf"resumed from \S+step_{killed_at} at step {killed_at}\b", log), log[-3000:]
-    total = 6 * (len(retrieval_sets.read_train("cub", run.parent / "data" / "cub").paths) // 64)
+    total = 8 * (len(retrieval_sets.read_train("cub", run.parent / "data" / "cub").paths) // 64)
     assert f"steps {killed_at} -> {total} of {total}" in log
     meta = json.loads((run / "finetune" / "cub" / "export.json").read_text())
     assert meta["step"] == total and meta["model"] == "ViT-Tiny-16"
@@ -156,15 +178,13 @@ def test_resume_after_kill_continues_the_step_count(tuned):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="fine-tuning a random ViT-Tiny on digits 0-4 does not yet lift R@1 on digits 5-9 "
-                          "(measured 0.50 -> 0.45); the setting that shows the gain is still to be found")
 def test_finetuning_raises_recall_on_held_out_classes(tuned):
     run, log, _ = tuned
     found = json.loads((run / "eval" / "results.json").read_text())
     start, tuned_row = found["unicom:ViT-Tiny-16"]["cub"], found["ft-cub:unicom:ViT-Tiny-16"]["cub"]
     print(f"R@1 {start['R@1']:.3f} -> {tuned_row['R@1']:.3f}, MAP@R {start['MAP@R']:.3f} -> {tuned_row['MAP@R']:.3f}")
     assert tuned_row["R@1"] > start["R@1"] + MIN_GAIN
-    assert tuned_row["MAP@R"] > start["MAP@R"]
+    assert tuned_row["MAP@R"] > start["MAP@R"] + MIN_MAP_GAIN
     table = (run / "eval" / "results.md").read_text()
     assert results.FINETUNE_CAPTION in table
     row = next(ln for ln in table.splitlines() if ln.startswith("| unicom:ViT-Tiny-16 fine-tuned |"))

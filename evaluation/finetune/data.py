@@ -27,6 +27,7 @@ def train_transform(augment: Any, image_size: int) -> Callable:
     from timm.data import create_transform
     _pillow13_posterize()
     return create_transform(input_size=image_size, is_training=True, scale=(float(augment.crop_scale_min), 1.0),
+                            hflip=float(augment.hflip),
                             color_jitter=float(augment.color_jitter),
                             auto_augment=augment.auto_augment or None, interpolation="bicubic",
                             re_prob=float(augment.re_prob), re_mode=str(augment.re_mode),
