@@ -7,7 +7,7 @@
 # Each part has its own time limit and log (OUT_DIR/NN_name.log); a part that fails or runs out of
 # time is reported and the others still run. The summary (OUT_DIR/summary.txt) lists each part's
 # exit status and last lines; copy the figures into docs/benchmarks.md with the machine and date.
-# Parts (about 12 minutes on an H100 / H200 with 16 CPU cores, 29 at the most with every limit hit;
+# Parts (about 13 minutes on an H100 / H200 with 16 CPU cores, 31 at the most with every limit hit;
 # the embed parts spend most of their time writing their shard: about 10 ms per sample on one core):
 #   01 the sync-free prototype layer on the GPU (tests/test_prototypes_sync.py under sync_debug_mode)
 #   02 training step vs backbone forward+backward, ViT-B-32 bf16 batch 256, 125k prototypes, + profile
@@ -15,7 +15,7 @@
 #   04 train loader img/s per rank with 4, 8, 16 workers (500 x 400 JPEG q90), against 02's step rate
 #   05 embed stage vs forward-only: ViT-B-32 on a 10,240-sample shard, ViT-L-14 on 4,096 (400-px JPEGs)
 #   06 eval extraction vs forward-only (bench_eval.py, extraction only, 4,096 500 x 375 JPEGs)
-#   07 GPU JPEG decoding (nvJPEG) vs PIL decoding, equality and speed (tests/test_decode_gpu.py + bench)
+#   07 GPU JPEG decoding (nvJPEG) vs PIL decoding, equality and speed, a train run with train.gpu_decode (tests/test_decode_gpu.py + bench)
 #   08 detect stage: one ViT-B Mask R-CNN step at 1024 px, windowed vs global attention (img/s, peak memory)
 #   09 finetune stage: ViT-B/16 bf16 at the recipe's batch of 128 (img/s)
 #   10 assign's nearest-centroid search in torch on the GPU (faiss-cpu build) vs faiss on the CPU, k = 100k and 1M
@@ -53,7 +53,7 @@ part 05_embed_b32 240 $PY benchmarks/bench_embed.py --device cuda --model ViT-B-
 part 05_embed_l14 150 $PY benchmarks/bench_embed.py --device cuda --model ViT-L-14 --n 4096 --batch-size 256 \
   --workers 14 --size 400
 part 06_eval_extract 120 $PY benchmarks/bench_eval.py --device cuda --skip knn --images 4096 --workers 14
-part 07_gpu_decode_tests 60 $PY -m pytest -q -rs tests/test_decode_gpu.py
+part 07_gpu_decode_tests 150 $PY -m pytest -q -rs tests/test_decode_gpu.py
 part 07_gpu_decode_rate 60 $PY benchmarks/gpu_figures.py decode --side 500 --batch 256
 part 07_gpu_decode_rate_1024 60 $PY benchmarks/gpu_figures.py decode --side 1024 --batch 256
 part 08_detect_windowed 90 $PY benchmarks/bench_detection.py --device cuda --model ViT-B-16 --size 1024 --batch 2 \

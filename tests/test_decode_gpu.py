@@ -101,6 +101,70 @@ def test_tensor_preprocess_refuses_what_it_cannot_mirror():
         TensorPreprocess(T.Compose([T.Resize(10), T.ColorJitter(0.1), T.ToTensor()]))
 
 
+def test_train_device_crops_decode_refill_and_count():
+    """train.gpu_decode's batch step (here on the CPU): the batch decodes at once, each member is cropped with
+    the train transform's draws, a member that decodes nowhere is counted undecodable and its place taken by
+    another crop of a decodable member, so the micro batch keeps its size."""
+    good, png, second = jpeg(300, "coffee"), jpeg(200, "chelsea", fmt="PNG"), jpeg(400, "astronaut")
+    datas = [good, good[: len(good) // 3], png, second]
+    labels, skipped = torch.tensor([5, 6, 7, 8]), torch.tensor([2, 1])
+    torch.manual_seed(0)
+    crops, out_labels, out_skipped = train_data.DeviceCrops(32, "cpu")((datas, labels, skipped))
+    assert out_labels.tolist() == [5, 7, 8, 5] and out_skipped.tolist() == [2, 2] and skipped.tolist() == [2, 1]
+    ref = TensorTrainCrop(32, MEAN, STD)
+    torch.manual_seed(0)
+    assert torch.equal(crops, torch.stack([ref(pil_tensor(d)) for d in (good, png, second, good)]))
+    with pytest.raises(train_data.LabelError, match="none of the 2 images of a micro batch decodes"):
+        train_data.DeviceCrops(32, "cpu")(([b"\xff\xd8\xff broken", None], torch.tensor([1, 2]), torch.zeros(2)))
+
+
+def test_train_loader_with_decoding_on_the_device_matches_the_workers(tmp_path):
+    """train.gpu_decode's data path (decoding forced onto the CPU): the workers' LabelJoin passes encoded
+    images, the batches decode and crop on the device. On the same samples: the same labels and skip counts
+    as the CPU workers' batches (a broken image is still counted in the worker), images within the
+    resamplers' tolerance (the same draws); and epoch_batches(decode_on=...) gives full batches."""
+    import webdataset as wds
+
+    from tests.train_fixtures import make_run
+    from unicom_ds import shards
+    from unicom_ds.continuation import LabelSource
+
+    run = make_run(tmp_path, [6, 9], k=5, unlabelled_every=4, broken=("000010004",), size=80)
+    source = LabelSource(run["run"], run["run"] / "embed")
+    urls = shards.expand(run["shards"])
+    samples = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+
+    def batches(transform, device=None):
+        torch.manual_seed(0)
+        items = list(train_data.LabelJoin(source, transform)(iter(samples)))
+        assert sum(item[2] for item in items).tolist() == [3, 1]  # the unlabelled and the broken image
+        out = [train_data.collate(items[i:i + 4]) for i in range(0, len(items) - 3, 4)]
+        return out if device is None else [train_data.DeviceCrops(32, device)(b) for b in out]
+
+    workers, device = batches(train_data.train_transform(32)), batches(None, "cpu")
+    assert len(device) == len(workers) == 2
+    for (a, la, sa), (b, lb, sb) in zip(device, workers):
+        assert a.shape == b.shape == (4, 3, 32, 32)
+        assert torch.equal(la, lb) and torch.equal(sa, sb)
+        diff = pixel_diff(a, b)
+        assert diff.max() < PIXEL_MAX and diff.flatten().quantile(0.99) < PIXEL_P99
+    loaded = list(train_data.epoch_batches(urls, source, 32, 4, 3, seed=1, rank=0, workers=0,
+                                           decode_on=torch.device("cpu")))
+    assert len(loaded) == 3 and all(b[0].shape == (4, 3, 32, 32) and b[1].shape == (4,) for b in loaded)
+
+
+def test_train_decodes_on_the_gpu_only_where_asked():
+    from types import SimpleNamespace
+
+    from unicom_ds.train import ShardData
+
+    for setting, device, want in [(True, "cuda:1", "cuda:1"), (False, "cuda:1", None), (True, "cpu", None)]:
+        data = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(gpu_decode=setting)),
+                               device=torch.device(device))
+        got = ShardData.decode_device(data)
+        assert (got and str(got)) == want
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: a level or two per pixel.
@@ -181,3 +245,27 @@ def test_eval_extraction_device_path_equals_the_cpu_path(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"1\.jpeg: cannot read image"):
         features.extract(model, features.ImageFiles(paths, pre), batch_size=2, workers=0, device="cpu",
                          progress_mode="off")
+
+
+@cuda
+def test_gpu_decode_trains_steps(tmp_path):
+    """train.gpu_decode=true on one GPU: the workers only read, the rank decodes and crops on its GPU and
+    trains; the broken image is counted as before."""
+    import subprocess
+    from pathlib import Path
+
+    from tests.train_fixtures import ds_config, make_run
+    from unicom_ds import config, train
+
+    data = make_run(tmp_path, [13, 9], k=10, broken=("000000004",), size=300)
+    ds = ds_config(tmp_path / "ds.json", batch=4, micro=4)
+    cfg = config.resolve([f"run_dir={data['run']}", f"data.shards={data['shards']}", "model=ViT-Tiny-16",
+                          "stage=train", "device=cuda", f"train.deepspeed_config={ds}", "train.epochs=1",
+                          "train.steps_per_epoch=3", "train.max_steps=3", "train.log_every=1", "train.workers=1",
+                          "train.local_processes=1", "train.gpu_decode=true", "progress=off"])
+    proc = subprocess.run(train.local_command(cfg), cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=400)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "images decode and crop on cuda:0 (train.gpu_decode)" in log
+    assert "step 3/3" in log and (data["run"] / "train" / "backbone.pt").is_file()

@@ -186,6 +186,7 @@ class TensorTrainCrop:
     def __init__(self, size: int, mean, std):
         self.crop = T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC)
         self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # mean, std: copied once per device
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         top, left, h, w = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
@@ -194,4 +195,7 @@ class TensorTrainCrop:
         if torch.rand(1) < 0.5:  # RandomHorizontalFlip's draw
             x = x.flip(-1)
         x = x.clamp_(0, 255).round_().div_(255)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if x.device not in self._on:
+            self._on[x.device] = self.mean.to(x.device), self.std.to(x.device)
+        mean, std = self._on[x.device]
+        return (x - mean) / std

@@ -110,8 +110,14 @@ class ShardData:
             dist.broadcast_object_list(outcome, src=0, device=device)
         if isinstance(outcome[0], str):
             raise train_data.LabelError(f"run_dir={self.cfg.run_dir}: {outcome[0]}")
-        self.shards = outcome[0]
+        self.shards, self.device = outcome[0], device
+        if rank == 0 and self.decode_device() is not None:
+            print(f"[train] images decode and crop on {device} (train.gpu_decode); the workers only read them", flush=True)
         return self.shards.rows
+
+    def decode_device(self) -> torch.device | None:
+        """The rank's GPU with train.gpu_decode (the workers then only read tar members), else None."""
+        return self.device if bool(self.cfg.train.gpu_decode) and self.device.type == "cuda" else None
 
     def batches(self, *, epoch: int, in_epoch: int, accum: int, count: int, micro: int, image_size: int,
                 rank: int, world: int, seed: int, workers: int, timeout_s: float):
@@ -119,7 +125,8 @@ class ShardData:
         # Seeded by the position, so a resumed run draws a fresh stream rather than replaying one.
         return train_data.epoch_batches(
             self.shards.urls, self.source, image_size, micro, count,
-            seed=hash((seed, epoch, in_epoch)) & 0x7FFFFFFF, rank=rank, workers=workers, timeout_s=timeout_s)
+            seed=hash((seed, epoch, in_epoch)) & 0x7FFFFFFF, rank=rank, workers=workers, timeout_s=timeout_s,
+            decode_on=self.decode_device())
 
 
 class Trainer:

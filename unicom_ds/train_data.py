@@ -4,6 +4,10 @@ Shards are resampled with replacement (seeded by run seed, rank, DataLoader work
 step the epoch starts at), so every rank can always draw the same fixed number of batches per
 epoch: uneven shards can never leave one rank waiting for another. Samples without a label, or
 whose image does not decode, are skipped; each batch says how many were skipped before it.
+
+With `gpu_decode` the workers only read tar members (and check that a member opens as an image):
+batches carry the encoded bytes, and `DeviceCrops` decodes them on the GPU (nvJPEG, PIL on the CPU
+for members it refuses) and crops there with the train transform's draws (`decode.TensorTrainCrop`).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from webdataset.tariterators import base_plus_ext
 
 from unicom_ds import shards
 from unicom_ds.continuation import LabelSource
-from unicom_ds.decode import DraftRandomResizedCrop
+from unicom_ds.decode import DraftRandomResizedCrop, TensorTrainCrop, decode_batch
 from unicom_ds.progress import progress
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -151,9 +155,12 @@ class LabelJoin:
 
     Only the label tables of recently seen shards are kept (a resampled stream stays on one
     shard for a while), so memory does not grow with the number of shards.
+
+    With `transform=None` the image stays encoded: (bytes, class, skipped) for `DeviceCrops`; only
+    members that do not even open as an image (no image member, an unknown format) are skipped here.
     """
 
-    def __init__(self, source: LabelSource, transform: Callable, cached_shards: int = 8,
+    def __init__(self, source: LabelSource, transform: Callable | None, cached_shards: int = 8,
                  timeout_s: float = 600.0):
         self.source, self.transform, self.cached, self.timeout_s = source, transform, cached_shards, timeout_s
         self.tables: OrderedDict[str, dict[str, int]] = OrderedDict()
@@ -167,14 +174,15 @@ class LabelJoin:
         self.tables.move_to_end(name)
         return self.tables[name]
 
-    def prepare(self, sample: dict) -> tuple[torch.Tensor, int] | str:
+    def prepare(self, sample: dict) -> tuple[torch.Tensor | bytes, int] | str:
         """(image, label), or the reason the sample is skipped."""
         label = self.table(sample["__url__"]).get(sample["__key__"])
         if label is None:
             return "no_label"
         data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
         try:  # the transform decodes (drafted to its crop), so decoding faults surface inside it
-            return self.transform(Image.open(io.BytesIO(data))), label
+            image = Image.open(io.BytesIO(data))  # reads the header only
+            return (data if self.transform is None else self.transform(image)), label
         except Exception:  # missing, truncated or not an image: skip and count, never crash
             return "undecodable"
 
@@ -197,9 +205,38 @@ class LabelJoin:
             last = time.monotonic()
 
 
-def collate(samples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(samples: list) -> tuple[torch.Tensor | list[bytes], torch.Tensor, torch.Tensor]:
     images, labels, skipped = zip(*samples)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long), torch.stack(skipped).sum(0)
+    images = list(images) if isinstance(images[0], bytes) else torch.stack(images)
+    return images, torch.tensor(labels, dtype=torch.long), torch.stack(skipped).sum(0)
+
+
+class DeviceCrops:
+    """Batches of encoded images (a `gpu_decode` pipeline's) -> the train transform's tensors on `device`.
+
+    The batch decodes at once (`decode.decode_batch`: nvJPEG on CUDA, PIL on the CPU for members it
+    refuses) and each image is cropped there (`decode.TensorTrainCrop`). A member that decodes nowhere
+    is skipped and counted as "undecodable", as the CPU workers count it; its place in the batch takes
+    another crop of a decodable member, so every rank's micro batch keeps its size (the prototype layer
+    gathers without exchanging sizes).
+    """
+
+    def __init__(self, image_size: int, device: torch.device | str):
+        self.crop, self.device = TensorTrainCrop(image_size, open_clip.OPENAI_DATASET_MEAN,
+                                                 open_clip.OPENAI_DATASET_STD), torch.device(device)
+
+    def __call__(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        datas, labels, skipped = batch
+        images, _ = decode_batch(datas, self.device)
+        good = [i for i, image in enumerate(images) if image is not None]
+        if not good:
+            raise LabelError(f"none of the {len(datas)} images of a micro batch decodes, on the GPU nor with PIL; "
+                             "the shards hold no images this loader can read")
+        order = (good * (len(datas) // len(good) + 1))[: len(datas)]  # refill: decodable members again
+        skipped = skipped.clone()
+        skipped[SKIP_REASONS.index("undecodable")] += len(datas) - len(good)
+        crops = torch.stack([self.crop(images[i]) for i in order])
+        return crops, labels[order].to(self.device, non_blocking=True), skipped
 
 
 def _worker_seed(rank: int) -> int:
@@ -208,24 +245,29 @@ def _worker_seed(rank: int) -> int:
 
 
 def pipeline(urls: list[str], source: LabelSource, image_size: int, batch_size: int, *, seed: int,
-             rank: int, batches_per_worker: int, shuffle: int = 1000, timeout_s: float = 600.0) -> wds.DataPipeline:
-    """Full batches (images, labels, skipped[no_label, undecodable]) of one rank, `batches_per_worker` each."""
+             rank: int, batches_per_worker: int, shuffle: int = 1000, timeout_s: float = 600.0,
+             gpu_decode: bool = False) -> wds.DataPipeline:
+    """Full batches (images, labels, skipped[no_label, undecodable]) of one rank, `batches_per_worker` each;
+    with `gpu_decode` the images are a list of their encoded bytes."""
     return wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, worker_seed=partial(_worker_seed, rank), deterministic=True),
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
         wds.shuffle(shuffle, initial=min(shuffle, 100)),
-        LabelJoin(source, train_transform(image_size), timeout_s=timeout_s),
+        LabelJoin(source, None if gpu_decode else train_transform(image_size), timeout_s=timeout_s),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     ).with_epoch(batches_per_worker)
 
 
 def epoch_batches(urls: list[str], source: LabelSource, image_size: int, batch_size: int, num_batches: int,
-                  *, seed: int, rank: int, workers: int = 0, timeout_s: float = 600.0) -> Iterator:
-    """Exactly `num_batches` micro-batches for this rank (the same count on every rank)."""
+                  *, seed: int, rank: int, workers: int = 0, timeout_s: float = 600.0,
+                  decode_on: torch.device | None = None) -> Iterator:
+    """Exactly `num_batches` micro-batches for this rank (the same count on every rank); with `decode_on`
+    the workers only read the images, which decode and crop on that device (`DeviceCrops`)."""
     workers = max(0, int(workers))
     per_worker = math.ceil(num_batches / max(1, workers))
     data = pipeline(urls, source, image_size, batch_size, seed=seed, rank=rank, batches_per_worker=per_worker,
-                    timeout_s=timeout_s)
+                    timeout_s=timeout_s, gpu_decode=decode_on is not None)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
                                          persistent_workers=False, pin_memory=torch.cuda.is_available())
-    return islice(loader, num_batches)
+    batches = islice(loader, num_batches)
+    return batches if decode_on is None else map(DeviceCrops(image_size, decode_on), batches)
