@@ -28,6 +28,7 @@ from unicom_ds.arrays import torch_device
 from unicom_ds.atomic import read_json, save_npy_atomic, write_json_atomic, write_text_atomic
 from unicom_ds.config import as_config, check_same
 from unicom_ds.decode import TensorPreprocess, decode_batch
+from unicom_ds.loading import openclip_architecture
 from unicom_ds.progress import count, progress
 from unicom_ds.shards import expand, stem
 
@@ -48,8 +49,8 @@ def load_clip(model_name: str, pretrained: str, device: torch.device, seed: int 
 
     model_configs.register()
     if pretrained != "random":
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
-                                                                     device=device)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            openclip_architecture(model_name, pretrained), pretrained=pretrained, device=device)
         return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
     print(RANDOM_NOTICE, file=sys.stderr, flush=True)
     with torch.random.fork_rng(devices=[]):  # open_clip initialises on the CPU, then moves to `device`

@@ -7,7 +7,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 import unicom_ds
-from unicom_ds import backbone, model_configs
+from unicom_ds import backbone, config, model_configs
 from unicom_ds.unicom_vit import CONFIGS, UnicomViT
 
 torch.set_num_threads(1)
@@ -193,3 +193,24 @@ def test_model_names_say_which_architecture_they_train(name, kind, dim):
 def test_unknown_model_lists_the_names():
     with pytest.raises(ValueError, match="model=ViT-B-33: expected one of ViT-B-32, ViT-B-16"):
         backbone.build("ViT-B-33")
+
+
+def test_weights_trained_with_quickgelu_build_the_quickgelu_tower(tmp_path):
+    """OpenAI's and LAION-400M's ViT weights were trained with QuickGELU; open_clip 3 only warns when the
+    config says GELU. The loader, the embed stage and fine-tuning's export name pick the -quickgelu tower."""
+    from unicom_ds.loading import openclip_architecture
+    from evaluation.finetune.job import trained_name
+    from evaluation.run import parse_model
+    assert openclip_architecture("ViT-B-32", "openai") == "ViT-B-32-quickgelu"
+    assert openclip_architecture("ViT-B-32", "laion400m_e32") == "ViT-B-32-quickgelu"
+    assert openclip_architecture("ViT-B-16", "laion400m_e32") == "ViT-B-16"
+    assert openclip_architecture("ViT-B-32", "laion2b_s34b_b79k") == "ViT-B-32"  # trained with GELU
+    assert openclip_architecture("ViT-B-32", str(tmp_path / "w.pt")) == "ViT-B-32"  # a file: as named
+    assert openclip_architecture("ViT-Tiny-16", None) == "ViT-Tiny-16"
+    cfg = config.resolve(["finetune.init=openclip:ViT-L-14@openai", f"run_dir={tmp_path}"])
+    name = trained_name(parse_model(str(cfg.finetune.init), cfg.run_dir, str(cfg.model)), cfg)
+    assert name == "openclip:ViT-L-14-quickgelu"
+    # The exported tower is rebuilt with QuickGELU, so a fine-tuned OpenAI tower reloads as it trained.
+    acts = {type(m).__name__ for m in backbone.build("openclip:ViT-B-32-quickgelu").modules()}
+    assert "QuickGELU" in acts and "GELU" not in acts
+    assert "QuickGELU" not in {type(m).__name__ for m in backbone.build("openclip:ViT-B-32").modules()}

@@ -16,7 +16,9 @@ from torch import nn
 from unicom_ds import unicom_vit
 
 OPENCLIP = "openclip:"
-_OPENCLIP_CONFIGS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-Tiny-16", "ViT-Tiny-32")
+_OPENCLIP_CONFIGS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-Tiny-16", "ViT-Tiny-32",
+                     # the towers of weights trained with QuickGELU (OpenAI's, LAION-400M's), fine-tuned
+                     "ViT-B-32-quickgelu", "ViT-B-16-quickgelu", "ViT-L-14-quickgelu", "ViT-L-14-336-quickgelu")
 MODELS = (*unicom_vit.CONFIGS, *(OPENCLIP + n for n in _OPENCLIP_CONFIGS))
 
 

@@ -116,11 +116,23 @@ def _load_export(name: str, export: dict, path) -> tuple[nn.Module, Callable]:
     return visual, clip_transform(backbone.image_size(model))
 
 
+def openclip_architecture(name: str, pretrained: str | os.PathLike | None) -> str:
+    """The open_clip config to build for weights `pretrained`: `NAME-quickgelu` where the tag was trained
+    with QuickGELU (OpenAI's, LAION-400M's and MetaCLIP's ViTs). open_clip 3 only warns on that mismatch and
+    builds GELU, which changes every feature of those weights. Files and other tags keep `name`."""
+    import open_clip
+    if pretrained is None or name.endswith("-quickgelu"):
+        return name
+    quick = open_clip.pretrained.get_pretrained_cfg(name, str(pretrained)).get("quick_gelu", False)
+    return f"{name}-quickgelu" if quick and f"{name}-quickgelu" in open_clip.list_models() else name
+
+
 def _load_openclip(name: str, pretrained: str | os.PathLike | None) -> tuple[nn.Module, Callable]:
     import open_clip
     from unicom_ds import model_configs
     model_configs.register()
-    model = open_clip.create_model(name, pretrained=None if pretrained is None else str(pretrained))
+    model = open_clip.create_model(openclip_architecture(name, pretrained),
+                                   pretrained=None if pretrained is None else str(pretrained))
     return model.visual, _openclip_transform(model.visual)
 
 

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from unicom_ds import backbone, config, train, train_plan
 from unicom_ds.atomic import read_json, write_json_atomic
+from unicom_ds.loading import openclip_architecture
 
 from evaluation import retrieval_sets
 from evaluation.results import FT_PREFIX
@@ -49,8 +50,8 @@ def trained_name(spec: ModelSpec, cfg: Any) -> str:
         name = canonical_name(name)
     elif kind == "ckpt":
         name = name if name.startswith(backbone.OPENCLIP) else backbone.OPENCLIP + name
-    else:
-        name = spec.name
+    else:  # the tower the init loads as: OpenAI's weights get QuickGELU, and must be exported under that name
+        name = backbone.OPENCLIP + openclip_architecture(name, spec.checkpoint)
     if name not in backbone.MODELS:
         raise config.ConfigError(f"finetune.init={cfg.finetune.init}: '{name}' cannot be fine-tuned and exported; "
                                  f"known architectures: {', '.join(backbone.MODELS)}")
