@@ -276,6 +276,15 @@ def _eval_html(run_dir: Path, report_dir: Path) -> str:
         body = "".join(f"<tr><td>{_e(model)}</td>" + "".join(
             f"<td>{'&ndash;' if v is None else f'{v:.1f}'}</td>" for v in values) + "</tr>" for model, values in rows.items())
         out.append(f"<h3>{_e(eval_results.FINETUNE_CAPTION)}</h3><table><tr><th>model</th>{head}</tr>{body}</table>")
+    for (model, dataset), rows in eval_results.quantize_cells(results).items():  # compact codes: bits x method
+        bits = sorted({b for cells in rows.values() for b in cells})
+        head = "".join(f"<th>{b} bits</th>" for b in bits)
+        body = "".join(f"<tr><td>{_e(row)}</td>" + "".join(
+            "<td>&ndash;</td>" if (c := rows[row].get(b)) is None else
+            f"<td>{100 * c.get('map', float('nan')):.1f} ({100 * c.get('r1', float('nan')):.1f}) / "
+            f"{c.get('ms', float('nan')):.3g} ms</td>" for b in bits) + "</tr>" for row in sorted(rows))
+        out.append(f"<h3>{_e(eval_results.QUANTIZE_CAPTION)}: {_e(model)} on {_e(dataset)}</h3>"
+                   f"<table><tr><th>method</th>{head}</tr>{body}</table>")
     assets = report_dir / "assets"
     for png in sorted(eval_dir.glob("*.png")):
         out.append(f'<figure><img src="assets/eval_{png.name}" alt="{_e(png.stem)}">'

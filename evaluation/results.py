@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 from unicom_ds.atomic import atomic_path, read_json, write_json_atomic, write_text_atomic
@@ -145,6 +146,82 @@ def finetune_table(results: dict) -> str:
     return _markdown_table(titles, body) if body else ""
 
 
+# Compact codes (evaluation.quantize): a set's metrics stored as UNIT/METRIC, UNIT being `float` (exact
+# float search) or METHOD-MxNBITS (M sub-quantisers of NBITS bits: a code of M*NBITS bits).
+QUANTIZE_METHODS = {"pq": "PQ", "opq": "OPQ+PQ", "ivfpq": "IVF-PQ", "scq": "SCQ"}
+QUANTIZE_CAPTION = ("Compact codes (quantize stage): mAP@K in SCQ's protocol by code size (percent), Recall@1 in "
+                    "brackets, search time per query after the slash; float is exact search of the float features")
+_UNIT = re.compile(r"^(float|(pq|opq|ivfpq|scq)-(\d+)x(\d+))/(.+)$")
+
+
+def quantize_cells(results: dict) -> dict[tuple[str, str], dict[str, dict[int, dict[str, float]]]]:
+    """{(model, set): {row title: {bits: {"map", "r1", "ms"}}}} of every set holding quantize metrics."""
+    out: dict = {}
+    for model, sets in results.items():
+        for dataset, values in sets.items():
+            for key, value in values.items():
+                m = _UNIT.match(key)
+                if m is None:
+                    continue
+                unit, method, books, nbits, metric = m.groups()
+                if method:
+                    row, bits = f"{QUANTIZE_METHODS[method]} ({nbits}-bit codebooks)", int(books) * int(nbits)
+                else:
+                    row, bits = "float", 8 * int(values.get("float/bytes", 0))
+                name = ("map" if metric.startswith("mAP@") and "/" not in metric else "r1" if metric == "R@1"
+                        else "ms" if metric == "ms_per_query" else None)
+                if name:
+                    out.setdefault((model, dataset), {}).setdefault(row, {}).setdefault(bits, {})[name] = value
+    return out
+
+
+def quantize_table(results: dict) -> str:
+    parts = []
+    for (model, dataset), rows in quantize_cells(results).items():
+        all_bits = sorted({b for cells in rows.values() for b in cells})
+        lines = [f"{model} on {dataset}:", "", "| Method | " + " | ".join(f"{b} bits" for b in all_bits) + " |",
+                 "|---|" + "---:|" * len(all_bits)]
+        for row in sorted(rows, key=lambda r: (r != "float", r)):
+            cells = [rows[row].get(b) for b in all_bits]
+            lines.append(f"| {row} | " + " | ".join(
+                "–" if c is None else f"{100 * c.get('map', math.nan):.1f} ({100 * c.get('r1', math.nan):.1f}) / "
+                f"{c.get('ms', math.nan):.3g} ms" for c in cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def plot_quantize(results: dict, path: str | os.PathLike) -> bool:
+    """mAP@K against code bits, a line per method (and the float features as a level), per (model, set)."""
+    cells = quantize_cells(results)
+    if not cells:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(cells), figsize=(5 * len(cells), 4), squeeze=False)
+    for ax, ((model, dataset), rows) in zip(axes[0], cells.items()):
+        for row, by_bits in sorted(rows.items()):
+            bits = sorted(b for b in by_bits if "map" in by_bits[b])
+            if row == "float":
+                for b in bits:
+                    ax.axhline(100 * by_bits[b]["map"], color="gray", ls="--", label=f"float ({b} bits)")
+            else:
+                ax.plot(bits, [100 * by_bits[b]["map"] for b in bits], marker="o", label=row)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("code bits per image")
+        ax.set_ylabel("mAP@K (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{model} on {dataset}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return True
+
+
 def markdown(results: dict) -> str:
     """The paper's two tables, then the per-split tables, each with its caption (a table is left
     out when no model has any of its sets)."""
@@ -153,6 +230,8 @@ def markdown(results: dict) -> str:
               if (text := split_table(results, dataset, columns))]
     if text := finetune_table(results):
         parts.append(f"{FINETUNE_CAPTION}\n\n{text}")
+    if text := quantize_table(results):
+        parts.append(f"{QUANTIZE_CAPTION}\n\n{text}")
     return "\n\n".join(parts) + "\n"
 
 
@@ -222,5 +301,6 @@ def write_all(run_dir: str | os.PathLike, found: dict, computed: dict) -> tuple[
     text = markdown(merged)
     write_text_atomic(out / "results.md", text)
     plot_dims(merged, out / "recall_vs_dim.png")
+    plot_quantize(merged, out / "map_vs_bits.png")
     log_scalars(run_dir, computed)
     return merged, text

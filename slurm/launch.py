@@ -22,6 +22,7 @@ STEPS = {
     "all": ("embed", "kmeans", "assign", "train", "eval", "report"),
     "detect": ("detect",),
     "finetune": ("finetune",),
+    "quantize": ("quantize",),
 }
 # The job function of each step, imported only when a job runs or is submitted: the launcher's
 # config checks must work while a stage's code is missing or broken.
@@ -37,13 +38,14 @@ TARGETS = {
     "detect": "evaluation.detection.job:DetectJob",   # a submitit Checkpointable: requeued at the time limit
     "finetune": "evaluation.finetune.job:FinetuneJob",  # the train stage's TrainJob on finetune.*
     "finetune_local": "evaluation.finetune.job:local_command",
+    "quantize": "evaluation.quantize.job:quantize_job",
 }
 # Where each step writes inside the run directory (DESIGN.md "Stage contracts").
 OUTPUTS = {"embed": "embed", "kmeans": "kmeans", "assign": "labels", "train": "train", "eval": "eval",
            "report": "report", "detect": "detect", "import": "embed",
-           "finetune": "finetune"}
+           "finetune": "finetune", "quantize": "quantize"}
 # The job functions are single-process: more nodes would only run copies of the same task.
-SINGLE_NODE = ("embed", "kmeans", "assign", "report", "import")
+SINGLE_NODE = ("embed", "kmeans", "assign", "report", "import", "quantize")
 CPU_ONLY = ("report", "import")
 RESOURCE_KEYS = ("partition", "account", "qos", "constraint", "nodes", "gpus_per_node",
                  "cpus_per_task", "mem_gb", "time_min", "array_parallelism")
@@ -122,6 +124,8 @@ def precheck(cfg: DictConfig) -> list[str]:
         notes += importlib.import_module("evaluation.detection.job").check(cfg, detect_world(cfg))
     if "finetune" in steps:
         notes += importlib.import_module("evaluation.finetune.job").check(cfg, *train_world(cfg, "finetune"))
+    if "quantize" in steps:
+        notes += importlib.import_module("evaluation.quantize.job").check(cfg)
     return notes
 
 

@@ -29,6 +29,7 @@ STAGE_HELP = {
     "report": "the HTML run report -> RUN/report/index.html",
     "detect": "COCO Mask R-CNN on the trained ViT (ViTDet), box and mask AP -> RUN/detect/, RUN/eval/",
     "finetune": "supervised retrieval fine-tuning (Tab. 4) of finetune.init on finetune.datasets -> RUN/finetune/, RUN/eval/",
+    "quantize": "compact codes (PQ, OPQ, IVF-PQ, SCQ) of quantize.model's features on quantize.datasets -> RUN/quantize/, RUN/eval/",
 }  # the composite stages (cluster, all) list their steps from launch.STEPS
 USAGE = """usage: python slurm/submit.py stage=STAGE [config=FILE] [key=value ...]
 

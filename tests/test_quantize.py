@@ -241,3 +241,120 @@ def test_evaluate_adds_map_at_k_with_any_search(digits):
     assert out["mAP@1000"] == pytest.approx(metrics.map_at_k(y[ids] == y[:, None], 1000))
     coded = metrics.evaluate(x, ds, "cpu", search=baselines.searcher(baselines.train("pq", x, 16, 4)), map_k=1000)
     assert 0.1 < coded["mAP@1000"] < out["mAP@1000"]  # 16-bit codes lose to 64 floats, still far above chance
+
+
+# ---- stage=quantize --------------------------------------------------------------------------------
+
+def _stage_data(root: Path) -> tuple[Path, Path]:
+    """Digits in CUB's layout (0-4: 300 train images, 5-9: 200 test images) and a random ViT-Tiny-16 release file."""
+    from unicom_ds import unicom_vit
+    x, y = demo_sets.digit_images()
+    keep = np.concatenate([np.flatnonzero(y < 5)[:300], np.flatnonzero(y >= 5)[:200]])
+    demo_sets.write_cub(root / "data", x[keep], y[keep], test_from=5)
+    torch.manual_seed(0)
+    torch.save(unicom_vit.build("ViT-Tiny-16").state_dict(), root / "init.pt")
+    return root / "data", root / "init.pt"
+
+
+def _stage_args(run: Path, data: Path, init: Path, *extra: str) -> list[str]:
+    return ["stage=quantize", f"run_dir={run}", "model=ViT-Tiny-16", "device=cpu", "quantize.datasets=[cub]",
+            f"quantize.model=unicom:ViT-Tiny-16@{init}", f"eval.data_root={data}", "eval.workers=0",
+            "quantize.bits=[16,32]", "quantize.nbits=[4]", "quantize.scq.epochs=2", "quantize.scq.batch_size=64",
+            "quantize.ivf.sweep=[1,4]", *extra]
+
+
+def _local(*args: str):
+    import os
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "slurm/submit.py", "launcher=local", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def stage_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quantize")
+    data, init = _stage_data(root)
+    run = root / "run"
+    res = _local(*_stage_args(run, data, init))
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    return run, data, init, res.stdout
+
+
+def test_stage_writes_loadable_indexes_and_results(stage_run):
+    from evaluation import results
+    from evaluation.features import features_path
+    from evaluation.retrieval_sets import read
+    run, data, _, _ = stage_run
+    label = "unicom:ViT-Tiny-16"
+    found = json.loads((run / "eval" / "results.json").read_text())[label]["cub"]
+    units = [f"{m}-{b // 4}x4" for m in ("pq", "opq", "ivfpq", "scq") for b in (16, 32)]
+    gallery = len(read("cub", data / "cub").paths) - 1
+    for unit in ["float", *units]:
+        assert 0 <= found[f"{unit}/mAP@{gallery}"] <= 1 and 0 <= found[f"{unit}/R@1"] <= 1, unit
+    assert found["pq-4x4/bytes"] == 2 and found["scq-8x4/bytes"] == 4 and found["float/bytes"] > 32
+    assert found["ivfpq-8x4/nprobe1/recall@10_vs_float"] <= found["ivfpq-8x4/nprobe4/recall@10_vs_float"]
+    test = normalize(np.load(features_path(run, label, "cub")))
+    out = run / "quantize" / features_path(run, label, "cub").parent.name / "cub"
+    # The saved PQ index is the gallery coded: searching it gives the neighbours behind the stored R@1.
+    index = faiss.read_index(str(out / "pq-8x4.faiss"))
+    assert index.ntotal == len(test)
+    labels = read("cub", data / "cub").labels
+    _, ids = metrics.index_search(index, test, 1, exclude_self=True)
+    assert np.mean(labels[ids[:, 0]] == labels) == pytest.approx(found["pq-8x4/R@1"])
+    # The SCQ index file holds the head's hard codes of the gallery; queries are the head's projections.
+    saved = torch.load(out / "scq-8x4.pt", weights_only=True)
+    head = scq.SCQHead(saved["in_dim"], saved["books"], saved["words"], saved["sub_dim"], saved["hidden"])
+    head.load_state_dict(saved["state_dict"])
+    index = faiss.read_index(str(out / "scq-8x4.faiss"))
+    f = scq.embed(head, test)
+    assert (index.sa_encode(f) == scq.pack_codes(scq.hard_codes(head, f), 4)).all()
+    _, ids = metrics.index_search(index, f, 1, exclude_self=True)
+    assert np.mean(labels[ids[:, 0]] == labels) == pytest.approx(found["scq-8x4/R@1"])
+    table = (run / "eval" / "results.md").read_text()
+    assert results.QUANTIZE_CAPTION in table and "| SCQ (4-bit codebooks) |" in table
+    assert (run / "eval" / "map_vs_bits.png").is_file()
+
+
+def test_stage_rerun_skips_done_units_and_refuses_other_keys(stage_run):
+    run, data, init, _ = stage_run
+    again = _local(*_stage_args(run, data, init))
+    assert again.returncode == 0 and again.stdout.count("done before") == 8, again.stdout[-3000:]
+    other = _local(*_stage_args(run, data, init, "quantize.scq.w_fused=0.1"))
+    assert other.returncode != 0 and "w_fused" in other.stdout + other.stderr
+
+
+def test_stage_refuses_bad_input_before_running(tmp_path):
+    from slurm import launch
+    from unicom_ds import config
+    x, y = demo_sets.digit_images(100)
+    demo_sets.write_sop(tmp_path / "data", x, y)  # the demo's SOP layout: a test list, no train split
+    init = tmp_path / "init.pt"
+    init.write_bytes(b"")
+    base = ["stage=quantize", f"run_dir={tmp_path / 'run'}", f"eval.data_root={tmp_path / 'data'}",
+            f"quantize.model=unicom:ViT-Tiny-16@{init}"]
+    cases = {"quantize.datasets is empty": [],
+             "quantize.train_split=train: sop: expected": ["quantize.datasets=[sop]"],
+             "quantize.views=1": ["quantize.datasets=[sop]", "quantize.train_split=test", "quantize.views=1"],
+             "no quantize.nbits": ["quantize.datasets=[sop]", "quantize.bits=[6]", "quantize.nbits=[4]"]}
+    for message, extra in cases.items():
+        with pytest.raises((ValueError, OSError), match=re.escape(message)):
+            launch.precheck(config.resolve([*base, *extra]))
+    plan = launch.precheck(config.resolve([*base, "quantize.datasets=[sop]", "quantize.train_split=test"]))
+    assert "  sop: 100 test images, codes trained on 100 images" in plan
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_quantize_runs_on_slurm(slurm, tmp_path):
+    from test_slurm_cluster_stage import SLURM, log_tails, submit, wait_for
+    data, init = _stage_data(tmp_path)
+    run = tmp_path / "run"
+    res = submit(*_stage_args(run, data, init, "quantize.methods=[pq,scq]", "quantize.bits=[16]"), *SLURM)
+    assert res.returncode == 0, res.stdout + res.stderr
+    ids = re.findall(r"quantize: job (\d+)", res.stdout)
+    assert ids, res.stdout
+    states = wait_for(ids)
+    assert set(states.values()) == {"COMPLETED"}, f"{states}\n{log_tails(run)}"
+    found = json.loads((run / "eval" / "results.json").read_text())["unicom:ViT-Tiny-16"]["cub"]
+    assert {"pq-4x4/R@1", "scq-4x4/R@1", "float/R@1"} <= set(found)

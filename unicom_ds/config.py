@@ -20,7 +20,7 @@ from unicom_ds.schema import STAGES, ConfigError, flat_keys  # noqa: F401 (part 
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "slurm" / "configs"
 DEFAULT_FILES = ("common.yaml", "cluster.yaml", "train.yaml", "eval.yaml", "detect.yaml",
-                 "finetune.yaml")
+                 "finetune.yaml", "quantize.yaml")
 # Keys that say how to run, not what to compute: they never make a run's outputs differ.
 RUNTIME_KEYS = ("stage", "launcher", "dry_run", "progress", "slurm", "config")
 

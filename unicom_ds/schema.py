@@ -18,7 +18,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-STAGES = ("embed", "kmeans", "assign", "cluster", "train", "eval", "report", "all", "detect", "finetune")
+STAGES = ("embed", "kmeans", "assign", "cluster", "train", "eval", "report", "all", "detect", "finetune",
+          "quantize")
 _NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
           "list": "a list such as [a,b]", "dir": "a writable directory", "any": "any value"}
 _PLURAL = {"int": "integers", "float": "numbers", "bool": "booleans", "str": "strings", "any": "values"}
@@ -220,6 +221,16 @@ RULES: dict[str, Rule] = {
     "detect.window_size": NON_NEGATIVE, "detect.global_blocks": Rule("list", items=Rule("int", lo=0)),
     "detect.fpn_channels": Rule(lo=8), "detect.rois_per_image": AT_LEAST_1, "detect.max_bad_steps": NON_NEGATIVE, "detect.workers": NON_NEGATIVE,
     "detect.eval_batch_size": AT_LEAST_1, "detect.ckpt_every_steps": AT_LEAST_1, "detect.log_every": AT_LEAST_1,
+    "quantize.datasets": Rule("list", items=Rule("str")), "quantize.model": Rule("str"),
+    "quantize.methods": Rule("list", items=Rule("str", choices=("pq", "opq", "ivfpq", "scq"))),
+    "quantize.bits": Rule("list", items=Rule("int", lo=1)), "quantize.nbits": Rule("list", items=Rule("int", lo=1, hi=16)),
+    "quantize.train_split": Rule(choices=("train", "test")), "quantize.views": NON_NEGATIVE, "quantize.map_k": AT_LEAST_1,
+    "quantize.ivf.nlist": Rule("int", lo=1), "quantize.ivf.nprobe": AT_LEAST_1,
+    "quantize.ivf.sweep": Rule("list", items=Rule("int", lo=1)),
+    "quantize.scq.sub_dim": AT_LEAST_1, "quantize.scq.hidden": AT_LEAST_1, "quantize.scq.tau_sq": POSITIVE,
+    "quantize.scq.w_*": NON_NEGATIVE, "quantize.scq.top_neighbours": AT_LEAST_1, "quantize.scq.tau_*": POSITIVE,
+    "quantize.scq.epochs": AT_LEAST_1, "quantize.scq.batch_size": Rule(lo=2), "quantize.scq.lr": NON_NEGATIVE,
+    "quantize.scq.warmup_epochs": NON_NEGATIVE, "quantize.scq.weight_decay": NON_NEGATIVE,
 }
 
 

@@ -1,0 +1,260 @@
+"""The quantize stage: `quantize_job(cfg)` codes a backbone's features of each retrieval set of
+`quantize.datasets` at every budget of `quantize.bits` with every method of `quantize.methods`, and scores
+code search (ADC) next to float search.
+
+    python slurm/submit.py stage=quantize run_dir=RUN quantize.datasets=[sop] quantize.methods=[scq] quantize.bits=[32]
+
+The backbone (`quantize.model`, an eval.models entry) stays frozen: its features of the test split come
+from the eval stage's cache (RUN/eval/features/MODEL/SET.npy), those of the train split (or, with
+quantize.train_split=test, of the test images themselves, no labels used) are cached next to them, plainly
+preprocessed for PQ/OPQ/IVF-PQ and as `quantize.views` augmented views (the train stage's transform) for SCQ.
+
+Writes, per model, set and unit (method, M sub-quantisers x nbits): RUN/quantize/MODEL/SET/UNIT.faiss (the
+gallery's codes, `faiss.read_index` loads it; SCQ's is searched with the head's projected queries, the head
+in UNIT.pt) and UNIT.json (its metrics, written last: a rerun skips it, and refuses one made with other keys).
+The metrics go into RUN/eval/results.json as `UNIT/METRIC` (`scq-8x4/mAP@1000`, `float/R@1`), with the code
+size (`bytes`) and search time per query (`ms_per_query`); results.md gets the bits x method table.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from unicom_ds import config
+from unicom_ds.arrays import normalize
+from unicom_ds.atomic import atomic_path, read_json, write_json_atomic
+
+from evaluation import retrieval_sets
+from evaluation.run import ModelSpec, parse_model
+
+METHODS = ("pq", "opq", "ivfpq", "scq")
+TIMED_QUERIES = 1000  # queries timed per unit (ms_per_query) and used for the IVF-PQ nprobe sweep
+
+
+def model_spec(cfg: Any) -> ModelSpec:
+    try:
+        return parse_model(str(cfg.quantize.model), cfg.run_dir, str(cfg.model))
+    except config.ConfigError as e:
+        raise config.ConfigError(f"quantize.model: {e}") from None
+
+
+def units(cfg: Any, dim: int | None = None) -> list[tuple[str, int, int]]:
+    """(method, bits, nbits) of every unit: each budget of quantize.bits with each sub-quantiser size of
+    quantize.nbits that divides it (and, for the faiss baselines, whose sub-quantiser count divides `dim`)."""
+    out = []
+    for method in map(str, cfg.quantize.methods):
+        for bits in map(int, cfg.quantize.bits):
+            for nbits in map(int, cfg.quantize.nbits):
+                m = bits // nbits
+                if bits % nbits or (method != "scq" and dim is not None and dim % m):
+                    continue
+                out.append((method, bits, nbits))
+    return out
+
+
+def unit_name(method: str, bits: int, nbits: int) -> str:
+    return f"{method}-{bits // nbits}x{nbits}"
+
+
+def _train_paths(cfg: Any, name: str, root: Path) -> list[str]:
+    if str(cfg.quantize.train_split) == "test":
+        return retrieval_sets.read(name, root).paths
+    if name not in retrieval_sets.TRAIN_READERS:
+        raise config.ConfigError(f"quantize.datasets: '{name}' has no train split (sets with one: "
+                                 f"{', '.join(retrieval_sets.TRAIN_READERS)}); quantize.train_split=test trains "
+                                 "the codes on the test images themselves (no labels used)")
+    try:
+        return retrieval_sets.read_train(name, root).paths
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"quantize.train_split=train: {e}; quantize.train_split=test trains the codes on "
+                                "the test images themselves (no labels used)") from None
+
+
+def check(cfg: Any) -> list[str]:
+    """Everything that can fail before the job runs; returns the plan's lines."""
+    cfg = config.as_config(cfg)
+    q = cfg.quantize
+    if not q.datasets:
+        raise config.ConfigError("quantize.datasets is empty: name the retrieval sets to code, e.g. "
+                                 "quantize.datasets=[sop]")
+    if not units(cfg):
+        raise config.ConfigError(f"quantize: no unit to run: no quantize.nbits ({list(q.nbits)}) divides a budget "
+                                 f"of quantize.bits ({list(q.bits)})")
+    if "scq" in q.methods and int(q.views) < 2:
+        raise config.ConfigError(f"quantize.views={q.views}: SCQ trains on two different views of each image (>= 2)")
+    spec = model_spec(cfg)
+    if spec.is_file and not Path(spec.checkpoint).is_file() and not (spec.label == "run" and cfg.stage == "all"):
+        raise FileNotFoundError(f"quantize.model={q.model}: checkpoint {spec.checkpoint} does not exist")
+    root = Path(str(cfg.eval.data_root))
+    lines = [f"quantize: {q.model} frozen; {', '.join(map(str, q.methods))} at {', '.join(map(str, q.bits))} bits "
+             f"({' or '.join(map(str, q.nbits))}-bit sub-quantisers); mAP@{q.map_k}, codes trained on the "
+             f"{q.train_split} split"]
+    for name in map(str, q.datasets):
+        if name not in retrieval_sets.READERS:
+            raise config.ConfigError(f"quantize.datasets: unknown retrieval set '{name}'; known: "
+                                     f"{', '.join(retrieval_sets.READERS)}")
+        test = retrieval_sets.read(name, root / name)
+        retrieval_sets.check_images(test)
+        paths = _train_paths(cfg, name, root / name)
+        lines.append(f"  {name}: {len(test.paths)} test images, codes trained on {len(paths)} images")
+    return lines
+
+
+class _Features:
+    """The frozen backbone's features, cached through evaluation.features (one process)."""
+
+    def __init__(self, cfg: DictConfig, spec: ModelSpec):
+        from unicom_ds import backbone
+        from unicom_ds.loading import load
+        self.cfg, self.spec = cfg, spec
+        self.model, self.preprocess = load(spec.name, spec.checkpoint, device="cpu")
+        name = spec.name.partition(":")[2] if ":" in spec.name else spec.name
+        self.image_size = backbone.image_size(name) if name in backbone.MODELS else 224
+
+    def __call__(self, key: str, paths: list[str], transform=None) -> np.ndarray:
+        from evaluation.features import ImageFiles, cached_extract, features_path
+        e = self.cfg.eval
+        return cached_extract(features_path(self.cfg.run_dir, self.spec.label, key), self.model,
+                              ImageFiles(paths, transform or self.preprocess), int(e.batch_size), int(e.workers),
+                              str(self.cfg.device), progress_mode=str(self.cfg.progress),
+                              desc=f"quantize {self.spec.label} on {key}")
+
+    def views(self, key: str, paths: list[str], count: int) -> np.ndarray:
+        """[count, n, d]: view v drawn with torch seeded by (seed, v), so a re-extraction draws the same."""
+        from unicom_ds.train_data import train_transform
+        out = []
+        for v in range(count):
+            torch.manual_seed(int(self.cfg.seed) * 1000 + v)
+            out.append(self(f"{key}.view{v}", paths, train_transform(self.image_size)))
+        return np.stack(out)
+
+
+def _made_with(cfg: DictConfig, method: str) -> dict:
+    keys = ["quantize.model", "quantize.train_split", "quantize.map_k", "seed"]
+    keys += {"scq": ["quantize.views", "quantize.scq"], "ivfpq": ["quantize.ivf"]}.get(method, [])
+    return {k: OmegaConf.to_container(v) if OmegaConf.is_config(v := OmegaConf.select(cfg, k)) else v for k in keys}
+
+
+def _timed(index, queries: np.ndarray, k: int) -> float:
+    from evaluation.quantize.baselines import ms_per_query
+    return ms_per_query(index, queries[:TIMED_QUERIES], min(k, index.ntotal))
+
+
+def run_unit(cfg: DictConfig, method: str, bits: int, nbits: int, test: np.ndarray, train: np.ndarray,
+             views: np.ndarray | None, ds, out: Path, log) -> dict:
+    """Train one quantiser, code the test set, score it; writes UNIT.faiss (and UNIT.pt for SCQ)."""
+    import faiss
+    from evaluation import metrics
+    from evaluation.quantize import baselines, scq
+
+    q, name = cfg.quantize, unit_name(method, bits, nbits)
+    if len(train) < 2 ** nbits:
+        raise ValueError(f"{ds.name}: {len(train)} training images for {2 ** nbits} codewords per sub-space "
+                         f"({name}); drop {nbits} from quantize.nbits")
+    if baselines.few_points(len(train), nbits):
+        log(f"{name}: {len(train)} training vectors for 2^{nbits} centroids (faiss suggests >= {39 * 2 ** nbits})")
+    start = time.monotonic()
+    extra: dict = {}
+    if method == "scq":
+        from unicom_ds.tblog import writer
+        with writer(str(cfg.run_dir), f"quantize/{ds.name}/{name}") as tb:
+            def log_step(step: int, terms: dict) -> None:
+                if step % 10 == 0:
+                    for term, value in terms.items():
+                        tb.add_scalar(f"quantize/{term}", value, step)
+            device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+            head = scq.train_head(views, q.scq, bits // nbits, nbits, seed=int(cfg.seed), device=device, log=log_step)
+        head = head.cpu()
+        search = scq.searcher(head)
+        index = scq.to_faiss(head, scq.hard_codes(head, scq.embed(head, test)))
+        queries = scq.embed(head, test)
+        with atomic_path(out / f"{name}.pt") as tmp:
+            torch.save({"state_dict": head.state_dict(), "in_dim": test.shape[1], "books": head.books,
+                        "words": head.words, "sub_dim": head.sub_dim, "hidden": int(q.scq.hidden),
+                        "tau_sq": head.tau_sq}, tmp)
+    else:
+        nlist = int(q.ivf.nlist or baselines.default_nlist(len(train))) if method == "ivfpq" else 0
+        trained = baselines.train(method, train, bits, nbits, nlist)
+        if method == "ivfpq":
+            faiss.extract_index_ivf(trained).nprobe = int(q.ivf.nprobe)
+        search = baselines.searcher(trained)
+        index, queries = baselines.filled(trained, test), test
+        if method == "ivfpq":
+            _, exact = metrics.knn(test[:TIMED_QUERIES], test, 10, str(cfg.device))
+            sweep = baselines.nprobe_sweep(index, test[:TIMED_QUERIES], exact, list(q.ivf.sweep))
+            faiss.extract_index_ivf(index).nprobe = int(q.ivf.nprobe)
+            extra = {f"nprobe{p}/{k}": v for p, r in sweep.items() for k, v in
+                     (("recall@10_vs_float", r["recall"]), ("ms_per_query", r["ms_per_query"]))}
+            extra["nlist"] = nlist
+    result = metrics.evaluate(test, ds, str(cfg.device), search=search, map_k=int(q.map_k))
+    result.update(extra)
+    result["bytes"] = baselines.code_bytes(index)
+    result["ms_per_query"] = _timed(index, queries, 100)
+    with atomic_path(out / f"{name}.faiss") as tmp:
+        faiss.write_index(index, str(tmp))
+    log(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if "/" not in k)
+        + f" ({time.monotonic() - start:.0f}s)")
+    return result
+
+
+def quantize_set(cfg: DictConfig, feats: _Features, name: str, log) -> dict:
+    """Every unit on set `name`; returns its metrics {UNIT/METRIC: value} (float search included)."""
+    import faiss
+    from evaluation import metrics
+    from evaluation.features import features_path
+
+    q = cfg.quantize
+    root = Path(str(cfg.eval.data_root)) / name
+    ds = retrieval_sets.read(name, root)
+    test = normalize(feats(name, ds.paths))
+    train_paths = _train_paths(cfg, name, root)
+    key = f"{name}.{q.train_split}"
+    train = test if str(q.train_split) == "test" else normalize(feats(key, train_paths))
+    views = None
+    out = Path(str(cfg.run_dir)) / "quantize" / features_path(cfg.run_dir, feats.spec.label, name).parent.name / name
+    out.mkdir(parents=True, exist_ok=True)
+    found: dict = {}
+    flat = faiss.IndexFlatIP(test.shape[1])
+    flat.add(test)
+    base = metrics.evaluate(test, ds, str(cfg.device), map_k=int(q.map_k))
+    base.update(bytes=4 * test.shape[1], ms_per_query=_timed(flat, test, 100))
+    found.update({f"float/{k}": v for k, v in base.items()})
+    for method, bits, nbits in units(cfg, test.shape[1]):
+        unit = unit_name(method, bits, nbits)
+        marker, made_with = out / f"{unit}.json", _made_with(cfg, method)
+        if marker.is_file():
+            done = read_json(marker)
+            config.check_same(done["made_with"], made_with, marker)
+            result = done["metrics"]
+            log(f"{unit}: done before ({marker})")
+        else:
+            if method == "scq" and views is None:
+                views = normalize(feats.views(f"{key}.aug", train_paths, int(q.views)).reshape(-1, test.shape[1])
+                                  ).reshape(int(q.views), len(train_paths), -1)
+            result = run_unit(cfg, method, bits, nbits, test, train, views, ds, out, log)
+            write_json_atomic(marker, {"made_with": made_with, "metrics": result})
+        found.update({f"{unit}/{k}": v for k, v in result.items()})
+    return found
+
+
+def quantize_job(cfg: Any) -> dict:
+    """Every set of quantize.datasets; merges the metrics into RUN/eval (results.json, results.md)."""
+    from evaluation import results
+
+    cfg = config.as_config(cfg)
+    check(cfg)
+    spec = model_spec(cfg)
+    feats = _Features(cfg, spec)
+
+    def log(text: str) -> None:
+        print(f"[quantize] {text}", flush=True)
+
+    found = {spec.label: {name: quantize_set(cfg, feats, name, log) for name in map(str, cfg.quantize.datasets)}}
+    merged, text = results.write_all(cfg.run_dir, found, found)
+    print(text, flush=True)
+    return merged
