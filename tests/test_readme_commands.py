@@ -64,7 +64,7 @@ def write_cub(root: Path) -> None:
     x, y = _digits(40)
     lines, labels = [], []
     for i in range(len(x)):
-        cls = 101 + int(y[i]) % 4
+        cls = 99 + int(y[i]) % 4  # 99, 100 train classes; 101, 102 test
         rel = f"{cls:03d}.Bird_{cls}/Bird_{cls}_{i}.jpg"
         demo_sets.save_image(root / "images" / rel, x[i])
         lines.append(f"{i + 1} {rel}")
@@ -81,7 +81,7 @@ def write_cars(root: Path) -> None:
         rel = f"car_ims/{i + 1:06d}.jpg"
         demo_sets.save_image(root / rel, x[i])
         annos[0, i] = (np.array([rel]), *[np.array([[1]], dtype=np.uint16)] * 4,
-                       np.array([[99 + int(y[i]) % 4]], dtype=np.uint8), np.array([[1]], dtype=np.uint8))
+                       np.array([[97 + int(y[i]) % 4]], dtype=np.uint8), np.array([[1]], dtype=np.uint8))
     savemat(root / "cars_annos.mat", {"annotations": annos})
 
 
@@ -100,6 +100,8 @@ def write_inshop(root: Path) -> None:
 def write_sop(root: Path) -> None:
     x, y = _digits(40)
     demo_sets.write_sop(root.parent, x, y)
+    # A train split too (quantize.train_split=train, fine-tuning): the same images, listed as SOP lists them.
+    (root / "Ebay_train.txt").write_text((root / "Ebay_test.txt").read_text())
 
 
 def write_inat(root: Path) -> None:
@@ -235,8 +237,9 @@ def as_run(command: str, stand_ins: dict, index: int) -> list[str]:
         elif "$" in value or value.startswith(("/data/", "/scratch/", "/weights/")):
             pytest.fail(f"no stand-in for {key}={value} in: {command}")
         out.append(f"{key}={value}")
-    if stage in ("eval", "all", "finetune"):
-        listed = next((v for k, _, v in args if k == ("finetune.datasets" if stage == "finetune" else "eval.datasets")),
+    if stage in ("eval", "all", "finetune", "quantize"):
+        listed = next((v for k, _, v in args if k == ("finetune.datasets" if stage == "finetune" else
+                                                      "quantize.datasets" if stage == "quantize" else "eval.datasets")),
                       None)
         names = re.findall(r"\w+", listed) if listed else list(DEFAULT_EVAL_SETS)
         out.append(f"eval.data_root={eval_root(stand_ins['tmp'], names)}")
