@@ -206,3 +206,22 @@ def test_finetune_runs_on_slurm(slurm, tmp_path):
     assert set(states.values()) == {"COMPLETED"}, f"{states}\n{log_tails(run)}"
     assert json.loads((run / "finetune" / "cub" / "export.json").read_text())["step"] == 2
     assert "cub" in json.loads((run / "eval" / "results.json").read_text())["ft-cub:unicom:ViT-Tiny-16"]
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "slurm/configs/recipes/finetune").glob("*.yaml")), ids=lambda p: p.stem)
+def test_per_set_recipes_resolve_to_the_authors_scripts_per_gpu_batch_and_512_features(recipe):
+    """Each recipe is one of deepglint/unicom's scripts/*.sh: on the script's GPU count (the documented
+    slurm.gpus_per_node) every rank gets the script's per-GPU batch, and r2 keeps its num_feat = 512 dims."""
+    from unicom_ds import backbone
+    from unicom_ds.margin import fraction_count
+    usage = recipe.read_text()
+    init = re.search(r"finetune\.init=unicom:(\S+)@", usage).group(1)
+    gpus = int(re.search(r"slurm\.gpus_per_node=(\d+)", usage).group(1))
+    per_gpu = int(re.search(r"x (\d+) images there", usage).group(1))
+    cfg = config.resolve(["stage=finetune", f"config={recipe}", f"finetune.init=unicom:{init}@/weights/x.pt"])
+    ds = train_plan.deepspeed_config(cfg, gpus, "finetune")
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (per_gpu, 1)
+    assert cfg.finetune.datasets[0] in recipe.stem and cfg.finetune.prototype_lr_mult == 10.0
+    assert float(cfg.finetune.warmup_epochs) == pytest.approx(cfg.finetune.epochs / 10)
+    dim = backbone.embed_dim(unicom_vit.canonical_name(init))
+    assert fraction_count(cfg.finetune.loss.r2, dim) == 512

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from scipy.io import savemat
 
@@ -203,6 +204,17 @@ def clip_retrieval_folder(folder: Path, run: Path, d: int = 512) -> Path:
     return folder
 
 
+def release_file(tmp: Path, init: str) -> Path:
+    """The release file `init` names (unicom:NAME@/weights/FILE), at random init and in fp16 as released."""
+    from unicom_ds import unicom_vit
+    name, _, path = init.removeprefix("unicom:").partition("@")
+    out = tmp / "weights" / Path(path).name
+    if not out.is_file():
+        out.parent.mkdir(exist_ok=True)
+        torch.save(unicom_vit.build(unicom_vit.canonical_name(name)).half().state_dict(), out)
+    return out
+
+
 def as_run(command: str, stand_ins: dict, index: int) -> list[str]:
     """The command's arguments after `python slurm/submit.py`, with stand-ins for what it names."""
     text = command.removeprefix("python slurm/submit.py ")
@@ -210,7 +222,8 @@ def as_run(command: str, stand_ins: dict, index: int) -> list[str]:
     args = [a.partition("=") for a in shlex.split(text)]
     keys = {k for k, _, _ in args}
     stage = next(v for k, _, v in args if k == "stage")
-    if stage in FIRST_STAGES or "train.continue_from" in keys:
+    # config=FILE sets a new run's keys (an existing run's config.yaml would outrank it): a fresh directory
+    if stage in FIRST_STAGES or "train.continue_from" in keys or "config" in keys:
         run = stand_ins["tmp"] / f"fresh{index}"         # a new run directory
     else:
         run = stand_ins["clustered" if stage in ("kmeans", "assign", "train") else "trained"]
@@ -234,6 +247,8 @@ def as_run(command: str, stand_ins: dict, index: int) -> list[str]:
             continue                                     # added below, with the sets the command names
         elif key == "detect.data_root" and value.startswith("/data/"):
             value = str(coco_root(stand_ins["tmp"]))     # COCO 2017's layout, rendered shapes
+        elif key == "finetune.init" and "@/weights/" in value:   # an official release file
+            value = value.partition("@")[0] + "@" + str(release_file(stand_ins["tmp"], value))
         elif "$" in value or value.startswith(("/data/", "/scratch/", "/weights/")):
             pytest.fail(f"no stand-in for {key}={value} in: {command}")
         out.append(f"{key}={value}")
