@@ -2,7 +2,11 @@
 # Every figure that waits for a GPU (issue 13's, and the detect and finetune stages'), in one run of a
 # few minutes on one CUDA GPU.
 #
-#     bash benchmarks/gpu_figures.sh [OUT_DIR]        # default OUT_DIR: gpu_figures/ ($OUT when set)
+#     bash benchmarks/gpu_figures.sh [OUT_DIR] [PART ...]   # default OUT_DIR: gpu_figures/ ($OUT when set)
+#
+# PART: part numbers to run (e.g. 01 02 03 04 07), all when none are given. A device call runs at most
+# 10 minutes, so run the parts in two calls into one OUT_DIR: `01 02 03 04 07 09`, then `05 06 08 10`
+# (the summary is appended to; 04 reads 02's step rate from OUT_DIR).
 #
 # Each part has its own time limit and log (OUT_DIR/NN_name.log); a part that fails or runs out of
 # time is reported and the others still run. The summary (OUT_DIR/summary.txt) lists each part's
@@ -22,17 +26,20 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu_figures}}
+shift $(( $# > 0 ? 1 : 0 ))
+PARTS=" $* "
 mkdir -p "$OUT_DIR"
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 SUMMARY="$OUT_DIR/summary.txt"
-: > "$SUMMARY"
+[ "$PARTS" = "  " ] && : > "$SUMMARY"
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc;
   $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"; } \
   >> "$SUMMARY" 2>&1
 
 part() {  # part NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
+  [ "$PARTS" = "  " ] || [[ "$PARTS" == *" ${name:0:2} "* ]] || return 0
   local log="$OUT_DIR/$name.log" start=$SECONDS
   echo "== $name: $*" | tee -a "$SUMMARY"
   timeout "$limit" "$@" > "$log" 2>&1
