@@ -1,0 +1,138 @@
+"""Compact codes, measured (docs/benchmarks.md "Compact codes"):
+
+- `map`: mAP@K of PQ, OPQ+PQ and SCQ at 16/32/64 bits side by side (4-bit codebooks; 8-bit where the budget
+  allows) on scikit-learn digits: pixel features (L2-normalised 64-d), codes learnt on digits 0-4 ... all
+  1797 images' first half, scored all-against-all on the second half (mAP@K, K = gallery size - 1 capped at
+  1000). SCQ's two views are the same digit shifted by up to one pixel.
+- `ablation`: SCQ's instance-contrastive weights (embedding and quantised) at 0 (the authors' release) and
+  at 0.5, same data, every budget.
+- `speed`: ADC code search (PQ 8x4 = 32 bits, PQ 16x8 = 128 bits, IVF-PQ) against faiss flat float search
+  over 1M random 256-d vectors: ms per query (a batch of 100 queries) and bytes per vector.
+
+    python benchmarks/bench_quantize.py [--parts map,ablation,speed] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from types import SimpleNamespace
+
+import faiss
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from evaluation import metrics
+from evaluation.quantize import baselines, scq
+from evaluation.retrieval_sets import RetrievalSet, Split
+from unicom_ds.arrays import normalize
+
+SCQ_DEFAULTS = OmegaConf.load("slurm/configs/quantize.yaml").quantize.scq
+
+
+def digits_split():
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    order = np.random.default_rng(0).permutation(len(d.target))
+    half = len(order) // 2
+    return d.images[order[:half]], d.images[order[half:]], d.target[order[half:]]
+
+
+def shifted_views(images: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """[count, n, 64]: each 8x8 digit moved by up to one pixel (zero filled), a view per draw."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        moved = np.zeros_like(images)
+        for i, (dy, dx) in enumerate(rng.integers(-1, 2, (len(images), 2))):
+            moved[i] = np.roll(np.roll(images[i], dy, 0), dx, 1)
+        out.append(normalize(moved.reshape(len(images), -1).astype(np.float32)))
+    return np.stack(out)
+
+
+def scq_keys(**over) -> SimpleNamespace:
+    return SimpleNamespace(**{**OmegaConf.to_container(SCQ_DEFAULTS), **over})
+
+
+def run_map(budgets, nbits_list, ablation: bool) -> None:
+    train_img, test_img, labels = digits_split()
+    train = normalize(train_img.reshape(len(train_img), -1).astype(np.float32))
+    test = normalize(test_img.reshape(len(test_img), -1).astype(np.float32))
+    views = shifted_views(train_img, 4)
+    ds = RetrievalSet("digits", [str(i) for i in range(len(test))], labels, (1,), {"": Split(np.arange(len(test)))})
+    k = min(1000, len(test) - 1)
+    flat = metrics.evaluate(test, ds, "cpu", map_k=k)
+    print(f"digits: train {len(train)}, test {len(test)}; float (64 x 32 bits) mAP@{k} {100 * flat[f'mAP@{k}']:.1f}")
+    variants = {"scq": scq_keys()} if not ablation else {
+        "scq ic=0": scq_keys(w_ic_embedding=0.0, w_ic_quantised=0.0),
+        "scq ic=0.5": scq_keys(w_ic_embedding=0.5, w_ic_quantised=0.5)}
+    methods = [] if ablation else ["pq", "opq"]
+    print(f"| method | codebooks | " + " | ".join(f"{b} bits" for b in budgets) + " |")
+    print("|---|---|" + "---:|" * len(budgets))
+    for nbits in nbits_list:
+        for name in [*methods, *variants]:
+            cells = []
+            for bits in budgets:
+                if bits % nbits or 64 % (bits // nbits):
+                    cells.append("–")
+                    continue
+                start = time.time()
+                if name in variants:
+                    head = scq.train_head(views, variants[name], bits // nbits, nbits, seed=0)
+                    search = scq.searcher(head)
+                else:
+                    search = baselines.searcher(baselines.train(name, train, bits, nbits))
+                got = metrics.evaluate(test, ds, "cpu", search=search, map_k=k)[f"mAP@{k}"]
+                cells.append(f"{100 * got:.1f}")
+                print(f"  {name} {bits} bits {nbits}-bit: {100 * got:.1f} ({time.time() - start:.0f}s)", flush=True)
+            print(f"| {name} | {nbits}-bit | " + " | ".join(cells) + " |", flush=True)
+
+
+def run_speed(n: int, d: int, queries: int) -> None:
+    rng = np.random.default_rng(0)
+    x = normalize(rng.standard_normal((n, d)).astype(np.float32))
+    q = normalize(rng.standard_normal((queries, d)).astype(np.float32))
+    sample = x[rng.choice(n, 50_000, replace=False)]
+    flat = faiss.IndexFlatIP(d)
+    flat.add(x)
+    rows = [("flat float", 4 * d, baselines.ms_per_query(flat, q, 10))]
+    _, exact = flat.search(q, 10)
+    for method, bits, nbits in (("pq", 32, 4), ("pq", 128, 8), ("ivfpq", 128, 8)):
+        start = time.time()
+        index = baselines.filled(baselines.train(method, sample, bits, nbits, nlist=1024), x)
+        build = time.time() - start
+        if method == "ivfpq":
+            for p, r in baselines.nprobe_sweep(index, q, exact, [1, 8, 32]).items():
+                rows.append((f"IVF1024,PQ{bits // nbits}x{nbits} nprobe {p} (recall@10 {r['recall']:.2f})",
+                             baselines.code_bytes(index), r["ms_per_query"]))
+            continue
+        _, ids = index.search(q, 10)
+        rows.append((f"PQ{bits // nbits}x{nbits} (recall@10 {baselines.neighbour_recall(ids, exact):.2f}, "
+                     f"built in {build:.0f}s)", baselines.code_bytes(index), baselines.ms_per_query(index, q, 10)))
+    print(f"{n} random {d}-d vectors, {queries} queries, top 10, {faiss.omp_get_max_threads()} thread(s)")
+    print("| index | bytes/vector | ms/query |\n|---|---:|---:|")
+    for name, size, ms in rows:
+        print(f"| {name} | {size} | {ms:.2f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="map,ablation,speed")
+    ap.add_argument("--threads", type=int, default=1, help="faiss and torch threads (1 on a shared machine)")
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--d", type=int, default=256)
+    ap.add_argument("--nbits", default="4,8", help="codebook sizes of the map part")
+    args = ap.parse_args()
+    faiss.omp_set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    parts = args.parts.split(",")
+    if "map" in parts:
+        run_map((16, 32, 64), tuple(int(b) for b in args.nbits.split(",")), ablation=False)
+    if "ablation" in parts:
+        run_map((16, 32, 64), (4,), ablation=True)
+    if "speed" in parts:
+        run_speed(args.n, args.d, 100)
+
+
+if __name__ == "__main__":
+    main()
