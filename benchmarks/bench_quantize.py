@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import argparse
 import time
-from types import SimpleNamespace
 
 import faiss
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from evaluation import metrics
 from evaluation.quantize import baselines, scq
 from evaluation.retrieval_sets import RetrievalSet, Split
 from unicom_ds.arrays import normalize
-
-SCQ_DEFAULTS = OmegaConf.load("slurm/configs/quantize.yaml").quantize.scq
 
 
 def digits_split():
@@ -50,8 +46,17 @@ def shifted_views(images: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
     return np.stack(out)
 
 
-def scq_keys(**over) -> SimpleNamespace:
-    return SimpleNamespace(**{**OmegaConf.to_container(SCQ_DEFAULTS), **over})
+def train_scq(views: np.ndarray, over: dict, books: int, nbits: int) -> torch.nn.Module:
+    """An SCQ head trained as stage=quantize does (the Trainer, one process), quantize.scq keys `over`ridden."""
+    import tempfile
+    from pathlib import Path
+
+    from evaluation.quantize import job
+    from unicom_ds import config
+    with tempfile.TemporaryDirectory() as run:
+        cfg = config.resolve(["stage=quantize", f"run_dir={run}", "device=cpu",
+                              *(f"quantize.scq.{k}={v}" for k, v in over.items())])
+        return job.train_scq(cfg, views, books, nbits, Path(run) / "quantize" / "scq")[0]
 
 
 def run_map(budgets, nbits_list, ablation: bool) -> None:
@@ -63,9 +68,9 @@ def run_map(budgets, nbits_list, ablation: bool) -> None:
     k = min(1000, len(test) - 1)
     flat = metrics.evaluate(test, ds, "cpu", map_k=k)
     print(f"digits: train {len(train)}, test {len(test)}; float (64 x 32 bits) mAP@{k} {100 * flat[f'mAP@{k}']:.1f}")
-    variants = {"scq": scq_keys()} if not ablation else {
-        "scq ic=0": scq_keys(w_ic_embedding=0.0, w_ic_quantised=0.0),
-        "scq ic=0.5": scq_keys(w_ic_embedding=0.5, w_ic_quantised=0.5)}
+    variants = {"scq": {}} if not ablation else {
+        "scq ic=0": dict(w_ic_embedding=0.0, w_ic_quantised=0.0),
+        "scq ic=0.5": dict(w_ic_embedding=0.5, w_ic_quantised=0.5)}
     methods = [] if ablation else ["pq", "opq"]
     print(f"| method | codebooks | " + " | ".join(f"{b} bits" for b in budgets) + " |")
     print("|---|---|" + "---:|" * len(budgets))
@@ -78,7 +83,7 @@ def run_map(budgets, nbits_list, ablation: bool) -> None:
                     continue
                 start = time.time()
                 if name in variants:
-                    head = scq.train_head(views, variants[name], bits // nbits, nbits, seed=0)
+                    head = train_scq(views, variants[name], bits // nbits, nbits)
                     search = scq.searcher(head)
                 else:
                     search = baselines.searcher(baselines.train(name, train, bits, nbits))

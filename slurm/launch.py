@@ -38,7 +38,7 @@ TARGETS = {
     "detect": "evaluation.detection.job:DetectJob",   # a submitit Checkpointable: requeued at the time limit
     "finetune": "evaluation.finetune.job:FinetuneJob",  # the train stage's TrainJob on finetune.*
     "finetune_local": "evaluation.finetune.job:local_command",
-    "quantize": "evaluation.quantize.job:quantize_job",
+    "quantize": "evaluation.quantize.job:QuantizeJob",  # one task, requeued at the time limit (SCQ resumes)
 }
 # Where each step writes inside the run directory (DESIGN.md "Stage contracts").
 OUTPUTS = {"embed": "embed", "kmeans": "kmeans", "assign": "labels", "train": "train", "eval": "eval",

@@ -7,7 +7,6 @@ import json
 import math
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import faiss
 import numpy as np
@@ -139,17 +138,15 @@ def test_soft_quantisation_approaches_the_nearest_codeword():
 
 # ---- SCQ in faiss ----------------------------------------------------------------------------------
 
-SCQ_KEYS = dict(w_ic_embedding=0.5, w_ic_quantised=0.5, w_fused=0.4, w_part_neighbour=0.1, w_diversity=0.2,
-                tau_ic=0.5, tau_fused=0.2, tau_pn=0.5, top_neighbours=20, sub_dim=8, hidden=64, tau_sq=0.2,
-                lr=1e-3, weight_decay=1e-5, batch_size=128, epochs=2, warmup_epochs=0.5)
-
-
 @pytest.mark.parametrize("nbits", [4, 8])
 def test_scq_exported_to_faiss_finds_the_heads_adc_neighbours(digits, nbits):
     x, _ = digits
     rng = np.random.default_rng(0)
-    views = np.stack([normalize(x + 0.05 * rng.standard_normal(x.shape).astype(np.float32)) for _ in range(2)])
-    head = scq.train_head(views[:, :600], SimpleNamespace(**SCQ_KEYS), 32 // nbits, nbits, seed=0)
+    torch.manual_seed(0)
+    head = scq.SCQHead(64, 32 // nbits, 2 ** nbits, 8, 64)
+    # Codewords drawn from the projected data, so the codes spread over every book (as a trained head's do).
+    picks = scq.embed(head, x[rng.choice(len(x), head.words, replace=False)])
+    head.codebooks.data.copy_(torch.as_tensor(picks).view(head.words, head.books, -1).transpose(0, 1))
     f = scq.embed(head, x)
     codes = scq.hard_codes(head, f)
     index = scq.to_faiss(head, codes)
@@ -175,9 +172,107 @@ def _adc_all(head, q, codes):
     return sum(table[:, m, codes[:, m]] for m in range(head.books))
 
 
-def test_train_head_refuses_a_single_view(digits):
+def test_view_pairs_draw_two_views_of_each_image_and_resume_mid_epoch():
+    n, views = 48, 3
+    # Feature value = 100 * view + image: the batch tells which view of which image each row holds.
+    x = (100 * np.arange(views)[:, None, None] + np.arange(n)[None, :, None]).astype(np.float32).repeat(2, 2)
+    data = scq.ViewPairs(x)
+    assert data.check(0, 1, torch.device("cpu")) == n
+    kw = dict(epoch=1, accum=1, micro=8, world=2, seed=3)
+    epoch = [[b for b in data.batches(in_epoch=0, count=3, rank=r, **kw)] for r in range(2)]
+    images = []
+    for a, b, skipped in (batch for rank in epoch for batch in rank):
+        assert skipped.numel() == 0 and a.shape == (8, 2)
+        assert (a[:, 0] % 100 == b[:, 0] % 100).all() and (a[:, 0] // 100 != b[:, 0] // 100).all()
+        images += (a[:, 0] % 100).int().tolist()
+    assert sorted(images) == list(range(n))  # both ranks together: every image once per epoch
+    later = list(data.batches(in_epoch=1, count=2, rank=1, **kw))  # a resume at micro batch 1
+    assert len(later) == 2
+    for got, want in zip(later, epoch[1][1:]):
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
     with pytest.raises(ValueError, match="at least 2 views"):
-        scq.train_head(digits[0][None], SimpleNamespace(**SCQ_KEYS), 8, 4)
+        scq.ViewPairs(x[:1])
+
+
+def _scq_cfg(run: Path, *extra: str):
+    from unicom_ds import config
+    return config.resolve(["stage=quantize", f"run_dir={run}", "device=cpu", "quantize.scq.batch_size=16",
+                           "quantize.scq.epochs=3", "quantize.scq.warmup_epochs=1", "quantize.scq.sub_dim=4",
+                           "quantize.scq.hidden=16", "quantize.scq.top_neighbours=4", "quantize.scq.log_every=1",
+                           "quantize.scq.ckpt_every_steps=2", *extra])
+
+
+@pytest.fixture
+def one_process_group(monkeypatch):
+    """The one-process rendezvous train_scq sets up, out of the environment after the test: later subprocesses
+    must not inherit its port. The group itself stays for this process (DeepSpeed keeps hold of it)."""
+    from unicom_ds import train
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(train.free_port()))):
+        monkeypatch.setenv(key, value)
+
+
+def test_scq_training_killed_after_its_first_checkpoint_resumes_there(tmp_path, monkeypatch, one_process_group):
+    """Through the Trainer: checkpoints, a resume at the last one, the loss terms in TensorBoard, the head exported."""
+    from evaluation.quantize import job
+    from unicom_ds import config, train
+    from unicom_ds.tblog import read_scalars
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((48, 12)).astype(np.float32)
+    views = np.stack([normalize(base + 0.1 * rng.standard_normal(base.shape).astype(np.float32)) for _ in range(2)])
+    run, folder = tmp_path / "run", tmp_path / "run" / "quantize" / "m" / "set" / "scq-4x2"
+    folder.mkdir(parents=True)
+    cfg = _scq_cfg(run)
+
+    class Killed(Exception):
+        pass
+
+    save = train.Trainer.save
+
+    def save_then_die(self):
+        save(self)
+        raise Killed(f"killed at step {self.step}")
+
+    with monkeypatch.context() as m, pytest.raises(Killed, match="step 2"):
+        m.setattr(train.Trainer, "save", save_then_die)
+        job.train_scq(cfg, views, 4, 2, folder)
+    assert (folder / "ckpt" / "step_2").is_dir() and not folder.with_suffix(".pt").exists()
+    head, summary = job.train_scq(cfg, views, 4, 2, folder)
+    assert summary["start_step"] == 2 and summary["steps"] == 9 and summary["skipped_steps"] == 0
+    assert math.isfinite(summary["loss"]) and summary["export"] == str(folder.with_suffix(".pt"))
+    assert head.books == 4 and head.words == 4 and torch.isfinite(head.codebooks).all()
+    scalars = read_scalars(str(run / "tensorboard"))
+    for term in ("loss", "lr", "ic_embedding", "ic_quantised", "fused", "part_neighbour", "diversity"):
+        assert sorted(s for s, _ in scalars[f"quantize.scq/{term}"]) == list(range(1, 10)), term
+    # A rerun with other head keys refuses the unit's checkpoints.
+    other = _scq_cfg(run, "quantize.scq.w_fused=0.1")
+    with pytest.raises(config.ConfigError, match="w_fused"):
+        job.train_scq(other, views, 4, 2, folder)
+
+
+def test_scq_step_with_a_non_finite_loss_is_skipped(tmp_path, monkeypatch, one_process_group):
+    from evaluation.quantize import job
+    views = np.stack([normalize(np.random.default_rng(v).standard_normal((32, 8)).astype(np.float32)) for v in (0, 1)])
+    loss, calls = scq.Objective.loss, []
+
+    def nan_at_second_step(self, model, batch):
+        value, terms = loss(self, model, batch)
+        calls.append(1)
+        return (value * float("nan") if len(calls) == 2 else value), terms
+
+    monkeypatch.setattr(scq.Objective, "loss", nan_at_second_step)
+    head, summary = job.train_scq(_scq_cfg(tmp_path / "run"), views, 2, 2, tmp_path / "run" / "quantize" / "scq-2x2")
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in head.parameters())
+
+
+def test_quantize_job_is_requeued_to_resume_its_scq_unit(tmp_path):
+    from evaluation.quantize.job import QuantizeJob
+    from slurm import launch
+    from unicom_ds import config
+    assert launch.target("quantize") is QuantizeJob  # the launchers submit an instance: submitit requeues it
+    again = QuantizeJob().checkpoint(config.select(_scq_cfg(tmp_path, "quantize.scq.resume=none")))
+    assert isinstance(again.function, QuantizeJob) and again.args[0]["quantize"]["scq"]["resume"] == "latest"
 
 
 # ---- faiss baselines -------------------------------------------------------------------------------

@@ -231,6 +231,11 @@ RULES: dict[str, Rule] = {
     "quantize.scq.w_*": NON_NEGATIVE, "quantize.scq.top_neighbours": AT_LEAST_1, "quantize.scq.tau_*": POSITIVE,
     "quantize.scq.epochs": AT_LEAST_1, "quantize.scq.batch_size": Rule(lo=2), "quantize.scq.lr": NON_NEGATIVE,
     "quantize.scq.warmup_epochs": NON_NEGATIVE, "quantize.scq.weight_decay": NON_NEGATIVE,
+    "quantize.scq.steps_per_epoch": Rule("int", lo=1), "quantize.scq.max_steps": Rule("int", lo=1),
+    "quantize.scq.schedule": Rule(choices=("onecycle", "cosine", "constant")),
+    "quantize.scq.precision": Rule(choices=("bf16", "fp32")), "quantize.scq.max_bad_steps": NON_NEGATIVE,
+    "quantize.scq.ckpt_every_steps": AT_LEAST_1, "quantize.scq.keep_checkpoints": AT_LEAST_1,
+    "quantize.scq.log_every": AT_LEAST_1,
 }
 
 

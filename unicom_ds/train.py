@@ -136,10 +136,17 @@ class Trainer:
     `data` (see ShardData), `out` (the folder under run_dir for checkpoints, export and TensorBoard),
     the config `section` holding its train.* keys and `loss` its loss.* keys, and `init`, which
     returns (model name, backbone in fp32) to start from instead of a random init.
+
+    A job that trains something else than a backbone over prototypes (the SCQ head) passes `objective`:
+    `name` (recorded in its checkpoints; a resume must match), `model` (the module the engine trains),
+    `loss(engine, batch) -> (loss, {term: tensor})` over a micro batch (the data's tensors before the
+    skip counts, on the device), and `export(fp32 state dict) -> Path` (rank 0: what the job keeps).
+    Its data then has no `classes`, and its terms go to TensorBoard under <section>/.
     """
 
     def __init__(self, cfg: DictConfig, data=None, *, out: str = "train", section: str = "train",
-                 loss: str = "loss", init: Callable[[], tuple[str, torch.nn.Module]] | None = None):
+                 loss: str = "loss", init: Callable[[], tuple[str, torch.nn.Module]] | None = None,
+                 objective=None):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -150,7 +157,8 @@ class Trainer:
         self.tc, self.lc = OmegaConf.select(cfg, section), OmegaConf.select(cfg, loss)
         self.section = section
         self.data = ShardData(cfg) if data is None else data
-        self.k = int(self.data.classes)
+        self.objective = objective
+        self.k = int(self.data.classes) if objective is None else 0
         self.ds = train_plan.deepspeed_config(cfg, self.world, section)
         self.micro, self.accum = int(self.ds["train_micro_batch_size_per_gpu"]), self.ds["gradient_accumulation_steps"]
         self.global_batch = int(self.ds["train_batch_size"])
@@ -164,7 +172,9 @@ class Trainer:
             continuation.check_compatible(self.base, str(cfg.model))
 
         torch.manual_seed(int(cfg.seed))  # the same backbone init on every rank
-        if init is None:
+        if objective is not None:  # built by the job, the same on every rank
+            self.model_name, model = objective.name, objective.model
+        elif init is None:
             self.model_name = str(cfg.model)
             model = backbone.build(self.model_name, bool(self.tc.grad_checkpointing))
         else:  # every rank loads the same file; a resume then overwrites these weights
@@ -172,7 +182,8 @@ class Trainer:
             model.train()
         if self.base is not None:  # before the engine: ZeRO makes its fp32 master copies from these weights
             model.load_state_dict(self.base_weights(), strict=True)
-        self.dim, self.image_size = backbone.embed_dim(self.model_name), backbone.image_size(self.model_name)
+        self.dim, self.image_size = ((backbone.embed_dim(self.model_name), backbone.image_size(self.model_name))
+                                     if objective is None else (0, 0))
         wd = float(self.tc.weight_decay)
         opt = adamw(backbone.param_groups(model, wd), float(self.tc.lr), wd)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds)
@@ -183,22 +194,27 @@ class Trainer:
         self.total_steps = int(self.tc.epochs) * self.steps_per_epoch
         self.warmup_steps = round(float(self.tc.warmup_epochs) * self.steps_per_epoch)
         self.stop = min(self.total_steps, int(self.tc.max_steps or self.total_steps))
-        lc = self.lc
-        self.layer = ShardedPrototypes(self.k, self.dim, r1=float(lc.r1), r2=float(lc.r2),
-                                       margin=float(lc.margin), scale=float(lc.scale),
-                                       seed=int(cfg.seed), margin_grad=str(lc.margin_grad),
-                                       equal_batches=True).to(self.device)  # micro batches: micro rows on every rank
-        if self.base is not None:
-            states = checkpoint.load_rank_states(self.base.checkpoint, self.k, *self.layer.class_range)
-            weight, _ = checkpoint.merge_prototype_states(states, *self.layer.class_range)
-            self.layer.weight.data.copy_(weight.to(self.device))
-        self.proto_opt = adamw(self.layer.parameters(), float(self.tc.lr), wd)
+        self.layer = self.proto_opt = None
+        if objective is None:
+            self.init_prototypes(wd)
         self.step = self.bad_steps = 0
         self.resumed_from: Path | None = None
         # Every check has passed: only now does a first train stage record the run's config.
         if self.rank == 0 and not (self.run_dir / "config.yaml").is_file():
             config.save(cfg)
         torch.manual_seed(int(cfg.seed) * 1000 + self.rank)  # distinct augmentations per rank
+
+    def init_prototypes(self, wd: float) -> None:
+        lc = self.lc
+        self.layer = ShardedPrototypes(self.k, self.dim, r1=float(lc.r1), r2=float(lc.r2),
+                                       margin=float(lc.margin), scale=float(lc.scale),
+                                       seed=int(self.cfg.seed), margin_grad=str(lc.margin_grad),
+                                       equal_batches=True).to(self.device)  # micro batches: micro rows on every rank
+        if self.base is not None:
+            states = checkpoint.load_rank_states(self.base.checkpoint, self.k, *self.layer.class_range)
+            weight, _ = checkpoint.merge_prototype_states(states, *self.layer.class_range)
+            self.layer.weight.data.copy_(weight.to(self.device))
+        self.proto_opt = adamw(self.layer.parameters(), float(self.tc.lr), wd)
 
     def base_weights(self) -> dict[str, torch.Tensor]:
         """The base run's exported backbone for this model: at this input size (release models), fp32."""
@@ -213,6 +229,9 @@ class Trainer:
                 "world_size": self.world, "epoch": self.step // self.steps_per_epoch,
                 "step_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch}
 
+    def resume_keys(self) -> tuple[str, ...]:
+        return RESUME_KEYS if self.objective is None else ("model",)
+
     def sync_batchnorm_stats(self) -> None:
         """Average the BatchNorm running statistics over ranks (each rank normalises its own micro
         batch, as the release's training did; the saved statistics are those of all ranks)."""
@@ -223,7 +242,8 @@ class Trainer:
     def weights_finite(self) -> bool:
         """Collective: every rank's backbone copy and prototype block are finite."""
         module = self.engine.module
-        ok = all(bool(torch.isfinite(t).all()) for t in (*module.parameters(), *module.buffers(), self.layer.weight)
+        layer = () if self.layer is None else (self.layer.weight,)
+        ok = all(bool(torch.isfinite(t).all()) for t in (*module.parameters(), *module.buffers(), *layer)
                  if t.is_floating_point())
         return not bool(all_reduce_(torch.tensor([0.0 if ok else 1.0], device=self.device), "max").item())
 
@@ -241,7 +261,8 @@ class Trainer:
             checkpoint.begin(self.root, self.step)
         dist.barrier()
         self.engine.save_checkpoint(str(tmp), tag=checkpoint.ENGINE_TAG, save_latest=False)
-        checkpoint.save_rank_state(tmp, self.rank, {
+        checkpoint.save_rank_state(tmp, self.rank, {"rank": self.rank, "rng": checkpoint.rng_state()} if
+                                   self.layer is None else {
             "rank": self.rank, "class_range": self.layer.class_range, "weight": self.layer.weight.detach().cpu(),
             "optimizer": self.proto_opt.state_dict(), "rng": checkpoint.rng_state()})
         dist.barrier()
@@ -282,7 +303,8 @@ class Trainer:
                          f"{self.base.meta['step']}): backbone and prototypes loaded, a new schedule from step 0")
             return
         meta = checkpoint.read_meta(path)
-        config.check_same({k: meta[k] for k in RESUME_KEYS}, {k: self.meta()[k] for k in RESUME_KEYS}, path)
+        keys = self.resume_keys()
+        config.check_same({k: meta[k] for k in keys}, {k: self.meta()[k] for k in keys}, path)
         tag = checkpoint.ENGINE_TAG
         if meta["world_size"] == self.world:
             self.engine.load_checkpoint(str(path), tag=tag)
@@ -292,6 +314,13 @@ class Trainer:
             moments = self.repartition_zero_state(path, tag)
             self.log(f"resume on {self.world} ranks from a {meta['world_size']}-rank checkpoint: "
                      f"prototype blocks re-sliced, {moments}")
+        if self.layer is None:
+            if meta["world_size"] == self.world:
+                checkpoint.set_rng_state(checkpoint.read_rank_file(checkpoint.rank_file(path, self.rank))["rng"])
+            self.step = int(meta["step"])
+            self.resumed_from = path
+            self.log(f"resumed from {path} at step {self.step}")
+            return
         states = checkpoint.load_rank_states(path, self.k, *self.layer.class_range)
         weight, opt_state = checkpoint.merge_prototype_states(states, *self.layer.class_range)
         self.layer.weight.data.copy_(weight.to(self.device))
@@ -313,6 +342,8 @@ class Trainer:
         bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
             raise TrainingDiverged(f"{ckpt}: non-finite weights ({', '.join(bad[:3])}); backbone.pt left as it was")
+        if self.objective is not None:
+            return self.objective.export(state)
         out = self.run_dir / self.out / "backbone.pt"
         with atomic_path(out) as tmp:
             torch.save(backbone.export(self.model_name, state), tmp)
@@ -334,23 +365,15 @@ class Trainer:
             # DeepSpeed's elastic ZeRO checkpoints (loadable on another rank count) read the step
             # from the param groups; torch's AdamW keeps it per parameter only.
             group["step"] = self.step
-        for group in self.proto_opt.param_groups:
+        for group in self.proto_opt.param_groups if self.proto_opt is not None else ():
             group["lr"] = lr * float(self.tc.prototype_lr_mult)
         return lr
 
-    def micro_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        if images.shape[0] != self.micro:  # the layer gathers without exchanging sizes: a short batch would hang
-            raise RuntimeError(f"rank {self.rank}: a micro batch of {images.shape[0]} rows, not the "
-                               f"{self.micro} of every rank (train_micro_batch_size_per_gpu)")
-        emb = self.engine(images.to(self.device, self.dtype, non_blocking=True))
-        if self.world > 1:
-            # The layer gives each rank the exact gradient of the global-batch loss; DeepSpeed then
-            # averages backbone gradients over ranks, so undo its division by the world size.
-            world = self.world
-            emb.register_hook(lambda g: g * world)
-        loss = self.layer(emb.float(), labels.to(self.device, non_blocking=True))
+    def micro_step(self, *batch: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        loss = self.prototype_loss(*batch) if self.objective is None else self.objective_loss(batch)
         self.engine.backward(loss)
-        # The loss is the same on every rank (the layer reduces it), so is this flag; kept on the device.
+        # The layer's loss is the same on every rank (it reduces it), so is this flag (an objective's is
+        # per rank: nonfinite_window reduces it); kept on the device.
         self.window_finite = self.window_finite & torch.isfinite(loss.detach())
         boundary = self.engine.is_gradient_accumulation_boundary()
         if not boundary:
@@ -365,12 +388,13 @@ class Trainer:
             # Train-mode forwards of the bad window moved the BatchNorm statistics (to NaN, often).
             for buf, saved in zip(self.running_stats(), self.stats_before):
                 buf.copy_(saved)
-        else:
+        elif self.proto_opt is not None:
             self.proto_opt.step()
         self.stats_before = [buf.clone() for buf in self.running_stats()]
-        self.proto_opt.zero_grad(set_to_none=True)
+        if self.layer is not None:
+            self.proto_opt.zero_grad(set_to_none=True)
+            self.layer.advance()
         self.window_finite = torch.ones((), dtype=torch.bool, device=self.device)
-        self.layer.advance()
         self.step += 1
         if bad:
             self.log(f"step {self.step}: non-finite loss or gradients, step skipped "
@@ -381,13 +405,32 @@ class Trainer:
                                        f"saving. {self.last_good()}")
         return loss.detach(), True  # a tensor: reading it every step would sync with the GPU
 
+    def objective_loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        batch = tuple(t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else None, non_blocking=True)
+                      for t in batch)
+        loss, terms = self.objective.loss(self.engine, batch)
+        self.terms.append({name: value.detach().float() for name, value in terms.items()})
+        return loss
+
+    def prototype_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if images.shape[0] != self.micro:  # the layer gathers without exchanging sizes: a short batch would hang
+            raise RuntimeError(f"rank {self.rank}: a micro batch of {images.shape[0]} rows, not the "
+                               f"{self.micro} of every rank (train_micro_batch_size_per_gpu)")
+        emb = self.engine(images.to(self.device, self.dtype, non_blocking=True))
+        if self.world > 1:
+            # The layer gives each rank the exact gradient of the global-batch loss; DeepSpeed then
+            # averages backbone gradients over ranks, so undo its division by the world size.
+            world = self.world
+            emb.register_hook(lambda g: g * world)
+        return self.layer(emb.float(), labels.to(self.device, non_blocking=True))
+
     def running_stats(self) -> list[torch.Tensor]:
         return [b for name, b in self.engine.module.named_buffers() if name.endswith(("running_mean", "running_var"))]
 
     def nonfinite_window(self) -> bool:
         """Collective, once per optimizer step: a non-finite loss in this accumulation window or a
         non-finite prototype gradient on any rank (every rank gets the same answer: no hang)."""
-        grad = self.layer.weight.grad
+        grad = None if self.layer is None else self.layer.weight.grad
         local = ~self.window_finite | (grad is not None and ~torch.isfinite(grad).all())
         return bool(all_reduce_(local.float().reshape(1), "max").item())
 
@@ -398,7 +441,8 @@ class Trainer:
         self.stats_before = [buf.clone() for buf in self.running_stats()]
         cfg = self.cfg
         tb = tblog.writer(str(self.run_dir), self.out) if self.rank == 0 else None
-        self.log(f"{self.model_name} on {self.world} rank(s) ({self.device}, {self.dtype}), k={self.k}, "
+        classes = "" if self.layer is None else f"k={self.k}, "
+        self.log(f"{self.model_name} on {self.world} rank(s) ({self.device}, {self.dtype}), {classes}"
                  f"global batch {self.global_batch} = {self.micro} x {self.world} x {self.accum} accumulation, "
                  f"{self.steps_per_epoch} steps/epoch, steps {self.step} -> {self.stop} of {self.total_steps}")
         counts = torch.zeros(len(self.data.skip_reasons) + 1, dtype=torch.float64)  # skipped..., selected
@@ -407,24 +451,29 @@ class Trainer:
         skipped_total = torch.zeros(len(self.data.skip_reasons), dtype=torch.float64)
         losses, window_start, window_steps, start = [], time.time(), 0, time.time()
         start_step, last_loss = self.step, float("nan")
+        self.terms: list[dict[str, torch.Tensor]] = []  # the objective's loss terms since the last log step
         while self.step < self.stop:
             epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
             n_steps = min(self.steps_per_epoch - in_epoch, self.stop - self.step)
             batches = self.data.batches(
                 epoch=epoch, in_epoch=in_epoch, accum=self.accum, count=n_steps * self.accum, micro=self.micro,
                 image_size=self.image_size, rank=self.rank, world=self.world, seed=int(cfg.seed),
-                workers=int(self.tc.workers), timeout_s=float(self.tc.loader_timeout_s))
-            for images, labels, skipped in batches:
+                # A job's in-memory data source may have no loader keys.
+                workers=int(OmegaConf.select(self.tc, "workers", default=0)),
+                timeout_s=float(OmegaConf.select(self.tc, "loader_timeout_s", default=0)))
+            for *batch, skipped in batches:
                 lr = self.set_lr()
-                loss, boundary = self.micro_step(images, labels)
+                loss, boundary = self.micro_step(*batch)
                 losses.append(loss)
                 counts[:-1] += skipped
                 if not boundary:
                     continue
-                selected += self.layer.device_stats["selected_classes"]
+                if self.layer is not None:
+                    selected += self.layer.device_stats["selected_classes"]
                 window_steps += 1
                 if self.step % int(self.tc.log_every) == 0 or self.step == self.stop:
-                    self.layer.check_labels()  # labels on a GPU are range-checked there, reported here
+                    if self.layer is not None:
+                        self.layer.check_labels()  # labels on a GPU are range-checked there, reported here
                     counts[-1] = float(selected)
                     selected.zero_()
                     totals = all_reduce_(counts.to(self.device)).cpu()
@@ -440,13 +489,19 @@ class Trainer:
                                "peak_mem_mb": peak_mem_mb(self.device),
                                "skipped_samples": float(skipped_total.sum()),
                                "skipped_steps": float(self.bad_steps)}
+                    if self.layer is None:
+                        del scalars["selected_classes"]
+                        scalars.update({name: float(torch.stack([t[name] for t in self.terms]).mean())
+                                        for name in (self.terms[0] if self.terms else {})})
+                        self.terms = []
                     if tb is not None:
                         for name, value in scalars.items():
                             tb.add_scalar(f"{self.section}/{name}", value, self.step)
                         tb.flush()
+                    selection = "" if self.layer is None else f"selected {scalars['selected_classes']:.0f} "
                     self.log(f"step {self.step}/{self.stop} epoch {epoch} loss {last_loss:.4f} lr {lr:.3g} "
                              f"{ips:.1f} img/s grad_norm {scalars['grad_norm']:.3g} "
-                             f"selected {scalars['selected_classes']:.0f} skipped {int(scalars['skipped_samples'])}")
+                             f"{selection}skipped {int(scalars['skipped_samples'])}")
                     counts.zero_()
                     losses, window_start, window_steps = [], now, 0
                 if self.step % int(self.tc.ckpt_every_steps) == 0 and self.step < self.stop:
@@ -458,9 +513,11 @@ class Trainer:
         summary = {"steps": self.step, "start_step": start_step, "seconds": round(seconds, 2),
                    "images_per_s": (self.step - start_step) * self.global_batch / max(seconds, 1e-9),
                    "loss": last_loss, "skipped": dict(zip(self.data.skip_reasons, map(int, skipped_total.tolist()))),
-                   "skipped_steps": self.bad_steps, "checkpoint": str(final), "backbone": str(exported)}
+                   "skipped_steps": self.bad_steps, "checkpoint": str(final)}
+        kind = "backbone" if self.objective is None else "export"
+        summary[kind] = str(exported)
         self.log(f"done: steps {start_step} -> {self.step} in {seconds:.0f}s, loss {last_loss:.4f}, "
-                 f"skipped {summary['skipped']}, checkpoint {final}, backbone {exported}")
+                 f"skipped {summary['skipped']}, checkpoint {final}, {kind} {exported}")
         if tb is not None:
             tb.close()
         return summary
@@ -494,7 +551,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         # The periodic saves are the checkpoints: SIGUSR1 reaches one task only and a save is a
         # collective of all ranks. The requeued job continues from the latest complete one.
         cfg = config.select(config.as_config(cfg))
-        cfg[self.section]["resume"] = "latest"
+        section = cfg
+        for part in self.section.split("."):  # a nested section (quantize.scq)
+            section = section[part]
+        section["resume"] = "latest"
         return submitit.helpers.DelayedSubmission(type(self)(), cfg)
 
 

@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from unicom_ds import config
+from unicom_ds import train as trainer
 from unicom_ds.arrays import normalize
 from unicom_ds.atomic import atomic_path, read_json, write_json_atomic
 
@@ -33,6 +34,7 @@ from evaluation import retrieval_sets
 from evaluation.run import ModelSpec, parse_model
 
 METHODS = ("pq", "opq", "ivfpq", "scq")
+SCQ_SECTION = "quantize.scq"  # the SCQ head's training keys, read by unicom_ds.train's Trainer
 TIMED_QUERIES = 1000  # queries timed per unit (ms_per_query) and used for the IVF-PQ nprobe sweep
 
 
@@ -87,6 +89,9 @@ def check(cfg: Any) -> list[str]:
                                  f"of quantize.bits ({list(q.bits)})")
     if "scq" in q.methods and int(q.views) < 2:
         raise config.ConfigError(f"quantize.views={q.views}: SCQ trains on two different views of each image (>= 2)")
+    if "scq" in q.methods:
+        from unicom_ds import train_plan
+        train_plan.deepspeed_config(cfg, 1, SCQ_SECTION)  # the file, its JSON, the precision
     spec = model_spec(cfg)
     if spec.is_file and not Path(spec.checkpoint).is_file() and not (spec.label == "run" and cfg.stage == "all"):
         raise FileNotFoundError(f"quantize.model={q.model}: checkpoint {spec.checkpoint} does not exist")
@@ -134,15 +139,52 @@ class _Features:
         return np.stack(out)
 
 
+# quantize.scq keys that steer the training machinery, not the head it trains: a rerun may change them.
+SCQ_RUN_KEYS = ("resume", "trust_checkpoint", "log_every", "ckpt_every_steps", "keep_checkpoints", "max_bad_steps")
+
+
 def _made_with(cfg: DictConfig, method: str) -> dict:
     keys = ["quantize.model", "quantize.train_split", "quantize.map_k", "seed"]
     keys += {"scq": ["quantize.views", "quantize.scq"], "ivfpq": ["quantize.ivf"]}.get(method, [])
-    return {k: OmegaConf.to_container(v) if OmegaConf.is_config(v := OmegaConf.select(cfg, k)) else v for k in keys}
+    made = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v := OmegaConf.select(cfg, k)) else v for k in keys}
+    if "quantize.scq" in made:
+        made["quantize.scq"] = {k: v for k, v in made["quantize.scq"].items() if k not in SCQ_RUN_KEYS}
+    return made
 
 
 def _timed(index, queries: np.ndarray, k: int) -> float:
     from evaluation.quantize.baselines import ms_per_query
     return ms_per_query(index, queries[:TIMED_QUERIES], min(k, index.ntotal))
+
+
+def train_scq(cfg: DictConfig, views: np.ndarray, books: int, nbits: int, folder: Path) -> tuple[torch.nn.Module, dict]:
+    """The SCQ head trained through the train stage's Trainer (DeepSpeed on quantize.scq.deepspeed_config,
+    checkpoints in FOLDER/ckpt resumed by a rerun, loss terms in TensorBoard), one process; it exports the
+    head to FOLDER.pt. Returns (the head, the Trainer's summary)."""
+    import os
+
+    from evaluation.quantize import scq
+
+    data = scq.ViewPairs(views)  # refuses a single view before anything is written
+    # A unit's checkpoints belong to the keys they were made with: a rerun with others refuses them.
+    record, made_with = folder / "made_with.json", _made_with(cfg, "scq")
+    if record.is_file():
+        config.check_same(read_json(record)["made_with"], made_with, folder)
+    else:
+        write_json_atomic(record, {"made_with": made_with})
+    # One process, as the quantize job runs (launcher=local, or a single SLURM task).
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(trainer.free_port()))
+    c = cfg.quantize.scq
+    # The contrastive losses want full batches: at most one batch of all the images.
+    cfg = OmegaConf.merge(cfg, {"quantize": {"scq": {"batch_size": min(int(c.batch_size), views.shape[1])}}})
+    torch.manual_seed(int(cfg.seed))
+    head = scq.SCQHead(views.shape[2], books, 2 ** nbits, int(c.sub_dim), int(c.hidden), float(c.tau_sq))
+    objective = scq.Objective(head, cfg.quantize.scq, folder.with_suffix(".pt"), views.shape[2])
+    rel = folder.relative_to(Path(str(cfg.run_dir)))
+    summary = trainer.train(cfg, data=data, out=str(rel), section=SCQ_SECTION, objective=objective)
+    return scq.Objective.load(objective.path), summary
 
 
 def run_unit(cfg: DictConfig, method: str, bits: int, nbits: int, test: np.ndarray, train: np.ndarray,
@@ -161,22 +203,10 @@ def run_unit(cfg: DictConfig, method: str, bits: int, nbits: int, test: np.ndarr
     start = time.monotonic()
     extra: dict = {}
     if method == "scq":
-        from unicom_ds.tblog import writer
-        with writer(str(cfg.run_dir), f"quantize/{ds.name}/{name}") as tb:
-            def log_step(step: int, terms: dict) -> None:
-                if step % 10 == 0:
-                    for term, value in terms.items():
-                        tb.add_scalar(f"quantize/{term}", value, step)
-            device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
-            head = scq.train_head(views, q.scq, bits // nbits, nbits, seed=int(cfg.seed), device=device, log=log_step)
-        head = head.cpu()
+        head, _ = train_scq(cfg, views, bits // nbits, nbits, out / name)
         search = scq.searcher(head)
         index = scq.to_faiss(head, scq.hard_codes(head, scq.embed(head, test)))
         queries = scq.embed(head, test)
-        with atomic_path(out / f"{name}.pt") as tmp:
-            torch.save({"state_dict": head.state_dict(), "in_dim": test.shape[1], "books": head.books,
-                        "words": head.words, "sub_dim": head.sub_dim, "hidden": int(q.scq.hidden),
-                        "tau_sq": head.tau_sq}, tmp)
     else:
         nlist = int(q.ivf.nlist or baselines.default_nlist(len(train))) if method == "ivfpq" else 0
         trained = baselines.train(method, train, bits, nbits, nlist)
@@ -258,3 +288,13 @@ def quantize_job(cfg: Any) -> dict:
     merged, text = results.write_all(cfg.run_dir, found, found)
     print(text, flush=True)
     return merged
+
+
+class QuantizeJob(trainer.TrainJob):
+    """The SLURM job, one task (SCQ trains in one process): requeued at the time limit, the requeued job skips
+    the finished units and resumes an unfinished SCQ unit from its last checkpoint (quantize.scq.resume=latest)."""
+
+    section = SCQ_SECTION
+
+    def __call__(self, cfg: dict) -> dict:
+        return quantize_job(cfg)

@@ -16,13 +16,16 @@ codebooks and codes into a faiss IndexPQ (L2, searched by ADC with the projected
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from unicom_ds.atomic import atomic_path
 
 from evaluation.metrics import index_search
 
@@ -132,49 +135,64 @@ def loss_terms(out_a: dict, out_b: dict, c: Any, books: int) -> dict[str, torch.
     return terms
 
 
-def batches(n: int, batch: int, epoch: int, seed: int) -> list[np.ndarray]:
-    """One epoch's rows in full batches (the contrastive losses want equal-size batches), seeded by epoch."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    batch = min(batch, n)
-    return [order[i:i + batch] for i in range(0, n - batch + 1, batch)]
+class ViewPairs:
+    """The Trainer's data source over cached features of augmented views [V >= 2, n, D]: each micro batch
+    row is one image's features in two different views (a, b), drawn from (seed, epoch, micro batch) alone,
+    so a resumed run continues where it stopped."""
+
+    skip_reasons: tuple[str, ...] = ()
+
+    def __init__(self, views: np.ndarray):
+        if views.ndim != 3 or len(views) < 2:
+            raise ValueError(f"SCQ needs features of at least 2 views per image [V, n, D], got shape {views.shape}")
+        self.x = torch.as_tensor(np.ascontiguousarray(views, dtype=np.float32))
+
+    def check(self, rank: int, world: int, device: torch.device) -> int:
+        return self.x.shape[1]
+
+    def batches(self, *, epoch: int, in_epoch: int, accum: int, count: int, micro: int, rank: int, world: int,
+                seed: int, **_):
+        """Micro batches in_epoch * accum.. of `epoch`: the epoch is a permutation of the images read in global
+        micro batches of micro x world rows, rank r taking the r-th part (wrapping round when it runs out)."""
+        views, n = self.x.shape[:2]
+        order = torch.as_tensor(np.random.default_rng([seed, epoch]).permutation(n))
+        for m in range(in_epoch * accum, in_epoch * accum + count):
+            rows = order[((m * world + rank) * micro + torch.arange(micro)) % n]
+            rng = np.random.default_rng([seed, epoch, m, rank])
+            va = torch.as_tensor(rng.integers(0, views, micro))
+            vb = (va + torch.as_tensor(rng.integers(1, views, micro))) % views  # a different view of each image
+            yield self.x[va, rows], self.x[vb, rows], torch.zeros(0)
 
 
-def train_head(views: np.ndarray, c: Any, books: int, nbits: int, *, seed: int = 0, device: str = "cpu",
-               log: Callable[[int, dict], None] | None = None) -> SCQHead:
-    """An SCQ head trained on `views` [V >= 2, n, D] (features of V augmented views of n images): each step
-    takes a batch of images and two different views of each. Adam with warmup + cosine (the authors')."""
-    from unicom_ds import schedule
+class Objective:
+    """The Trainer hook (unicom_ds.train.Trainer's `objective`): the head trained on ViewPairs' batches by
+    `loss_terms`, exported as the head's file (state dict and shape) at `path`."""
 
-    if views.ndim != 3 or len(views) < 2:
-        raise ValueError(f"SCQ needs features of at least 2 views per image [V, n, D], got shape {views.shape}")
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    head = SCQHead(views.shape[2], books, 2 ** nbits, int(c.sub_dim), int(c.hidden), float(c.tau_sq)).to(device)
-    opt = torch.optim.Adam(head.parameters(), lr=float(c.lr), weight_decay=float(c.weight_decay))
-    x = torch.as_tensor(np.ascontiguousarray(views, dtype=np.float32))
-    per_epoch = len(batches(x.shape[1], int(c.batch_size), 0, seed))
-    total = int(c.epochs) * per_epoch
-    warmup = round(float(c.warmup_epochs) * per_epoch)
-    step = 0
-    head.train()
-    for epoch in range(int(c.epochs)):
-        for rows in batches(x.shape[1], int(c.batch_size), epoch, seed):
-            va = rng.integers(0, len(x), len(rows))
-            vb = (va + rng.integers(1, len(x), len(rows))) % len(x)  # a different view of each image
-            a, b = x[va, rows].to(device), x[vb, rows].to(device)
-            for group in opt.param_groups:
-                group["lr"] = schedule.lr_at(step, float(c.lr), warmup, total, "cosine")
-            terms = loss_terms(head(a), head(b), c, books)
-            if not torch.isfinite(terms["loss"]):
-                raise FloatingPointError(f"SCQ head: non-finite loss at step {step} "
-                                         f"({ {k: float(v) for k, v in terms.items()} })")
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
-            step += 1
-            if log is not None:
-                log(step, {k: float(v.detach()) for k, v in terms.items()})
-    return head.eval()
+    def __init__(self, head: SCQHead, c: Any, path: Path, in_dim: int):
+        self.model, self.c, self.path = head, c, Path(path)
+        self.shape = {"in_dim": in_dim, "books": head.books, "words": head.words, "sub_dim": head.sub_dim,
+                      "hidden": head.proj[0].out_features, "tau_sq": head.tau_sq}
+        self.name = "scq-head:" + ",".join(f"{k}={v}" for k, v in self.shape.items())
+
+    def loss(self, model, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        a, b = batch
+        out = model(torch.cat([a, b]))  # one forward through the engine for both views (no batch statistics)
+        terms = loss_terms({k: v[:len(a)] for k, v in out.items()}, {k: v[len(a):] for k, v in out.items()},
+                           self.c, self.model.books)
+        return terms.pop("loss"), terms
+
+    def export(self, state: dict[str, torch.Tensor]) -> Path:
+        with atomic_path(self.path) as tmp:
+            torch.save({"state_dict": state, **self.shape}, tmp)
+        return self.path
+
+    @staticmethod
+    def load(path: Path) -> SCQHead:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        head = SCQHead(saved["in_dim"], saved["books"], saved["words"], saved["sub_dim"], saved["hidden"],
+                       saved["tau_sq"])
+        head.load_state_dict(saved["state_dict"])
+        return head.eval()
 
 
 @torch.no_grad()
