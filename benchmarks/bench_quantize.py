@@ -4,8 +4,9 @@
   allows) on scikit-learn digits: pixel features (L2-normalised 64-d), codes learnt on digits 0-4 ... all
   1797 images' first half, scored all-against-all on the second half (mAP@K, K = gallery size - 1 capped at
   1000). SCQ's two views are the same digit shifted by up to one pixel.
+  SCQ twice: from OPQ (quantize.scq.init=opq, the default) and from scratch (init=random, the authors' lr).
 - `ablation`: SCQ's instance-contrastive weights (embedding and quantised) at 0 (the authors' release) and
-  at 0.5, same data, every budget.
+  at 0.5, same data, every budget (the default init).
 - `speed`: ADC code search (PQ 8x4 = 32 bits, PQ 16x8 = 128 bits, IVF-PQ) against faiss flat float search
   over 1M random 256-d vectors: ms per query (a batch of 100 queries) and bytes per vector.
 
@@ -46,7 +47,7 @@ def shifted_views(images: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
     return np.stack(out)
 
 
-def train_scq(views: np.ndarray, over: dict, books: int, nbits: int) -> torch.nn.Module:
+def train_scq(views: np.ndarray, train: np.ndarray, over: dict, books: int, nbits: int) -> torch.nn.Module:
     """An SCQ head trained as stage=quantize does (the Trainer, one process), quantize.scq keys `over`ridden."""
     import tempfile
     from pathlib import Path
@@ -56,7 +57,7 @@ def train_scq(views: np.ndarray, over: dict, books: int, nbits: int) -> torch.nn
     with tempfile.TemporaryDirectory() as run:
         cfg = config.resolve(["stage=quantize", f"run_dir={run}", "device=cpu",
                               *(f"quantize.scq.{k}={v}" for k, v in over.items())])
-        return job.train_scq(cfg, views, books, nbits, Path(run) / "quantize" / "scq")[0]
+        return job.train_scq(cfg, views, books, nbits, Path(run) / "quantize" / "scq", train)[0]
 
 
 def run_map(budgets, nbits_list, ablation: bool) -> None:
@@ -68,7 +69,8 @@ def run_map(budgets, nbits_list, ablation: bool) -> None:
     k = min(1000, len(test) - 1)
     flat = metrics.evaluate(test, ds, "cpu", map_k=k)
     print(f"digits: train {len(train)}, test {len(test)}; float (64 x 32 bits) mAP@{k} {100 * flat[f'mAP@{k}']:.1f}")
-    variants = {"scq": {}} if not ablation else {
+    variants = {"scq (from OPQ, the default)": {},
+                "scq (from scratch, the authors')": dict(init="random", lr=5e-4)} if not ablation else {
         "scq ic=0": dict(w_ic_embedding=0.0, w_ic_quantised=0.0),
         "scq ic=0.5": dict(w_ic_embedding=0.5, w_ic_quantised=0.5)}
     methods = [] if ablation else ["pq", "opq"]
@@ -83,7 +85,7 @@ def run_map(budgets, nbits_list, ablation: bool) -> None:
                     continue
                 start = time.time()
                 if name in variants:
-                    head = train_scq(views, variants[name], bits // nbits, nbits)
+                    head = train_scq(views, train, variants[name], bits // nbits, nbits)
                     search = scq.searcher(head)
                 else:
                     search = baselines.searcher(baselines.train(name, train, bits, nbits))

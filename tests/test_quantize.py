@@ -194,6 +194,18 @@ def test_view_pairs_draw_two_views_of_each_image_and_resume_mid_epoch():
         scq.ViewPairs(x[:1])
 
 
+def test_scq_head_from_opq_codes_as_the_opq_index_does():
+    """init=opq: before any step the head is the OPQ index (its rotation, its centroids): the same codes."""
+    from evaluation.quantize import baselines
+    x = normalize(np.random.default_rng(3).standard_normal((400, 32)).astype(np.float32))
+    for bits, nbits in ((16, 4), (32, 8)):
+        index = baselines.train("opq", x[:300], bits, nbits)
+        head = scq.from_opq(index, 0.2)
+        assert (head.books, head.words, head.sub_dim, head.hidden) == (bits // nbits, 2 ** nbits, 32 // (bits // nbits), 0)
+        codes = scq.hard_codes(head, scq.embed(head, x[300:]))
+        np.testing.assert_array_equal(scq.pack_codes(codes, nbits), index.sa_encode(x[300:]))
+
+
 def _scq_cfg(run: Path, *extra: str):
     from unicom_ds import config
     return config.resolve(["stage=quantize", f"run_dir={run}", "device=cpu", "quantize.scq.batch_size=16",
@@ -235,9 +247,9 @@ def test_scq_training_killed_after_its_first_checkpoint_resumes_there(tmp_path, 
 
     with monkeypatch.context() as m, pytest.raises(Killed, match="step 2"):
         m.setattr(train.Trainer, "save", save_then_die)
-        job.train_scq(cfg, views, 4, 2, folder)
+        job.train_scq(cfg, views, 4, 2, folder, views[0])
     assert (folder / "ckpt" / "step_2").is_dir() and not folder.with_suffix(".pt").exists()
-    head, summary = job.train_scq(cfg, views, 4, 2, folder)
+    head, summary = job.train_scq(cfg, views, 4, 2, folder, views[0])
     assert summary["start_step"] == 2 and summary["steps"] == 9 and summary["skipped_steps"] == 0
     assert math.isfinite(summary["loss"]) and summary["export"] == str(folder.with_suffix(".pt"))
     assert head.books == 4 and head.words == 4 and torch.isfinite(head.codebooks).all()
@@ -247,7 +259,7 @@ def test_scq_training_killed_after_its_first_checkpoint_resumes_there(tmp_path, 
     # A rerun with other head keys refuses the unit's checkpoints.
     other = _scq_cfg(run, "quantize.scq.w_fused=0.1")
     with pytest.raises(config.ConfigError, match="w_fused"):
-        job.train_scq(other, views, 4, 2, folder)
+        job.train_scq(other, views, 4, 2, folder, views[0])
 
 
 def test_scq_step_with_a_non_finite_loss_is_skipped(tmp_path, monkeypatch, one_process_group):
@@ -261,7 +273,8 @@ def test_scq_step_with_a_non_finite_loss_is_skipped(tmp_path, monkeypatch, one_p
         return (value * float("nan") if len(calls) == 2 else value), terms
 
     monkeypatch.setattr(scq.Objective, "loss", nan_at_second_step)
-    head, summary = job.train_scq(_scq_cfg(tmp_path / "run"), views, 2, 2, tmp_path / "run" / "quantize" / "scq-2x2")
+    head, summary = job.train_scq(_scq_cfg(tmp_path / "run", "quantize.scq.init=random"), views, 2, 2,
+                                  tmp_path / "run" / "quantize" / "scq-2x2", views[0])
     assert summary["steps"] == 6 and summary["skipped_steps"] == 1
     assert all(torch.isfinite(p).all() for p in head.parameters())
 

@@ -227,6 +227,7 @@ RULES: dict[str, Rule] = {
     "quantize.train_split": Rule(choices=("train", "test")), "quantize.views": NON_NEGATIVE, "quantize.map_k": AT_LEAST_1,
     "quantize.ivf.nlist": Rule("int", lo=1), "quantize.ivf.nprobe": AT_LEAST_1,
     "quantize.ivf.sweep": Rule("list", items=Rule("int", lo=1)),
+    "quantize.scq.init": Rule(choices=("opq", "random")),
     "quantize.scq.sub_dim": AT_LEAST_1, "quantize.scq.hidden": AT_LEAST_1, "quantize.scq.tau_sq": POSITIVE,
     "quantize.scq.w_*": NON_NEGATIVE, "quantize.scq.top_neighbours": AT_LEAST_1, "quantize.scq.tau_*": POSITIVE,
     "quantize.scq.epochs": AT_LEAST_1, "quantize.scq.batch_size": Rule(lo=2), "quantize.scq.lr": NON_NEGATIVE,

@@ -157,10 +157,13 @@ def _timed(index, queries: np.ndarray, k: int) -> float:
     return ms_per_query(index, queries[:TIMED_QUERIES], min(k, index.ntotal))
 
 
-def train_scq(cfg: DictConfig, views: np.ndarray, books: int, nbits: int, folder: Path) -> tuple[torch.nn.Module, dict]:
+def train_scq(cfg: DictConfig, views: np.ndarray, books: int, nbits: int, folder: Path,
+              train: np.ndarray) -> tuple[torch.nn.Module, dict]:
     """The SCQ head trained through the train stage's Trainer (DeepSpeed on quantize.scq.deepspeed_config,
     checkpoints in FOLDER/ckpt resumed by a rerun, loss terms in TensorBoard), one process; it exports the
-    head to FOLDER.pt. Returns (the head, the Trainer's summary)."""
+    head to FOLDER.pt. It starts from OPQ learnt on `train` (the plain train features) when
+    quantize.scq.init=opq, else from a random MLP. Returns (the head, the Trainer's summary)."""
+    from evaluation.quantize import baselines
     import os
 
     from evaluation.quantize import scq
@@ -180,7 +183,10 @@ def train_scq(cfg: DictConfig, views: np.ndarray, books: int, nbits: int, folder
     # The contrastive losses want full batches: at most one batch of all the images.
     cfg = OmegaConf.merge(cfg, {"quantize": {"scq": {"batch_size": min(int(c.batch_size), views.shape[1])}}})
     torch.manual_seed(int(cfg.seed))
-    head = scq.SCQHead(views.shape[2], books, 2 ** nbits, int(c.sub_dim), int(c.hidden), float(c.tau_sq))
+    if str(c.init) == "opq":
+        head = scq.from_opq(baselines.train("opq", train, books * nbits, nbits), float(c.tau_sq))
+    else:
+        head = scq.SCQHead(views.shape[2], books, 2 ** nbits, int(c.sub_dim), int(c.hidden), float(c.tau_sq))
     objective = scq.Objective(head, cfg.quantize.scq, folder.with_suffix(".pt"), views.shape[2])
     rel = folder.relative_to(Path(str(cfg.run_dir)))
     summary = trainer.train(cfg, data=data, out=str(rel), section=SCQ_SECTION, objective=objective)
@@ -203,7 +209,7 @@ def run_unit(cfg: DictConfig, method: str, bits: int, nbits: int, test: np.ndarr
     start = time.monotonic()
     extra: dict = {}
     if method == "scq":
-        head, _ = train_scq(cfg, views, bits // nbits, nbits, out / name)
+        head, _ = train_scq(cfg, views, bits // nbits, nbits, out / name, train)
         search = scq.searcher(head)
         index = scq.to_faiss(head, scq.hard_codes(head, scq.embed(head, test)))
         queries = scq.embed(head, test)

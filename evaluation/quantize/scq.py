@@ -31,14 +31,19 @@ from evaluation.metrics import index_search
 
 
 class SCQHead(nn.Module):
-    """Projection (MLP to books x sub_dim, as the authors' Projection_Head) and M codebooks of K codewords."""
+    """Projection (MLP to books x sub_dim, as the authors' Projection_Head; `hidden=0`: one bias-free linear
+    map, what `from_opq` starts from) and M codebooks of K codewords."""
 
     def __init__(self, in_dim: int, books: int, words: int, sub_dim: int, hidden: int = 512, tau_sq: float = 0.2):
         super().__init__()
-        self.books, self.words, self.sub_dim, self.tau_sq = books, words, sub_dim, tau_sq
-        self.proj = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, books * sub_dim))
-        nn.init.normal_(self.proj[0].weight, 0, 0.01)
-        nn.init.xavier_uniform_(self.proj[2].weight)
+        self.books, self.words, self.sub_dim, self.tau_sq, self.hidden = books, words, sub_dim, tau_sq, hidden
+        if hidden:
+            self.proj = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True),
+                                      nn.Linear(hidden, books * sub_dim))
+            nn.init.normal_(self.proj[0].weight, 0, 0.01)
+            nn.init.xavier_uniform_(self.proj[2].weight)
+        else:
+            self.proj = nn.Linear(in_dim, books * sub_dim, bias=False)
         self.codebooks = nn.Parameter(torch.empty(books, words, sub_dim))
         nn.init.xavier_uniform_(self.codebooks.view(books * words, sub_dim))
 
@@ -53,6 +58,20 @@ class SCQHead(nn.Module):
         parts = F.normalize(f.view(len(f), self.books, self.sub_dim), dim=-1)
         cos = torch.einsum("bmd,mkd->bmk", parts, F.normalize(self.codebooks, dim=-1))
         return {"f": f, "z": z, "cos": cos}
+
+
+def from_opq(index: faiss.Index, tau_sq: float) -> SCQHead:
+    """A linear head equal to a trained OPQ + PQ index (`baselines.train("opq", ...)`): OPQ's rotation as the
+    projection, the PQ centroids as the codebooks, so its hard codes are the index's codes. SCQ's losses then
+    start from OPQ instead of a random MLP (docs/benchmarks.md "Compact codes": from scratch the head stays
+    below OPQ on digits)."""
+    rotation = faiss.downcast_VectorTransform(index.chain.at(0))
+    pq = faiss.downcast_index(index.index).pq
+    head = SCQHead(rotation.d_in, pq.M, pq.ksub, pq.dsub, hidden=0, tau_sq=tau_sq)
+    with torch.no_grad():
+        head.proj.weight.copy_(torch.from_numpy(faiss.vector_to_array(rotation.A).reshape(rotation.d_out, rotation.d_in)))
+        head.codebooks.copy_(torch.from_numpy(faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)))
+    return head
 
 
 def sub_distances(f: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
@@ -171,7 +190,7 @@ class Objective:
     def __init__(self, head: SCQHead, c: Any, path: Path, in_dim: int):
         self.model, self.c, self.path = head, c, Path(path)
         self.shape = {"in_dim": in_dim, "books": head.books, "words": head.words, "sub_dim": head.sub_dim,
-                      "hidden": head.proj[0].out_features, "tau_sq": head.tau_sq}
+                      "hidden": head.hidden, "tau_sq": head.tau_sq}
         self.name = "scq-head:" + ",".join(f"{k}={v}" for k, v in self.shape.items())
 
     def loss(self, model, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
