@@ -240,4 +240,4 @@ def test_train_loop_refuses_a_micro_batch_of_another_size():
 
     trainer = SimpleNamespace(micro=4, rank=1)  # fails before touching the engine
     with pytest.raises(RuntimeError, match=r"rank 1: a micro batch of 3 rows, not the 4 of every rank"):
-        Trainer.micro_step(trainer, torch.zeros(3, 3, 8, 8), torch.zeros(3, dtype=torch.long))
+        Trainer.prototype_loss(trainer, torch.zeros(3, 3, 8, 8), torch.zeros(3, dtype=torch.long))
