@@ -145,6 +145,7 @@ def _args(run: Path, data: Path, init: Path, *extra: str) -> list[str]:
 def tuned(tmp_path_factory):
     """A local run killed (SIGKILL) after its first checkpoint, then the same command again."""
     root = tmp_path_factory.mktemp("finetune")
+    started = time.time()
     data, init = _data(root)
     run = root / "run"
     argv = [sys.executable, "slurm/submit.py", "launcher=local",
@@ -162,6 +163,10 @@ def tuned(tmp_path_factory):
     killed_at = max(int(p.name[5:]) for p in ckpt.glob("step_*"))
     second = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    # DeepSpeed's CPU all-reduce buffers (67 MB of RAM each in /dev/shm, never unlinked by DeepSpeed): none
+    # left by either launch, the killed one included (the Trainer unlinks its name once the group is up).
+    left = [p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*") if p.stat().st_mtime >= started]
+    assert not left, left
     return run, second.stdout + second.stderr, killed_at
 
 

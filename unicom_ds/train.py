@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from unicom_ds import (backbone, checkpoint, config, continuation, schedule, tblog, train_data, train_plan,
                        unicom_vit)
 from unicom_ds.atomic import atomic_path, read_json, write_json_atomic
-from unicom_ds.dist import all_reduce_, rank_world
+from unicom_ds.dist import all_reduce_, rank_world, unlink_cpu_allreduce_buffer
 from unicom_ds.optim import adamw
 from unicom_ds.prototypes import ShardedPrototypes
 
@@ -153,6 +153,8 @@ class Trainer:
         on_cpu = get_accelerator().device_name() == "cpu"
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
         self.rank, self.world = rank_world()
+        if on_cpu:
+            unlink_cpu_allreduce_buffer(self.rank)
         self.cfg, self.run_dir, self.out = cfg, Path(str(cfg.run_dir)), out
         self.tc, self.lc = OmegaConf.select(cfg, section), OmegaConf.select(cfg, loss)
         self.section = section
