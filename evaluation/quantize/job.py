@@ -211,8 +211,8 @@ def run_unit(cfg: DictConfig, method: str, bits: int, nbits: int, test: np.ndarr
     if method == "scq":
         head, _ = train_scq(cfg, views, bits // nbits, nbits, out / name, train)
         search = scq.searcher(head)
-        index = scq.to_faiss(head, scq.hard_codes(head, scq.embed(head, test)))
-        queries = scq.embed(head, test)
+        queries = scq.embed(head, test)  # the test set is both the gallery (coded) and the queries
+        index = scq.to_faiss(head, scq.hard_codes(head, queries))
     else:
         nlist = int(q.ivf.nlist or baselines.default_nlist(len(train))) if method == "ivfpq" else 0
         trained = baselines.train(method, train, bits, nbits, nlist)
