@@ -23,6 +23,7 @@ import torch
 
 from evaluation import metrics
 from evaluation.quantize import baselines, scq
+from evaluation.quantize.pairs import ViewPairs
 from evaluation.retrieval_sets import RetrievalSet, Split
 from unicom_ds.arrays import normalize
 
@@ -57,7 +58,7 @@ def train_scq(views: np.ndarray, train: np.ndarray, over: dict, books: int, nbit
     with tempfile.TemporaryDirectory() as run:
         cfg = config.resolve(["stage=quantize", f"run_dir={run}", "device=cpu",
                               *(f"quantize.scq.{k}={v}" for k, v in over.items())])
-        return job.train_scq(cfg, views, books, nbits, Path(run) / "quantize" / "scq", train)[0]
+        return job.train_scq(cfg, ViewPairs(views), books, nbits, Path(run) / "quantize" / "scq", train)[0]
 
 
 def run_map(budgets, nbits_list, ablation: bool) -> None:

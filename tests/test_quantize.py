@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from evaluation import demo_sets, metrics
-from evaluation.quantize import baselines, scq
+from evaluation.quantize import baselines, pairs, scq
 from unicom_ds.arrays import normalize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,7 +176,7 @@ def test_view_pairs_draw_two_views_of_each_image_and_resume_mid_epoch():
     n, views = 48, 3
     # Feature value = 100 * view + image: the batch tells which view of which image each row holds.
     x = (100 * np.arange(views)[:, None, None] + np.arange(n)[None, :, None]).astype(np.float32).repeat(2, 2)
-    data = scq.ViewPairs(x)
+    data = pairs.ViewPairs(x)
     assert data.check(0, 1, torch.device("cpu")) == n
     kw = dict(epoch=1, accum=1, micro=8, world=2, seed=3)
     epoch = [[b for b in data.batches(in_epoch=0, count=3, rank=r, **kw)] for r in range(2)]
@@ -191,7 +191,7 @@ def test_view_pairs_draw_two_views_of_each_image_and_resume_mid_epoch():
     for got, want in zip(later, epoch[1][1:]):
         assert all(torch.equal(g, w) for g, w in zip(got, want))
     with pytest.raises(ValueError, match="at least 2 views"):
-        scq.ViewPairs(x[:1])
+        pairs.ViewPairs(x[:1])
 
 
 def test_scq_head_from_opq_codes_as_the_opq_index_does():
@@ -247,9 +247,9 @@ def test_scq_training_killed_after_its_first_checkpoint_resumes_there(tmp_path, 
 
     with monkeypatch.context() as m, pytest.raises(Killed, match="step 2"):
         m.setattr(train.Trainer, "save", save_then_die)
-        job.train_scq(cfg, views, 4, 2, folder, views[0])
+        job.train_scq(cfg, pairs.ViewPairs(views), 4, 2, folder, views[0])
     assert (folder / "ckpt" / "step_2").is_dir() and not folder.with_suffix(".pt").exists()
-    head, summary = job.train_scq(cfg, views, 4, 2, folder, views[0])
+    head, summary = job.train_scq(cfg, pairs.ViewPairs(views), 4, 2, folder, views[0])
     assert summary["start_step"] == 2 and summary["steps"] == 9 and summary["skipped_steps"] == 0
     assert math.isfinite(summary["loss"]) and summary["export"] == str(folder.with_suffix(".pt"))
     assert head.books == 4 and head.words == 4 and torch.isfinite(head.codebooks).all()
@@ -259,7 +259,7 @@ def test_scq_training_killed_after_its_first_checkpoint_resumes_there(tmp_path, 
     # A rerun with other head keys refuses the unit's checkpoints.
     other = _scq_cfg(run, "quantize.scq.w_fused=0.1")
     with pytest.raises(config.ConfigError, match="w_fused"):
-        job.train_scq(other, views, 4, 2, folder, views[0])
+        job.train_scq(other, pairs.ViewPairs(views), 4, 2, folder, views[0])
 
 
 def test_scq_step_with_a_non_finite_loss_is_skipped(tmp_path, monkeypatch, one_process_group):
@@ -273,8 +273,8 @@ def test_scq_step_with_a_non_finite_loss_is_skipped(tmp_path, monkeypatch, one_p
         return (value * float("nan") if len(calls) == 2 else value), terms
 
     monkeypatch.setattr(scq.Objective, "loss", nan_at_second_step)
-    head, summary = job.train_scq(_scq_cfg(tmp_path / "run", "quantize.scq.init=random"), views, 2, 2,
-                                  tmp_path / "run" / "quantize" / "scq-2x2", views[0])
+    head, summary = job.train_scq(_scq_cfg(tmp_path / "run", "quantize.scq.init=random"), pairs.ViewPairs(views),
+                                  2, 2, tmp_path / "run" / "quantize" / "scq-2x2", views[0])
     assert summary["steps"] == 6 and summary["skipped_steps"] == 1
     assert all(torch.isfinite(p).all() for p in head.parameters())
 
@@ -430,6 +430,43 @@ def test_stage_rerun_skips_done_units_and_refuses_other_keys(stage_run):
     assert again.returncode == 0 and again.stdout.count("done before") == 8, again.stdout[-3000:]
     other = _local(*_stage_args(run, data, init, "quantize.scq.w_fused=0.1"))
     assert other.returncode != 0 and "w_fused" in other.stdout + other.stderr
+
+
+def test_stage_trains_scq_end_to_end_with_the_backbone_at_its_lr_mult(tmp_path):
+    """quantize.scq.backbone_lr_mult > 0: a copy of the backbone trains with the head on the images (at the
+    head's lr x the mult, in TensorBoard), UNIT.pt holds both, and the unit codes the tuned copy's features."""
+    from evaluation.features import ImageFiles, extract, features_path
+    from evaluation.retrieval_sets import read
+    from unicom_ds.loading import load
+    from unicom_ds.tblog import read_scalars
+    data, init = _stage_data(tmp_path)
+    run, label = tmp_path / "run", "unicom:ViT-Tiny-16"
+    res = _local(*_stage_args(run, data, init, "quantize.methods=[scq]", "quantize.bits=[16]", "quantize.views=1",
+                              "quantize.scq.backbone_lr_mult=0.5", "quantize.scq.max_steps=3",
+                              "quantize.scq.workers=1", "quantize.scq.log_every=1"))
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert "SCQ trains a copy end to end with its head, at lr x 0.5" in res.stdout
+    scalars = read_scalars(str(run / "tensorboard"))
+    lr, lr_backbone = dict(scalars["quantize.scq/lr"]), dict(scalars["quantize.scq/lr_backbone"])
+    assert sorted(lr) == [1, 2, 3] and lr[3] > 0
+    assert all(lr_backbone[step] == pytest.approx(0.5 * value) for step, value in lr.items())
+    out = run / "quantize" / features_path(run, label, "cub").parent.name / "cub"
+    model, preprocess = load(label, init)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    tuned = scq.Objective.load_backbone(out / "scq-4x4.pt", model)
+    assert any(not torch.equal(start[k], v) for k, v in tuned.state_dict().items())  # the backbone trained
+    ds = read("cub", data / "cub")
+    f = normalize(extract(tuned, ImageFiles(ds.paths, preprocess), 64, 0, "cpu", progress_mode="off"))
+    assert not np.allclose(f, normalize(np.load(features_path(run, label, "cub"))), atol=1e-4)
+    # The index holds the head's codes of the tuned features; its search gives the stored R@1.
+    head = scq.Objective.load(out / "scq-4x4.pt")
+    index = faiss.read_index(str(out / "scq-4x4.faiss"))
+    q = scq.embed(head, f)
+    np.testing.assert_array_equal(faiss.vector_to_array(index.codes).reshape(len(f), -1),
+                                  scq.pack_codes(scq.hard_codes(head, q), 4))
+    found = json.loads((run / "eval" / "results.json").read_text())[label]["cub"]
+    _, ids = metrics.index_search(index, q, 1, exclude_self=True)
+    assert np.mean(ds.labels[ids[:, 0]] == ds.labels) == pytest.approx(found["scq-4x4/R@1"])
 
 
 def test_stage_refuses_bad_input_before_running(tmp_path):

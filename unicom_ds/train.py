@@ -140,7 +140,9 @@ class Trainer:
     A job that trains something else than a backbone over prototypes (the SCQ head) passes `objective`:
     `name` (recorded in its checkpoints; a resume must match), `model` (the module the engine trains),
     `loss(engine, batch) -> (loss, {term: tensor})` over a micro batch (the data's tensors before the
-    skip counts, on the device), and `export(fp32 state dict) -> Path` (rank 0: what the job keeps).
+    skip counts, on the device), `param_groups(weight_decay)` (AdamW groups; a group's `lr_mult` scales the
+    schedule's lr for it, and a group's `name` logs its lr as lr_<name>) and `export(fp32 state dict) -> Path`
+    (rank 0: what the job keeps).
     Its data then has no `classes`, and its terms go to TensorBoard under <section>/.
     """
 
@@ -187,7 +189,8 @@ class Trainer:
         self.dim, self.image_size = ((backbone.embed_dim(self.model_name), backbone.image_size(self.model_name))
                                      if objective is None else (0, 0))
         wd = float(self.tc.weight_decay)
-        opt = adamw(backbone.param_groups(model, wd), float(self.tc.lr), wd)
+        groups = backbone.param_groups(model, wd) if objective is None else objective.param_groups(wd)
+        opt = adamw(groups, float(self.tc.lr), wd)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds)
         self.device = self.engine.device
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
@@ -363,7 +366,7 @@ class Trainer:
         lr = schedule.lr_at(self.step, float(self.tc.lr), self.warmup_steps, self.total_steps,
                              str(self.tc.schedule))
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
             # DeepSpeed's elastic ZeRO checkpoints (loadable on another rank count) read the step
             # from the param groups; torch's AdamW keeps it per parameter only.
             group["step"] = self.step
@@ -493,6 +496,8 @@ class Trainer:
                                "skipped_steps": float(self.bad_steps)}
                     if self.layer is None:
                         del scalars["selected_classes"]
+                        scalars.update({f"lr_{g['name']}": g["lr"] for g in self.engine.optimizer.param_groups
+                                        if "name" in g})
                         scalars.update({name: float(torch.stack([t[name] for t in self.terms]).mean())
                                         for name in (self.terms[0] if self.terms else {})})
                         self.terms = []

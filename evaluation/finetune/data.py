@@ -65,6 +65,14 @@ def micro_batch_rows(n: int, *, epoch: int, first: int, count: int, micro: int, 
     return [order[((m * world) + rank) * micro:((m * world) + rank + 1) * micro] for m in range(first, first + count)]
 
 
+def row_loader(dataset: Dataset, rows: list[np.ndarray], collate: Callable, workers: int,
+               timeout_s: float) -> Iterator:
+    """The micro batches `rows` of `dataset` read by `workers` loader processes."""
+    return iter(DataLoader(dataset, batch_sampler=[r.tolist() for r in rows], num_workers=workers,
+                           collate_fn=collate, timeout=timeout_s if workers else 0,
+                           pin_memory=torch.cuda.is_available()))
+
+
 class TrainImages:
     """Trainer data source over a TrainSplit: class ids mapped to 0..classes-1, unreadable images an
     error naming the file (a fine-tuning set is small and curated: nothing is skipped silently)."""
@@ -83,6 +91,4 @@ class TrainImages:
                 rank: int, world: int, seed: int, workers: int, timeout_s: float) -> Iterator:
         rows = micro_batch_rows(len(self.dataset), epoch=epoch, first=in_epoch * accum, count=count, micro=micro,
                                 rank=rank, world=world, seed=seed)
-        return iter(DataLoader(self.dataset, batch_sampler=[r.tolist() for r in rows], num_workers=workers,
-                               collate_fn=_collate, timeout=timeout_s if workers else 0,
-                               pin_memory=torch.cuda.is_available()))
+        return row_loader(self.dataset, rows, _collate, workers, timeout_s)

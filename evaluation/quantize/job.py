@@ -8,10 +8,13 @@ The backbone (`quantize.model`, an eval.models entry) stays frozen: its features
 from the eval stage's cache (RUN/eval/features/MODEL/SET.npy), those of the train split (or, with
 quantize.train_split=test, of the test images themselves, no labels used) are cached next to them, plainly
 preprocessed for PQ/OPQ/IVF-PQ and as `quantize.views` augmented views (the train stage's transform) for SCQ.
+With quantize.scq.backbone_lr_mult > 0, SCQ instead trains a copy of the backbone with its head, end to end
+on two fresh augmentations of each train image, and codes that copy's features of the test split (the
+baselines and the float row keep the frozen backbone's).
 
 Writes, per model, set and unit (method, M sub-quantisers x nbits): RUN/quantize/MODEL/SET/UNIT.faiss (the
 gallery's codes, `faiss.read_index` loads it; SCQ's is searched with the head's projected queries, the head
-in UNIT.pt) and UNIT.json (its metrics, written last: a rerun skips it, and refuses one made with other keys).
+in UNIT.pt, with its backbone when trained end to end) and UNIT.json (its metrics, written last: a rerun skips it, and refuses one made with other keys).
 The metrics go into RUN/eval/results.json as `UNIT/METRIC` (`scq-8x4/mAP@1000`, `float/R@1`), with the code
 size (`bytes`) and search time per query (`ms_per_query`); results.md gets the bits x method table.
 """
@@ -87,7 +90,7 @@ def check(cfg: Any) -> list[str]:
     if not units(cfg):
         raise config.ConfigError(f"quantize: no unit to run: no quantize.nbits ({list(q.nbits)}) divides a budget "
                                  f"of quantize.bits ({list(q.bits)})")
-    if "scq" in q.methods and int(q.views) < 2:
+    if "scq" in q.methods and not end_to_end(cfg) and int(q.views) < 2:
         raise config.ConfigError(f"quantize.views={q.views}: SCQ trains on two different views of each image (>= 2)")
     if "scq" in q.methods:
         from unicom_ds import train_plan
@@ -96,7 +99,9 @@ def check(cfg: Any) -> list[str]:
     if spec.is_file and not Path(spec.checkpoint).is_file() and not (spec.label == "run" and cfg.stage == "all"):
         raise FileNotFoundError(f"quantize.model={q.model}: checkpoint {spec.checkpoint} does not exist")
     root = Path(str(cfg.eval.data_root))
-    lines = [f"quantize: {q.model} frozen; {', '.join(map(str, q.methods))} at {', '.join(map(str, q.bits))} bits "
+    tuned = (f" (SCQ trains a copy end to end with its head, at lr x {float(q.scq.backbone_lr_mult):g})"
+             if "scq" in q.methods and end_to_end(cfg) else "")
+    lines = [f"quantize: {q.model} frozen{tuned}; {', '.join(map(str, q.methods))} at {', '.join(map(str, q.bits))} bits "
              f"({' or '.join(map(str, q.nbits))}-bit sub-quantisers); mAP@{q.map_k}, codes trained on the "
              f"{q.train_split} split"]
     for name in map(str, q.datasets):
@@ -129,18 +134,36 @@ class _Features:
                               str(self.cfg.device), progress_mode=str(self.cfg.progress),
                               desc=f"quantize {self.spec.label} on {key}")
 
-    def views(self, key: str, paths: list[str], count: int) -> np.ndarray:
-        """[count, n, d]: view v drawn with torch seeded by (seed, v), so a re-extraction draws the same."""
+    def pairs(self, key: str, paths: list[str]):
+        """SCQ's training data: the images themselves when it trains end to end, else the cached features of
+        quantize.views augmented views (view v drawn with torch seeded by (seed, v): a re-extraction draws
+        the same)."""
+        from evaluation.quantize.pairs import ImagePairs, ViewPairs
         from unicom_ds.train_data import train_transform
+        if end_to_end(self.cfg):
+            return ImagePairs(paths, train_transform(self.image_size))
         out = []
-        for v in range(count):
+        for v in range(int(self.cfg.quantize.views)):
             torch.manual_seed(int(self.cfg.seed) * 1000 + v)
-            out.append(self(f"{key}.view{v}", paths, train_transform(self.image_size)))
-        return np.stack(out)
+            out.append(normalize(self(f"{key}.view{v}", paths, train_transform(self.image_size))))
+        return ViewPairs(np.stack(out))
+
+    def fresh_model(self) -> torch.nn.Module:
+        """Another copy of the backbone as loaded, for SCQ to train end to end."""
+        from unicom_ds.loading import load
+        return load(self.spec.name, self.spec.checkpoint, device="cpu")[0]
+
+    def tuned(self, model: torch.nn.Module, paths: list[str], desc: str) -> np.ndarray:
+        """Features of `paths` through an end-to-end trained copy of the backbone (not cached: each unit has its own)."""
+        from evaluation.features import ImageFiles, extract
+        e = self.cfg.eval
+        return extract(model, ImageFiles(paths, self.preprocess), int(e.batch_size), int(e.workers),
+                       str(self.cfg.device), progress_mode=str(self.cfg.progress), desc=desc)
 
 
 # quantize.scq keys that steer the training machinery, not the head it trains: a rerun may change them.
-SCQ_RUN_KEYS = ("resume", "trust_checkpoint", "log_every", "ckpt_every_steps", "keep_checkpoints", "max_bad_steps")
+SCQ_RUN_KEYS = ("resume", "trust_checkpoint", "log_every", "ckpt_every_steps", "keep_checkpoints", "max_bad_steps",
+                "workers")
 
 
 def _made_with(cfg: DictConfig, method: str) -> dict:
@@ -157,18 +180,24 @@ def _timed(index, queries: np.ndarray, k: int) -> float:
     return ms_per_query(index, queries[:TIMED_QUERIES], min(k, index.ntotal))
 
 
-def train_scq(cfg: DictConfig, views: np.ndarray, books: int, nbits: int, folder: Path,
-              train: np.ndarray) -> tuple[torch.nn.Module, dict]:
+def end_to_end(cfg: Any) -> bool:
+    """SCQ trains the backbone with its head (quantize.scq.backbone_lr_mult > 0), not on cached features."""
+    return float(cfg.quantize.scq.backbone_lr_mult) > 0
+
+
+def train_scq(cfg: DictConfig, data, books: int, nbits: int, folder: Path, train: np.ndarray,
+              backbone: torch.nn.Module | None = None) -> tuple[torch.nn.Module, dict]:
     """The SCQ head trained through the train stage's Trainer (DeepSpeed on quantize.scq.deepspeed_config,
     checkpoints in FOLDER/ckpt resumed by a rerun, loss terms in TensorBoard), one process; it exports the
-    head to FOLDER.pt. It starts from OPQ learnt on `train` (the plain train features) when
-    quantize.scq.init=opq, else from a random MLP. Returns (the head, the Trainer's summary)."""
+    head to FOLDER.pt. `data`: pairs of views (evaluation.quantize.pairs); `train`: the plain features of
+    the same images. It starts from OPQ learnt on `train` when quantize.scq.init=opq, else from a random
+    MLP. With a `backbone` (images in `data`), the backbone trains too and FOLDER.pt holds it as well.
+    Returns (the head, the Trainer's summary)."""
     from evaluation.quantize import baselines
     import os
 
     from evaluation.quantize import scq
 
-    data = scq.ViewPairs(views)  # refuses a single view before anything is written
     # A unit's checkpoints belong to the keys they were made with: a rerun with others refuses them.
     record, made_with = folder / "made_with.json", _made_with(cfg, "scq")
     if record.is_file():
@@ -181,21 +210,23 @@ def train_scq(cfg: DictConfig, views: np.ndarray, books: int, nbits: int, folder
     os.environ.setdefault("MASTER_PORT", str(trainer.free_port()))
     c = cfg.quantize.scq
     # The contrastive losses want full batches: at most one batch of all the images.
-    cfg = OmegaConf.merge(cfg, {"quantize": {"scq": {"batch_size": min(int(c.batch_size), views.shape[1])}}})
+    cfg = OmegaConf.merge(cfg, {"quantize": {"scq": {"batch_size": min(int(c.batch_size), len(train))}}})
     torch.manual_seed(int(cfg.seed))
     if str(c.init) == "opq":
         head = scq.from_opq(baselines.train("opq", train, books * nbits, nbits), float(c.tau_sq))
     else:
-        head = scq.SCQHead(views.shape[2], books, 2 ** nbits, int(c.sub_dim), int(c.hidden), float(c.tau_sq))
-    objective = scq.Objective(head, cfg.quantize.scq, folder.with_suffix(".pt"), views.shape[2])
+        head = scq.SCQHead(train.shape[1], books, 2 ** nbits, int(c.sub_dim), int(c.hidden), float(c.tau_sq))
+    objective = scq.Objective(head, cfg.quantize.scq, folder.with_suffix(".pt"), train.shape[1], backbone,
+                              str(cfg.quantize.model))
     rel = folder.relative_to(Path(str(cfg.run_dir)))
     summary = trainer.train(cfg, data=data, out=str(rel), section=SCQ_SECTION, objective=objective)
     return scq.Objective.load(objective.path), summary
 
 
 def run_unit(cfg: DictConfig, method: str, bits: int, nbits: int, test: np.ndarray, train: np.ndarray,
-             views: np.ndarray | None, ds, out: Path, log) -> dict:
-    """Train one quantiser, code the test set, score it; writes UNIT.faiss (and UNIT.pt for SCQ)."""
+             pairs, feats: _Features, ds, out: Path, log) -> dict:
+    """Train one quantiser, code the test set, score it; writes UNIT.faiss (and UNIT.pt for SCQ). `pairs`:
+    SCQ's data (evaluation.quantize.pairs); trained end to end, SCQ codes the tuned backbone's features."""
     import faiss
     from evaluation import metrics
     from evaluation.quantize import baselines, scq
@@ -209,7 +240,11 @@ def run_unit(cfg: DictConfig, method: str, bits: int, nbits: int, test: np.ndarr
     start = time.monotonic()
     extra: dict = {}
     if method == "scq":
-        head, _ = train_scq(cfg, views, bits // nbits, nbits, out / name, train)
+        backbone = feats.fresh_model() if end_to_end(cfg) else None
+        head, _ = train_scq(cfg, pairs, bits // nbits, nbits, out / name, train, backbone)
+        if backbone is not None:
+            test = normalize(feats.tuned(scq.Objective.load_backbone(out / f"{name}.pt", backbone), ds.paths,
+                                         f"{ds.name} through {name}'s backbone"))
         search = scq.searcher(head)
         queries = scq.embed(head, test)  # the test set is both the gallery (coded) and the queries
         index = scq.to_faiss(head, scq.hard_codes(head, queries))
@@ -251,7 +286,7 @@ def quantize_set(cfg: DictConfig, feats: _Features, name: str, log) -> dict:
     train_paths = _train_paths(cfg, name, root)
     key = f"{name}.{q.train_split}"
     train = test if str(q.train_split) == "test" else normalize(feats(key, train_paths))
-    views = None
+    pairs = None
     out = Path(str(cfg.run_dir)) / "quantize" / features_path(cfg.run_dir, feats.spec.label, name).parent.name / name
     out.mkdir(parents=True, exist_ok=True)
     found: dict = {}
@@ -269,10 +304,9 @@ def quantize_set(cfg: DictConfig, feats: _Features, name: str, log) -> dict:
             result = done["metrics"]
             log(f"{unit}: done before ({marker})")
         else:
-            if method == "scq" and views is None:
-                views = normalize(feats.views(f"{key}.aug", train_paths, int(q.views)).reshape(-1, test.shape[1])
-                                  ).reshape(int(q.views), len(train_paths), -1)
-            result = run_unit(cfg, method, bits, nbits, test, train, views, ds, out, log)
+            if method == "scq" and pairs is None:
+                pairs = feats.pairs(f"{key}.aug", train_paths)
+            result = run_unit(cfg, method, bits, nbits, test, train, pairs, feats, ds, out, log)
             write_json_atomic(marker, {"made_with": made_with, "metrics": result})
         found.update({f"{unit}/{k}": v for k, v in result.items()})
     return found

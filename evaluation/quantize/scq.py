@@ -154,55 +154,57 @@ def loss_terms(out_a: dict, out_b: dict, c: Any, books: int) -> dict[str, torch.
     return terms
 
 
-class ViewPairs:
-    """The Trainer's data source over cached features of augmented views [V >= 2, n, D]: each micro batch
-    row is one image's features in two different views (a, b), drawn from (seed, epoch, micro batch) alone,
-    so a resumed run continues where it stopped."""
+class Encoder(nn.Module):
+    """Backbone and head trained together (quantize.scq.backbone_lr_mult > 0): images -> the backbone's
+    L2-normalised features (what the frozen path caches) -> the head's outputs."""
 
-    skip_reasons: tuple[str, ...] = ()
+    def __init__(self, backbone: nn.Module, head: SCQHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
 
-    def __init__(self, views: np.ndarray):
-        if views.ndim != 3 or len(views) < 2:
-            raise ValueError(f"SCQ needs features of at least 2 views per image [V, n, D], got shape {views.shape}")
-        self.x = torch.as_tensor(np.ascontiguousarray(views, dtype=np.float32))
-
-    def check(self, rank: int, world: int, device: torch.device) -> int:
-        return self.x.shape[1]
-
-    def batches(self, *, epoch: int, in_epoch: int, accum: int, count: int, micro: int, rank: int, world: int,
-                seed: int, **_):
-        """Micro batches in_epoch * accum.. of `epoch`: the epoch is a permutation of the images read in global
-        micro batches of micro x world rows, rank r taking the r-th part (wrapping round when it runs out)."""
-        views, n = self.x.shape[:2]
-        order = torch.as_tensor(np.random.default_rng([seed, epoch]).permutation(n))
-        for m in range(in_epoch * accum, in_epoch * accum + count):
-            rows = order[((m * world + rank) * micro + torch.arange(micro)) % n]
-            rng = np.random.default_rng([seed, epoch, m, rank])
-            va = torch.as_tensor(rng.integers(0, views, micro))
-            vb = (va + torch.as_tensor(rng.integers(1, views, micro))) % views  # a different view of each image
-            yield self.x[va, rows], self.x[vb, rows], torch.zeros(0)
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.head(F.normalize(self.backbone(images), dim=-1))
 
 
 class Objective:
-    """The Trainer hook (unicom_ds.train.Trainer's `objective`): the head trained on ViewPairs' batches by
-    `loss_terms`, exported as the head's file (state dict and shape) at `path`."""
+    """The Trainer hook (unicom_ds.train.Trainer's `objective`): the head trained on two views per row
+    (evaluation.quantize.pairs) by `loss_terms`, exported as the head's file (state dict and shape) at `path`.
 
-    def __init__(self, head: SCQHead, c: Any, path: Path, in_dim: int):
-        self.model, self.c, self.path = head, c, Path(path)
+    With a `backbone` (end to end), the engine trains `Encoder(backbone, head)` on images, the backbone's
+    parameter groups at lr x `backbone_lr_mult`, and the file also holds the backbone's state dict."""
+
+    def __init__(self, head: SCQHead, c: Any, path: Path, in_dim: int, backbone: nn.Module | None = None,
+                 backbone_name: str = ""):
+        self.head, self.c, self.path = head, c, Path(path)
+        self.model = head if backbone is None else Encoder(backbone.train().requires_grad_(True), head)
         self.shape = {"in_dim": in_dim, "books": head.books, "words": head.words, "sub_dim": head.sub_dim,
                       "hidden": head.hidden, "tau_sq": head.tau_sq}
         self.name = "scq-head:" + ",".join(f"{k}={v}" for k, v in self.shape.items())
+        if backbone is not None:
+            self.name += f",backbone={backbone_name}"
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        from unicom_ds.backbone import param_groups
+        groups = param_groups(self.head, weight_decay)
+        if self.model is not self.head:
+            mult = float(self.c.backbone_lr_mult)
+            groups += [{**g, "lr_mult": mult, "name": "backbone"}
+                       for g in param_groups(self.model.backbone, weight_decay)]
+        return groups
 
     def loss(self, model, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         a, b = batch
         out = model(torch.cat([a, b]))  # one forward through the engine for both views (no batch statistics)
         terms = loss_terms({k: v[:len(a)] for k, v in out.items()}, {k: v[len(a):] for k, v in out.items()},
-                           self.c, self.model.books)
+                           self.c, self.head.books)
         return terms.pop("loss"), terms
 
     def export(self, state: dict[str, torch.Tensor]) -> Path:
+        saved = {"state_dict": state, **self.shape}
+        if self.model is not self.head:  # the Encoder's keys: head.*, backbone.*
+            saved = {**saved, "state_dict": _prefixed(state, "head."), "backbone": _prefixed(state, "backbone.")}
         with atomic_path(self.path) as tmp:
-            torch.save({"state_dict": state, **self.shape}, tmp)
+            torch.save(saved, tmp)
         return self.path
 
     @staticmethod
@@ -212,6 +214,19 @@ class Objective:
                        saved["tau_sq"])
         head.load_state_dict(saved["state_dict"])
         return head.eval()
+
+    @staticmethod
+    def load_backbone(path: Path, backbone: nn.Module) -> nn.Module:
+        """`backbone` (the model trained from, as loaded) with the end-to-end trained weights of `path`."""
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if "backbone" not in saved:
+            raise ValueError(f"{path}: an SCQ head trained on a frozen backbone holds no backbone weights")
+        backbone.load_state_dict(saved["backbone"])
+        return backbone.eval()
+
+
+def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 @torch.no_grad()
