@@ -148,10 +148,11 @@ def finetune_table(results: dict) -> str:
 
 # Compact codes (evaluation.quantize): a set's metrics stored as UNIT/METRIC, UNIT being `float` (exact
 # float search) or METHOD-MxNBITS (M sub-quantisers of NBITS bits: a code of M*NBITS bits).
-QUANTIZE_METHODS = {"pq": "PQ", "opq": "OPQ+PQ", "ivfpq": "IVF-PQ", "scq": "SCQ"}
+QUANTIZE_METHODS = {"pq": "PQ", "opq": "OPQ+PQ", "ivfpq": "IVF-PQ", "scq": "SCQ",
+                    "scq_e2e": "SCQ end to end"}
 QUANTIZE_CAPTION = ("Compact codes (quantize stage): mAP@K in SCQ's protocol by code size (percent), Recall@1 in "
                     "brackets, search time per query after the slash; float is exact search of the float features")
-_UNIT = re.compile(r"^(float|(pq|opq|ivfpq|scq)-(\d+)x(\d+))/(.+)$")
+_UNIT = re.compile(r"^(float|(pq|opq|ivfpq|scq|scq_e2e)-(\d+)x(\d+))/(.+)$")
 
 
 def quantize_cells(results: dict) -> dict[tuple[str, str], dict[str, dict[int, dict[str, float]]]]:

@@ -433,19 +433,19 @@ def test_stage_rerun_skips_done_units_and_refuses_other_keys(stage_run):
 
 
 def test_stage_trains_scq_end_to_end_with_the_backbone_at_its_lr_mult(tmp_path):
-    """quantize.scq.backbone_lr_mult > 0: a copy of the backbone trains with the head on the images (at the
-    head's lr x the mult, in TensorBoard), UNIT.pt holds both, and the unit codes the tuned copy's features."""
+    """scq_e2e: a copy of the backbone trains with the head on the images (at the
+    head's lr x quantize.scq.backbone_lr_mult, in TensorBoard), UNIT.pt holds both, and the unit codes the tuned copy's features."""
     from evaluation.features import ImageFiles, extract, features_path
     from evaluation.retrieval_sets import read
     from unicom_ds.loading import load
     from unicom_ds.tblog import read_scalars
     data, init = _stage_data(tmp_path)
     run, label = tmp_path / "run", "unicom:ViT-Tiny-16"
-    res = _local(*_stage_args(run, data, init, "quantize.methods=[scq]", "quantize.bits=[16]", "quantize.views=1",
+    res = _local(*_stage_args(run, data, init, "quantize.methods=[scq_e2e]", "quantize.bits=[16]", "quantize.views=1",
                               "quantize.scq.backbone_lr_mult=0.5", "quantize.scq.max_steps=3",
                               "quantize.scq.workers=1", "quantize.scq.log_every=1"))
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    assert "SCQ trains a copy end to end with its head, at lr x 0.5" in res.stdout
+    assert "scq_e2e trains a copy end to end with its head, at lr x 0.5" in res.stdout
     scalars = read_scalars(str(run / "tensorboard"))
     lr, lr_backbone = dict(scalars["quantize.scq/lr"]), dict(scalars["quantize.scq/lr_backbone"])
     assert sorted(lr) == [1, 2, 3] and lr[3] > 0
@@ -453,20 +453,21 @@ def test_stage_trains_scq_end_to_end_with_the_backbone_at_its_lr_mult(tmp_path):
     out = run / "quantize" / features_path(run, label, "cub").parent.name / "cub"
     model, preprocess = load(label, init)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    tuned = scq.Objective.load_backbone(out / "scq-4x4.pt", model)
+    tuned = scq.Objective.load_backbone(out / "scq_e2e-4x4.pt", model)
     assert any(not torch.equal(start[k], v) for k, v in tuned.state_dict().items())  # the backbone trained
     ds = read("cub", data / "cub")
     f = normalize(extract(tuned, ImageFiles(ds.paths, preprocess), 64, 0, "cpu", progress_mode="off"))
     assert not np.allclose(f, normalize(np.load(features_path(run, label, "cub"))), atol=1e-4)
     # The index holds the head's codes of the tuned features; its search gives the stored R@1.
-    head = scq.Objective.load(out / "scq-4x4.pt")
-    index = faiss.read_index(str(out / "scq-4x4.faiss"))
+    head = scq.Objective.load(out / "scq_e2e-4x4.pt")
+    index = faiss.read_index(str(out / "scq_e2e-4x4.faiss"))
     q = scq.embed(head, f)
     np.testing.assert_array_equal(faiss.vector_to_array(index.codes).reshape(len(f), -1),
                                   scq.pack_codes(scq.hard_codes(head, q), 4))
     found = json.loads((run / "eval" / "results.json").read_text())[label]["cub"]
     _, ids = metrics.index_search(index, q, 1, exclude_self=True)
-    assert np.mean(ds.labels[ids[:, 0]] == ds.labels) == pytest.approx(found["scq-4x4/R@1"])
+    assert np.mean(ds.labels[ids[:, 0]] == ds.labels) == pytest.approx(found["scq_e2e-4x4/R@1"])
+    assert "| SCQ end to end (4-bit codebooks) |" in (run / "eval" / "results.md").read_text()
 
 
 def test_stage_refuses_bad_input_before_running(tmp_path):

@@ -8,9 +8,9 @@ The backbone (`quantize.model`, an eval.models entry) stays frozen: its features
 from the eval stage's cache (RUN/eval/features/MODEL/SET.npy), those of the train split (or, with
 quantize.train_split=test, of the test images themselves, no labels used) are cached next to them, plainly
 preprocessed for PQ/OPQ/IVF-PQ and as `quantize.views` augmented views (the train stage's transform) for SCQ.
-With quantize.scq.backbone_lr_mult > 0, SCQ instead trains a copy of the backbone with its head, end to end
-on two fresh augmentations of each train image, and codes that copy's features of the test split (the
-baselines and the float row keep the frozen backbone's).
+The method scq_e2e instead trains a copy of the backbone with an SCQ head, end to end on two fresh
+augmentations of each train image (the backbone at lr x quantize.scq.backbone_lr_mult), and codes that
+copy's features of the test split (the other methods and the float row keep the frozen backbone's).
 
 Writes, per model, set and unit (method, M sub-quantisers x nbits): RUN/quantize/MODEL/SET/UNIT.faiss (the
 gallery's codes, `faiss.read_index` loads it; SCQ's is searched with the head's projected queries, the head
@@ -36,7 +36,8 @@ from unicom_ds.atomic import atomic_path, read_json, write_json_atomic
 from evaluation import retrieval_sets
 from evaluation.run import ModelSpec, parse_model
 
-METHODS = ("pq", "opq", "ivfpq", "scq")
+METHODS = ("pq", "opq", "ivfpq", "scq", "scq_e2e")
+SCQ_METHODS = ("scq", "scq_e2e")  # scq: on the frozen backbone's cached features; scq_e2e: with the backbone
 SCQ_SECTION = "quantize.scq"  # the SCQ head's training keys, read by unicom_ds.train's Trainer
 TIMED_QUERIES = 1000  # queries timed per unit (ms_per_query) and used for the IVF-PQ nprobe sweep
 
@@ -56,7 +57,7 @@ def units(cfg: Any, dim: int | None = None) -> list[tuple[str, int, int]]:
         for bits in map(int, cfg.quantize.bits):
             for nbits in map(int, cfg.quantize.nbits):
                 m = bits // nbits
-                if bits % nbits or (method != "scq" and dim is not None and dim % m):
+                if bits % nbits or (method not in SCQ_METHODS and dim is not None and dim % m):
                     continue
                 out.append((method, bits, nbits))
     return out
@@ -90,17 +91,17 @@ def check(cfg: Any) -> list[str]:
     if not units(cfg):
         raise config.ConfigError(f"quantize: no unit to run: no quantize.nbits ({list(q.nbits)}) divides a budget "
                                  f"of quantize.bits ({list(q.bits)})")
-    if "scq" in q.methods and not end_to_end(cfg) and int(q.views) < 2:
+    if "scq" in q.methods and int(q.views) < 2:
         raise config.ConfigError(f"quantize.views={q.views}: SCQ trains on two different views of each image (>= 2)")
-    if "scq" in q.methods:
+    if set(SCQ_METHODS) & set(q.methods):
         from unicom_ds import train_plan
         train_plan.deepspeed_config(cfg, 1, SCQ_SECTION)  # the file, its JSON, the precision
     spec = model_spec(cfg)
     if spec.is_file and not Path(spec.checkpoint).is_file() and not (spec.label == "run" and cfg.stage == "all"):
         raise FileNotFoundError(f"quantize.model={q.model}: checkpoint {spec.checkpoint} does not exist")
     root = Path(str(cfg.eval.data_root))
-    tuned = (f" (SCQ trains a copy end to end with its head, at lr x {float(q.scq.backbone_lr_mult):g})"
-             if "scq" in q.methods and end_to_end(cfg) else "")
+    tuned = (f" (scq_e2e trains a copy end to end with its head, at lr x {float(q.scq.backbone_lr_mult):g})"
+             if "scq_e2e" in q.methods else "")
     lines = [f"quantize: {q.model} frozen{tuned}; {', '.join(map(str, q.methods))} at {', '.join(map(str, q.bits))} bits "
              f"({' or '.join(map(str, q.nbits))}-bit sub-quantisers); mAP@{q.map_k}, codes trained on the "
              f"{q.train_split} split"]
@@ -134,13 +135,12 @@ class _Features:
                               str(self.cfg.device), progress_mode=str(self.cfg.progress),
                               desc=f"quantize {self.spec.label} on {key}")
 
-    def pairs(self, key: str, paths: list[str]):
-        """SCQ's training data: the images themselves when it trains end to end, else the cached features of
-        quantize.views augmented views (view v drawn with torch seeded by (seed, v): a re-extraction draws
-        the same)."""
+    def pairs(self, method: str, key: str, paths: list[str]):
+        """SCQ's training data: the images themselves for scq_e2e, else the cached features of quantize.views
+        augmented views (view v drawn with torch seeded by (seed, v): a re-extraction draws the same)."""
         from evaluation.quantize.pairs import ImagePairs, ViewPairs
         from unicom_ds.train_data import train_transform
-        if end_to_end(self.cfg):
+        if method == "scq_e2e":
             return ImagePairs(paths, train_transform(self.image_size))
         out = []
         for v in range(int(self.cfg.quantize.views)):
@@ -168,21 +168,19 @@ SCQ_RUN_KEYS = ("resume", "trust_checkpoint", "log_every", "ckpt_every_steps", "
 
 def _made_with(cfg: DictConfig, method: str) -> dict:
     keys = ["quantize.model", "quantize.train_split", "quantize.map_k", "seed"]
-    keys += {"scq": ["quantize.views", "quantize.scq"], "ivfpq": ["quantize.ivf"]}.get(method, [])
+    keys += {"scq": ["quantize.views", "quantize.scq"], "scq_e2e": ["quantize.scq"],
+             "ivfpq": ["quantize.ivf"]}.get(method, [])
     made = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v := OmegaConf.select(cfg, k)) else v for k in keys}
     if "quantize.scq" in made:
         made["quantize.scq"] = {k: v for k, v in made["quantize.scq"].items() if k not in SCQ_RUN_KEYS}
+        if method == "scq":  # the backbone stays frozen
+            del made["quantize.scq"]["backbone_lr_mult"]
     return made
 
 
 def _timed(index, queries: np.ndarray, k: int) -> float:
     from evaluation.quantize.baselines import ms_per_query
     return ms_per_query(index, queries[:TIMED_QUERIES], min(k, index.ntotal))
-
-
-def end_to_end(cfg: Any) -> bool:
-    """SCQ trains the backbone with its head (quantize.scq.backbone_lr_mult > 0), not on cached features."""
-    return float(cfg.quantize.scq.backbone_lr_mult) > 0
 
 
 def train_scq(cfg: DictConfig, data, books: int, nbits: int, folder: Path, train: np.ndarray,
@@ -199,7 +197,8 @@ def train_scq(cfg: DictConfig, data, books: int, nbits: int, folder: Path, train
     from evaluation.quantize import scq
 
     # A unit's checkpoints belong to the keys they were made with: a rerun with others refuses them.
-    record, made_with = folder / "made_with.json", _made_with(cfg, "scq")
+    record = folder / "made_with.json"
+    made_with = _made_with(cfg, "scq" if backbone is None else "scq_e2e")
     if record.is_file():
         config.check_same(read_json(record)["made_with"], made_with, folder)
     else:
@@ -226,7 +225,7 @@ def train_scq(cfg: DictConfig, data, books: int, nbits: int, folder: Path, train
 def run_unit(cfg: DictConfig, method: str, bits: int, nbits: int, test: np.ndarray, train: np.ndarray,
              pairs, feats: _Features, ds, out: Path, log) -> dict:
     """Train one quantiser, code the test set, score it; writes UNIT.faiss (and UNIT.pt for SCQ). `pairs`:
-    SCQ's data (evaluation.quantize.pairs); trained end to end, SCQ codes the tuned backbone's features."""
+    SCQ's data (evaluation.quantize.pairs); scq_e2e codes its tuned backbone's features."""
     import faiss
     from evaluation import metrics
     from evaluation.quantize import baselines, scq
@@ -239,8 +238,8 @@ def run_unit(cfg: DictConfig, method: str, bits: int, nbits: int, test: np.ndarr
         log(f"{name}: {len(train)} training vectors for 2^{nbits} centroids (faiss suggests >= {39 * 2 ** nbits})")
     start = time.monotonic()
     extra: dict = {}
-    if method == "scq":
-        backbone = feats.fresh_model() if end_to_end(cfg) else None
+    if method in SCQ_METHODS:
+        backbone = feats.fresh_model() if method == "scq_e2e" else None
         head, _ = train_scq(cfg, pairs, bits // nbits, nbits, out / name, train, backbone)
         if backbone is not None:
             test = normalize(feats.tuned(scq.Objective.load_backbone(out / f"{name}.pt", backbone), ds.paths,
@@ -286,7 +285,7 @@ def quantize_set(cfg: DictConfig, feats: _Features, name: str, log) -> dict:
     train_paths = _train_paths(cfg, name, root)
     key = f"{name}.{q.train_split}"
     train = test if str(q.train_split) == "test" else normalize(feats(key, train_paths))
-    pairs = None
+    pairs: dict = {}
     out = Path(str(cfg.run_dir)) / "quantize" / features_path(cfg.run_dir, feats.spec.label, name).parent.name / name
     out.mkdir(parents=True, exist_ok=True)
     found: dict = {}
@@ -304,9 +303,9 @@ def quantize_set(cfg: DictConfig, feats: _Features, name: str, log) -> dict:
             result = done["metrics"]
             log(f"{unit}: done before ({marker})")
         else:
-            if method == "scq" and pairs is None:
-                pairs = feats.pairs(f"{key}.aug", train_paths)
-            result = run_unit(cfg, method, bits, nbits, test, train, pairs, feats, ds, out, log)
+            if method in SCQ_METHODS and method not in pairs:
+                pairs[method] = feats.pairs(method, f"{key}.aug", train_paths)
+            result = run_unit(cfg, method, bits, nbits, test, train, pairs.get(method), feats, ds, out, log)
             write_json_atomic(marker, {"made_with": made_with, "metrics": result})
         found.update({f"{unit}/{k}": v for k, v in result.items()})
     return found
