@@ -496,11 +496,12 @@ def test_quantize_runs_on_slurm(slurm, tmp_path):
     from test_slurm_cluster_stage import SLURM, log_tails, submit, wait_for
     data, init = _stage_data(tmp_path)
     run = tmp_path / "run"
-    res = submit(*_stage_args(run, data, init, "quantize.methods=[pq,scq]", "quantize.bits=[16]"), *SLURM)
+    res = submit(*_stage_args(run, data, init, "quantize.methods=[pq,scq,scq_e2e]", "quantize.bits=[16]",
+                              "quantize.scq.workers=2"), *SLURM)
     assert res.returncode == 0, res.stdout + res.stderr
     ids = re.findall(r"quantize: job (\d+)", res.stdout)
     assert ids, res.stdout
     states = wait_for(ids)
     assert set(states.values()) == {"COMPLETED"}, f"{states}\n{log_tails(run)}"
     found = json.loads((run / "eval" / "results.json").read_text())["unicom:ViT-Tiny-16"]["cub"]
-    assert {"pq-4x4/R@1", "scq-4x4/R@1", "float/R@1"} <= set(found)
+    assert {"pq-4x4/R@1", "scq-4x4/R@1", "scq_e2e-4x4/R@1", "float/R@1"} <= set(found)
