@@ -443,7 +443,8 @@ def test_stage_trains_scq_end_to_end_with_the_backbone_at_its_lr_mult(tmp_path):
     run, label = tmp_path / "run", "unicom:ViT-Tiny-16"
     res = _local(*_stage_args(run, data, init, "quantize.methods=[scq_e2e]", "quantize.bits=[16]", "quantize.views=1",
                               "quantize.scq.backbone_lr_mult=0.5", "quantize.scq.max_steps=3",
-                              "quantize.scq.workers=1", "quantize.scq.log_every=1"))
+                              "quantize.scq.workers=1", "quantize.scq.log_every=1",
+                              "quantize.scq.precision=bf16"))  # the engine's copy in bf16; the unit codes in fp32
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert "scq_e2e trains a copy end to end with its head, at lr x 0.5" in res.stdout
     scalars = read_scalars(str(run / "tensorboard"))

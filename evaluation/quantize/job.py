@@ -14,7 +14,8 @@ copy's features of the test split (the other methods and the float row keep the 
 
 Writes, per model, set and unit (method, M sub-quantisers x nbits): RUN/quantize/MODEL/SET/UNIT.faiss (the
 gallery's codes, `faiss.read_index` loads it; SCQ's is searched with the head's projected queries, the head
-in UNIT.pt, with its backbone when trained end to end) and UNIT.json (its metrics, written last: a rerun skips it, and refuses one made with other keys).
+in UNIT.pt, scq_e2e's with its backbone) and UNIT.json (its metrics, written last: a rerun skips it, and
+refuses one made with other keys).
 The metrics go into RUN/eval/results.json as `UNIT/METRIC` (`scq-8x4/mAP@1000`, `float/R@1`), with the code
 size (`bytes`) and search time per query (`ms_per_query`); results.md gets the bits x method table.
 """
@@ -239,11 +240,11 @@ def run_unit(cfg: DictConfig, method: str, bits: int, nbits: int, test: np.ndarr
     start = time.monotonic()
     extra: dict = {}
     if method in SCQ_METHODS:
-        backbone = feats.fresh_model() if method == "scq_e2e" else None
-        head, _ = train_scq(cfg, pairs, bits // nbits, nbits, out / name, train, backbone)
-        if backbone is not None:
-            test = normalize(feats.tuned(scq.Objective.load_backbone(out / f"{name}.pt", backbone), ds.paths,
-                                         f"{ds.name} through {name}'s backbone"))
+        e2e = method == "scq_e2e"
+        head, _ = train_scq(cfg, pairs, bits // nbits, nbits, out / name, train, feats.fresh_model() if e2e else None)
+        if e2e:  # a fresh copy: the engine's may have been cast to bf16
+            tuned = scq.Objective.load_backbone(out / f"{name}.pt", feats.fresh_model())
+            test = normalize(feats.tuned(tuned, ds.paths, f"{ds.name} through {name}'s backbone"))
         search = scq.searcher(head)
         queries = scq.embed(head, test)  # the test set is both the gallery (coded) and the queries
         index = scq.to_faiss(head, scq.hard_codes(head, queries))
