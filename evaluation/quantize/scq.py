@@ -155,7 +155,7 @@ def loss_terms(out_a: dict, out_b: dict, c: Any, books: int) -> dict[str, torch.
 
 
 class Encoder(nn.Module):
-    """Backbone and head trained together (quantize.scq.backbone_lr_mult > 0): images -> the backbone's
+    """Backbone and head trained together (the method scq_e2e): images -> the backbone's
     L2-normalised features (what the frozen path caches) -> the head's outputs."""
 
     def __init__(self, backbone: nn.Module, head: SCQHead):
