@@ -1,16 +1,16 @@
 """Compact codes, measured (docs/benchmarks.md "Compact codes"):
 
 - `map`: mAP@K of PQ, OPQ+PQ and SCQ at 16/32/64 bits side by side (4-bit codebooks; 8-bit where the budget
-  allows) on scikit-learn digits: pixel features (L2-normalised 64-d), codes learnt on digits 0-4 ... all
-  1797 images' first half, scored all-against-all on the second half (mAP@K, K = gallery size - 1 capped at
-  1000). SCQ's two views are the same digit shifted by up to one pixel.
+  allows) on scikit-learn digits: pixel features (L2-normalised 64-d), codes learnt on a random half of the
+  1797 images, scored all-against-all on the other half (mAP@K, K = gallery size - 1 capped at 1000).
+  SCQ's two views are the same digit shifted by up to one pixel.
   SCQ twice: from OPQ (quantize.scq.init=opq, the default) and from scratch (init=random, the authors' lr).
 - `ablation`: SCQ's instance-contrastive weights (embedding and quantised) at 0 (the authors' release) and
   at 0.5, same data, every budget (the default init).
 - `speed`: ADC code search (PQ 8x4 = 32 bits, PQ 16x8 = 128 bits, IVF-PQ) against faiss flat float search
   over 1M random 256-d vectors: ms per query (a batch of 100 queries) and bytes per vector.
 
-    python benchmarks/bench_quantize.py [--parts map,ablation,speed] [--threads 1]
+    python benchmarks/bench_quantize.py [--parts map,ablation,speed] [--nbits 4,8] [--threads 1]
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def run_map(budgets, nbits_list, ablation: bool) -> None:
         "scq ic=0": dict(w_ic_embedding=0.0, w_ic_quantised=0.0),
         "scq ic=0.5": dict(w_ic_embedding=0.5, w_ic_quantised=0.5)}
     methods = [] if ablation else ["pq", "opq"]
-    print(f"| method | codebooks | " + " | ".join(f"{b} bits" for b in budgets) + " |")
+    print("| method | codebooks | " + " | ".join(f"{b} bits" for b in budgets) + " |")
     print("|---|---|" + "---:|" * len(budgets))
     for nbits in nbits_list:
         for name in [*methods, *variants]:

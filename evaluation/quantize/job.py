@@ -21,6 +21,7 @@ size (`bytes`) and search time per query (`ms_per_query`); results.md gets the b
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -192,10 +193,7 @@ def train_scq(cfg: DictConfig, data, books: int, nbits: int, folder: Path, train
     the same images. It starts from OPQ learnt on `train` when quantize.scq.init=opq, else from a random
     MLP. With a `backbone` (images in `data`), the backbone trains too and FOLDER.pt holds it as well.
     Returns (the head, the Trainer's summary)."""
-    from evaluation.quantize import baselines
-    import os
-
-    from evaluation.quantize import scq
+    from evaluation.quantize import baselines, scq
 
     # A unit's checkpoints belong to the keys they were made with: a rerun with others refuses them.
     record = folder / "made_with.json"

@@ -175,7 +175,7 @@ class Objective:
 
     def __init__(self, head: SCQHead, c: Any, path: Path, in_dim: int, backbone: nn.Module | None = None,
                  backbone_name: str = ""):
-        self.head, self.c, self.path = head, c, Path(path)
+        self.head, self.backbone, self.c, self.path = head, backbone, c, Path(path)
         self.model = head if backbone is None else Encoder(backbone.train().requires_grad_(True), head)
         self.shape = {"in_dim": in_dim, "books": head.books, "words": head.words, "sub_dim": head.sub_dim,
                       "hidden": head.hidden, "tau_sq": head.tau_sq}
@@ -186,10 +186,9 @@ class Objective:
     def param_groups(self, weight_decay: float) -> list[dict]:
         from unicom_ds.backbone import param_groups
         groups = param_groups(self.head, weight_decay)
-        if self.model is not self.head:
+        if self.backbone is not None:
             mult = float(self.c.backbone_lr_mult)
-            groups += [{**g, "lr_mult": mult, "name": "backbone"}
-                       for g in param_groups(self.model.backbone, weight_decay)]
+            groups += [{**g, "lr_mult": mult, "name": "backbone"} for g in param_groups(self.backbone, weight_decay)]
         return groups
 
     def loss(self, model, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -201,7 +200,7 @@ class Objective:
 
     def export(self, state: dict[str, torch.Tensor]) -> Path:
         saved = {"state_dict": state, **self.shape}
-        if self.model is not self.head:  # the Encoder's keys: head.*, backbone.*
+        if self.backbone is not None:  # the Encoder's keys: head.*, backbone.*
             saved = {**saved, "state_dict": _prefixed(state, "head."), "backbone": _prefixed(state, "backbone.")}
         with atomic_path(self.path) as tmp:
             torch.save(saved, tmp)
