@@ -72,6 +72,12 @@ def copy_run(run, tmp_path):
     return source(tmp_path / "run")
 
 
+def test_label_check_progress_counts_shards(run, capfd):
+    train_data.check_labels(run["source"], run["shards"], 5, progress_mode="lines")
+    err = capfd.readouterr().err
+    assert "[train: checking labels] 2/2 shards," in err and "shardses" not in err
+
+
 def test_labels_of_the_wrong_length_name_the_files(run, tmp_path):
     src = copy_run(run, tmp_path)
     np.save(src.labels("00001"), np.zeros(12, np.int64))  # keys.txt has 13 rows

@@ -93,7 +93,7 @@ def check_labels(source: LabelSource, pattern: str, num_classes: int, *, key_pro
     """
     urls, per_shard = [], {}
     paths = shards.expand(pattern)
-    for url in progress(paths, total=len(paths), desc="train: checking labels", unit="shards", mode=progress_mode):
+    for url in progress(paths, total=len(paths), desc="train: checking labels", unit="shard", mode=progress_mode):
         name = shards.stem(url)
         keys, labels = source.keys(name), source.labels(name)
         if not labels.is_file():
