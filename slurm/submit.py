@@ -15,8 +15,14 @@ if __name__ == "__main__":
     _root = str(Path(__file__).resolve().parents[1])
     sys.path = [_root] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from slurm import launch
-from unicom_ds import config
+try:
+    from slurm import launch
+    from unicom_ds import config
+except ModuleNotFoundError as e:  # a Python without the project's packages: say which one to use
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"error: {sys.executable} lacks the package {e.name!r}: activate the project's venv "
+             "(. .venv/bin/activate) or run through `bash demo.sh`, which installs it")
 
 # Mistakes a user can fix from the command line: one line each, no traceback.
 USER_ERRORS = (config.ConfigError, ValueError, LookupError, OSError)

@@ -141,3 +141,12 @@ def test_run_sh_shows_test_names_times_and_skip_reasons(tmp_path):
     assert "test_tiny.py::test_slow PASSED" in res.stdout
     assert re.search(r"SKIPPED \[1\] test_tiny.py:\d+: needs the moon", res.stdout)
     assert re.search(r"^1\.\d\ds call +test_tiny.py::test_slow$", res.stdout, flags=re.M)
+
+
+def test_submit_help_without_the_packages_says_to_activate_the_venv():
+    # -S: no site-packages, as a system python3 without the requirements
+    res = subprocess.run([sys.executable, "-S", "slurm/submit.py", "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode != 0 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "lacks the package" in res.stderr and ". .venv/bin/activate" in res.stderr and "demo.sh" in res.stderr
