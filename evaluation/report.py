@@ -12,7 +12,6 @@ folder can be opened in place or copied together with the run directory.
 from __future__ import annotations
 
 import html
-import json
 import re
 import shutil
 import sys
@@ -37,6 +36,7 @@ figure{margin:0 0 1em} .grid figure{margin:0;width:var(--thumb)}
 .grid img{display:block;width:var(--thumb);height:var(--thumb)}
 figcaption{font-size:11px;line-height:1.25;max-height:5em;overflow:hidden;word-wrap:break-word}
 .curves img{width:400px;margin:4px}
+.kv .kv{margin:0}
 .warn{background:#fff4d6;border-left:4px solid #e0a800;padding:4px 8px;margin:4px 0}
 """
 
@@ -45,12 +45,17 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, sort_keys=True)
-    return str(value)
+def _cell(value: Any) -> str:
+    """HTML of a summary value: a mapping as a nested table, a list item by item, nothing as "none"."""
+    if isinstance(value, (dict, list)) and not value:
+        return "none"
+    if isinstance(value, dict):
+        return _kv_table(value)
+    if isinstance(value, list):
+        return "<br>".join(_cell(v) for v in value)
+    if value is None:
+        return "unset"
+    return _e(f"{value:.4g}" if isinstance(value, float) else value)
 
 
 def _note(text: str) -> str:
@@ -58,7 +63,7 @@ def _note(text: str) -> str:
 
 
 def _kv_table(d: Mapping) -> str:
-    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(_fmt(v))}</td></tr>" for k, v in d.items())
+    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_cell(v)}</td></tr>" for k, v in d.items())
     return f'<table class="kv">{rows}</table>'
 
 
@@ -287,8 +292,9 @@ def _eval_html(run_dir: Path, report_dir: Path) -> str:
                    f"<table><tr><th>method</th>{head}</tr>{body}</table>")
     assets = report_dir / "assets"
     for png in sorted(eval_dir.glob("*.png")):
-        out.append(f'<figure><img src="assets/eval_{png.name}" alt="{_e(png.stem)}">'
-                   f"<figcaption>{_e(png.name)}</figcaption></figure>")
+        caption = eval_results.PLOT_CAPTIONS.get(png.name, png.stem)
+        out.append(f'<figure><img src="assets/eval_{png.name}" alt="{_e(caption)}">'
+                   f"<figcaption>{_e(caption)} (RUN/eval/{_e(png.name)})</figcaption></figure>")
         shutil.copyfile(png, assets / f"eval_{png.name}")
     for md in sorted(eval_dir.glob("*.md")):
         out.append(f'<p><a href="../eval/{md.name}">{_e(md.name)}</a></p>')

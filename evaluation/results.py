@@ -293,6 +293,16 @@ def log_scalars(run_dir: str | os.PathLike, results: dict, step: int = 0) -> Non
                     w.add_scalar(f"eval/{model}/{dataset}/{metric}", value, step)
 
 
+# RUN/eval's plots and what each shows (the report's captions).
+DIM_PLOT, BITS_PLOT = "recall_vs_dim.png", "map_vs_bits.png"
+PLOT_CAPTIONS = {
+    DIM_PLOT: "Recall@1 against feature dimension (the first D dimensions, re-normalised), averaged over the "
+              "retrieval sets evaluated at each dimension, a line per model, as in the Unicom paper's Fig. 1a",
+    BITS_PLOT: "Compact codes: mAP@K against code bits per image, a line per method, the float features as a "
+               "dashed level, per model and data set",
+}
+
+
 def write_all(run_dir: str | os.PathLike, found: dict, computed: dict) -> tuple[dict, str]:
     """Merge this job's results `found` into RUN/eval/results.json, rewrite results.md and
     recall_vs_dim.png, log the `computed` ones (not those a rerun found done) to TensorBoard;
@@ -301,7 +311,7 @@ def write_all(run_dir: str | os.PathLike, found: dict, computed: dict) -> tuple[
     merged = merge(out / "results.json", found)
     text = markdown(merged)
     write_text_atomic(out / "results.md", text)
-    plot_dims(merged, out / "recall_vs_dim.png")
-    plot_quantize(merged, out / "map_vs_bits.png")
+    plot_dims(merged, out / DIM_PLOT)
+    plot_quantize(merged, out / BITS_PLOT)
     log_scalars(run_dir, computed)
     return merged, text

@@ -13,7 +13,7 @@ import webdataset as wds
 from PIL import Image
 
 from cluster_job import cluster_samples as cs
-from evaluation import report
+from evaluation import report, results
 from unicom_ds import config, tblog
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "clock", "moon"]
@@ -332,8 +332,6 @@ def test_recall_vs_dimension_plot_shows_the_whole_percent_scale(tmp_path, monkey
     """A 2-point change must not fill the plot: the y-axis runs from 0 to 100 %."""
     from matplotlib.figure import Figure
 
-    from evaluation import results
-
     seen = []
     save = Figure.savefig
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: (seen.append(fig.axes[0].get_ylim()),
@@ -381,3 +379,23 @@ def test_report_shows_damaged_shards(tmp_path):
     (run / "labels" / "summary.json").write_text(json.dumps({"non_empty": 5, "damaged_shards": []}))
     done.write_text(json.dumps({"n": 7, "skipped": {}, "damaged": None}))
     assert "damaged input shard" not in report.build_report(run).read_text()
+
+
+def test_summaries_render_mappings_as_tables_and_plots_get_captions(tmp_path):
+    run = make_run(tmp_path)["run"]
+    (run / "kmeans" / "summary.json").write_text(json.dumps(
+        {"k": K, "config": {"kmeans.niter": 20, "embed.from": None}, "damaged_shards": []}))
+    (run / "labels" / "summary.json").write_text(json.dumps({"non_empty": 5, "rows_skipped": {}}))
+    for done in (run / "embed").glob("*.done.json"):
+        done.write_text(json.dumps({"n": 3, "skipped": {}}))
+    Image.new("RGB", (30, 20), (0, 90, 0)).save(run / "eval" / results.DIM_PLOT)
+    page = report.build_report(run).read_text()
+    stages = page[page.index("<h2>Stages</h2>"):page.index("<h2>Cluster browser</h2>")]
+    assert "{" not in stages and "[]" not in stages  # no raw JSON
+    assert ('<tr><td>config</td><td><table class="kv"><tr><td>kmeans.niter</td><td>20</td></tr>'
+            "<tr><td>embed.from</td><td>unset</td></tr></table></td></tr>") in stages
+    assert "<tr><td>skipped</td><td>none</td></tr>" in stages and "<tr><td>rows_skipped</td><td>none</td></tr>" in stages
+    assert "<tr><td>damaged_shards</td><td>none</td></tr>" in stages
+    caption = re.search(r'<img src="assets/eval_recall_vs_dim.png"[^>]*><figcaption>([^<]*)</figcaption>', page)
+    assert caption and caption.group(1).startswith("Recall@1 against feature dimension")
+    assert "(RUN/eval/recall_vs_dim.png)" in caption.group(1)
