@@ -5,11 +5,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The checkout's run state (`bash demo.sh` leaves runs/demo): no test may read or write it.
+RUNS = REPO / "runs"
 
 
 def load_submit():
@@ -63,3 +66,47 @@ def demo_shards(tmp_path_factory) -> str:
     shards = sorted(out.glob("*.tar"))
     assert [p.name for p in shards] == ["00000.tar", "00001.tar", "00002.tar"]
     return f"{out}/{{00000..00002}}.tar"
+
+
+def fresh_run() -> str:
+    """`run_dir=` an empty temporary folder: for a test that resolves a config only to read it. The default
+    (runs/demo) is the demo's, whose config.yaml would override the test's layers."""
+    return f"run_dir={tempfile.mkdtemp(prefix='unicom-test-')}/run"
+
+
+def _in_checkout_runs(path) -> bool:
+    path = Path(str(path))
+    return (path if path.is_absolute() else REPO / path).resolve().is_relative_to(RUNS)
+
+
+@pytest.fixture(autouse=True)
+def no_checkout_run_state(monkeypatch):
+    """Fails a test whose config resolves to, reads or saves a run directory under the checkout's runs/.
+
+    The default run_dir (runs/demo) is the demo's; a test that relied on it would read the demo's
+    RUN/config.yaml, which ranks above config=FILE, and silently test the demo's config instead."""
+    from unicom_ds import config
+
+    resolve, load, save = config.resolve, config._load, config.save
+
+    def guarded_resolve(*args, **kwargs):
+        cfg = resolve(*args, **kwargs)
+        if _in_checkout_runs(cfg.run_dir):
+            pytest.fail(f"the test's config resolves to run_dir={cfg.run_dir}, the checkout's run state: "
+                        "pass run_dir=<a tmp_path folder>", pytrace=False)
+        return cfg
+
+    def guarded_load(path):
+        if _in_checkout_runs(path):
+            pytest.fail(f"the test reads {path}, the checkout's run state: pass run_dir=<a tmp_path folder>",
+                        pytrace=False)
+        return load(path)
+
+    def guarded_save(cfg):
+        if _in_checkout_runs(cfg.run_dir):
+            pytest.fail(f"the test writes {cfg.run_dir}/config.yaml, the checkout's run state", pytrace=False)
+        return save(cfg)
+
+    monkeypatch.setattr(config, "resolve", guarded_resolve)
+    monkeypatch.setattr(config, "_load", guarded_load)
+    monkeypatch.setattr(config, "save", guarded_save)

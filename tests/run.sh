@@ -20,5 +20,6 @@ else
 fi
 export SLURM_CONF=${UNICOM_SLURM_DIR:-/tmp/unicom-ds-slurm}/slurm.conf
 if (( $# )); then targets=("$@"); else targets=(tests); fi
-# Each test's name and result as it runs, why any test was skipped, and every test that took >= 1 s.
-"$PY" -m pytest -v -rs --durations=0 --durations-min=1.0 "${targets[@]}"
+# Each test's name and result as it runs; at the end every failure, error and skip (with its reason), and
+# every test that took >= 1 s.
+"$PY" -m pytest -v -rfEs --durations=0 --durations-min=1.0 "${targets[@]}"

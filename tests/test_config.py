@@ -7,6 +7,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from conftest import fresh_run
 from unicom_ds import config
 
 
@@ -22,7 +23,7 @@ def read_defaults(name: str) -> dict:
 ])
 def test_unknown_key_names_closest_valid_key(bad, closest):
     with pytest.raises(config.ConfigError) as err:
-        config.resolve([bad])
+        config.resolve([bad, fresh_run()])
     key = bad.split("=")[0]
     assert f"unknown config key '{key}'" in str(err.value)
     assert f"did you mean '{closest}'" in str(err.value)
@@ -35,7 +36,7 @@ def test_argument_without_equals_is_refused():
 
 def test_bad_stage_value_names_the_key():
     with pytest.raises(config.ConfigError, match="stage=clustr"):
-        config.resolve(["stage=clustr"])
+        config.resolve(["stage=clustr", fresh_run()])
 
 
 def test_precedence_defaults_file_run_config_cli(tmp_path):
@@ -108,7 +109,7 @@ def test_save_round_trip(tmp_path):
 def test_bad_value_names_key_value_and_expectation(arg, expected):
     key, value = arg.split("=")
     with pytest.raises(config.ConfigError) as err:
-        config.resolve([arg])
+        config.resolve([arg, fresh_run()])
     msg = str(err.value)
     assert msg.startswith(f"{key}=") and expected in msg, msg
     assert value.strip("[]").split(",")[0].lstrip(".") in msg, msg
@@ -116,7 +117,7 @@ def test_bad_value_names_key_value_and_expectation(arg, expected):
 
 def test_all_bad_keys_are_reported_together():
     with pytest.raises(config.ConfigError) as err:
-        config.resolve(["train.lr=abc", "kmeans.k=1.5", "stage=clustr"])
+        config.resolve(["train.lr=abc", "kmeans.k=1.5", "stage=clustr", fresh_run()])
     lines = str(err.value).splitlines()
     assert sorted(line.split("=")[0] for line in lines) == ["kmeans.k", "stage", "train.lr"]
 
@@ -130,13 +131,13 @@ def test_values_are_normalised_to_their_type():
 
 def test_a_yaml_boolean_for_a_string_key_says_to_quote_it():
     with pytest.raises(config.ConfigError, match=r"train.resume=false: expected a string .*quote it"):
-        config.resolve(["train.resume=no"])
-    assert config.resolve(["train.resume='no'"]).train.resume == "no"
+        config.resolve(["train.resume=no", fresh_run()])
+    assert config.resolve(["train.resume='no'", fresh_run()]).train.resume == "no"
 
 
 def test_a_mapping_replaced_by_a_scalar_is_refused():
     with pytest.raises(config.ConfigError, match=r"^slurm=3: expected a mapping of slurm\.\* keys$"):
-        config.resolve(["slurm=3"])
+        config.resolve(["slurm=3", fresh_run()])
 
 
 def test_run_dir_must_be_creatable(tmp_path):
@@ -154,10 +155,10 @@ def test_bad_values_in_files_name_the_key(tmp_path):
     extra = tmp_path / "extra.yaml"
     extra.write_text("kmeans:\n  k: lots\n")
     with pytest.raises(config.ConfigError, match="kmeans.k=lots: expected an integer >= 1"):
-        config.resolve([f"config={extra}"])
+        config.resolve([f"config={extra}", fresh_run()])
     extra.write_text("kmeans: {k: [\n")
     with pytest.raises(config.ConfigError, match=f"{extra}: not a readable YAML config"):
-        config.resolve([f"config={extra}"])
+        config.resolve([f"config={extra}", fresh_run()])
 
 
 def test_keys_without_a_rule_are_checked_by_their_default():
@@ -172,10 +173,10 @@ def test_keys_without_a_rule_are_checked_by_their_default():
     for arg, expected in [("train.new_count=many", "an integer"), ("train.new_count=2.5", "an integer"),
                           ("train.new_flag=perhaps", "true or false"), ("loss.new_mode=[1]", "a string")]:
         with pytest.raises(config.ConfigError, match=f"^{re.escape(arg.split('=')[0])}=.*: expected {expected}"):
-            config.resolve([arg], base=base)
-    cfg = config.resolve(["train.new_path=/runs/old", "train.new_count=3"], base=base)
+            config.resolve([arg, fresh_run()], base=base)
+    cfg = config.resolve(["train.new_path=/runs/old", "train.new_count=3", fresh_run()], base=base)
     assert cfg.train.new_path == "/runs/old" and cfg.train.new_count == 3
-    assert config.resolve(["train.new_path=[1,2]"], base=base).train.new_path == [1, 2]
+    assert config.resolve(["train.new_path=[1,2]", fresh_run()], base=base).train.new_path == [1, 2]
 
 
 def test_every_default_passes_its_own_rule():
@@ -185,7 +186,7 @@ def test_every_default_passes_its_own_rule():
     for key in config.flat_keys(ref):
         schema.rule(key, OmegaConf.select(ref, key)).coerce(
             OmegaConf.to_container(v) if OmegaConf.is_config(v := OmegaConf.select(ref, key)) else v)
-    config.resolve([f"config={config.CONFIG_DIR / 'demo.yaml'}"])
+    config.resolve([f"config={config.CONFIG_DIR / 'demo.yaml'}", fresh_run()])
 
 
 def test_every_explicit_rule_names_a_real_key():

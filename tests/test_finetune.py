@@ -17,6 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import fresh_run
 from evaluation import demo_sets, results, retrieval_sets
 from evaluation.finetune import data as ft_data
 from unicom_ds import config, schedule, train_plan, unicom_vit
@@ -35,7 +36,7 @@ def test_defaults_are_retrieval_py():
     """deepglint/unicom retrieval.py's argparse defaults (lr 1e-4, lr_pfc_weight 5, weight_decay 0,
     epochs 32, batch_size 128, margin_loss_s 32 / m2 0.3, sample_rate 1.0, aa rand-m9-mstd0.5-inc1,
     color_jitter 0.4, reprob 0.25, remode pixel, recount 1) and its OneCycleLR(pct_start=0.1)."""
-    cfg = config.resolve(["finetune.datasets=[cub]", "model=ViT-B-16"])
+    cfg = config.resolve(["finetune.datasets=[cub]", "model=ViT-B-16", fresh_run()])
     f = cfg.finetune
     assert (f.lr, f.prototype_lr_mult, f.weight_decay, f.epochs, f.batch_size) == (1e-4, 5.0, 0.0, 32, 128)
     assert (f.loss.scale, f.loss.margin, f.loss.r1, f.loss.r2) == (32.0, 0.3, 1.0, 1.0)
@@ -223,7 +224,8 @@ def test_per_set_recipes_resolve_to_the_authors_scripts_per_gpu_batch_and_512_fe
     init = re.search(r"finetune\.init=unicom:(\S+)@", usage).group(1)
     gpus = int(re.search(r"slurm\.gpus_per_node=(\d+)", usage).group(1))
     per_gpu = int(re.search(r"x (\d+) images there", usage).group(1))
-    cfg = config.resolve(["stage=finetune", f"config={recipe}", f"finetune.init=unicom:{init}@/weights/x.pt"])
+    cfg = config.resolve(["stage=finetune", f"config={recipe}", f"finetune.init=unicom:{init}@/weights/x.pt",
+                          fresh_run()])
     ds = train_plan.deepspeed_config(cfg, gpus, "finetune")
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (per_gpu, 1)
     assert cfg.finetune.datasets[0] in recipe.stem and cfg.finetune.prototype_lr_mult == 10.0

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import fresh_run
 from tests.train_fixtures import ds_config, make_run
 from unicom_ds import config, schedule, tblog, train, unicom_vit
 from unicom_ds.checkpoint import rank_file, read_rank_file
@@ -94,7 +95,7 @@ def recipe_lrs() -> dict[int, float]:
     """The recipes' own schedule (lr 1e-4, warmup round(0.05 * STEPS) steps, cosine over STEPS), as logged after
     each step with the lr that step used; never the tail of the base run's finished cosine (0 by now)."""
     for name in ("compact", "vit_l_14_336"):
-        recipe = config.resolve([f"config=slurm/configs/recipes/{name}.yaml"]).train
+        recipe = config.resolve([f"config=slurm/configs/recipes/{name}.yaml", fresh_run()]).train
         assert (float(recipe.lr), recipe.schedule, recipe.warmup_epochs) == (1e-4, "cosine", 0.05)
     warmup = round(0.05 * STEPS)
     expected = {s: schedule.lr_at(s - 1, 1e-4, warmup, STEPS) for s in range(1, STEPS + 1)}

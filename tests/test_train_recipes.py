@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_submit
+from conftest import fresh_run, load_submit
 from tests.train_fixtures import ds_config, make_run
 from unicom_ds import config, train, train_plan, unicom_vit
 
@@ -110,7 +110,7 @@ def test_the_done_when_command(tmp_path, capsys):
 @pytest.mark.parametrize("model", list(MICRO))
 @pytest.mark.parametrize("world", [1, 8, 128, 256])
 def test_each_model_recipe_divides_for_every_power_of_two_up_to_256(model, world):
-    cfg = config.resolve([f"model={model}"])
+    cfg = config.resolve([f"model={model}", fresh_run()])
     ds = train_plan.deepspeed_config(cfg, world)
     assert ds["train_batch_size"] == GLOBAL_BATCH and ds["train_micro_batch_size_per_gpu"] == MICRO[model]
     assert ds["gradient_accumulation_steps"] * MICRO[model] * world == GLOBAL_BATCH and ds["bf16"]["enabled"]
