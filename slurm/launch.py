@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from unicom_ds import shards
+from unicom_ds import config, shards
 
 STEPS = {
     "embed": ("embed",), "kmeans": ("kmeans",), "assign": ("assign",),
@@ -47,6 +47,10 @@ OUTPUTS = {"embed": "embed", "kmeans": "kmeans", "assign": "labels", "train": "t
 # The job functions are single-process: more nodes would only run copies of the same task.
 SINGLE_NODE = ("embed", "kmeans", "assign", "report", "import", "quantize")
 CPU_ONLY = ("report", "import")
+# The keys each step's outputs are made with. A stage that does not run the step cannot change them once
+# those outputs exist: RUN/config.yaml would record values the outputs were not made with.
+MADE_WITH = {"embed": ("clip", "embed", "import"), "import": ("clip", "embed", "import"), "kmeans": ("kmeans",),
+             "assign": ("assign",), "train": ("model", "loss", "train")}
 RESOURCE_KEYS = ("partition", "account", "qos", "constraint", "nodes", "gpus_per_node",
                  "cpus_per_task", "mem_gb", "time_min", "array_parallelism")
 
@@ -110,6 +114,7 @@ def precheck(cfg: DictConfig) -> list[str]:
     """The checks that can be made before anything runs; each raises with a message naming the key.
     Returns what the user should see of the plan (the train stage's batch arithmetic and schedule)."""
     steps = steps_of(cfg)
+    check_made_with(cfg, steps)
     notes: list[str] = []
     if {"embed", "import", "kmeans", "assign"} & set(steps):
         checks = importlib.import_module("cluster_job.checks")
@@ -127,6 +132,27 @@ def precheck(cfg: DictConfig) -> list[str]:
     if "quantize" in steps:
         notes += importlib.import_module("evaluation.quantize.job").check(cfg)
     return notes
+
+
+def check_made_with(cfg: DictConfig, steps: tuple[str, ...]) -> None:
+    """Refuse a key of a step this stage does not run (kmeans.k at stage=train) whose value differs from
+    RUN/config.yaml's while that step's outputs exist."""
+    saved_path = Path(str(cfg.run_dir)) / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = OmegaConf.load(saved_path)
+    for step, prefixes in MADE_WITH.items():
+        out = output_dir(cfg, step)
+        if step in steps or not out.is_dir() or not any(out.iterdir()):
+            continue
+        for key in config.flat_keys(saved):
+            if key.split(".")[0] not in prefixes or ".slurm." in f".{key}.":
+                continue
+            was, now = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
+            if was != now:
+                raise config.ConfigError(
+                    f"{key}={now}: {out} was made with {key}={was}, and stage={cfg.stage} does not run "
+                    f"{step}; drop the key, rerun that stage, or use a new run_dir")
 
 
 def steps_of(cfg: DictConfig) -> tuple[str, ...]:

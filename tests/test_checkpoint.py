@@ -1,6 +1,7 @@
 """Checkpoint files: atomic publication, `latest`, pruning, re-slicing prototype blocks and their AdamW state."""
 import copy
 import random
+import re
 
 import numpy as np
 import pytest
@@ -174,5 +175,9 @@ def test_resume_from_outside_the_run_needs_trust(tmp_path):
                                                      r"checkpoints .*train.trust_checkpoint=true"):
         checkpoint.resolve(root, str(other))
     assert checkpoint.resolve(root, str(other), trust=True) == other
+    for section in ("finetune", "quantize.scq"):  # each job's refusal names its own keys
+        with pytest.raises(checkpoint.ConfigError, match=rf"^{re.escape(section)}.resume=.* pass "
+                                                         rf"{re.escape(section)}.trust_checkpoint=true "):
+            checkpoint.resolve(root, str(other), section=section)
     own = fake_save(root, 7)
     assert checkpoint.resolve(root, str(own)) == own and checkpoint.resolve(root, "latest") == own

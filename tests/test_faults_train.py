@@ -6,7 +6,9 @@
   (no hang), the job stops after train.max_bad_steps with a non-zero exit, every checkpoint left is finite;
 - a pickle payload planted in a rank file, resumed from outside the run: refused without
   train.trust_checkpoint, and with it the payload still does not run;
-- labels made for other shards: the job fails before the first step, naming the run directory.
+- labels made for other shards: the job fails before the first step, naming the run directory;
+- reruns the job would refuse (another model, a resume from outside the run, another stage's key) are refused
+  by the launcher, and the finished run stays byte-identical.
 """
 import hashlib
 import math
@@ -147,3 +149,35 @@ def test_labels_of_other_shards_fail_before_the_first_step(base, tmp_path):
     assert proc.returncode != 0
     assert f"LabelError: run_dir={run3}: none of the first 13 samples of " in out and "keys file: 'x0'" in out
     assert not (run3 / "train" / "ckpt").exists() and not (run3 / "config.yaml").exists()
+
+
+def test_a_refused_rerun_leaves_the_finished_run_byte_identical(base, tmp_path, capsys):
+    """Each rerun the job would refuse is refused by the launcher, before RUN/config.yaml or anything else is
+    written: another model, a resume from outside the run, a key of a stage this one does not run."""
+    from conftest import load_submit
+
+    run = tmp_path / "run"
+    shutil.copytree(base["run"], run)
+    outside = tmp_path / "elsewhere" / "step_2"
+    shutil.copytree(run / "train" / "ckpt" / "step_2", outside)
+    before = {p.relative_to(run): sha(p) for p in run.rglob("*") if p.is_file()}
+    saved_k = config.resolve([f"run_dir={run}"]).kmeans.k
+    refusals = {
+        ("stage=train", "model=ViT-Tiny-32"):
+            f"{run}/train/ckpt/step_2 was made with a different config (model: 'ViT-Tiny-16' there, 'ViT-Tiny-32' now)",
+        ("stage=train", f"train.resume={outside}"):
+            f"train.resume={outside}: {outside} is outside this run's checkpoints",
+        ("stage=train", "kmeans.k=5"):
+            f"kmeans.k=5: {run}/kmeans was made with kmeans.k={saved_k}, and stage=train does not run kmeans",
+        ("stage=eval", "model=ViT-Tiny-32"):
+            f"model=ViT-Tiny-32: {run}/train was made with model=ViT-Tiny-16, and stage=eval does not run train",
+    }
+    submit = load_submit()
+    for args, message in refusals.items():
+        assert submit.main([*args, f"run_dir={run}", "launcher=local"]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert {p.relative_to(run): sha(p) for p in run.rglob("*") if p.is_file()} == before, args
+    # the trust key of a resume names its own section
+    submit.main(["stage=train", f"run_dir={run}", "launcher=local", f"train.resume={outside}"])
+    assert "pass train.trust_checkpoint=true" in capsys.readouterr().err

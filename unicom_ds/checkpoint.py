@@ -91,21 +91,21 @@ def latest(root: Path) -> Path | None:
     return Path(root) / pointer.read_text().strip()
 
 
-def resolve(root: Path, resume: str | None, trust: bool = False) -> Path | None:
+def resolve(root: Path, resume: str | None, trust: bool = False, section: str = "train") -> Path | None:
     """The checkpoint folder to resume from: `latest` (None when there is none yet), `none`, or a path.
 
-    A path outside this run's checkpoint folder is refused unless `trust`: resuming loads DeepSpeed's
-    engine files, which are pickles that can run code.
+    A path outside this run's checkpoint folder is refused unless `trust` (`<section>.trust_checkpoint`):
+    resuming loads DeepSpeed's engine files, which are pickles that can run code.
     """
     if resume in (None, "none", "None", False):
         return None
     path = latest(root) if str(resume) == "latest" else Path(str(resume))
     if path is not None and not (path / META).is_file():
-        raise FileNotFoundError(f"train.resume={resume}: {path} is not a complete checkpoint (no {META})")
+        raise FileNotFoundError(f"{section}.resume={resume}: {path} is not a complete checkpoint (no {META})")
     if path is not None and not trust and Path(root).resolve() not in path.resolve().parents:
-        raise ConfigError(f"train.resume={resume}: {path} is outside this run's checkpoints ({root}); resuming "
-                          "unpickles DeepSpeed's engine files, which can run code: pass train.trust_checkpoint=true "
-                          "if you trust whoever wrote it")
+        raise ConfigError(f"{section}.resume={resume}: {path} is outside this run's checkpoints ({root}); resuming "
+                          f"unpickles DeepSpeed's engine files, which can run code: pass "
+                          f"{section}.trust_checkpoint=true if you trust whoever wrote it")
     return path
 
 

@@ -167,7 +167,8 @@ class Trainer:
         self.micro, self.accum = int(self.ds["train_micro_batch_size_per_gpu"]), self.ds["gradient_accumulation_steps"]
         self.global_batch = int(self.ds["train_batch_size"])
         self.root = self.run_dir / out / "ckpt"
-        self.resume_path = checkpoint.resolve(self.root, self.tc.resume, bool(self.tc.trust_checkpoint))
+        self.resume_path = checkpoint.resolve(self.root, self.tc.resume, bool(self.tc.trust_checkpoint),
+                                              section)
         # A continuation starts from its base run only once; after that it resumes from its own checkpoints.
         continue_from = OmegaConf.select(self.tc, "continue_from")
         self.base = (continuation.finished_run(continue_from)

@@ -101,8 +101,27 @@ def precheck(cfg: Any, world: int, ranks: str, labels_expected: bool) -> list[st
     if cfg.train.continue_from:
         base = continuation.finished_run(cfg.train.continue_from)
         continuation.check_compatible(base, str(cfg.model))
-    if labels_expected:
-        summary = continuation.label_source(cfg).kmeans_summary
-        if not summary.is_file():
-            raise ConfigError(f"run_dir={cfg.run_dir}: {summary} is missing; run stage=cluster first (or stage=all)")
+    summary = continuation.label_source(cfg).kmeans_summary
+    if labels_expected and not summary.is_file():
+        raise ConfigError(f"run_dir={cfg.run_dir}: {summary} is missing; run stage=cluster first (or stage=all)")
+    k = int(json.loads(summary.read_text())["k"]) if summary.is_file() else None
+    check_resume(cfg, {"model": str(cfg.model), **({"num_classes": k} if k is not None else {})})
     return lines
+
+
+def check_resume(cfg: Any, identity: dict, section: str = "train", out: str = "train") -> None:
+    """The refusals of the job's resume, made before anything is written: a checkpoint outside the run
+    without <section>.trust_checkpoint, or one of another model or class count (`identity`, as the
+    checkpoint's meta.json names them)."""
+    from unicom_ds import checkpoint, config
+
+    sec = OmegaConf.select(cfg, section)
+    root = Path(str(cfg.run_dir)) / out / "ckpt"
+    try:
+        path = checkpoint.resolve(root, sec.resume, bool(sec.trust_checkpoint), section)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    if path is not None:
+        meta = checkpoint.read_meta(path)
+        config.check_same({key: meta.get(key) for key in identity}, identity, path,
+                          f"{section}.resume={sec.resume} would continue it: train this config in a new run_dir")

@@ -103,6 +103,7 @@ def check(cfg: Any, world: int, ranks: str) -> list[str]:
                                      f"{', '.join(retrieval_sets.TRAIN_READERS)}")
         split = retrieval_sets.read_train(name, root / name)
         retrieval_sets.check_images(split)
+        train_plan.check_resume(cfg, {}, SECTION, f"finetune/{name}")
         lines.append(f"  {name}: {len(split.paths)} train images of {len(set(split.labels.tolist()))} classes "
                      f"from {' and '.join(split.lists)}; evaluated on {', '.join(_eval_names(cfg, name))}")
     f, lc = cfg.finetune, cfg.finetune.loss
