@@ -190,6 +190,22 @@ def test_missing_coco_files_name_the_expected_path(tmp_path, coco):
         (tmp_path / "moved.json").rename(coco / "annotations" / "instances_val2017.json")
 
 
+def test_missing_coco_images_are_found_before_submission(tmp_path):
+    """Every image the annotation files name is checked up front: the count and the first few are named."""
+    copy = synthetic.write(tmp_path / "coco", train=2, val=8, size=32, seed=1)
+    names = sorted(p.name for p in (copy / "val2017").iterdir())
+    for name in names[:7]:
+        (copy / "val2017" / name).unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        data.check_files(copy)
+    msg = str(err.value)
+    assert f"7 of the {len(names)} images named in {copy}/annotations/instances_val2017.json are missing: " in msg
+    assert f"{copy}/val2017/{names[0]}" in msg and "... (2 more)" in msg
+    (copy / "annotations" / "instances_train2017.json").write_text('{"annotations": []}')
+    with pytest.raises(ValueError, match="instances_train2017.json: not a COCO instances file"):
+        data.check_files(copy)
+
+
 def test_launcher_checks_before_submitting(tmp_path, coco):
     """In process, as slurm/submit.py does it: resolve, plan, precheck, render the sbatch scripts."""
     from slurm import launch

@@ -483,12 +483,20 @@ def test_stage_refuses_bad_input_before_running(tmp_path):
     cases = {"quantize.datasets is empty": [],
              "quantize.train_split=train: sop: expected": ["quantize.datasets=[sop]"],
              "quantize.views=1": ["quantize.datasets=[sop]", "quantize.train_split=test", "quantize.views=1"],
-             "no quantize.nbits": ["quantize.datasets=[sop]", "quantize.bits=[6]", "quantize.nbits=[4]"]}
+             "quantize.bits: pq cannot make 6-bit codes with quantize.nbits=[4] (6 bits is not a multiple of 4-bit "
+             "codebooks); drop 6 from quantize.bits": ["quantize.datasets=[sop]", "quantize.bits=[6]", "quantize.nbits=[4]"],
+             # the issue's case: 5 sub-quantisers of 4 bits cannot split ViT-Tiny-16's 64-d feature for faiss OPQ
+             "quantize.bits: opq cannot make 20-bit codes with quantize.nbits=[4, 8] (faiss OPQ needs the 5 "
+             "sub-quantisers to divide the 64-d feature; 20 bits is not a multiple of 8-bit codebooks)":
+                 ["quantize.datasets=[sop]", "quantize.methods=[opq,scq]", "quantize.bits=[16,20]", "quantize.nbits=[4,8]"]}
     for message, extra in cases.items():
         with pytest.raises((ValueError, OSError), match=re.escape(message)):
             launch.precheck(config.resolve([*base, *extra]))
     plan = launch.precheck(config.resolve([*base, "quantize.datasets=[sop]", "quantize.train_split=test"]))
     assert "  sop: 100 test images, codes trained on 100 images" in plan
+    plan = launch.precheck(config.resolve([*base, "quantize.datasets=[sop]", "quantize.train_split=test",
+                                           "quantize.methods=[scq]", "quantize.bits=[12]", "quantize.nbits=[4,8]"]))
+    assert "  not run: scq at 12 bits with 8-bit codebooks (12 bits is not a multiple of 8-bit codebooks)" in plan
 
 
 @pytest.mark.slurm

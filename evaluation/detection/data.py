@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from evaluation import files
 
 SPLITS = ("train2017", "val2017")
 
@@ -28,8 +31,9 @@ def annotation_file(root: str | os.PathLike, split: str) -> Path:
 
 
 def check_files(root: str | os.PathLike, key: str = "detect.data_root") -> list[str]:
-    """Raise FileNotFoundError naming the expected path of the first missing folder or annotation file
-    (before anything is submitted); returns the paths checked."""
+    """Raise FileNotFoundError naming the expected path of the first missing folder or annotation file,
+    or the image files an annotation file names that are missing (their count and the first few), before
+    anything is submitted: the loader would meet them hours in. Returns the paths checked."""
     checked = []
     for split in SPLITS:
         for path in (Path(root) / split, annotation_file(root, split)):
@@ -37,7 +41,22 @@ def check_files(root: str | os.PathLike, key: str = "detect.data_root") -> list[
                 raise FileNotFoundError(f"{key}={root}: expected {path} (COCO 2017's original layout: "
                                         f"train2017/, val2017/, annotations/instances_{{train,val}}2017.json)")
             checked.append(str(path))
+    for split in SPLITS:
+        images = [str(Path(root) / split / name) for name in image_files(annotation_file(root, split))]
+        gone = files.missing(images)
+        if gone:
+            raise FileNotFoundError(f"{key}={root}: {len(gone)} of the {len(images)} images named in "
+                                    f"{annotation_file(root, split)} are missing: {files.first_few(gone)}")
     return checked
+
+
+def image_files(path: Path) -> list[str]:
+    """The `file_name` of every entry of a COCO annotation file's `images`."""
+    try:
+        with open(path) as f:
+            return [str(image["file_name"]) for image in json.load(f)["images"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from None
 
 
 def read_coco(root: str | os.PathLike, split: str):

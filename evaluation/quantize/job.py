@@ -53,16 +53,38 @@ def model_spec(cfg: Any) -> ModelSpec:
 
 def units(cfg: Any, dim: int | None = None) -> list[tuple[str, int, int]]:
     """(method, bits, nbits) of every unit: each budget of quantize.bits with each sub-quantiser size of
-    quantize.nbits that divides it (and, for the faiss baselines, whose sub-quantiser count divides `dim`)."""
-    out = []
-    for method in map(str, cfg.quantize.methods):
-        for bits in map(int, cfg.quantize.bits):
-            for nbits in map(int, cfg.quantize.nbits):
-                m = bits // nbits
-                if bits % nbits or (method not in SCQ_METHODS and dim is not None and dim % m):
-                    continue
-                out.append((method, bits, nbits))
-    return out
+    quantize.nbits that can code it (see `why_not`)."""
+    return [(method, bits, nbits) for method, bits, nbits in _combinations(cfg)
+            if why_not(method, bits, nbits, dim) is None]
+
+
+def skipped(cfg: Any, dim: int | None = None) -> list[tuple[str, int, int, str]]:
+    """(method, bits, nbits, why) of every combination of quantize.* that `units` leaves out."""
+    return [(method, bits, nbits, why) for method, bits, nbits in _combinations(cfg)
+            if (why := why_not(method, bits, nbits, dim)) is not None]
+
+
+def _combinations(cfg: Any) -> list[tuple[str, int, int]]:
+    q = cfg.quantize
+    return [(str(m), int(b), int(n)) for m in q.methods for b in q.bits for n in q.nbits]
+
+
+def why_not(method: str, bits: int, nbits: int, dim: int | None) -> str | None:
+    """Why `method` cannot code `bits` with 2^nbits-word codebooks on `dim`-d features (None: it can)."""
+    if bits % nbits:
+        return f"{bits} bits is not a multiple of {nbits}-bit codebooks"
+    if method not in SCQ_METHODS and dim is not None and dim % (bits // nbits):
+        return f"faiss {method.upper()} needs the {bits // nbits} sub-quantisers to divide the {dim}-d feature"
+    return None
+
+
+def feature_dim(cfg: Any) -> int | None:
+    """The embedding width of quantize.model when its name says it (None for a name this can't tell)."""
+    from unicom_ds import backbone
+    try:
+        return backbone.embed_dim(model_spec(cfg).name.removeprefix("unicom:"))
+    except (ValueError, LookupError, TypeError):  # an unknown name is the model check's to report
+        return None
 
 
 def unit_name(method: str, bits: int, nbits: int) -> str:
@@ -90,9 +112,16 @@ def check(cfg: Any) -> list[str]:
     if not q.datasets:
         raise config.ConfigError("quantize.datasets is empty: name the retrieval sets to code, e.g. "
                                  "quantize.datasets=[sop]")
-    if not units(cfg):
-        raise config.ConfigError(f"quantize: no unit to run: no quantize.nbits ({list(q.nbits)}) divides a budget "
-                                 f"of quantize.bits ({list(q.bits)})")
+    dim = feature_dim(cfg)
+    unmet = {}
+    for method, bits, nbits, why in skipped(cfg, dim):
+        if not any(u[:2] == (method, bits) for u in units(cfg, dim)):
+            unmet.setdefault((method, bits), []).append(why)
+    if unmet:  # a budget never silently disappears from the results
+        raise config.ConfigError("\n".join(
+            f"quantize.bits: {method} cannot make {bits}-bit codes with quantize.nbits={list(q.nbits)} "
+            f"({'; '.join(whys)}); drop {bits} from quantize.bits or {method} from quantize.methods, or add a "
+            "codebook size to quantize.nbits" for (method, bits), whys in unmet.items()))
     if "scq" in q.methods and int(q.views) < 2:
         raise config.ConfigError(f"quantize.views={q.views}: SCQ trains on two different views of each image (>= 2)")
     if set(SCQ_METHODS) & set(q.methods):
@@ -107,6 +136,8 @@ def check(cfg: Any) -> list[str]:
     lines = [f"quantize: {q.model} frozen{tuned}; {', '.join(map(str, q.methods))} at {', '.join(map(str, q.bits))} bits "
              f"({' or '.join(map(str, q.nbits))}-bit sub-quantisers); mAP@{q.map_k}, codes trained on the "
              f"{q.train_split} split"]
+    lines += [f"  not run: {method} at {bits} bits with {nbits}-bit codebooks ({why})"
+              for method, bits, nbits, why in skipped(cfg, dim)]
     for name in map(str, q.datasets):
         if name not in retrieval_sets.READERS:
             raise config.ConfigError(f"quantize.datasets: unknown retrieval set '{name}'; known: "
@@ -293,6 +324,8 @@ def quantize_set(cfg: DictConfig, feats: _Features, name: str, log) -> dict:
     base = metrics.evaluate(test, ds, str(cfg.device), map_k=int(q.map_k))
     base.update(bytes=4 * test.shape[1], ms_per_query=_timed(flat, test, 100))
     found.update({f"float/{k}": v for k, v in base.items()})
+    for method, bits, nbits, why in skipped(cfg, test.shape[1]):
+        log(f"{name}: {method} at {bits} bits with {nbits}-bit codebooks not run: {why}")
     for method, bits, nbits in units(cfg, test.shape[1]):
         unit = unit_name(method, bits, nbits)
         marker, made_with = out / f"{unit}.json", _made_with(cfg, method)
