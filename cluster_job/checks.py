@@ -20,7 +20,7 @@ from cluster_job import assign, features, kmeans
 from cluster_job.wds_reader import IMAGE_EXTS, stats_path
 from unicom_ds import model_configs
 from unicom_ds.atomic import read_json
-from unicom_ds.config import ConfigError, as_config
+from unicom_ds.config import ConfigError, MissingInput, as_config
 from unicom_ds.shards import existing, stem
 
 COUNT_TAR_LIMIT = 16
@@ -117,7 +117,9 @@ def precheck(cfg, stage: str) -> None:
     if "embed" in steps:
         try:
             paths = existing(str(cfg.data.shards))
-        except (FileNotFoundError, ValueError) as exn:
+        except FileNotFoundError as exn:
+            raise MissingInput(str(exn)) from None
+        except ValueError as exn:
             raise ConfigError(str(exn)) from None
         check_model(str(cfg.clip.model), str(cfg.clip.pretrained))
         if reuse:
@@ -125,7 +127,6 @@ def precheck(cfg, stage: str) -> None:
         elif cfg.embed.get("source"):  # the import replaces the embed step (slurm.launch.plan)
             from cluster_job import import_embeddings
 
-            import_embeddings.stem_width([stem(p) for p in paths])
             import_embeddings.check_source(cfg)
         else:
             check_embedded(cfg, paths)
@@ -141,7 +142,7 @@ def precheck(cfg, stage: str) -> None:
             features.check_reuse(cfg, [])
         stems = features.embedded_stems(src)
         if not stems:
-            raise ConfigError(f"stage=kmeans: no embedded shard in {features.embed_dir(src)} "
+            raise MissingInput(f"stage=kmeans: no embedded shard in {features.embed_dir(src)} "
                               "(run stage=embed first, or check run_dir)")
         check_k(k, int(features.row_counts(src, stems, features.embed_identity(cfg)).sum()),
                 f"embedded rows in {features.embed_dir(src)}")

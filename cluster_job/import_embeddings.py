@@ -1,159 +1,48 @@
-"""Import stage: CLIP features that already exist (clip-retrieval's layout, e.g. LAION's released
-ViT-B/32 embeddings) -> RUN/embed/S.{img,txt}.npy, S.keys.txt, S.done.json, in place of the embed stage.
+"""Import stage: released CLIP features (LAION's, or any clip-retrieval output; layouts in cluster_job.release)
+joined to the user's own image shards -> RUN/embed/S.{img,txt}.npy, S.keys.txt, S.done.json, in place of embed.
 
-The source folder (`embed.source`) holds `img_emb/img_emb_N.npy`, `text_emb/text_emb_N.npy` and
-`metadata/metadata_N.parquet`, row-aligned; it is read with rom1504's embedding-reader (local or any
-fsspec URL), one part N per unit of work, batch by batch.
+The join (cluster_job.url_join): by URL by default, url + caption where both sides have captions, ambiguous
+and missing rows counted and dropped; `import.key_column=key|image_path` with the release's shard_id for LAION's
+own download. A join holding for fewer than `import.min_join` of the released rows stops the stage before
+k-means (ConfigError naming the share and likely causes), with nothing written to RUN/embed/S.*.
 
-Keys (the join rule): each row's webdataset `__key__` is the metadata's `key` column (img2dataset's key),
-or, without one, the file name of `image_path` up to its first dot. Its image shard is the shard of
-`data.shards` whose stem is the key's first characters (img2dataset's keys are the shard number followed
-by the row number, e.g. `000420017` is row 17 of `00042.tar`). Rows of a shard missing from data.shards
-("shard_not_in_data_shards", counted per part), rows whose key has no image in its shard (the download
-failed there; told by img2dataset's S.parquet next to the tar, else by the tar's headers: "image_absent"),
-repeated keys ("duplicate_key") and rows holding NaN, inf or zeros ("nonfinite_feature") are counted and
-dropped, never given a label.
-
-Copy, not read in place: a part's rows come from up to ~100 tars, interleaved, and k-means, assign and the
-train stage's join all read one contiguous file per image shard. Each part is written as per-shard
-fragments (RUN/embed/parts/N/), rows in key order (the order of an img2dataset tar, so an import and our
-own embed of the same shard match row for row); when every part is done, the task that sees it links each
-shard's fragment to RUN/embed/S.* (a hard link: no second copy) or, for a shard split over parts, merges
-them, and writes S.done.json last. Rows already of unit norm (clip-retrieval stores them so) are kept bit
-for bit; others are normalised; all are stored float16.
-
-Memory: one part's keys plus one batch (and embedding-reader's copy of the part's metadata table),
-whatever the number of parts.
+Out of core, in three steps, each restartable from its marker (a task finds each done one and skips it):
+1. per part N (the launcher's array, one or more parts a task): the part's match values, hash-partitioned
+   into B buckets (`parts/N/release.parquet`, one row group a bucket); the download shards of its share
+   (shard j goes to the part at position j mod P) likewise (`parts/N/download.parquet`); its features as
+   float16 unit rows in part order (`parts/N/{img,txt}.npy`); then `parts/N.done.json`.
+2. the task that finds every part done joins bucket by bucket (`parts/join/b.parquet`, one row group per
+   group of shards), checks the share, writes `parts/join.json`.
+3. the same task writes each shard from its group's rows, in key order, gathered from the parts' features;
+   `S.done.json` last. Memory: one bucket or one group of shards (about import.bucket_rows rows), whatever the
+   number of rows.
+Rows already of unit norm (clip-retrieval stores them so) are kept bit for bit; others are normalised; rows
+holding NaN, inf or zeros are dropped ("nonfinite_feature").
 """
 from __future__ import annotations
 
-import os
-import re
-import shutil
+import math
 import sys
-import tarfile
 import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from cluster_job import release, url_join
 from cluster_job.features import done_path, embed_dir, embed_identity
+from cluster_job.release import Release, describe
 from unicom_ds.atomic import atomic_path, read_json, write_json_atomic, write_text_atomic
 from unicom_ds.config import ConfigError, as_config, check_same
 from unicom_ds.progress import count, progress
 from unicom_ds.shards import expand, stem
 
-FOLDERS = {"img": "img_emb", "txt": "text_emb", "meta": "metadata"}
-KEY_COLUMNS = ("key", "image_path")
 # |norm - 1| within which a stored row counts as unit: float16 rounding of a unit row stays far inside it.
 NORM_TOL = 2e-3
-MERGE_CHUNK = 65536  # rows copied at once when a shard's fragments are merged
-
-
-@dataclass(frozen=True)
-class Part:
-    name: str        # N of img_emb_N.npy
-    start: int       # first row in the reader's global numbering
-    count: int
-    metadata: str    # path of metadata_N.parquet
-
-
-def _number(path: str, prefix: str) -> str | None:
-    m = re.fullmatch(rf"{prefix}_(\w+)\.(npy|parquet)", Path(path).name)
-    return m.group(1) if m else None
-
-
-class Source:
-    """The clip-retrieval folder: one embedding-reader per side, checked to be row-aligned part by part."""
-
-    def __init__(self, folder: str, key_column: str = "auto"):
-        from embedding_reader import EmbeddingReader
-        from embedding_reader.get_file_list import get_file_list
-
-        self.folder = str(folder).rstrip("/")
-        where = {side: f"{self.folder}/{sub}" for side, sub in FOLDERS.items()}
-        try:
-            fs, meta_files = get_file_list(where["meta"], "parquet")
-            if not meta_files:
-                raise FileNotFoundError(f"no metadata_N.parquet in {where['meta']}")
-            self.key_column = self._key_column(fs, meta_files[0], key_column)
-            self.img = EmbeddingReader(where["img"], file_format="parquet_npy", meta_columns=[self.key_column],
-                                       metadata_folder=where["meta"])
-            self.txt = EmbeddingReader(where["txt"], file_format="npy")
-        except (OSError, ValueError, IndexError) as e:
-            raise ConfigError(f"embed.source={folder}: not a readable clip-retrieval folder (img_emb/, text_emb/, "
-                              f"metadata/): {e}") from None
-        self.meta_fs = fs
-        self.dim = int(self.img.dimension)
-        self.parts = self._parts()
-
-    @staticmethod
-    def _key_column(fs, path: str, wanted: str) -> str:
-        import pyarrow.parquet as pq
-
-        with fs.open(path, "rb") as f:
-            names = pq.read_schema(f).names
-        options = KEY_COLUMNS if wanted == "auto" else (wanted,)
-        found = next((c for c in options if c in names), None)
-        if found is None:
-            raise ValueError(f"{path} has no {' or '.join(options)} column (columns: {', '.join(names)}); "
-                             "the rows cannot be joined to image shards without it")
-        return found
-
-    def _parts(self) -> list[Part]:
-        img, txt = self.img.reader.headers, self.txt.reader.headers
-        if len(img) != len(txt) or self.txt.dimension != self.dim:
-            raise ConfigError(f"embed.source={self.folder}: {len(img)} img_emb files of d={self.dim} but "
-                              f"{len(txt)} text_emb files of d={self.txt.dimension}")
-        parts = []
-        for a, b in zip(img.itertuples(), txt.itertuples()):
-            n = _number(a.filename, "img_emb")
-            if n is None or n != _number(b.filename, "text_emb") or n != _number(a.metadata_path, "metadata"):
-                raise ConfigError(f"embed.source={self.folder}: {a.filename}, {b.filename} and {a.metadata_path} "
-                                  "are not one part (expected img_emb_N.npy, text_emb_N.npy, metadata_N.parquet)")
-            if a.count != b.count:
-                raise ConfigError(f"embed.source={self.folder}: {a.filename} holds {a.count} rows but "
-                                  f"{b.filename} holds {b.count}; image and text rows must align")
-            parts.append(Part(n, int(a.count_before), int(a.count), str(a.metadata_path)))
-        return parts
-
-    def keys(self, part: Part) -> np.ndarray:
-        """The __key__ of every row of a part (see the module docstring), from one metadata column."""
-        import pyarrow.parquet as pq
-
-        with self.meta_fs.open(part.metadata, "rb") as f:
-            column = pq.read_table(f, columns=[self.key_column]).column(0).to_pylist()
-        if len(column) != part.count:
-            raise ValueError(f"{part.metadata} holds {len(column)} rows but img_emb_{part.name}.npy {part.count}")
-        return np.asarray(row_keys(column, self.key_column), dtype=str)
-
-    def batches(self, part: Part, batch_size: int):
-        """(first row in the part, img [b, d] float32, txt [b, d] float32, keys) batch by batch."""
-        end = part.start + part.count
-        common = dict(start=part.start, end=end, show_progress=False, max_ram_usage_in_bytes=2**28)
-        for (img, meta), (txt, tmeta) in zip(self.img(batch_size, **common), self.txt(batch_size, **common)):
-            if meta["i"].iloc[0] != tmeta["i"].iloc[0] or len(img) != len(txt):
-                raise RuntimeError(f"img_emb_{part.name} and text_emb_{part.name} batches out of step")
-            yield int(meta["i"].iloc[0]) - part.start, img, txt, row_keys(meta[self.key_column].tolist(),
-                                                                           self.key_column)
-
-
-def row_keys(values, column: str) -> list[str]:
-    """The webdataset __key__ of each metadata value: `key` as is, `image_path` as its name up to the first dot."""
-    if column == "image_path":
-        return [str(v).rsplit("/", 1)[-1].split(".", 1)[0] for v in values]
-    return [str(v) for v in values]
-
-
-def stem_width(stems: list[str]) -> int:
-    """The number of leading key characters that name the shard (all stems of data.shards are that long)."""
-    widths = {len(s) for s in stems}
-    if len(widths) != 1:
-        raise ConfigError(f"data.shards: stems of {sorted(widths)} characters; an import joins keys to shards "
-                          "by their leading characters, so every stem must have the same length (img2dataset's do)")
-    return widths.pop()
+ROW_GROUP = 2**20  # rows per parquet row group (pyarrow's default cap)
+DOWNLOAD = pa.schema([("match", pa.string()), ("caption", pa.string()), ("key", pa.string()), ("shard", pa.int32())])
 
 
 def unit_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -168,69 +57,6 @@ def unit_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float16), bad
 
 
-def shard_parquet(path: str) -> Path:
-    """img2dataset's per-shard table next to the tar (`00042.parquet` for `00042.tar`): key and status."""
-    return Path(path).with_name(stem(path) + ".parquet")
-
-
-def image_keys(path: str) -> set[str]:
-    """The keys of the samples with an image in a shard: from img2dataset's S.parquet (status "success")
-    when it is there, else from the tar's headers (several times slower, see docs/benchmarks.md)."""
-    table = shard_parquet(path)
-    try:
-        if table.is_file():
-            import pyarrow.parquet as pq
-
-            t = pq.read_table(table, columns=["key", "status"]).to_pydict()
-            return {str(k) for k, ok in zip(t["key"], t["status"]) if ok == "success"}
-        from cluster_job.checks import tar_keys  # headers only
-
-        return tar_keys(path)
-    except (tarfile.TarError, OSError, KeyError, ValueError) as e:
-        raise OSError(f"{table if table.is_file() else path}: cannot list the shard's keys to join imported rows "
-                      f"({type(e).__name__}: {e}); repair or re-download the shard, or leave it out of data.shards") from None
-
-
-@dataclass
-class Plan:
-    """Where each row of a part goes: fragment (shard) and row within it, -1 when dropped."""
-    shards: list[str]
-    keys: dict            # shard -> its fragment's keys, sorted
-    frag: np.ndarray      # [part rows] index into shards, -1: dropped
-    pos: np.ndarray       # [part rows] row in the fragment
-    skipped: dict         # shard -> Counter of rows dropped by reason
-    not_in_shards: int
-
-
-def plan_part(keys: np.ndarray, width: int, wanted: dict[str, str], present=image_keys) -> Plan:
-    """Group a part's rows by image shard in key order; drop (and count) rows without an image.
-    `present(path)` gives the keys of a shard that have an image."""
-    shard = np.asarray([k[:width] for k in keys.tolist()], dtype=str)
-    order = np.lexsort((keys, shard))
-    frag = np.full(len(keys), -1, np.int64)
-    pos = np.zeros(len(keys), np.int64)
-    cuts = np.flatnonzero(np.r_[True, shard[order][1:] != shard[order][:-1], True])
-    names, kept, skipped, outside = [], {}, {}, 0
-    for a, b in zip(cuts[:-1], cuts[1:]):
-        rows = order[a:b]
-        s = str(shard[rows[0]])
-        if s not in wanted:
-            outside += len(rows)
-            continue
-        k = keys[rows]
-        first = np.r_[True, k[1:] != k[:-1]]  # sorted: a repeat follows its first
-        found = np.isin(k, np.asarray(sorted(present(wanted[s])), dtype=str))
-        use = first & found
-        skipped[s] = Counter({r: int(c) for r, c in (("duplicate_key", (~first).sum()),
-                                                     ("image_absent", (first & ~found).sum())) if c})
-        if use.any():
-            frag[rows[use]] = len(names)
-            pos[rows[use]] = np.arange(int(use.sum()))
-            kept[s] = k[use]
-            names.append(s)
-    return Plan(names, kept, frag, pos, skipped, outside)
-
-
 def parts_dir(run_dir: str) -> Path:
     return embed_dir(run_dir) / "parts"
 
@@ -239,210 +65,301 @@ def part_marker(run_dir: str, name: str) -> Path:
     return parts_dir(run_dir) / f"{name}.done.json"
 
 
-def source_record(cfg) -> dict:
-    return {"folder": str(cfg.embed.source), "clip": f"{cfg.clip.model} {cfg.clip.pretrained}"}
+def identity(cfg) -> dict:
+    """What the parts' and the join's files depend on: a rerun with other values is refused."""
+    return {**embed_identity(cfg), "data.shards": str(cfg.data.shards), "import.key_column": join_of(cfg),
+            "import.bucket_rows": int(cfg["import"].bucket_rows)}
 
 
-def import_part(cfg, src: Source, part: Part, wanted: dict[str, str]) -> dict:
-    """Write one part's per-shard fragments, then its marker (last). Returns the marker's content."""
-    start = time.monotonic()
+def join_of(cfg) -> str:
+    """import.key_column: url, key or image_path (`auto`, the value of runs made before the URL join, is url)."""
+    value = str(cfg["import"].key_column)
+    return "url" if value == "auto" else value
+
+
+def bucket_count(rows: int, bucket_rows: int) -> int:
+    return max(1, math.ceil(rows / bucket_rows))
+
+
+def shard_group(shard: np.ndarray, shards: int, groups: int) -> np.ndarray:
+    """The group of each shard index: contiguous runs of shards, `groups` of them."""
+    return np.asarray(shard, np.int64) * groups // max(1, shards)
+
+
+def write_grouped(path: Path, table: pa.Table, group: np.ndarray, groups: int) -> list[list[int]]:
+    """Write `table` sorted by group, row groups never spanning two groups; returns [first row group, count]
+    of each group, so that one group is read without the others."""
+    order = np.argsort(group, kind="stable")
+    table, group = table.take(pa.array(order)), group[order]
+    cuts = np.searchsorted(group, np.arange(groups + 1))
+    index, written = [], 0
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, table.schema) as writer:
+        for g in range(groups):
+            chunks = range(cuts[g], cuts[g + 1], ROW_GROUP)
+            for a in chunks:
+                writer.write_table(table.slice(a, min(ROW_GROUP, cuts[g + 1] - a)), row_group_size=ROW_GROUP)
+            index.append([written, len(chunks)])
+            written += len(chunks)
+    return index
+
+
+def read_group(path: Path, index: list[list[int]], g: int) -> pa.Table | None:
+    first, n = index[g]
+    return pq.ParquetFile(path).read_row_groups(list(range(first, first + n))) if n else None
+
+
+def bucket_release(rel: Release, part, at: int, join: str, out: Path, buckets: int) -> tuple[list, bool, bool]:
+    """A part's match values (url [+ caption], or shard_id/key) -> out/release.parquet, one row group set per
+    bucket. Returns (its bucket index, whether it has captions, whether its keys are integers)."""
+    captions = join == "url" and "caption" in rel.columns
+    meta = rel.metadata(part, url_join.RELEASE_COLUMNS[join] + (["caption"] if captions else []))
+    match, integer = url_join.release_match(meta, join, part.metadata)
+    released = pa.table({"match": pa.array(match, pa.string()),
+                         "caption": meta.column("caption").cast(pa.string()) if captions
+                         else pa.nulls(len(match), pa.string()),
+                         "part": pa.array(np.full(len(match), at, np.int32)),
+                         "row": pa.array(np.arange(len(match), dtype=np.int64))})
+    return write_grouped(out / "release.parquet", released, url_join.bucket_of(match, buckets), buckets), \
+        captions, integer
+
+
+def bucket_download(cfg, paths: list[str], share: list[int], join: str, integer: bool, out: Path, buckets: int,
+                    desc: str) -> tuple[list, int, bool]:
+    """The samples of the download shards `share` (indexes into paths) -> out/download.parquet, bucketed.
+    Returns (its bucket index, samples, whether every sample has a caption)."""
+    tables = []
+    for j in progress(share, desc=desc, mode=cfg.progress, unit="shard"):
+        t = url_join.download_table(paths[j], join, integer)
+        tables.append(t.append_column("shard", pa.array(np.full(t.num_rows, j, np.int32))))
+    downloaded = pa.concat_tables(tables) if tables else DOWNLOAD.empty_table()
+    index = write_grouped(out / "download.parquet", downloaded,
+                          url_join.bucket_of(downloaded.column("match").to_pylist(), buckets), buckets)
+    return index, downloaded.num_rows, downloaded.column("caption").null_count == 0
+
+
+def copy_features(cfg, rel: Release, part, out: Path) -> list[int]:
+    """A part's image and text rows -> out/{img,txt}.npy, float16 unit rows in part order. Returns bad rows."""
+    bad = np.zeros(part.count, bool)
+    with atomic_path(out / "img.npy") as img_tmp, atomic_path(out / "txt.npy") as txt_tmp:
+        maps = [np.lib.format.open_memmap(p, "w+", np.float16, (part.count, rel.dim)) for p in (img_tmp, txt_tmp)]
+        batches = progress(rel.batches(part, int(cfg["import"].batch_size)), desc=f"import part {part.name}",
+                           mode=cfg.progress, unit="batch", rows=lambda b: len(b[1]))
+        for first, img, txt in batches:
+            for m, x in zip(maps, (img, txt)):
+                rows, b = unit_rows(x)
+                m[first:first + len(rows)] = rows
+                bad[first:first + len(rows)] |= b
+        for m in maps:
+            m.flush()
+        del maps
+    return np.flatnonzero(bad).tolist()
+
+
+def import_part(cfg, rel: Release, at: int, paths: list[str], buckets: int) -> dict:
+    """Step 1 for the part at position `at`: its buckets, its share of the download (shard j goes to the part at
+    position j mod P), its features; the marker last."""
+    start, part, join = time.monotonic(), rel.parts[at], join_of(cfg)
     out = parts_dir(cfg.run_dir) / part.name
-    p = plan_part(src.keys(part), stem_width(list(wanted)), wanted)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = {s: {side: out / f".{s}.{side}.npy.tmp" for side in ("img", "txt")} for s in p.shards}
-    maps = {s: {side: np.lib.format.open_memmap(path, "w+", np.float16, (len(p.keys[s]), src.dim))
-                for side, path in tmp[s].items()} for s in p.shards}
-    bad = {s: np.zeros(len(p.keys[s]), bool) for s in p.shards}
-    batches = progress(src.batches(part, int(cfg["import"].batch_size)), desc=f"import part {part.name}",
-                       mode=cfg.progress, unit="batch", rows=lambda b: len(b[1]))
-    for at, img, txt, keys in batches:
-        f, r = p.frag[at:at + len(img)], p.pos[at:at + len(img)]
-        img, bad_img = unit_rows(img)
-        txt, bad_txt = unit_rows(txt)
-        for i in np.unique(f[f >= 0]):
-            s, m = p.shards[i], f == i
-            maps[s]["img"][r[m]] = img[m]
-            maps[s]["txt"][r[m]] = txt[m]
-            bad[s][r[m]] = (bad_img | bad_txt)[m]
-            if not (np.asarray(keys, dtype=str)[m] == p.keys[s][r[m]]).all():
-                raise ValueError(f"{part.metadata}: the key column changed while it was read")
-    shards = {}
-    for s in p.shards:
-        for side, path in tmp[s].items():
-            maps[s][side].flush()
-            os.replace(path, out / f"{s}.{side}.npy")  # a new file each time: links to an old one keep it
-        write_text_atomic(out / f"{s}.keys.txt", "".join(k + "\n" for k in p.keys[s].tolist()))
-        shards[s] = {"n": len(p.keys[s]), "bad": np.flatnonzero(bad[s]).tolist(), "skipped": dict(p.skipped[s])}
-    for s in set(p.skipped) - set(p.shards):  # every row of the shard dropped
-        shards[s] = {"n": 0, "bad": [], "skipped": dict(p.skipped[s])}
-    marker = {"part": part.name, "rows": part.count, "shards": shards, "shard_not_in_data_shards": p.not_in_shards,
-              "config": {**embed_identity(cfg), "import.key_column": src.key_column},
-              "seconds": round(time.monotonic() - start, 3)}
+    release_groups, captions, integer = bucket_release(rel, part, at, join, out, buckets)
+    share = list(range(at, len(paths), len(rel.parts)))
+    download_groups, samples, download_captions = bucket_download(
+        cfg, paths, share, join, integer, out, buckets, desc=f"import part {part.name}: download shards")
+    bad = copy_features(cfg, rel, part, out)
+    marker = {"part": part.name, "at": at, "rows": part.count, "buckets": buckets, "release_groups": release_groups,
+              "download_groups": download_groups, "download_shards": len(share), "download_rows": samples,
+              "download_captions": download_captions, "release_captions": captions, "bad": bad,
+              "config": identity(cfg), "seconds": round(time.monotonic() - start, 3)}
     write_json_atomic(part_marker(cfg.run_dir, part.name), marker)
     return marker
 
 
-def _link(src: Path, dst: Path) -> None:
-    """dst as a hard link of src (a copy where the file system has none), replaced atomically."""
-    with atomic_path(dst) as tmp:
-        tmp.unlink()
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
+def join_buckets(cfg, rel: Release, markers: list[dict], groups: int, n_shards: int) -> dict:
+    """Step 2: every bucket joined (skipping those done); the totals checked against import.min_join."""
+    buckets, folder = markers[0]["buckets"], parts_dir(cfg.run_dir)
+    on = ["match", "caption"] if all(m["release_captions"] and m["download_captions"] for m in markers) else ["match"]
+    (folder / "join").mkdir(exist_ok=True)
+    totals = Counter()
+    for b in progress(range(buckets), total=buckets, desc="import: join buckets", mode=cfg.progress, unit="bucket"):
+        done = folder / "join" / f"{b}.done.json"
+        if not done.is_file():
+            sides = []
+            for kind in ("release", "download"):
+                tables = [read_group(folder / m["part"] / f"{kind}.parquet", m[f"{kind}_groups"], b) for m in markers]
+                sides.append(pa.concat_tables([t for t in tables if t is not None]) if any(
+                    t is not None for t in tables) else None)
+            if sides[0] is None:
+                write_json_atomic(done, {"joined": 0, "skipped": {}, "groups": [[0, 0]] * groups})
+            else:
+                download = sides[1] if sides[1] is not None else DOWNLOAD.empty_table()
+                joined, skipped = url_join.join_bucket(sides[0], download, on)
+                index = write_grouped(folder / "join" / f"{b}.parquet", joined,
+                                      shard_group(joined.column("shard").to_numpy(), n_shards, groups), groups)
+                write_json_atomic(done, {"joined": joined.num_rows, "skipped": dict(skipped), "groups": index})
+        record = read_json(done)
+        totals["joined"] += record["joined"]
+        totals.update(record["skipped"])
+    rows = sum(m["rows"] for m in markers)
+    summary = {"rows": rows, "joined": totals.pop("joined", 0), "skipped": dict(totals), "on": on,
+               "join": join_of(cfg), "buckets": buckets}
+    url_join.check_share(summary["joined"], rows, float(cfg["import"].min_join), summary["join"],
+                         str(cfg.embed.source), str(cfg.data.shards))
+    write_json_atomic(folder / "join.json", summary)
+    return summary
 
 
-def merge_shard(run_dir: str, s: str, pieces: list[tuple[str, dict]]) -> tuple[int, Counter]:
-    """Write RUN/embed/S.{img,txt}.npy and S.keys.txt from its fragments: linked when one fragment holds the
-    whole shard, else merged in key order (a key in two parts keeps its first). Returns (rows, skipped)."""
-    out, skipped = embed_dir(run_dir), Counter()
-    for _, e in pieces:
-        skipped.update(e["skipped"])
-    pieces = [(name, e) for name, e in pieces if e["n"]]
-    frags = [parts_dir(run_dir) / name for name, _ in pieces]
-    if len(pieces) == 1 and not pieces[0][1]["bad"]:
-        for suffix in ("img.npy", "txt.npy", "keys.txt"):
-            _link(frags[0] / f"{s}.{suffix}", out / f"{s}.{suffix}")
-        return pieces[0][1]["n"], skipped
-    keys, src = [], []
-    for i, (f, (_, e)) in enumerate(zip(frags, pieces)):
-        k = np.asarray((f / f"{s}.keys.txt").read_text().splitlines(), dtype=str)
-        good = np.ones(len(k), bool)
-        good[e["bad"]] = False
-        skipped["nonfinite_feature"] += len(e["bad"])
-        keys.append(k[good])
-        src.append(np.stack([np.full(good.sum(), i), np.flatnonzero(good)], 1))
-    keys = np.concatenate(keys) if keys else np.zeros(0, str)
-    src = np.concatenate(src) if src else np.zeros((0, 2), np.int64)
-    order = np.argsort(keys, kind="stable")
-    keys, src = keys[order], src[order]
-    first = np.r_[True, keys[1:] != keys[:-1]] if len(keys) else np.zeros(0, bool)
-    skipped["duplicate_key"] += int((~first).sum())
-    keys, src = keys[first], src[first]
-    skipped = Counter({r: c for r, c in skipped.items() if c})
+def write_shard(cfg, s: str, path: str, rows: pa.Table, features: dict, bad: dict, names: list[str], dim: int) -> dict:
+    """Step 3 for one shard: its joined rows (part, row, key) in key order -> RUN/embed/S.*, done.json last."""
+    start = time.monotonic()
+    rows = rows.sort_by("key")
+    part, row = rows.column("part").to_numpy(), rows.column("row").to_numpy()
+    good = ~np.asarray([r in bad[p] for p, r in zip(part.tolist(), row.tolist())], bool)
+    part, row = part[good], row[good]
+    keys = rows.column("key").to_numpy(zero_copy_only=False)[good]
+    out = embed_dir(cfg.run_dir)
     for side in ("img", "txt"):
-        arrays = [np.load(f / f"{s}.{side}.npy", mmap_mode="r") for f in frags]
-        d = arrays[0].shape[1] if arrays else 0
-        with atomic_path(out / f"{s}.{side}.npy") as tmp:
-            dst = np.lib.format.open_memmap(tmp, "w+", np.float16, (len(keys), d))
-            for a in range(0, len(keys), MERGE_CHUNK):
-                chunk = src[a:a + MERGE_CHUNK]
-                for i in np.unique(chunk[:, 0]):
-                    m = chunk[:, 0] == i
-                    dst[a + np.flatnonzero(m)] = arrays[i][chunk[m, 1]]
-            dst.flush()
-            del dst
+        x = np.zeros((len(row), dim), np.float16)
+        for p in np.unique(part):
+            m = part == p
+            x[m] = features[p][side][row[m]]
+        with atomic_path(out / f"{s}.{side}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, x)
     write_text_atomic(out / f"{s}.keys.txt", "".join(k + "\n" for k in keys.tolist()))
-    return len(keys), skipped
-
-
-def shard_done(cfg, s: str, path: str, n: int, d: int, skipped: Counter, parts: list[str], seconds: float) -> dict:
-    done = {"n": n, "d": d, "skipped": dict(sorted(skipped.items())), "damaged": None,
+    skipped = {"nonfinite_feature": int((~good).sum())} if (~good).any() else {}
+    done = {"n": len(row), "d": dim, "skipped": skipped, "damaged": None,
             "config": {**embed_identity(cfg), "data.shard": str(path)},
-            "source": {**source_record(cfg), "parts": parts}, "seconds": round(seconds, 3)}
+            "source": {"folder": str(cfg.embed.source), "clip": f"{cfg.clip.model} {cfg.clip.pretrained}",
+                       "join": join_of(cfg), "parts": sorted(names[p] for p in np.unique(part))},
+            "seconds": round(time.monotonic() - start, 3)}
     write_json_atomic(done_path(cfg.run_dir, s), done)
     return done
 
 
-def finalize(cfg, src: Source, wanted: dict[str, str]) -> list[dict]:
-    """Every part done: each shard's fragments -> RUN/embed/S.*, done.json last. Safe to run in several
-    tasks at once (each write is atomic and writes the same); shards already done are skipped."""
-    pieces = defaultdict(list)
-    for part in src.parts:
-        marker = read_json(part_marker(cfg.run_dir, part.name))
-        for s, e in marker["shards"].items():
-            pieces[s].append((part.name, e))
+def write_shards(cfg, rel: Release, markers: list[dict], paths: list[str], groups: int) -> list[dict]:
+    """Step 3: each group of shards read from every bucket's join, each shard not yet done written."""
+    folder = parts_dir(cfg.run_dir)
+    buckets = markers[0]["buckets"]
+    index = [read_json(folder / "join" / f"{b}.done.json")["groups"] for b in range(buckets)]
+    features = {m["at"]: {side: np.load(folder / m["part"] / f"{side}.npy", mmap_mode="r") for side in ("img", "txt")}
+                for m in markers}
+    bad = {m["at"]: set(m["bad"]) for m in markers}
+    stems = [stem(p) for p in paths]
+    group = shard_group(np.arange(len(paths)), len(paths), groups)
     written = []
-    for s in progress(sorted(pieces), total=len(pieces), desc="import: shards", mode=cfg.progress, unit="shard"):
-        if done_path(cfg.run_dir, s).is_file():
+    for g in progress(range(groups), total=groups, desc="import: shards", mode=cfg.progress, unit="group"):
+        todo = [j for j in np.flatnonzero(group == g) if not done_path(cfg.run_dir, stems[j]).is_file()]
+        if not todo:
             continue
-        start = time.monotonic()
-        n, skipped = merge_shard(cfg.run_dir, s, pieces[s])
-        written.append(shard_done(cfg, s, wanted[s], n, src.dim, skipped, [p for p, _ in pieces[s]],
-                                  time.monotonic() - start))
+        tables = [read_group(folder / "join" / f"{b}.parquet", index[b], g) for b in range(buckets)]
+        tables = [t for t in tables if t is not None]
+        if not tables:
+            continue
+        rows = pa.concat_tables(tables)
+        shard = rows.column("shard").to_numpy()
+        for j in todo:
+            mine = rows.filter(pa.array(shard == j))
+            if mine.num_rows:
+                written.append(write_shard(cfg, stems[j], paths[j], mine, features, bad,
+                                           [p.name for p in rel.parts], rel.dim))
     return written
 
 
 def check_existing(cfg) -> None:
-    """Outputs already here must come from this source, this CLIP: part markers and shards' done.json."""
-    way_on = ("features of another source or CLIP cannot be mixed with these: use a new run_dir, or delete "
-              f"{embed_dir(cfg.run_dir)} to import again here")
-    ident = embed_identity(cfg)
+    """Outputs already here must come from this source, CLIP, download and join: parts' and shards' markers."""
+    way_on = ("features of another source, CLIP, download or join cannot be mixed with these: use a new run_dir, "
+              f"or delete {embed_dir(cfg.run_dir)} to import again here")
+    ident = identity(cfg)
     for marker in sorted(parts_dir(cfg.run_dir).glob("*.done.json")):
         recorded = read_json(marker)["config"]
         check_same({k: recorded.get(k) for k in ident}, ident, marker, way_on)
+    shard_ident = embed_identity(cfg)
+    keys = set(shard_ident) | {"embed.source"}
     for done in sorted(embed_dir(cfg.run_dir).glob("*.done.json")):
         recorded = read_json(done).get("config", {})
-        keys = set(ident) | {"embed.source"}
-        check_same({k: recorded.get(k) for k in keys}, {k: ident.get(k) for k in keys}, done, way_on)
+        check_same({k: recorded.get(k) for k in keys}, {k: shard_ident.get(k) for k in keys}, done, way_on)
 
 
-def check_source(cfg) -> Source:
-    """The launcher's check of `embed.source`: readable, aligned, keyed, of clip.model's width."""
+def release_of(cfg) -> Release:
+    return Release(str(cfg.embed.source), dict(cfg["import"].folders))
+
+
+def check_source(cfg) -> Release:
+    """The launcher's check of `embed.source`: its folders found, parts paired and aligned, the join's columns
+    there, the features of clip.model's width, nothing of another import in the run."""
     from unicom_ds import model_configs
 
-    src = Source(str(cfg.embed.source), str(cfg["import"].key_column))
+    rel = release_of(cfg)
+    join = join_of(cfg)
+    missing = [c for c in url_join.RELEASE_COLUMNS[join] if c not in rel.columns]
+    if missing:
+        hint = "; LAION's own download needs shard_id: with a download of your own, keep import.key_column=url"
+        raise ConfigError(f"import.key_column={join}: {rel.parts[0].metadata} has no {missing[0]} column (columns: "
+                          f"{', '.join(rel.columns)})" + (hint if join != "url" else ""))
     model_configs.register()
     import open_clip
 
     config = open_clip.get_model_config(str(cfg.clip.model)) or {}
-    if config.get("embed_dim") not in (None, src.dim):
-        raise ConfigError(f"embed.source={cfg.embed.source}: features of d={src.dim}, but clip.model="
+    if config.get("embed_dim") not in (None, rel.dim):
+        raise ConfigError(f"embed.source={cfg.embed.source}: features of d={rel.dim}, but clip.model="
                           f"{cfg.clip.model} makes d={config['embed_dim']}; set clip.model and clip.pretrained to "
                           "the CLIP that made them (LAION's: clip.model=ViT-B-32 clip.pretrained=openai)")
     check_existing(cfg)
-    return src
+    print(f"import: embed.source={rel.folder}: {count(len(rel.parts), 'part')} in {describe(rel.folders)}, joined by "
+          f"import.key_column={join}", file=sys.stderr, flush=True)
+    return rel
 
 
 def part_names(folder: str) -> list[str]:
-    """The parts N of a source folder (from its img_emb file names), in embedding-reader's order."""
-    from embedding_reader.get_file_list import get_file_list
-
+    """The parts N of a source folder: every N of an img_emb_N.npy in its subfolders. The launcher lists them
+    knowing only the folder, so import.folders.img is applied by each task (a name it lacks is refused)."""
+    fs, root = release.fs_of(folder)
     try:
-        _, files = get_file_list(f"{str(folder).rstrip('/')}/{FOLDERS['img']}", "npy")
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"embed.source={folder}: cannot list {FOLDERS['img']}/ ({e})") from None
-    names = [_number(f, "img_emb") for f in files]
-    if not names or None in names:
-        raise ConfigError(f"embed.source={folder}: expected {FOLDERS['img']}/img_emb_N.npy files, found "
-                          f"{', '.join(Path(f).name for f in files[:3]) or 'none'}")
-    return names
+        names = {n for sub in fs.ls(root, detail=False) if fs.isdir(sub)
+                 for n in release.numbered(fs.ls(sub, detail=False), "img")}
+    except OSError as e:
+        raise ConfigError(f"embed.source={folder}: cannot list it ({e})") from None
+    if not names:
+        raise ConfigError(f"embed.source={folder}: no img_emb_N.npy in any of its folders")
+    return sorted(names)
 
 
 def import_parts(cfg, names: list[str]) -> list[dict]:
-    """Job function: import the given parts (skipping finished ones); the task that then finds every part
-    done writes the shards. Returns the done.json of the shards it wrote."""
+    """Job function: step 1 for the given parts (skipping finished ones); the task that then finds every part
+    done runs steps 2 and 3. Returns the done.json of the shards it wrote."""
     cfg = as_config(cfg)
     start = time.monotonic()
     check_existing(cfg)
-    src = Source(str(cfg.embed.source), str(cfg["import"].key_column))
-    wanted = {stem(p): p for p in expand(cfg.data.shards)}
-    by_name = {p.name: p for p in src.parts}
-    unknown = [n for n in names if n not in by_name]
+    rel = release_of(cfg)
+    paths = expand(cfg.data.shards)
+    at = {p.name: i for i, p in enumerate(rel.parts)}
+    unknown = [n for n in names if n not in at]
     if unknown:
         raise ConfigError(f"embed.source={cfg.embed.source}: no part {unknown[0]} (img_emb_{unknown[0]}.npy)")
+    buckets = bucket_count(sum(p.count for p in rel.parts), int(cfg["import"].bucket_rows))
     todo = [n for n in names if not part_marker(cfg.run_dir, n).is_file()]
     print(f"import: {len(names) - len(todo)} of {count(len(names), 'part')} already done", file=sys.stderr, flush=True)
-    markers = [import_part(cfg, src, by_name[n], wanted) for n in todo]
-    outside = sum(m["shard_not_in_data_shards"] for m in markers)
-    if markers:
-        print(f"import: {count(len(markers), 'part')}, {count(sum(m['rows'] for m in markers), 'row')} read"
-              + (f", {count(outside, 'row')} of shards outside data.shards dropped" if outside else "")
-              + f", {time.monotonic() - start:.1f}s -> {parts_dir(cfg.run_dir)}", file=sys.stderr, flush=True)
-    waiting = [p.name for p in src.parts if not part_marker(cfg.run_dir, p.name).is_file()]
+    made = [import_part(cfg, rel, at[n], paths, buckets) for n in todo]
+    if made:
+        print(f"import: {count(len(made), 'part')}, {count(sum(m['rows'] for m in made), 'row')} read, "
+              f"{count(sum(m['download_rows'] for m in made), 'downloaded sample')} listed, "
+              f"{time.monotonic() - start:.1f}s -> {parts_dir(cfg.run_dir)}", file=sys.stderr, flush=True)
+    waiting = [p.name for p in rel.parts if not part_marker(cfg.run_dir, p.name).is_file()]
     if waiting:
         print(f"import: {count(len(waiting), 'part')} still to import (e.g. {waiting[0]}); the task that "
-              "finishes the last one writes the shards", file=sys.stderr, flush=True)
+              "finishes the last one joins and writes the shards", file=sys.stderr, flush=True)
         return []
-    written = finalize(cfg, src, wanted)
-    done = set(p.name[: -len(".done.json")] for p in embed_dir(cfg.run_dir).glob("*.done.json"))
-    empty = sorted(set(wanted) - done)
-    skipped = Counter()
-    for d in written:
-        skipped.update(d["skipped"])
-    print(f"import: {count(len(written), 'shard')} written, {count(sum(d['n'] for d in written), 'row')}"
-          + (f", {count(sum(skipped.values()), 'row')} dropped ({', '.join(f'{r}: {c:,}' for r, c in sorted(skipped.items()))})"
-             if skipped else "")
+    markers = [read_json(part_marker(cfg.run_dir, p.name)) for p in rel.parts]
+    groups = min(buckets, len(paths))
+    summary = join_buckets(cfg, rel, markers, groups, len(paths))
+    written = write_shards(cfg, rel, markers, paths, groups)
+    done = {p.name[: -len(".done.json")] for p in embed_dir(cfg.run_dir).glob("*.done.json")}
+    empty = sorted({stem(p) for p in paths} - done)
+    dropped = summary["skipped"]
+    print(f"import: {summary['joined']:,} of {summary['rows']:,} released rows joined by {summary['join']} "
+          f"(on {' + '.join(summary['on'])})"
+          + (f", {sum(dropped.values()):,} dropped ({', '.join(f'{r}: {c:,}' for r, c in sorted(dropped.items()))})"
+             if dropped else "")
+          + f"; {count(len(written), 'shard')} written"
           + (f"; {count(len(empty), 'shard')} of data.shards without imported rows (e.g. {empty[0]}): their "
              "images get no label" if empty else "") + f" -> {embed_dir(cfg.run_dir)}", file=sys.stderr, flush=True)
     return written

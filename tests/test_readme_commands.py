@@ -199,7 +199,8 @@ def clip_retrieval_folder(folder: Path, run: Path, d: int = 512) -> Path:
         x = rng.standard_normal((len(keys), d))
         np.save(folder / sub / name, (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16))
     (folder / "metadata").mkdir()
-    pd.DataFrame({"image_path": [f"{k}.jpg" for k in keys], "caption": ["c"] * len(keys), "key": keys}).to_parquet(
+    pd.DataFrame({"image_path": [f"{k}.jpg" for k in keys], "caption": ["c"] * len(keys), "key": keys,
+                  "url": [f"http://example.com/{k}.jpg" for k in keys]}).to_parquet(
         folder / "metadata" / "metadata_0.parquet")
     return folder
 

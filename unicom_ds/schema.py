@@ -29,6 +29,10 @@ class ConfigError(ValueError):
     """A bad key or value in the configuration; the message names the key."""
 
 
+class MissingInput(ConfigError):
+    """An input the stage reads is not there (yet): it stops a submission; a dry run lists it and goes on."""
+
+
 class _Invalid(ValueError):
     """A value that breaks its rule (the caller adds the key)."""
 
@@ -179,7 +183,8 @@ RULES: dict[str, Rule] = {
     "embed.batch_size": AT_LEAST_1, "embed.workers": NON_NEGATIVE, "embed.shards_per_task": AT_LEAST_1,
     "embed.from": Rule("str"),
     "embed.source": Rule("str"), "import.parts_per_task": AT_LEAST_1, "import.batch_size": AT_LEAST_1,
-    "import.key_column": Rule(choices=("auto", "key", "image_path")),
+    "import.key_column": Rule(choices=("url", "key", "image_path", "auto")), "import.min_join": Rule(lo=0, hi=1),
+    "import.bucket_rows": AT_LEAST_1, "import.folders.*": Rule("str"),
     "kmeans.k": AT_LEAST_1, "kmeans.mode": Rule(choices=("joint", "image", "text")), "kmeans.niter": AT_LEAST_1,
     "kmeans.init": Rule(choices=("afkmc2", "kmeans++", "random")),
     "kmeans.max_points_per_centroid": AT_LEAST_1, "kmeans.min_points_per_centroid": NON_NEGATIVE,
