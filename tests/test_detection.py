@@ -256,3 +256,17 @@ def test_checkpoint_round_trip_and_planted_payload_refused(tmp_path):
     (tmp_path / "latest").write_text("step_4.pt\n")
     with pytest.raises(RuntimeError, match="step_4.pt: not a checkpoint this project wrote"):
         job.load_checkpoint(tmp_path, made)
+
+
+def test_detect_prints_its_own_table_once(tmp_path, monkeypatch, capsys):
+    """After the eval stage printed Tab. 1 and 2, detect prints Tab. 9 only; results.md keeps them all."""
+    from evaluation import results
+    from unicom_ds import config
+    run = tmp_path / "run"
+    results.write_all(run, {"run": {"sop": {"R@1": 0.5}}}, {})
+    metrics = {"box/AP": 0.03, "mask/AP": 0.04}
+    monkeypatch.setattr(job.Detector, "run", lambda self: metrics)
+    assert job.detect(config.resolve(["stage=detect", f"run_dir={run}", "model=ViT-Tiny-16"])) == metrics
+    out = capsys.readouterr().out
+    assert out.count("Tab. 9") == 1 and "Tab. 2" not in out and "| run | 3.0 |" in out
+    assert "Tab. 2" in (run / "eval" / "results.md").read_text()

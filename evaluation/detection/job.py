@@ -343,11 +343,12 @@ def detect(cfg: Any) -> dict | None:
     if metrics is None:
         return None
     label = det.spec.label
-    _, text = results.write_all(cfg.run_dir, {label: {DATASET: metrics}}, {})
+    results.write_all(cfg.run_dir, {label: {DATASET: metrics}}, {})
     with tblog.writer(str(cfg.run_dir), "detect") as w:
         for k, v in metrics.items():
             w.add_scalar(f"detect/{label}/{k}", v, int(cfg.detect.steps))
-    print(text, flush=True)
+    # This job's table only: the eval stage before it has printed the others (results.md holds them all).
+    print(results.markdown({label: {DATASET: metrics}}), flush=True)
     out = Path(str(cfg.run_dir))
     print(f"detect: {label} box AP {100 * metrics.get('box/AP', 0):.1f}, mask AP {100 * metrics.get('mask/AP', 0):.1f} "
           f"({time.monotonic() - start:.0f}s); {det.out}/metrics.json, {out}/eval/results.json and results.md, "
