@@ -120,9 +120,6 @@ install_python_packages() {
     local missing prefix
     missing=$(missing_requirements) || missing="(could not check; pip decides)"
     prefix=$("$PY" -c 'import sys; print(sys.prefix)')
-    # DeepSpeed compiles a small op on its first launch into torch's extension cache. Environments that
-    # share one cache rebuild it for each other, and a build waits on another's lock: one cache each.
-    [[ -n ${TORCH_EXTENSIONS_DIR:-} || ! -w $prefix ]] || export TORCH_EXTENSIONS_DIR=$prefix/torch_extensions
     if [[ -n $missing ]]; then
         log "pip install -r requirements.txt into $prefix; missing or another version: $missing"
         log "(the first install downloads a few GB, torch and deepspeed above all; pip names each file and its size)"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -95,3 +96,24 @@ def unlink_cpu_allreduce_buffer(rank: int) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     cpu_allreduce_buffer(rank).unlink(missing_ok=True)
+
+
+CPU_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory communication op, compiled on its first CPU launch
+
+
+def prepare_cpu_comm_op(local_rank: int) -> Path | None:
+    """Before DeepSpeed starts on CPU: its communication op is built into TORCH_EXTENSIONS_DIR, by default
+    `torch_extensions` inside this Python environment, so it is built once per environment however a stage
+    starts (demo.sh, an activated venv, a SLURM task), not again into ~/.cache, where environments also
+    rebuild it for each other. Local rank 0 says so before a build (1-2 minutes on 2 cores, silent
+    otherwise). Returns the op's build folder; None when the environment is read-only and TORCH_EXTENSIONS_DIR
+    unset (torch's own cache, where a build cannot be foreseen)."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        return None
+    folder = Path(root) / CPU_COMM_OP
+    if local_rank == 0 and not any(folder.glob(f"{CPU_COMM_OP}*.so")):
+        print(f"building DeepSpeed's CPU communication op once, ~2 min, into {folder}", flush=True)
+    return folder

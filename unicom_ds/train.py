@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from unicom_ds import (backbone, checkpoint, config, continuation, schedule, tblog, train_data, train_plan,
                        unicom_vit)
 from unicom_ds.atomic import atomic_path, read_json, write_json_atomic
-from unicom_ds.dist import all_reduce_, rank_world, unlink_cpu_allreduce_buffer
+from unicom_ds.dist import all_reduce_, prepare_cpu_comm_op, rank_world, unlink_cpu_allreduce_buffer
 from unicom_ds.optim import adamw
 from unicom_ds.prototypes import ShardedPrototypes
 
@@ -153,6 +153,8 @@ class Trainer:
         from deepspeed.accelerator import get_accelerator
 
         on_cpu = get_accelerator().device_name() == "cpu"
+        if on_cpu:
+            prepare_cpu_comm_op(int(os.environ.get("LOCAL_RANK", 0)))
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
         self.rank, self.world = rank_world()
         if on_cpu:
