@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 from typing import Iterator, TextIO
@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from unicom_ds import shards
 from unicom_ds.atomic import read_json
 from unicom_ds.config import select
+from unicom_ds.disk import DiskFull
 from slurm.launch import Job, log_dir, output_dir, target
 
 
@@ -30,12 +31,22 @@ class Tee:
 
     def write(self, text: str) -> int:
         self.console.write(text)
-        self.log.write(text)
+        self._to_log(self.log.write, text)
         return len(text)
 
     def flush(self) -> None:
         self.console.flush()
-        self.log.flush()
+        self._to_log(self.log.flush)
+
+    def _to_log(self, method, *args) -> None:
+        """A log that cannot be written (a full disk) is dropped, said once: the console still shows it all."""
+        if self.log is None:
+            return
+        try:
+            method(*args)
+        except OSError as e:
+            self.log = None
+            self.console.write(f"(no more output to the log file: {e})\n")
 
     def isatty(self) -> bool:  # progress bars stay bars on a terminal
         return self.console.isatty()
@@ -44,7 +55,8 @@ class Tee:
 @contextmanager
 def tee_output(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as log:
+    log = open(path, "a")
+    try:
         log.write(f"\n=== {datetime.now().isoformat(timespec='seconds')} ===\n")
         out, err = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = Tee(out, log), Tee(err, log)
@@ -53,6 +65,9 @@ def tee_output(path: Path) -> Iterator[None]:
         finally:
             sys.stdout.flush(), sys.stderr.flush()
             sys.stdout, sys.stderr = out, err
+    finally:
+        with suppress(OSError):  # a full disk: the console already has every line
+            log.close()
 
 
 def run_subprocess(argv: list[str]) -> None:
@@ -62,7 +77,11 @@ def run_subprocess(argv: list[str]) -> None:
         for line in proc.stdout:
             sys.stdout.write(line)
     if proc.returncode:
-        raise RuntimeError(f"{argv[0]} exited with code {proc.returncode}")
+        raise SubprocessFailed(f"the step's processes exited with code {proc.returncode} (their output above says why)")
+
+
+class SubprocessFailed(RuntimeError):
+    """A step's own processes failed; they printed why, so no traceback of the launcher is shown."""
 
 
 def run_step(job: Job, cfg_dict: dict) -> None:
@@ -145,6 +164,9 @@ def run(cfg: DictConfig, jobs: list[Job]) -> int:
             try:
                 run_step(job, cfg_dict)
                 ok = True
+            except (DiskFull, SubprocessFailed) as e:  # they say what they are in one line
+                print(f"error: {e}", file=sys.stderr)
+                ok = False
             except Exception:  # any failure stops the chain; the traceback goes to the log too
                 traceback.print_exc()
                 ok = False

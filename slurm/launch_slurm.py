@@ -36,6 +36,10 @@ def sbatch_parameters(job: Job, dependency: str | None) -> dict:
     params.update({k: res[k] for k in ("partition", "account", "qos", "constraint") if res[k] is not None})
     if dependency:
         params["dependency"] = dependency
+    if int(res["nodes"]) * job.tasks_per_node > 1:
+        # A task that fails (a full disk on one rank) ends the others, which would wait in a collective until
+        # the process group's timeout: the job fails at once instead of hanging.
+        params["srun_args"] = ["--kill-on-bad-exit=1"]
     return params
 
 

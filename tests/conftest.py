@@ -1,6 +1,8 @@
-"""Shared fixtures: the local SLURM test cluster and a tiny demo webdataset."""
+"""Shared fixtures: the local SLURM test cluster, a tiny demo webdataset, a full disk; the guard that keeps
+tests off the checkout's run state."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -110,3 +112,24 @@ def no_checkout_run_state(monkeypatch):
     monkeypatch.setattr(config, "resolve", guarded_resolve)
     monkeypatch.setattr(config, "_load", guarded_load)
     monkeypatch.setattr(config, "save", guarded_save)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real file system with no space left: a 1 MiB tmpfs, filled. Mounting needs root (CI runs as root)."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode:
+        why = f"cannot mount a small tmpfs to fill ({proc.stderr.strip() or 'mount failed'}); needs root"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but {why}", pytrace=False)
+        pytest.skip(why)
+    try:
+        with open(mnt / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+        assert shutil.disk_usage(mnt).free == 0
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

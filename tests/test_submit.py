@@ -80,6 +80,9 @@ def test_dry_run_train_and_eval_one_task_per_gpu(tmp_path, demo_shards, capsys, 
     assert report["dependency"] == "'afterok:<eval job id>'"
     assert (report["nodes"], "gpus-per-node" in report) == ("1", False)   # the report needs no GPU
     assert train["output"].startswith(str(tmp_path / "logs"))
+    # a failed task (a full disk on one rank) ends its partners instead of leaving them in a collective
+    assert all("--kill-on-bad-exit=1" in scripts[s] for s in ("train", "eval"))
+    assert not any("--kill-on-bad-exit" in scripts[s] for s in ("embed", "kmeans", "report"))
 
 
 def run_cli(*args):

@@ -10,6 +10,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from unicom_ds import disk
+
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -19,13 +21,15 @@ os.umask(_UMASK)
 def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with disk.writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are shared like any other file
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        with disk.writing(path):  # a full disk says so, whichever writer met it (torch.save loses errno)
+            yield Path(tmp)
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

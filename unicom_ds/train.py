@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from unicom_ds import (backbone, checkpoint, config, continuation, schedule, tblog, train_data, train_plan,
+from unicom_ds import (backbone, checkpoint, config, continuation, disk, schedule, tblog, train_data, train_plan,
                        unicom_vit)
 from unicom_ds.atomic import atomic_path, read_json, write_json_atomic
 from unicom_ds.dist import all_reduce_, prepare_cpu_comm_op, rank_world, unlink_cpu_allreduce_buffer
@@ -268,7 +268,8 @@ class Trainer:
         if self.rank == 0:
             checkpoint.begin(self.root, self.step)
         dist.barrier()
-        self.engine.save_checkpoint(str(tmp), tag=checkpoint.ENGINE_TAG, save_latest=False)
+        with disk.writing(tmp):  # DeepSpeed's own torch.save calls: a full disk as one line, not "basic_ios::clear"
+            self.engine.save_checkpoint(str(tmp), tag=checkpoint.ENGINE_TAG, save_latest=False)
         checkpoint.save_rank_state(tmp, self.rank, {"rank": self.rank, "rng": checkpoint.rng_state()} if
                                    self.layer is None else {
             "rank": self.rank, "class_range": self.layer.class_range, "weight": self.layer.weight.detach().cpu(),
@@ -611,4 +612,5 @@ def local_command(cfg: dict | DictConfig, script: Path = TRAIN_PY, section: str 
 
 
 if __name__ == "__main__":
-    main()
+    with disk.one_line():
+        main()

@@ -1,0 +1,85 @@
+"""A full disk, for real (a filled tmpfs, see conftest.full_disk): every writer stops with one line naming the
+path and the free space, the other ranks of a training job exit too, and finished work elsewhere is kept."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from tests.train_fixtures import ds_config, make_run
+from unicom_ds import disk
+from unicom_ds.atomic import save_npy_atomic, write_json_atomic
+
+
+def test_atomic_writes_say_the_disk_is_full(full_disk):
+    """Python's own writers (OSError ENOSPC) and torch.save's C++ writer ("basic_ios::clear" or "unexpected pos",
+    errno lost) both come out as DiskFull; no temporary file is left behind."""
+    cases = {"a.json": lambda p: write_json_atomic(p, {"x": "y" * 100_000}),
+             "b.npy": lambda p: save_npy_atomic(p, np.zeros(100_000, np.float32)),
+             "c.pt": lambda p: disk_torch_save(p, torch.zeros(100_000))}
+    for name, write in cases.items():
+        with pytest.raises(disk.DiskFull) as err:
+            write(full_disk / "sub" / name)
+        assert str(err.value) == f"disk full writing {full_disk / 'sub' / name}: 0 B free on {full_disk}"
+    assert sorted(p.name for p in full_disk.rglob("*")) == ["filler", "sub"]
+
+
+def disk_torch_save(path, obj) -> None:
+    from unicom_ds.atomic import atomic_path
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def test_a_local_stage_on_a_full_disk_stops_with_one_line(full_disk, demo_shards, tmp_path):
+    """stage=embed writing RUN/embed on a full file system: exit 1, the line, no traceback; RUN/config.yaml (on
+    another file system) is kept."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "embed").symlink_to(full_disk)
+    proc = subprocess.run([sys.executable, "slurm/submit.py", "stage=embed", "launcher=local", f"run_dir={run}",
+                           f"data.shards={demo_shards}", "clip.model=ViT-Tiny-16", "clip.pretrained=random",
+                           "embed.workers=0", "progress=off"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"error: disk full writing {run}/embed/00000.img.npy: 0 B free on {full_disk}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert (run / "config.yaml").is_file()
+
+
+def test_the_launcher_says_so_when_config_yaml_does_not_fit(full_disk, demo_shards):
+    proc = subprocess.run([sys.executable, "slurm/submit.py", "stage=embed", "launcher=local",
+                           f"run_dir={full_disk / 'run'}", f"data.shards={demo_shards}", "clip.model=ViT-Tiny-16",
+                           "clip.pretrained=random"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: disk full writing {full_disk}/run/config.yaml: 0 B free on {full_disk}\n"
+
+
+def test_two_training_ranks_exit_promptly_when_one_cannot_save(full_disk, tmp_path):
+    """RUN/train on a full disk: the first checkpoint cannot be written; each rank that meets it says so in one
+    line and exits, and the launcher ends the job at once (a rank left waiting in the save's barrier is ended
+    by it too: deepspeed's launcher here, srun --kill-on-bad-exit on SLURM)."""
+    data = make_run(tmp_path, [13, 9, 6], k=10)
+    run = data["run"]
+    (run / "kmeans" / "summary.json").write_text(json.dumps({"k": 10}))
+    (run / "train").symlink_to(full_disk)
+    argv = [sys.executable, "slurm/submit.py", "stage=train", "launcher=local", f"run_dir={run}",
+            f"data.shards={data['shards']}", "model=ViT-Tiny-16", "device=cpu",
+            f"train.deepspeed_config={ds_config(tmp_path / 'ds.json', bf16=False)}", "train.precision=fp32",
+            "train.epochs=1", "train.steps_per_epoch=4", "train.ckpt_every_steps=1", "train.workers=0",
+            "train.local_processes=2", "loss.r1=1.0", "progress=off"]
+    start = time.monotonic()
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=540,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-4000:]
+    assert f"error: disk full writing {run}/train/ckpt/" in out and f"0 B free on {full_disk}" in out, out[-4000:]
+    assert "basic_ios" not in out and "unexpected pos" not in out
+    assert time.monotonic() - start < 300  # not the process group's 30-minute timeout
+    assert not list(full_disk.glob("ckpt/step_*")) and not (full_disk / "ckpt" / "latest").exists()
