@@ -112,25 +112,33 @@ def plan(cfg: DictConfig) -> list[Job]:
 
 def precheck(cfg: DictConfig) -> list[str]:
     """The checks that can be made before anything runs; each raises with a message naming the key.
-    Returns what the user should see of the plan (the train stage's batch arithmetic and schedule)."""
+    Returns what the user should see of the plan (the train stage's batch arithmetic and schedule). In a dry
+    run a missing input (shards, k-means output, data sets) is a line of the plan instead."""
     steps = steps_of(cfg)
     check_made_with(cfg, steps)
     notes: list[str] = []
+    unused = [f"slurm.{key}={cfg.slurm[key]}" for key in ("nodes", "gpus_per_node") if cfg.slurm[key] is not None]
+    if cfg.launcher == "local" and unused:  # e.g. launcher=local recorded in RUN/config.yaml by the demo
+        notes.append(f"launcher=local: this machine runs the stage and {' and '.join(unused)} is not used; "
+                     "pass launcher=slurm to submit it to SLURM")
     if {"embed", "import", "kmeans", "assign"} & set(steps):
         checks = importlib.import_module("cluster_job.checks")
-        checks.precheck(cfg, cfg.stage)
+        notes += config.noting_missing(cfg, "cluster", lambda: checks.precheck(cfg, cfg.stage))
     if "train" in steps:
         world, ranks = train_world(cfg)
         notes += importlib.import_module("unicom_ds.train_plan").precheck(
             cfg, world, ranks, labels_expected="assign" not in steps)
     if "eval" in steps:
-        importlib.import_module("evaluation.run").check(cfg)
+        notes += config.noting_missing(cfg, "eval", lambda: importlib.import_module("evaluation.run").check(cfg))
     if "detect" in steps:
-        notes += importlib.import_module("evaluation.detection.job").check(cfg, detect_world(cfg))
+        module = importlib.import_module("evaluation.detection.job")
+        notes += config.noting_missing(cfg, "detect", lambda: module.check(cfg, detect_world(cfg)))
     if "finetune" in steps:
-        notes += importlib.import_module("evaluation.finetune.job").check(cfg, *train_world(cfg, "finetune"))
+        module = importlib.import_module("evaluation.finetune.job")
+        notes += config.noting_missing(cfg, "finetune", lambda: module.check(cfg, *train_world(cfg, "finetune")))
     if "quantize" in steps:
-        notes += importlib.import_module("evaluation.quantize.job").check(cfg)
+        module = importlib.import_module("evaluation.quantize.job")
+        notes += config.noting_missing(cfg, "quantize", lambda: module.check(cfg))
     return notes
 
 

@@ -86,10 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = Path(str(cfg.run_dir)).resolve()
     if cfg.dry_run:
-        from slurm.launch_slurm import dry_run_scripts
-        print(f"dry run: nothing is submitted; run directory would be {run_dir}")
+        print(f"dry run: nothing is {'run' if cfg.launcher == 'local' else 'submitted'}; run directory would be "
+              f"{run_dir}")
         for line in notes:
             print(line)
+        if cfg.launcher == "local":  # never an sbatch script next to a local plan
+            print("launcher=local: this machine would run, in order: " + ", ".join(
+                f"{job.step} ({len(job.tasks)} task(s))" for job in jobs))
+            return 0
+        from slurm.launch_slurm import dry_run_scripts
         for job, script in dry_run_scripts(cfg, jobs):
             print(f"\n# ---- {job.step}: {len(job.tasks)} task(s) ----\n{script}")
         return 0

@@ -139,8 +139,9 @@ def test_check_names_what_is_missing(tmp_path):
 
 
 def test_check_names_a_listed_image_that_is_missing_before_submission(tmp_path):
-    """A file named in an eval set's list is missing: `submit.py ... dry_run=true` refuses before
-    anything is submitted, naming the set, the list and the file. Images are listed, never decoded."""
+    """A file named in an eval set's list is missing: `submit.py` refuses before anything runs, naming the set,
+    the list and the file; its dry run names it in the plan and still prints the sbatch script. Images are
+    listed, never decoded."""
     data = tmp_path / "data"
     x, y = digit_images(40)
     write_sop(data, x, y)
@@ -152,12 +153,15 @@ def test_check_names_a_listed_image_that_is_missing_before_submission(tmp_path):
         run.check(eval_cfg(tmp_path / "run", data, "eval.datasets=[sop]"))
     assert str(err.value) == (f"eval set 'sop': 1 of the 40 images named in {data / 'sop' / 'Ebay_test.txt'} "
                               f"are missing: {data / 'sop' / 'digit_final' / '12.JPG'}")
-    res = subprocess.run([sys.executable, "slurm/submit.py", "stage=eval", f"run_dir={tmp_path / 'run'}",
-                          "model=ViT-Tiny-16", f"eval.data_root={data}", "eval.datasets=[sop]",
-                          "launcher=slurm", "dry_run=true"], capture_output=True, text=True, timeout=300,
-                         cwd=REPO)
-    assert res.returncode == 2 and "#SBATCH" not in res.stdout, res.stdout + res.stderr
+    argv = [sys.executable, "slurm/submit.py", "stage=eval", f"run_dir={tmp_path / 'run'}", "model=ViT-Tiny-16",
+            f"eval.data_root={data}", "eval.datasets=[sop]"]
+    res = subprocess.run([*argv, "launcher=local"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 2 and not (tmp_path / "run" / "eval").exists(), res.stdout + res.stderr
     assert f"{data / 'sop' / 'digit_final' / '12.JPG'}" in res.stderr and "eval set 'sop'" in res.stderr
+    res = subprocess.run([*argv, "launcher=slurm", "dry_run=true"], capture_output=True, text=True, timeout=300,
+                         cwd=REPO)
+    assert res.returncode == 0 and "#SBATCH" in res.stdout, res.stdout + res.stderr
+    assert f"missing (eval; a real submission stops here): eval set 'sop': 1 of the 40 images" in res.stdout
 
 
 def test_check_finds_a_deleted_eurosat_image(tmp_path):

@@ -138,8 +138,38 @@ def test_bad_train_plans_are_refused_before_submission(tmp_path, capsys, args, m
 
 
 def test_train_without_cluster_outputs_is_refused_before_submission(tmp_path, capsys):
-    code = submit.main(["stage=train", f"run_dir={tmp_path / 'empty'}", "dry_run=true"])
+    code = submit.main(["stage=train", f"run_dir={tmp_path / 'empty'}", "launcher=slurm"])
     assert code == 2 and "kmeans/summary.json is missing; run stage=cluster first" in capsys.readouterr().err
+    assert not (tmp_path / "empty").exists()
+
+
+def test_a_dry_run_needs_no_data(tmp_path, capsys):
+    """The README's 16-node dry run without the shards, k-means output or eval sets: the plan and the sbatch
+    scripts still print, and each missing input is a line of the plan."""
+    run = tmp_path / "run"
+    code = submit.main(["stage=all", f"run_dir={run}", "launcher=slurm", "data.shards=/nowhere/{00000..00009}.tar",
+                        "kmeans.k=1000", "model=ViT-B-16", "train.slurm.nodes=16", "train.slurm.gpus_per_node=8",
+                        "eval.data_root=/nowhere/eval", "dry_run=true"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "missing (cluster; a real submission stops here): data.shards: shard /nowhere/00000.tar does not exist" \
+        in out
+    assert "missing (eval; a real submission stops here): eval.datasets" in out
+    assert "global batch 32768 = micro 128 x 128 ranks (16 node(s) x 8 GPU(s)) x 2 accumulation" in out
+    assert "#SBATCH --nodes=16" in out and not run.exists()
+
+
+def test_a_local_run_asking_for_nodes_says_which_launcher_it_uses(tmp_path, capsys):
+    """launcher=local recorded in RUN/config.yaml (as the demo's) with slurm.nodes=16: the plan says the local
+    launcher runs it, with its local ranks, and shows no sbatch script."""
+    run = finished_run(tmp_path / "run", "ViT-B-16")
+    (run / "config.yaml").write_text(f"run_dir: {run}\nmodel: ViT-B-16\nlauncher: local\ntrain:\n  local_processes: 2\n")
+    code = submit.main(["stage=train", f"run_dir={run}", "slurm.nodes=16", "dry_run=true"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "launcher=local: this machine runs the stage and slurm.nodes=16 is not used" in out
+    assert "x 2 ranks (train.local_processes)" in out and "launcher=local: this machine would run, in order: train" in out
+    assert "#SBATCH" not in out and "16 node(s)" not in out
 
 
 def test_train_help_prints_usage_and_where_the_keys_are():

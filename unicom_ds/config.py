@@ -10,13 +10,13 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from unicom_ds import schema
 from unicom_ds.atomic import write_text_atomic
-from unicom_ds.schema import STAGES, ConfigError, flat_keys  # noqa: F401 (part of this module's API)
+from unicom_ds.schema import STAGES, ConfigError, MissingInput, flat_keys  # noqa: F401 (part of this module's API)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "slurm" / "configs"
 DEFAULT_FILES = ("common.yaml", "cluster.yaml", "train.yaml", "eval.yaml", "detect.yaml",
@@ -109,6 +109,17 @@ def _continued_config(cfg: DictConfig, ref: DictConfig) -> DictConfig | None:
     inherited = OmegaConf.create(plain)
     _check_known(inherited, ref, str(path))
     return inherited
+
+
+def noting_missing(cfg: Any, step: str, check: Callable[[], Any]) -> list[str]:
+    """Run `check` (returning plan lines or None): in a dry run a missing input becomes a line of the plan,
+    so the plan prints without the data; otherwise it raises."""
+    try:
+        return list(check() or [])
+    except (MissingInput, FileNotFoundError) as e:
+        if not cfg.dry_run:
+            raise
+        return [f"missing ({step}; a real submission stops here): {e}"]
 
 
 def save(cfg: DictConfig) -> Path:

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from unicom_ds.atomic import read_json
-from unicom_ds.config import ConfigError
+from unicom_ds.config import ConfigError, MissingInput
 
 EXPORT_META = "export.json"  # beside RUN/train/backbone.pt: the checkpoint it was exported from
 
@@ -38,7 +38,7 @@ class LabelSource:
 def _saved_config(run: Path) -> Any:
     path = run / "config.yaml"
     if not path.is_file():
-        raise ConfigError(f"train.continue_from={run}: {path} is missing (not a run directory)")
+        raise MissingInput(f"train.continue_from={run}: {path} is missing (not a run directory)")
     return OmegaConf.load(path)
 
 
@@ -74,13 +74,13 @@ def finished_run(path: str | Path) -> FinishedRun:
     train = run / "train"
     meta_path = train / EXPORT_META
     if not meta_path.is_file():
-        raise ConfigError(f"train.continue_from={path}: {meta_path} is missing; the run has not finished "
+        raise MissingInput(f"train.continue_from={path}: {meta_path} is missing; the run has not finished "
                           "training (its final export writes it)")
     meta = read_json(meta_path)
     backbone, ckpt = train / "backbone.pt", train / "ckpt" / meta["checkpoint"]
     for needed in (backbone, ckpt / "meta.json"):
         if not needed.is_file():
-            raise ConfigError(f"train.continue_from={path}: {needed} is missing (named by {meta_path})")
+            raise MissingInput(f"train.continue_from={path}: {needed} is missing (named by {meta_path})")
     return FinishedRun(run, backbone, ckpt, meta)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from unicom_ds import continuation
-from unicom_ds.config import ConfigError
+from unicom_ds.config import ConfigError, MissingInput, noting_missing
 
 REPO = Path(__file__).resolve().parents[1]
 AUTO = "auto"
@@ -97,16 +97,20 @@ def precheck(cfg: Any, world: int, ranks: str, labels_expected: bool) -> list[st
 
     `labels_expected`: the cluster stage's outputs must exist now (stage=train, not stage=all).
     """
-    lines = describe(cfg, world, ranks).splitlines()
+    return describe(cfg, world, ranks).splitlines() + noting_missing(cfg, "train",
+                                                                     lambda: check_inputs(cfg, labels_expected))
+
+
+def check_inputs(cfg: Any, labels_expected: bool) -> None:
+    """The base run of a continuation, the cluster stage's outputs, the checkpoint a resume reads."""
     if cfg.train.continue_from:
         base = continuation.finished_run(cfg.train.continue_from)
         continuation.check_compatible(base, str(cfg.model))
     summary = continuation.label_source(cfg).kmeans_summary
     if labels_expected and not summary.is_file():
-        raise ConfigError(f"run_dir={cfg.run_dir}: {summary} is missing; run stage=cluster first (or stage=all)")
+        raise MissingInput(f"run_dir={cfg.run_dir}: {summary} is missing; run stage=cluster first (or stage=all)")
     k = int(json.loads(summary.read_text())["k"]) if summary.is_file() else None
     check_resume(cfg, {"model": str(cfg.model), **({"num_classes": k} if k is not None else {})})
-    return lines
 
 
 def check_resume(cfg: Any, identity: dict, section: str = "train", out: str = "train") -> None:
