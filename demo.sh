@@ -7,6 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source tests/install.sh
+# One intra-op thread per process (unless you set OMP_NUM_THREADS): the demo's models are tiny, and on a small
+# or busy machine torch's threads spin against each other and against the two train ranks (docs/benchmarks.md).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 echo "demo: setting up Python (the first time installs the pinned requirements: a few GB, torch is large)"
 install_python_packages

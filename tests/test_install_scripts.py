@@ -150,3 +150,16 @@ def test_submit_help_without_the_packages_says_to_activate_the_venv():
     assert res.returncode != 0 and res.stdout == ""
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
     assert "lacks the package" in res.stderr and ". .venv/bin/activate" in res.stderr and "demo.sh" in res.stderr
+
+
+@pytest.mark.parametrize("preset, seen", [(None, "1"), ("3", "3")])
+def test_demo_runs_one_thread_per_process_unless_told(tmp_path, preset, seen):
+    box, env = sandbox(tmp_path)
+    fake = tmp_path / "bin" / "fakepython"  # records the environment the demo's Python gets, then fails
+    fake.write_text(f'#!{BASH}\necho "$OMP_NUM_THREADS" >> {tmp_path}/omp\nexit 1\n')
+    fake.chmod(0o755)
+    env["PYTHON"] = "fakepython"
+    if preset:
+        env["OMP_NUM_THREADS"] = preset
+    subprocess.run([BASH, "demo.sh"], cwd=box, env=env, capture_output=True, text=True, timeout=60)
+    assert set((tmp_path / "omp").read_text().split()) == {seen}
