@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from unicom_ds import config as config_mod
 from unicom_ds.atomic import read_json, write_json_atomic
@@ -168,9 +168,12 @@ def _finished(path: Path, made_with: dict) -> dict | None:
 class Evaluator:
     """One task's share of the eval job; rank 0 also scores."""
 
-    def __init__(self, cfg, rank: int, world: int, models: list[tuple[str, ModelSpec]] | None = None):
-        """`models`: (entry, spec) pairs to evaluate instead of eval.models (fine-tuning names its own)."""
+    def __init__(self, cfg, rank: int, world: int, models: list[tuple[str, ModelSpec]] | None = None,
+                 preprocess: dict[str, Callable] | None = None):
+        """`models`: (entry, spec) pairs to evaluate instead of eval.models (fine-tuning names its own);
+        `preprocess`: {model label: image transform} in place of the one `load` returns."""
         self.cfg, self.rank, self.world = cfg, rank, world
+        self.preprocess = preprocess or {}
         self.models = models if models is not None else [
             (str(entry), parse_model(str(entry), cfg.run_dir, str(cfg.model))) for entry in cfg.eval.models]
         self.run_dir = Path(str(cfg.run_dir))
@@ -229,7 +232,8 @@ class Evaluator:
                 metrics = _finished(path, settings)
                 if metrics is None:
                     if loaded is None:  # load a model only when one of its units is still to do
-                        loaded = load(spec.name, spec.checkpoint, device="cpu")
+                        model, preprocess = load(spec.name, spec.checkpoint, device="cpu")
+                        loaded = model, self.preprocess.get(spec.label, preprocess)
                     score = self.retrieval if kind == "retrieval" else self.probe
                     metrics = score(spec.label, name, *loaded)
                     if self.rank == 0:

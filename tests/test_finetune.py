@@ -41,6 +41,10 @@ def test_defaults_are_retrieval_py():
     assert (f.lr, f.prototype_lr_mult, f.weight_decay, f.epochs, f.batch_size) == (1e-4, 5.0, 0.0, 32, 128)
     assert (f.loss.scale, f.loss.margin, f.loss.r1, f.loss.r2) == (32.0, 0.3, 1.0, 1.0)
     assert f.init == "run" and f.schedule == "onecycle"
+    # retrieval.py: OneCycleLR's cycle_momentum on (its default), autocast(False) (fp32), --transform's
+    # default (None: the timm branch), an evaluation after every epoch; unicom/vision_transformer.py's
+    # build_model: drop_path_rate=0.1 for every release model.
+    assert (f.cycle_momentum, f.precision, f.transform, f.eval_every_epoch, f.drop_path) == (True, "fp32", "timm", True, 0.1)
     assert OmegaConf.to_container(f.augment) == {"crop_scale_min": 0.08, "hflip": 0.5, "auto_augment": "rand-m9-mstd0.5-inc1",
                                                  "color_jitter": 0.4,
                                                  "re_prob": 0.25, "re_mode": "pixel", "re_count": 1}
@@ -64,6 +68,89 @@ def test_defaults_are_retrieval_py():
                                 interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1,
                                 mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
     assert repr(ft_data.train_transform(f.augment, 224)) == repr(expected)
+
+
+@pytest.mark.parametrize("steps,warmup", [(320, 32), (50, 5), (200, 60)])
+def test_beta1_cycles_as_torch_onecyclelr(steps, warmup):
+    """beta1 of both AdamW groups (backbone, prototypes at 10x the lr, as retrieval.py's two groups) equals
+    what torch's own OneCycleLR sets with its defaults (cycle_momentum=True, base 0.85, max 0.95), step by step."""
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.AdamW([{"params": [params[0]]}, {"params": [params[1]], "lr": 1e-4}], lr=1e-5)
+    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[1e-5, 1e-4], total_steps=steps, pct_start=warmup / steps)
+    seen = []
+    for step in range(steps):
+        mine = schedule.beta1_at(step, warmup, steps, "onecycle", True)
+        for group in opt.param_groups:
+            assert mine == pytest.approx(group["betas"][0], rel=1e-12), step
+            assert group["betas"][1] == 0.999  # beta2 stays
+        seen.append(mine)
+        opt.step()
+        ref.step()
+    assert seen[0] == pytest.approx(0.95) and min(seen) == pytest.approx(0.85) and seen[-1] == pytest.approx(0.95)
+    assert schedule.beta1_at(3, warmup, steps, "onecycle", False) is None
+    assert schedule.beta1_at(3, warmup, steps, "cosine", True) is None
+
+
+def test_drop_path_as_the_release_builds_it(tmp_path):
+    """The fine-tuned start has unicom/vision_transformer.py's stochastic depth: torch.linspace(0, 0.1, depth)
+    over the blocks, on in train mode (two forwards differ), off in eval mode."""
+    from evaluation.finetune import job
+    init = tmp_path / "init.pt"
+    torch.manual_seed(0)
+    torch.save(unicom_vit.build("ViT-Tiny-16").state_dict(), init)
+    cfg = config.resolve(["stage=finetune", "model=ViT-Tiny-16", "finetune.datasets=[cub]",
+                          f"finetune.init=unicom:ViT-Tiny-16@{init}", f"run_dir={tmp_path / 'run'}"])
+    name, model = job.start_model(cfg, job.init_spec(cfg))
+    assert name == "ViT-Tiny-16"
+    assert [b.drop_path for b in model.blocks] == pytest.approx(torch.linspace(0, 0.1, len(model.blocks)).tolist())
+    x = torch.randn(8, 3, 64, 64)
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model(x), model(x))
+        model.train()
+        assert not torch.allclose(model(x), model(x))
+
+
+def _image(w: int, h: int):
+    from PIL import Image
+    return Image.fromarray(np.random.default_rng(w * h).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("size,resize", [(224, 256), (336, 336), (64, 73)])
+def test_transforms_as_retrieval_py(size, resize):
+    """Test images of a timm run: retrieval.py's get_transform(is_train=False), written out with torchvision:
+    bicubic Resize(int(size / crop_pct)) with crop_pct 224/256 up to 224 px and 1.0 above, CenterCrop(size),
+    CLIP normalisation. origin_clip: unicom.load's transform (Resize(size) bicubic, CenterCrop(size)) for train
+    and test alike, with no randomness."""
+    from torchvision import transforms as T
+    norm = T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    bicubic = T.InterpolationMode.BICUBIC
+    timm_eval = T.Compose([T.Resize(resize, interpolation=bicubic), T.CenterCrop(size), T.ToTensor(), norm])
+    clip = T.Compose([T.Resize(size, interpolation=bicubic), T.CenterCrop(size), T.ToTensor(), norm])
+    f = config.resolve(["finetune.datasets=[cub]", fresh_run()]).finetune
+    origin = OmegaConf.merge(f, {"transform": "origin_clip"})
+    for image in (_image(500, 375), _image(300, 420)):
+        assert torch.equal(ft_data.eval_transform(f, size)(image), timm_eval(image))
+        assert torch.equal(ft_data.eval_transform(origin, size)(image), clip(image))
+        assert torch.equal(ft_data.finetune_transform(origin, size)(image), clip(image))
+        assert ft_data.finetune_transform(origin, size)(image).equal(ft_data.finetune_transform(origin, size)(image))
+    assert repr(ft_data.finetune_transform(f, size)) == repr(ft_data.train_transform(f.augment, size))
+
+
+def test_selected_on_test_is_each_columns_best_epoch():
+    """The official number is retrieval.py's max_score, the best test R@1 over epochs: a row of its own."""
+    from evaluation.finetune.job import selected_on_test
+    epochs = {"0": {"R@1": 0.50, "MAP@R": 0.20}, "1": {"R@1": 0.62, "MAP@R": 0.25}, "2": {"R@1": 0.58, "MAP@R": 0.27}}
+    best = selected_on_test(epochs)
+    assert best == {"test-selected/R@1": 0.62, "test-selected/MAP@R": 0.27, "test-selected/epoch": 1}
+    found = {"unicom:B": {"cub": {"R@1": 0.4, "MAP@R": 0.1}},
+             "ft-cub:unicom:B": {"cub": {"R@1": 0.5, "MAP@R": 0.25, **best}}}
+    titles, body = results.finetune_rows(found)
+    assert titles == ["CUB R@1", "CUB MAP@R"]
+    assert body == {"unicom:B": [40.0, 10.0], "unicom:B fine-tuned": [50.0, 25.0],
+                    "unicom:B fine-tuned, selected on the test set, as the official script": [62.0, 27.0]}
+    del found["ft-cub:unicom:B"]["cub"]["test-selected/R@1"], found["ft-cub:unicom:B"]["cub"]["test-selected/MAP@R"]
+    assert len(results.finetune_rows(found)[1]) == 2  # no per-epoch scores: no such row
 
 
 def test_micro_batches_cover_each_epoch_once_and_resume_mid_epoch():
@@ -136,10 +223,10 @@ def _args(run: Path, data: Path, init: Path, *extra: str) -> list[str]:
             "finetune.precision=fp32", "finetune.workers=0", "finetune.log_every=1", "eval.workers=0",
             # A random start, not the recipe's pre-trained one: a higher lr, no margin (with m = 0.3 the
             # straight-through ArcFace barely moves a random tiny ViT in 100 steps), and no augmentation
-            # but the whole image (pairs are ordered: a flip or a small crop changes the class).
-            "finetune.lr=1e-3", "finetune.loss.margin=0.0", "finetune.augment.crop_scale_min=1.0",
-            "finetune.augment.hflip=0", "finetune.augment.auto_augment=", "finetune.augment.color_jitter=0",
-            "finetune.augment.re_prob=0", "eval.batch_size=256", "eval.dims=[32]", *extra]
+            # but the whole image (origin_clip, as the SOP scripts; pairs are ordered: a flip or a small crop
+            # changes the class).
+            "finetune.lr=1e-3", "finetune.loss.margin=0.0", "finetune.transform=origin_clip",
+            "eval.batch_size=256", "eval.dims=[32]", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +319,5 @@ def test_per_set_recipes_resolve_to_the_authors_scripts_per_gpu_batch_and_512_fe
     assert float(cfg.finetune.warmup_epochs) == pytest.approx(cfg.finetune.epochs / 10)
     dim = backbone.embed_dim(unicom_vit.canonical_name(init))
     assert fraction_count(cfg.finetune.loss.r2, dim) == 512
+    # Each script's --transform: origin_clip in the four sop_*.sh, timm in the inshop and inat ones.
+    assert cfg.finetune.transform == ("origin_clip" if recipe.stem.startswith("sop") else "timm")

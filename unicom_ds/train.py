@@ -144,11 +144,14 @@ class Trainer:
     schedule's lr for it, and a group's `name` logs its lr as lr_<name>) and `export(fp32 state dict) -> Path`
     (rank 0: what the job keeps).
     Its data then has no `classes`, and its terms go to TensorBoard under <section>/.
+
+    `epoch_end(model, epoch)` runs on every rank after each epoch's last step (fine-tuning scores the
+    test split there, as deepglint/unicom retrieval.py does); the model is back in train mode after it.
     """
 
     def __init__(self, cfg: DictConfig, data=None, *, out: str = "train", section: str = "train",
                  loss: str = "loss", init: Callable[[], tuple[str, torch.nn.Module]] | None = None,
-                 objective=None):
+                 objective=None, epoch_end: Callable[[torch.nn.Module, int], None] | None = None):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -164,6 +167,7 @@ class Trainer:
         self.section = section
         self.data = ShardData(cfg) if data is None else data
         self.objective = objective
+        self.epoch_end = epoch_end
         self.k = int(self.data.classes) if objective is None else 0
         self.ds = train_plan.deepspeed_config(cfg, self.world, section)
         self.micro, self.accum = int(self.ds["train_micro_batch_size_per_gpu"]), self.ds["gradient_accumulation_steps"]
@@ -376,6 +380,13 @@ class Trainer:
             group["step"] = self.step
         for group in self.proto_opt.param_groups if self.proto_opt is not None else ():
             group["lr"] = lr * float(self.tc.prototype_lr_mult)
+        # <section>.cycle_momentum (fine-tuning's OneCycleLR): beta1 moves against the lr in every group.
+        beta1 = schedule.beta1_at(self.step, self.warmup_steps, self.total_steps, str(self.tc.schedule),
+                                  bool(OmegaConf.select(self.tc, "cycle_momentum", default=False)))
+        if beta1 is not None:
+            for group in [*self.engine.optimizer.param_groups,
+                          *(self.proto_opt.param_groups if self.proto_opt is not None else ())]:
+                group["betas"] = (beta1, group["betas"][1])
         return lr
 
     def micro_step(self, *batch: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -491,7 +502,8 @@ class Trainer:
                     ips = window_steps * self.global_batch / max(now - window_start, 1e-9)
                     last_loss = float(torch.stack(losses).mean())
                     norm = self.engine.get_global_grad_norm()
-                    scalars = {"loss": last_loss, "lr": lr, "images_per_s": ips,
+                    scalars = {"loss": last_loss, "lr": lr, "beta1": self.engine.optimizer.param_groups[0]["betas"][0],
+                               "images_per_s": ips,
                                "images_per_s_per_gpu": ips / self.world,
                                "grad_norm": float(norm) if norm is not None else float("nan"),
                                "selected_classes": float(totals[-1]) / window_steps,
@@ -515,6 +527,9 @@ class Trainer:
                              f"{selection}skipped {int(scalars['skipped_samples'])}")
                     counts.zero_()
                     losses, window_start, window_steps = [], now, 0
+                if self.epoch_end is not None and self.step % self.steps_per_epoch == 0:
+                    self.epoch_end(self.engine.module, self.step // self.steps_per_epoch - 1)  # before a save
+                    self.engine.module.train()
                 if self.step % int(self.tc.ckpt_every_steps) == 0 and self.step < self.stop:
                     self.save()
         # The last step is never saved periodically; a run resumed at its end has nothing new to save.

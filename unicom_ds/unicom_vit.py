@@ -138,8 +138,7 @@ class UnicomViT(nn.Module):
         self.patch_embed = PatchEmbed(image_size, patch_size, width)
         n = self.patch_embed.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, n, width))
-        rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]  # torch.linspace(0, drop_path, depth)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, rate) for rate in rates)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, rate) for rate in drop_path_rates(drop_path, depth))
         self.norm = nn.LayerNorm(width)
         self.feature = nn.Sequential(
             nn.Linear(n * width, width, bias=False),
@@ -173,6 +172,19 @@ def config(name: str) -> dict:
     if key not in CONFIGS:
         raise ValueError(f"unknown Unicom model '{name}'; known: {', '.join(CONFIGS)}")
     return CONFIGS[key]
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Each block's drop-path rate: 0 in the first, `rate` in the last, linear between (the release's
+    torch.linspace(0, rate, depth))."""
+    return [rate * i / max(1, depth - 1) for i in range(depth)]
+
+
+def set_drop_path(model: UnicomViT, rate: float) -> UnicomViT:
+    """A loaded model (built for inference, without drop path) set to train with the release's `rate`."""
+    for block, r in zip(model.blocks, drop_path_rates(rate, len(model.blocks))):
+        block.drop_path = r
+    return model
 
 
 def build(name: str) -> UnicomViT:

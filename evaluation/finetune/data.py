@@ -1,6 +1,7 @@
 """The train split of a retrieval set as the Trainer's data source, augmented as deepglint/unicom
-retrieval.py does (timm's `create_transform`: RandomResizedCrop, flip, RandAugment, colour jitter,
-random erasing, CLIP normalisation)."""
+retrieval.py does (--transform timm: timm's `create_transform`: RandomResizedCrop, flip, RandAugment,
+colour jitter, random erasing, CLIP normalisation; origin_clip: the model's preprocess), and its test
+images transformed as retrieval.py scores them."""
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator
@@ -20,6 +21,34 @@ def _pillow13_posterize() -> None:
     from timm.data import auto_augment as aa
     inner = aa._posterize_increasing_level_to_arg
     aa.LEVEL_TO_ARG["PosterizeIncreasing"] = lambda level, hparams: (max(1, inner(level, hparams)[0]),)
+
+
+def timm_eval_crop(image_size: int) -> tuple[int, int]:
+    """(resize, crop) of retrieval.py's get_transform(is_train=False): crop_pct 224/256 up to 224 px
+    (Resize 256, crop 224), 1.0 above (Resize 336, crop 336)."""
+    crop_pct = 224 / 256 if image_size <= 224 else 1.0
+    return int(image_size / crop_pct), image_size
+
+
+def eval_transform(finetune: Any, image_size: int) -> Callable:
+    """The test images of a fine-tuned model as retrieval.py scores them: origin_clip, the model's own
+    preprocess; timm, bicubic Resize and centre crop at timm_eval_crop's sizes, CLIP normalisation."""
+    from torchvision import transforms as T
+    from unicom_ds.loading import clip_transform
+    if str(finetune.transform) == "origin_clip":
+        return clip_transform(image_size)
+    resize, crop = timm_eval_crop(image_size)
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(crop), T.ToTensor(),
+                      T.Normalize(open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)])
+
+
+def finetune_transform(finetune: Any, image_size: int) -> Callable:
+    """The train images: retrieval.py's --transform, timm (train_transform) or origin_clip (the model's
+    preprocess: resize and centre crop, no augmentation, as the SOP scripts train)."""
+    from unicom_ds.loading import clip_transform
+    if str(finetune.transform) == "origin_clip":
+        return clip_transform(image_size)
+    return train_transform(finetune.augment, image_size)
 
 
 def train_transform(augment: Any, image_size: int) -> Callable:

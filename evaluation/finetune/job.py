@@ -25,8 +25,8 @@ from unicom_ds.atomic import read_json, write_json_atomic
 from unicom_ds.loading import openclip_architecture
 
 from evaluation import retrieval_sets
-from evaluation.results import FT_PREFIX
-from evaluation.run import ModelSpec, parse_model
+from evaluation.results import FT_PREFIX, SELECTED
+from evaluation.run import Evaluator, ModelSpec, parse_model
 
 JOB_PY = Path(__file__).resolve()
 SECTION, LOSS = "finetune", "finetune.loss"
@@ -109,8 +109,14 @@ def check(cfg: Any, world: int, ranks: str) -> list[str]:
     f, lc = cfg.finetune, cfg.finetune.loss
     lines.append(f"  {f.epochs} epoch(s), lr {float(f.lr):g} {f.schedule} ({float(f.warmup_epochs):g} warmup "
                  f"epochs), prototypes x{float(f.prototype_lr_mult):g}, weight decay {float(f.weight_decay):g}; "
-                 f"loss r1={lc.r1} margin={lc.margin} scale={lc.scale}; augment {f.augment.auto_augment}, "
-                 f"jitter {f.augment.color_jitter}, erasing {f.augment.re_prob} ({f.augment.re_mode})")
+                 f"loss r1={lc.r1} margin={lc.margin} scale={lc.scale}")
+    beta1 = "beta1 0.95->0.85->0.95" if f.cycle_momentum and f.schedule == "onecycle" else "beta1 0.9"
+    drop = f"drop path {float(f.drop_path):g}" if backbone.is_release(model) else "no drop path (open_clip tower)"
+    images = ("origin_clip: resize + centre crop, no augmentation" if f.transform == "origin_clip" else
+              f"timm: augment {f.augment.auto_augment}, jitter {f.augment.color_jitter}, erasing {f.augment.re_prob} "
+              f"({f.augment.re_mode})")
+    test = "each epoch and at the end" if f.eval_every_epoch else "at the end"
+    lines.append(f"  {beta1}, {drop}; train images {images}; test split scored {test}")
     return lines
 
 
@@ -124,35 +130,106 @@ def _record_init(cfg: Any, name: str, init: ModelSpec) -> None:
         write_json_atomic(path, current)
 
 
+def start_model(cfg: Any, init: ModelSpec) -> tuple[str, Any]:
+    """(export name, the init's weights set to train): the release ViTs with finetune.drop_path, as
+    they were built to train (open_clip towers have no drop path)."""
+    from unicom_ds.loading import load
+    from unicom_ds.unicom_vit import UnicomViT, set_drop_path
+    model = load(init.name, init.checkpoint)[0]
+    if isinstance(model, UnicomViT):
+        set_drop_path(model, float(cfg.finetune.drop_path))
+    return trained_name(init, cfg), model
+
+
+def epochs_path(cfg: Any, name: str) -> Path:
+    return out_dir(cfg, name) / "epochs.json"
+
+
+class EpochScores:
+    """retrieval.py's test after every epoch: the fine-tuned model as it stands on `name`'s test split,
+    scored as the eval stage scores it, {epoch: metrics} in RUN/finetune/<set>/epochs.json (rank 0 writes;
+    every rank extracts its rows, nothing is cached)."""
+
+    def __init__(self, cfg: Any, name: str, transform):
+        self.cfg, self.name, self.transform = cfg, name, transform
+
+    def __call__(self, model, epoch: int) -> None:
+        import copy
+
+        import torch
+
+        from unicom_ds.dist import rank_world
+        if next(model.parameters()).dtype != torch.float32:  # a bf16 engine: score an fp32 copy
+            model = copy.deepcopy(model).float()
+        scores = Uncached(self.cfg, *rank_world(), []).retrieval(f"epoch {epoch}", self.name, model, self.transform)
+        if scores is not None:
+            path = epochs_path(self.cfg, self.name)
+            done = read_json(path) if path.is_file() else {}
+            write_json_atomic(path, {**done, str(epoch): scores})
+
+
+class Uncached(Evaluator):
+    """The eval stage's scoring of features extracted now (each epoch's model is another model)."""
+
+    def features(self, label, key, model, dataset):
+        import numpy as np
+        import torch.distributed as dist
+
+        from evaluation.features import extract
+        e = self.cfg.eval
+        part = extract(model, dataset, int(e.batch_size), int(e.workers), str(self.cfg.device), self.rank,
+                       self.world, self.mode, desc=f"finetune {key} {label} test")
+        if self.world == 1:
+            return part
+        parts = [None] * self.world
+        dist.all_gather_object(parts, part)
+        return np.concatenate(parts)
+
+
+def selected_on_test(epochs: dict) -> dict:
+    """The official number (retrieval.py's max_score): each metric's best over the epochs, and the epoch
+    of the best R@1, as SELECTED/<metric> keys."""
+    best = {f"{SELECTED}{k}": max(m[k] for m in epochs.values()) for k in next(iter(epochs.values()))}
+    best[f"{SELECTED}epoch"] = int(max(epochs, key=lambda ep: epochs[ep]["R@1"]))
+    return best
+
+
 def finetune_one(cfg: DictConfig, name: str) -> dict:
     """Fine-tune on `name`'s train split (collective over the job's ranks); the Trainer's summary."""
-    from evaluation.finetune.data import TrainImages, train_transform
-    from unicom_ds.loading import load
+    from evaluation.finetune.data import TrainImages, eval_transform, finetune_transform
 
     init = init_spec(cfg)
     model = trained_name(init, cfg)
     _record_init(cfg, name, init)
     root = Path(str(cfg.eval.data_root)) / name
-    data = TrainImages(retrieval_sets.read_train(name, root),
-                       train_transform(cfg.finetune.augment, backbone.image_size(model)))
+    size = backbone.image_size(model)
+    data = TrainImages(retrieval_sets.read_train(name, root), finetune_transform(cfg.finetune, size))
+    scores = EpochScores(cfg, name, eval_transform(cfg.finetune, size)) if cfg.finetune.eval_every_epoch else None
     return train.train(cfg, data=data, out=f"finetune/{name}", section=SECTION, loss=LOSS,
-                       init=lambda: (model, load(init.name, init.checkpoint)[0]))
+                       init=lambda: start_model(cfg, init), epoch_end=scores)
 
 
 def evaluate(cfg: DictConfig, name: str) -> dict | None:
     """The init and the model fine-tuned on `name`, on `name` and finetune.eval_datasets; rank 0 merges
-    the results into RUN/eval (results.json, results.md with the Tab. 4 table, the dimension plot)."""
+    the results into RUN/eval (results.json, results.md with the Tab. 4 table, the dimension plot).
+    The fine-tuned model's test images go through finetune.transform's eval transform, the init's
+    through its own preprocess (retrieval.py --eval); the best epoch's scores join the tuned model's."""
     from evaluation import results
-    from evaluation.run import Evaluator
+    from evaluation.finetune.data import eval_transform
     from unicom_ds.dist import rank_world
 
     rank, world = rank_world()
     init = init_spec(cfg)
     cfg = OmegaConf.merge(cfg, {"eval": {"datasets": _eval_names(cfg, name)}})
-    models = [(str(cfg.finetune.init), init), tuned_spec(cfg, init, name)]
-    found, computed = Evaluator(cfg, rank, world, models).run()
+    label, spec = tuned_spec(cfg, init, name)
+    transform = eval_transform(cfg.finetune, backbone.image_size(trained_name(init, cfg)))
+    found, computed = Evaluator(cfg, rank, world, [(str(cfg.finetune.init), init), (label, spec)],
+                                preprocess={spec.label: transform}).run()
     if rank != 0:
         return None
+    path = epochs_path(cfg, name)
+    if path.is_file() and cfg.finetune.eval_every_epoch:
+        found[spec.label][name].update(selected_on_test(read_json(path)))
     merged, text = results.write_all(cfg.run_dir, found, computed)
     print(text, flush=True)
     return merged
