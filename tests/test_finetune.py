@@ -266,8 +266,14 @@ def test_resume_after_kill_continues_the_step_count(tuned):
     assert f"steps {killed_at} -> {total} of {total}" in log
     meta = json.loads((run / "finetune" / "cub" / "export.json").read_text())
     assert meta["step"] == total and meta["model"] == "ViT-Tiny-16"
-    steps = sorted({s for s, _ in read_scalars(str(run / "tensorboard" / "finetune" / "cub"))["finetune/loss"]})
+    scalars = read_scalars(str(run / "tensorboard" / "finetune" / "cub"))
+    steps = sorted({s for s, _ in scalars["finetune/loss"]})
     assert steps[-1] == total and killed_at + 1 in steps
+    # The engine's AdamW ran on OneCycleLR's beta1 (a value logged at step s is the one step s - 1 used).
+    warmup = round(3.2 * total / 8)
+    for step, beta1 in scalars["finetune/beta1"]:
+        assert beta1 == pytest.approx(schedule.beta1_at(step - 1, warmup, total, "onecycle", True), abs=1e-6), step
+    assert min(b for _, b in scalars["finetune/beta1"]) < 0.86
 
 
 @pytest.mark.slow
@@ -283,6 +289,15 @@ def test_finetuning_raises_recall_on_held_out_classes(tuned):
     row = next(ln for ln in table.splitlines() if ln.startswith("| unicom:ViT-Tiny-16 fine-tuned |"))
     assert f"{100 * tuned_row['R@1']:.1f}" in row and f"{100 * tuned_row['MAP@R']:.1f}" in row
     assert "ft-cub:unicom:ViT-Tiny-16" in results.dim_curves(found)  # the dimension plot has it
+    # retrieval.py's test after every epoch: the last one is the final model, scored the same way; the
+    # official number is the best epoch, a row of its own.
+    epochs = json.loads((run / "finetune" / "cub" / "epochs.json").read_text())
+    assert sorted(map(int, epochs)) == list(range(8))
+    assert epochs["7"]["R@1"] == pytest.approx(tuned_row["R@1"], abs=1e-6)
+    best = max(e["R@1"] for e in epochs.values())
+    assert tuned_row["test-selected/R@1"] == best and epochs[str(tuned_row["test-selected/epoch"])]["R@1"] == best
+    row = next(ln for ln in table.splitlines() if ln.startswith(f"| unicom:ViT-Tiny-16 fine-tuned, {results.SELECTED_ROW} |"))
+    assert f"{100 * best:.1f}" in row
 
 
 @pytest.mark.slurm
