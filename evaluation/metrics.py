@@ -1,13 +1,21 @@
-"""Retrieval metrics by exact kNN (faiss, inner product on L2-normalised features).
+"""Retrieval metrics by exact kNN (faiss), scored as the official Unicom code (deepglint/unicom
+`unicom/retrieval.py`) scores them.
 
-- `evaluate(features, dataset, device="auto")` -> {metric: value} for an
-  `evaluation.retrieval_sets.RetrievalSet`: `R@K` for the set's customary K and `MAP@R`, or
+- `evaluate(features, dataset, device="auto", dim=None, renormalize=False, cosine=False)` -> {metric: value}
+  for an `evaluation.retrieval_sets.RetrievalSet`: `R@K` for the set's customary K and `MAP@R`, or
   `mAP@100` for GLDv2; a split with a name prefixes its metrics (`800/R@1`, `public/mAP@100`).
-  Values are fractions in [0, 1].
-- `evaluate_dims(features, dataset, dims)` -> {dim: evaluate(...)} on the first `dim` dimensions,
-  re-normalised (the paper's Fig. 1a); dims larger than the feature are skipped.
-- The pieces, usable alone: `normalize`, `truncate`, `knn`, `index_search`, `recall_at_k`, `map_at_r`,
-  `map_at_k` (SCQ's mAP@K), `map_at_100`.
+  Values are fractions in [0, 1]. The protocols, as the official `get_metric` and
+  `get_metric_google_landmark`:
+  * labelled sets: features L2-normalised, then cut to their first `dim` dimensions (`num_feat`) and
+    NOT re-normalised, neighbours by Euclidean distance; `renormalize=True` re-normalises the cut
+    features (cosine of the prefix, this project's earlier protocol). At the full dimension both
+    rank as cosine similarity.
+  * GLDv2: raw dot products of the model's outputs (no normalisation; the first `dim` dimensions);
+    `cosine=True` normalises them first.
+- `evaluate_dims(features, dataset, dims, renormalize=False)` -> {dim: evaluate(...)} for the paper's
+  Fig. 1a; dims larger than the feature are skipped.
+- The pieces, usable alone: `normalize`, `truncate`, `knn` (inner product or L2), `index_search`,
+  `recall_at_k`, `map_at_r`, `map_at_k` (SCQ's mAP@K), `map_at_100`.
 
 Definitions: Recall@K is the fraction of queries with at least one same-class item among their
 K nearest gallery items; MAP@R (Musgrave et al. 2020) averages over queries
@@ -17,6 +25,8 @@ m being the query's number of relevant index images. On single-set data each que
 from its own gallery. faiss runs on the GPU when `device` allows it and faiss sees one.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import faiss
 import numpy as np
@@ -28,9 +38,11 @@ QUERY_CHUNK = 16384  # queries per search call: bounds the [chunk, k] neighbour 
 _gpu_resources = None
 
 
-def truncate(x: np.ndarray, dim: int) -> np.ndarray:
-    """The first `dim` dimensions, re-normalised."""
-    return normalize(np.asarray(x)[:, :dim])
+def truncate(x: np.ndarray, dim: int, renormalize: bool = False) -> np.ndarray:
+    """Fig. 1a's features: L2-normalised, then the first `dim` dimensions (official `num_feat`: not
+    re-normalised, so a prefix keeps its share of the norm); `renormalize` makes each row unit length."""
+    x = normalize(np.asarray(x))[:, :dim]
+    return normalize(x) if renormalize else x
 
 
 def use_gpu(device: str, num_gpus: int, k: int) -> bool:
@@ -47,20 +59,27 @@ def use_gpu(device: str, num_gpus: int, k: int) -> bool:
     return k <= GPU_MAX_K
 
 
-def _index(dim: int, device: str, k: int) -> faiss.Index:
+METRICS = ("ip", "l2")
+
+
+def _index(dim: int, device: str, k: int, metric: str) -> faiss.Index:
     global _gpu_resources
+    if metric not in METRICS:
+        raise ValueError(f"knn metric '{metric}': expected one of {', '.join(METRICS)}")
     if use_gpu(device, faiss.get_num_gpus(), k):
         if _gpu_resources is None:  # costly to create; one per process
             _gpu_resources = faiss.StandardGpuResources()
         config = faiss.GpuIndexFlatConfig()
         config.device = int(device.split(":")[1]) if ":" in device else 0
-        return faiss.GpuIndexFlatIP(_gpu_resources, dim, config)
-    return faiss.IndexFlatIP(dim)
+        cls = faiss.GpuIndexFlatIP if metric == "ip" else faiss.GpuIndexFlatL2
+        return cls(_gpu_resources, dim, config)
+    return faiss.IndexFlatIP(dim) if metric == "ip" else faiss.IndexFlatL2(dim)
 
 
 def knn(queries: np.ndarray, gallery: np.ndarray, k: int, device: str = "auto",
-        exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product: (similarities [nq, k] float32, gallery rows [nq, k] int64).
+        exclude_self: bool = False, metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k: (scores [nq, k] float32, gallery rows [nq, k] int64), by inner product (`ip`,
+    largest first) or Euclidean distance (`l2`, faiss reports squared distances, smallest first).
 
     exclude_self: the queries are the gallery's rows 0..nq-1 and row q is removed from query q's
     neighbours (found by identity, so exact duplicates of q are still counted as neighbours).
@@ -70,7 +89,7 @@ def knn(queries: np.ndarray, gallery: np.ndarray, k: int, device: str = "auto",
     k = min(k, len(gallery) - int(exclude_self))
     if k < 1:
         raise ValueError(f"knn: a gallery of {len(gallery)} rows has no neighbours to return")
-    index = _index(gallery.shape[1], device, k + int(exclude_self))
+    index = _index(gallery.shape[1], device, k + int(exclude_self), metric)
     index.add(gallery)
     return index_search(index, queries, k, exclude_self)
 
@@ -162,7 +181,7 @@ def _class_counts(labels: np.ndarray, of: np.ndarray) -> np.ndarray:
 
 def evaluate_split(features: np.ndarray, labels: np.ndarray, split, ks, device: str = "auto", search=knn,
                    map_k: int | None = None) -> dict[str, float]:
-    """Metrics of one `retrieval_sets.Split` from normalised features of all the set's rows.
+    """Metrics of one `retrieval_sets.Split` from the features of all the set's rows, ready to search.
     `search`: knn's signature, another index behind it (compact codes); `map_k`: also mAP@K (map_at_k)."""
     query = features[split.query]
     if split.relevant is not None:
@@ -189,20 +208,36 @@ def evaluate_split(features: np.ndarray, labels: np.ndarray, split, ks, device: 
     return out
 
 
-def evaluate(features: np.ndarray, dataset, device: str = "auto", search=knn,
-             map_k: int | None = None) -> dict[str, float]:
-    """Every split's metrics of a RetrievalSet from its features [len(dataset), d] (any norm)."""
+def evaluate(features: np.ndarray, dataset, device: str = "auto", search=None, map_k: int | None = None,
+             dim: int | None = None, renormalize: bool = False, cosine: bool = False) -> dict[str, float]:
+    """Every split's metrics of a RetrievalSet from its raw features [len(dataset), d], in the protocols
+    of the module docstring. `search` (knn's signature) replaces exact search, e.g. by compact codes;
+    it gets the labelled sets' normalised features."""
     if len(features) != len(dataset.paths):
         raise ValueError(f"{dataset.name}: {len(features)} feature rows for {len(dataset.paths)} images")
-    features = normalize(features)
+    features = np.asarray(features, dtype=np.float32)
+    dim = dim or features.shape[1]
+    prepared = {}  # labelled or GLDv2 -> (features, search), made when a split needs them
+
+    def inputs(relevance: bool):
+        if relevance not in prepared:
+            if relevance:  # official: torch.einsum of the raw outputs
+                x = features[:, :dim]
+                prepared[relevance] = (normalize(x) if cosine else x, search or knn)
+            else:  # official: normalize, [:, :num_feat], euclidean_distance
+                prepared[relevance] = (truncate(features, dim, renormalize), search or partial(knn, metric="l2"))
+        return prepared[relevance]
+
     out = {}
     for name, split in dataset.splits.items():
-        for metric, value in evaluate_split(features, dataset.labels, split, dataset.ks, device, search,
-                                            map_k).items():
+        x, find = inputs(split.relevant is not None)
+        for metric, value in evaluate_split(x, dataset.labels, split, dataset.ks, device, find, map_k).items():
             out[f"{name}/{metric}" if name else metric] = value
     return out
 
 
-def evaluate_dims(features: np.ndarray, dataset, dims, device: str = "auto") -> dict[int, dict[str, float]]:
-    """evaluate() on the first `dim` dimensions (re-normalised) for each dim <= the feature size."""
-    return {d: evaluate(truncate(features, d), dataset, device) for d in dims if d <= features.shape[1]}
+def evaluate_dims(features: np.ndarray, dataset, dims, device: str = "auto", renormalize: bool = False,
+                  cosine: bool = False) -> dict[int, dict[str, float]]:
+    """evaluate() on the first `dim` dimensions for each dim <= the feature size (the paper's Fig. 1a)."""
+    return {d: evaluate(features, dataset, device, dim=d, renormalize=renormalize, cosine=cosine)
+            for d in dims if d <= features.shape[1]}

@@ -3,10 +3,14 @@
 results.json is {model: {dataset: {metric: value}}} with values as fractions (percent only in the
 tables), merged across eval runs in the same run directory: a rerun replaces the metrics it
 recomputes and keeps the rest. Truncated-dimension retrieval metrics are stored as
-`dim<D>/<metric>` (`dim128/R@1`). The tables follow the Unicom paper: Tab. 1 (linear probe) and
+`dim<D>/<metric>` (`dim128/R@1`, the official protocol: normalised, cut, not re-normalised) and
+`dim<D>renorm/<metric>` (re-normalised, eval.dims_renormalize); GLDv2 on cosine similarity
+(eval.gldv2_cosine) as `public-cosine/` and `private-cosine/`; the probe at the official example's
+fixed C as `fixed_c/<metric>`. The tables follow the Unicom paper: Tab. 1 (linear probe) and
 Tab. 2 (retrieval), a row per model, a column per data set in the paper's order, plus the average
 of the columns the row has. VehicleID (three test lists) and GLDv2 (public and private queries)
-get a table of their own that shows every list and split, and says which one fills Tab. 2.
+get a table of their own that shows every list and split, and says which one fills Tab. 2. Every
+caption names the protocol its columns were computed with.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from pathlib import Path
 from unicom_ds.atomic import atomic_path, read_json, write_json_atomic, write_text_atomic
 
 from evaluation import probe_sets, retrieval_sets
+from evaluation.linear_probe import FIXED_C
 
 # Retrieval set -> (column title, the metric Tab. 2 reports), in the paper's column order.
 RETRIEVAL_COLUMNS = {
@@ -32,11 +37,20 @@ PROBE_TITLES = {
     "imagenet": "ImageNet",
 }
 PROBE_COLUMNS = {name: (title, probe_sets.SETS[name].metric) for name, title in PROBE_TITLES.items()}
-DIM_PREFIX = "dim"
+FIXED_C_COLUMNS = {name: (title, f"{FIXED_C}/{metric}") for name, (title, metric) in PROBE_COLUMNS.items()}
+DIM_PREFIX, RENORM = "dim", "renorm"
+_DIM = re.compile(rf"^{DIM_PREFIX}(\d+)({RENORM})?$")
+COSINE = "-cosine"
 
 
-def dim_key(dim: int, metric: str) -> str:
-    return f"{DIM_PREFIX}{dim}/{metric}"
+def dim_key(dim: int, metric: str, renormalized: bool = False) -> str:
+    return f"{DIM_PREFIX}{dim}{RENORM if renormalized else ''}/{metric}"
+
+
+def cosine_key(metric: str) -> str:
+    """GLDv2's cosine-similarity variant of a split's metric: public/mAP@100 -> public-cosine/mAP@100."""
+    split, _, name = metric.partition("/")
+    return f"{split}{COSINE}/{name}"
 
 
 def merge(path: str | os.PathLike, new: dict) -> dict:
@@ -49,21 +63,30 @@ def merge(path: str | os.PathLike, new: dict) -> dict:
     return merged
 
 
-# (caption, columns) of the paper's two tables.
+RETRIEVAL_PROTOCOL = ("features L2-normalised, neighbours by Euclidean distance, as the official retrieval.py's "
+                      "get_metric")
+GLDV2_PROTOCOL = "raw dot products of the model's outputs, as the official get_metric_google_landmark"
+# (caption, columns) of the paper's two tables and the fixed-C probe.
 PAPER_TABLES = (
     ("Linear probe (top-1 accuracy; mean per-class accuracy for Aircraft, Pets, Caltech101 and Flowers), "
-     "as in the Unicom paper's Tab. 1", PROBE_COLUMNS),
-    ("Unsupervised retrieval (Recall@1; VehicleID: Recall@1 on the 800 test list; GLDv2: mAP@100 of the "
-     "private test queries), as in the Unicom paper's Tab. 2", RETRIEVAL_COLUMNS),
+     "as in the Unicom paper's Tab. 1: L-BFGS logistic regression on the raw features, C by CLIP's validation "
+     "sweep, refit on train+val", PROBE_COLUMNS),
+    ("Linear probe at the official example's fixed C (eval.probe.fixed_c, 0.601 by default): one fit on the "
+     "train split, same metrics as Tab. 1", FIXED_C_COLUMNS),
+    (f"Unsupervised retrieval (Recall@1, {RETRIEVAL_PROTOCOL}; VehicleID: Recall@1 on the 800 test list; "
+     f"GLDv2: mAP@100 of the private test queries on {GLDV2_PROTOCOL}), as in the Unicom paper's Tab. 2",
+     RETRIEVAL_COLUMNS),
 )
 # Sets scored under several test lists or splits: every one in a table of its own ({title: metric}).
 SPLIT_TABLES = (
     ("VehicleID as Patel et al. 2022: each test list all against all, the query left out of its own "
      "gallery (Recall@K, percent); the retrieval table's VehicleID column is the 800 list", "vehicleid",
      {f"{size} R@{k}": f"{size}/R@{k}" for size in retrieval_sets.VEHICLEID_SIZES for k in (1, 5)}),
-    ("GLDv2 mAP@100 (percent) of the public and the private test queries against the index; the "
-     "retrieval table's GLDv2 column is the private split", "gldv2",
-     {"public": "public/mAP@100", "private": "private/mAP@100"}),
+    (f"GLDv2 mAP@100 (percent) of the public and the private test queries against the index, on "
+     f"{GLDV2_PROTOCOL}; '(cosine)' columns on L2-normalised features (eval.gldv2_cosine); the retrieval "
+     "table's GLDv2 column is the private split", "gldv2",
+     {"public": "public/mAP@100", "private": "private/mAP@100",
+      "public (cosine)": cosine_key("public/mAP@100"), "private (cosine)": cosine_key("private/mAP@100")}),
     DETECTION_TABLE := (
         "COCO detection and instance segmentation (val2017): Mask R-CNN fine-tuned on each backbone as ViTDet, "
         "box and mask AP (percent), as in the Unicom paper's Tab. 9", "coco",
@@ -109,9 +132,13 @@ def split_rows(results: dict, dataset: str, columns: dict[str, str]) -> dict[str
 
 
 def split_table(results: dict, dataset: str, columns: dict[str, str]) -> str:
-    """A markdown table of one data set's metrics `columns` ({title: metric}), a row per model that has it."""
+    """A markdown table of one data set's metrics `columns` ({title: metric}), a row per model that has it;
+    columns no model has are left out."""
     body = split_rows(results, dataset, columns)
-    return _markdown_table(list(columns), body) if body else ""
+    used = [i for i in range(len(columns)) if any(values[i] is not None for values in body.values())]
+    if not used:
+        return ""
+    return _markdown_table([list(columns)[i] for i in used], {m: [v[i] for i in used] for m, v in body.items()})
 
 
 # Tab. 4, supervised fine-tuning (evaluation.finetune): the model fine-tuned on set S from the model
@@ -236,6 +263,8 @@ def markdown(results: dict) -> str:
     parts = [f"{caption}\n\n{text}" for caption, columns in PAPER_TABLES if (text := table(results, columns))]
     parts += [f"{caption}\n\n{text}" for caption, dataset, columns in SPLIT_TABLES
               if (text := split_table(results, dataset, columns))]
+    if text := dim_table(results):
+        parts.append(f"{DIM_CAPTION}\n\n{text}")
     if text := finetune_table(results):
         parts.append(f"{FINETUNE_CAPTION}\n\n{text}")
     if text := quantize_table(results):
@@ -243,23 +272,41 @@ def markdown(results: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+RENORM_LABEL = " (re-normalised)"
+DIM_PROTOCOL = ("the first D dimensions of the L2-normalised features, not re-normalised, Euclidean distance, as "
+                "the official retrieval.py's num_feat; rows marked" + RENORM_LABEL + " re-normalise the cut features "
+                "(eval.dims_renormalize)")
+DIM_CAPTION = f"Recall@1 (percent) by feature dimension, mean over the retrieval sets scored at it: {DIM_PROTOCOL}"
+
+
 def dim_curves(results: dict) -> dict[str, tuple[list[int], list[float]]]:
-    """Per model: the dimensions evaluated and the mean Recall@1 (Tab. 2's R@1 columns) at each,
-    averaged over the retrieval sets evaluated at that dimension."""
+    """Per model (and per model + RENORM_LABEL for re-normalised prefixes): the dimensions evaluated and
+    the mean Recall@1 (Tab. 2's R@1 columns) at each, averaged over the retrieval sets evaluated at it."""
     curves = {}
     for model, sets in results.items():
-        by_dim: dict[int, list[float]] = {}
+        by_dim: dict[tuple[bool, int], list[float]] = {}
         for name, (_, metric) in RETRIEVAL_COLUMNS.items():
             if not metric.endswith("R@1"):
                 continue
             for key, value in sets.get(name, {}).items():
                 head, _, rest = key.partition("/")
-                if head.startswith(DIM_PREFIX) and rest == metric:
-                    by_dim.setdefault(int(head[len(DIM_PREFIX):]), []).append(value)
-        if by_dim:
-            dims = sorted(by_dim)
-            curves[model] = (dims, [sum(by_dim[d]) / len(by_dim[d]) for d in dims])
+                if (m := _DIM.match(head)) and rest == metric:
+                    by_dim.setdefault((bool(m.group(2)), int(m.group(1))), []).append(value)
+        for renorm in (False, True):
+            dims = sorted(d for r, d in by_dim if r == renorm)
+            if dims:
+                curves[model + (RENORM_LABEL if renorm else "")] = (
+                    dims, [sum(by_dim[renorm, d]) / len(by_dim[renorm, d]) for d in dims])
     return curves
+
+
+def dim_table(results: dict) -> str:
+    """dim_curves as a markdown table: a row per curve, a column per dimension."""
+    curves = dim_curves(results)
+    all_dims = sorted({d for dims, _ in curves.values() for d in dims}, reverse=True)
+    body = {row: [100 * dict(zip(dims, values))[d] if d in dims else None for d in all_dims]
+            for row, (dims, values) in curves.items()}
+    return _markdown_table([str(d) for d in all_dims], body) if body else ""
 
 
 def plot_dims(results: dict, path: str | os.PathLike) -> bool:
@@ -277,7 +324,7 @@ def plot_dims(results: dict, path: str | os.PathLike) -> bool:
     ax.set_xscale("log", base=2)
     all_dims = sorted({d for dims, _ in curves.values() for d in dims})
     ax.set_xticks(all_dims, [str(d) for d in all_dims])
-    ax.set_xlabel("feature dimension (first D dims, re-normalised)")
+    ax.set_xlabel("feature dimension (first D dims of the normalised features)")
     ax.set_ylabel("Recall@1 (%), mean over retrieval sets")
     ax.set_ylim(0, 100)  # the whole scale: a 2-point change must not look steep
     ax.grid(alpha=0.3)
@@ -303,8 +350,8 @@ def log_scalars(run_dir: str | os.PathLike, results: dict, step: int = 0) -> Non
 # RUN/eval's plots and what each shows (the report's captions).
 DIM_PLOT, BITS_PLOT = "recall_vs_dim.png", "map_vs_bits.png"
 PLOT_CAPTIONS = {
-    DIM_PLOT: "Recall@1 against feature dimension (the first D dimensions, re-normalised), averaged over the "
-              "retrieval sets evaluated at each dimension, a line per model, as in the Unicom paper's Fig. 1a",
+    DIM_PLOT: f"Recall@1 against feature dimension, averaged over the retrieval sets evaluated at each dimension, "
+              f"a line per model, as in the Unicom paper's Fig. 1a: {DIM_PROTOCOL}",
     BITS_PLOT: "Compact codes: mAP@K against code bits per image, a line per method, the float features as a "
                "dashed level, per model and data set",
 }

@@ -26,8 +26,8 @@ from evaluation import probe_sets, retrieval_sets
 
 KINDS = ("run", "unicom", "openclip", "ckpt")
 # The config keys a unit's numbers depend on (besides the model file): a rerun must match them.
-UNIT_KEYS = {"retrieval": ("eval.dims",),
-             "probe": ("eval.probe.max_iter", "eval.probe.val_fraction", "seed")}
+UNIT_KEYS = {"retrieval": ("eval.dims", "eval.dims_renormalize", "eval.gldv2_cosine"),
+             "probe": ("eval.probe.max_iter", "eval.probe.val_fraction", "eval.probe.fixed_c", "seed")}
 
 
 @dataclass(frozen=True)
@@ -190,15 +190,19 @@ class Evaluator:
     def retrieval(self, label: str, name: str, model, preprocess) -> dict | None:
         from evaluation import metrics
         from evaluation.features import ImageFiles
-        from evaluation.results import dim_key
+        from evaluation.results import cosine_key, dim_key
         ds = retrieval_sets.read(name, self.data_root / name)
         feats = self.features(label, name, model, ImageFiles(ds.paths, preprocess))
         if self.rank != 0:
             return None
-        out = metrics.evaluate(feats, ds, str(self.cfg.device))
-        dims = sorted({int(d) for d in self.cfg.eval.dims} | {feats.shape[1]}, reverse=True)
-        for dim, values in metrics.evaluate_dims(feats, ds, dims, str(self.cfg.device)).items():
-            out.update({dim_key(dim, k): v for k, v in values.items()})
+        e, device = self.cfg.eval, str(self.cfg.device)
+        out = metrics.evaluate(feats, ds, device)
+        if bool(e.gldv2_cosine) and any(s.relevant is not None for s in ds.splits.values()):
+            out.update({cosine_key(k): v for k, v in metrics.evaluate(feats, ds, device, cosine=True).items()})
+        dims = sorted({int(d) for d in e.dims} | {feats.shape[1]}, reverse=True)
+        for renormalize in (False, True) if bool(e.dims_renormalize) else (False,):
+            for dim, values in metrics.evaluate_dims(feats, ds, dims, device, renormalize).items():
+                out.update({dim_key(dim, k, renormalize): v for k, v in values.items()})
         return out
 
     def probe(self, label: str, name: str, model, preprocess) -> dict | None:
@@ -212,7 +216,8 @@ class Evaluator:
         val = parts.get("val")
         return linear_probe(feats["train"], parts["train"].labels, feats["test"], parts["test"].labels,
                             feats.get("val"), None if val is None else val.labels, metric=ps.metric,
-                            max_iter=int(p.max_iter), val_fraction=float(p.val_fraction), seed=int(self.cfg.seed))
+                            max_iter=int(p.max_iter), val_fraction=float(p.val_fraction), seed=int(self.cfg.seed),
+                            fixed_c=None if p.fixed_c is None else float(p.fixed_c))
 
     def run(self) -> tuple[dict, dict]:
         """(all units' metrics, the units computed now), each {model: {dataset: metrics}} on rank 0

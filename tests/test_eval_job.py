@@ -66,8 +66,12 @@ def test_results_match_an_independent_computation_from_the_cached_features(done)
     sims = f @ f.T
     np.fill_diagonal(sims, -np.inf)  # a query is not its own neighbour
     assert sop["R@1"] == pytest.approx(np.mean(labels[sims.argmax(1)] == labels))
-    for dim in (64, 32, 16):  # the full dimension and eval.dims
-        assert f"dim{dim}/R@1" in sop
+    for dim in (64, 32, 16):  # the full dimension and eval.dims, as the official num_feat: cut, not re-normalised
+        cut = f[:, :dim]
+        dist = ((cut[:, None] - cut[None]) ** 2).sum(-1)
+        np.fill_diagonal(dist, np.inf)
+        assert sop[f"dim{dim}/R@1"] == pytest.approx(np.mean(labels[dist.argmin(1)] == labels))
+        assert f"dim{dim}renorm/R@1" not in sop  # eval.dims_renormalize is off
     assert sop["dim64/R@1"] == pytest.approx(sop["R@1"])
 
     euro = saved["run"]["eurosat"]
@@ -76,6 +80,8 @@ def test_results_match_an_independent_computation_from_the_cached_features(done)
     tr, te = (np.load(features_path(run_dir, "run", f"eurosat.{s}")) for s in ("train", "test"))
     clf = LogisticRegression(C=euro["C"], max_iter=100).fit(tr, ps.train.labels)
     assert euro["top1"] == pytest.approx(np.mean(clf.predict(te) == ps.test.labels))
+    official = LogisticRegression(random_state=0, C=0.601, max_iter=100).fit(tr, ps.train.labels)
+    assert euro["fixed_c/top1"] == pytest.approx(np.mean(official.predict(te) == ps.test.labels))
 
 
 def test_tables_plot_and_tensorboard(done):
@@ -111,6 +117,25 @@ def test_rerun_with_another_config_or_checkpoint_is_refused(done, tmp_path):
     os.utime(backbone, (1, 1))  # as if exported again
     with pytest.raises(config.ConfigError, match=r"eval/units/run and .*eval/features/run was made with"):
         run.eval_job(config.select(eval_cfg(copy, data)))
+
+
+def test_renormalized_prefixes_are_an_option_scored_beside_the_official_ones(done, tmp_path):
+    cfg, run_dir, data, merged = done
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    with pytest.raises(config.ConfigError, match=r"eval.dims_renormalize: False there, True now"):
+        run.eval_job(config.select(eval_cfg(copy, data, "eval.dims_renormalize=true")))
+    (copy / "eval" / "units" / "run" / "sop.json").unlink()  # score it again from the cached features
+    sop = run.eval_job(config.select(eval_cfg(copy, data, "eval.dims_renormalize=true")))["run"]["sop"]
+    feats = np.load(features_path(copy, "run", "sop"))
+    labels = digit_images(150)[1]
+    cut = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    cut = cut[:, :16] / np.linalg.norm(cut[:, :16], axis=1, keepdims=True)
+    sims = cut @ cut.T
+    np.fill_diagonal(sims, -np.inf)
+    assert sop["dim16renorm/R@1"] == pytest.approx(np.mean(labels[sims.argmax(1)] == labels))
+    assert sop["dim16/R@1"] == merged["run"]["sop"]["dim16/R@1"]
+    assert "| run (re-normalised) |" in (copy / "eval" / "results.md").read_text()
 
 
 def test_check_names_what_is_missing(tmp_path):

@@ -108,6 +108,23 @@ def test_given_val_split_is_searched_then_merged_into_the_final_fit(digits_featu
         balanced_accuracy_score(ps.test.labels, both.predict(feats["test"])))
 
 
+def test_fixed_c_is_the_official_examples_single_fit_on_the_train_split(digits_features):
+    # The official example: LogisticRegression(random_state=0, C=0.601, max_iter=1000) fit on train, scored on test.
+    ps, feats = digits_features
+    x, y, tx, ty = feats["train"], ps.train.labels, feats["test"], ps.test.labels
+    official = LogisticRegression(random_state=0, C=0.601, max_iter=1000).fit(x, y)
+    ref = accuracy_score(ty, official.predict(tx))
+    result = linear_probe(x, y, tx, ty, max_iter=1000, fixed_c=0.601)
+    assert result["fixed_c/top1"] == pytest.approx(ref) and result["fixed_c/C"] == 0.601
+    assert result["C"] != 0.601  # the sweep's own choice stays beside it
+    # A given val split is not part of the fixed-C fit (the official example has none).
+    tr = np.arange(len(y)) < 120
+    with_val = linear_probe(x[tr], y[tr], tx, ty, x[~tr], y[~tr], max_iter=1000, fixed_c=0.601)
+    alone = LogisticRegression(C=0.601, max_iter=1000).fit(x[tr], y[tr])
+    assert with_val["fixed_c/top1"] == pytest.approx(accuracy_score(ty, alone.predict(tx)))
+    assert "fixed_c/top1" not in linear_probe(x, y, tx, ty, max_iter=200)
+
+
 def test_held_out_split_is_stratified_disjoint_and_seeded():
     y = np.repeat([0, 1, 2], [10, 5, 2])
     fit_idx, val_idx = held_out_split(y, 0.2, seed=3)

@@ -94,22 +94,50 @@ def test_named_splits_prefix_their_metrics():
     assert set(got) == {"a/R@1", "a/MAP@R", "b/R@1", "b/MAP@R"}
 
 
-def test_gldv2_map_at_100_matches_brute_force():
-    rng = np.random.default_rng(3)
+def official_gldv2_map(scores, query_solutions, index_ids):
+    """GLDv2 mAP@100 as the challenge's metric code defines it, written out here: per query the top 100 index
+    ids by score, ids already predicted skipped, AP divided by min(#relevant, 100), averaged over queries."""
+    total = 0.0
+    for row, solution in zip(scores, query_solutions):
+        predicted = [index_ids[j] for j in np.argsort(-row, kind="stable")[:100]]
+        seen, correct, ap = set(), 0, 0.0
+        for i, p in enumerate(predicted):
+            if p not in seen:
+                if p in solution:
+                    correct += 1
+                    ap += correct / (i + 1)
+                seen.add(p)
+        total += ap / min(len(solution), 100)
+    return total / len(query_solutions)
+
+
+def gldv2_case(seed=3):
+    rng = np.random.default_rng(seed)
     n_index, n_query = 150, 12
-    x = rng.normal(size=(n_index + n_query, 5))
+    # Norms that vary a lot, as a model's un-normalised outputs do: raw dot products and cosines rank differently.
+    x = rng.normal(size=(n_index + n_query, 5)) * rng.uniform(0.2, 3.0, size=(n_index + n_query, 1))
     relevant = [rng.choice(n_index, size=rng.integers(1, 130), replace=False) for _ in range(n_query)]
     query = np.arange(n_index, n_index + n_query)
     ds = RetrievalSet("gldv2", [""] * len(x), np.full(len(x), -1), (),
                       {"private": Split(query, np.arange(n_index), relevant)})
+    ids = [f"{j:016x}" for j in range(n_index)]  # index image ids, as index.csv names them
+    solutions = [{ids[j] for j in rel} for rel in relevant]
+    return x, query, n_index, ds, ids, solutions
+
+
+def test_gldv2_map_at_100_on_raw_dot_products_as_the_official_code():
+    x, query, n_index, ds, ids, solutions = gldv2_case()
     got = metrics.evaluate(x, ds, device="cpu")
+    raw = official_gldv2_map(x[query] @ x[:n_index].T, solutions, ids)
+    assert got == {"private/mAP@100": pytest.approx(raw)}
+    # The cosine variant is an option: it matches the same loop on normalised features, and differs here.
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
-    aps = []
-    for q, rel in zip(query, relevant):
-        order = np.argsort(-(xn[:n_index] @ xn[q]), kind="stable")[:100]
-        hit = np.isin(order, rel)
-        aps.append(sum(hit[:j + 1].sum() / (j + 1) for j in range(100) if hit[j]) / min(len(rel), 100))
-    assert got == {"private/mAP@100": pytest.approx(np.mean(aps))}
+    cos = metrics.evaluate(x, ds, device="cpu", cosine=True)
+    assert cos == {"private/mAP@100": pytest.approx(official_gldv2_map(xn[query] @ xn[:n_index].T, solutions, ids))}
+    assert abs(cos["private/mAP@100"] - raw) > 1e-3
+    # Truncated: the first dims of the raw outputs, still raw dot products.
+    assert metrics.evaluate(x, ds, device="cpu", dim=3) == {
+        "private/mAP@100": pytest.approx(official_gldv2_map(x[query, :3] @ x[:n_index, :3].T, solutions, ids))}
 
 
 def test_knn_excludes_the_query_itself_but_keeps_its_duplicates():
@@ -137,11 +165,67 @@ def test_knn_in_chunks_equals_one_search(monkeypatch):
     np.testing.assert_array_equal(whole[1], chunked[1])
 
 
-def test_truncation_keeps_the_first_dims_renormalised():
+def test_truncation_normalises_then_cuts_and_renormalises_only_when_asked():
     rng = np.random.default_rng(5)
     x = rng.normal(size=(10, 8))
-    t = metrics.truncate(x, 3)
-    np.testing.assert_allclose(t, x[:, :3] / np.linalg.norm(x[:, :3], axis=1, keepdims=True), rtol=1e-6)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(metrics.truncate(x, 3), unit[:, :3], rtol=1e-6)  # official num_feat
+    np.testing.assert_allclose(metrics.truncate(x, 3, renormalize=True),
+                               x[:, :3] / np.linalg.norm(x[:, :3], axis=1, keepdims=True), rtol=1e-6)
+
+
+def official_rank1(q, q_labels, g=None, g_labels=None, num_feat=None, renormalize=False):
+    """Recall@1 as the official get_metric computes it, written as a plain loop: normalise, keep the first
+    num_feat dims, nearest by Euclidean distance (on a single set: the nearest other row)."""
+    def prep(a):
+        a = a / np.linalg.norm(a, axis=1, keepdims=True)
+        a = a[:, :num_feat]
+        return a / np.linalg.norm(a, axis=1, keepdims=True) if renormalize else a
+    single = g is None
+    q = prep(q)
+    g, g_labels = (q, q_labels) if single else (prep(g), g_labels)
+    correct = 0
+    for i in range(len(q)):
+        best, best_d = None, np.inf
+        for j in range(len(g)):
+            d = np.sqrt(np.sum((q[i] - g[j]) ** 2))
+            if (single and i == j) or d >= best_d:
+                continue
+            best, best_d = j, d
+        correct += g_labels[best] == q_labels[i]
+    return correct / len(q)
+
+
+@pytest.mark.parametrize("single", [True, False])
+def test_truncated_recall_at_1_is_the_official_euclidean_on_the_unrenormalised_prefix(single):
+    rng = np.random.default_rng(8)
+    labels = rng.integers(0, 8, 120)
+    x = rng.normal(size=(120, 16)) + np.eye(16)[labels] * 1.5
+    if single:
+        ds, ref_args = single_set(labels, ks=(1,)), (x, labels)
+    else:
+        q, g = np.arange(40), np.arange(40, 120)
+        ds = RetrievalSet("t", [""] * 120, labels, (1,), {"": Split(q, g)})
+        ref_args = (x[q], labels[q], x[g], labels[g])
+    for dim in (16, 6, 3):
+        got = metrics.evaluate(x, ds, device="cpu", dim=dim)
+        assert got["R@1"] == pytest.approx(official_rank1(*ref_args, num_feat=dim))
+        renorm = metrics.evaluate(x, ds, device="cpu", dim=dim, renormalize=True)
+        assert renorm["R@1"] == pytest.approx(official_rank1(*ref_args, num_feat=dim, renormalize=True))
+    # On a cut prefix the two protocols rank differently (MAP@R sees the whole ranking).
+    assert metrics.evaluate(x, ds, device="cpu", dim=3)["MAP@R"] != pytest.approx(
+        metrics.evaluate(x, ds, device="cpu", dim=3, renormalize=True)["MAP@R"])
+
+
+def test_knn_l2_returns_nearest_by_euclidean_distance():
+    rng = np.random.default_rng(9)
+    q, g = rng.normal(size=(7, 4)), rng.normal(size=(30, 4)) * rng.uniform(0.1, 3, size=(30, 1))
+    d, ids = metrics.knn(q, g, 5, device="cpu", metric="l2")
+    full = ((q[:, None, :] - g[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(ids, np.argsort(full, 1)[:, :5])
+    np.testing.assert_allclose(d, np.sort(full, 1)[:, :5], rtol=1e-4)
+    with pytest.raises(ValueError, match="knn metric 'cos': expected one of ip, l2"):
+        metrics.knn(q, g, 5, device="cpu", metric="cos")
 
 
 def test_evaluate_dims_scores_each_prefix():

@@ -103,3 +103,34 @@ def test_rows_row_per_model_column_per_dataset_with_average():
     assert rows["a"] == pytest.approx([50.0, None, 70.0, 60.0])
     assert rows["b"] == [None, None, pytest.approx(20.0), pytest.approx(20.0)]  # cars has no R@1 for b
     assert "c" not in rows                                          # no retrieval set at all
+
+
+def test_every_caption_names_its_protocol_and_option_columns_appear_only_when_scored():
+    res = {"m": {"cub": {"R@1": 0.5, "dim64/R@1": 0.5, "dim32/R@1": 0.3, "dim64renorm/R@1": 0.5,
+                         "dim32renorm/R@1": 0.4},
+                 "gldv2": {"public/mAP@100": 0.1, "private/mAP@100": 0.2, "public-cosine/mAP@100": 0.15,
+                           "private-cosine/mAP@100": 0.25},
+                 "pets": {"mean_per_class": 0.9, "fixed_c/mean_per_class": 0.8}}}
+    text = results.markdown(res)
+    assert "C by CLIP's validation sweep" in text and "as the official retrieval.py's get_metric" in text
+    fixed = text.split("Linear probe at the official example's fixed C")[1]
+    assert "| m | 80.0 | 80.0 |" in fixed.split("\n\n")[1]
+    gld = text.split("GLDv2 mAP@100")[1]
+    assert "raw dot products of the model's outputs" in gld.split("\n")[0]
+    assert "| Model | public | private | public (cosine) | private (cosine) |" in gld
+    assert "| m | 10.0 | 20.0 | 15.0 | 25.0 |" in gld
+    dims = text.split("Recall@1 (percent) by feature dimension")[1]
+    assert "not re-normalised, Euclidean distance, as the official retrieval.py's num_feat" in dims.split("\n")[0]
+    assert "| Model | 64 | 32 |" in dims
+    assert "| m | 50.0 | 30.0 |" in dims and "| m (re-normalised) | 50.0 | 40.0 |" in dims
+    # Without the options: no cosine columns, no re-normalised row, no fixed-C table.
+    plain = results.markdown({"m": {"gldv2": {"public/mAP@100": 0.1, "private/mAP@100": 0.2},
+                                    "cub": {"dim32/R@1": 0.3}, "pets": {"mean_per_class": 0.9}}})
+    assert "| Model | public | private |" in plain and "(cosine) |" not in plain
+    assert "re-normalised) |" not in plain and "fixed C" not in plain
+
+
+def test_cosine_key_names_the_split_variant():
+    assert results.cosine_key("private/mAP@100") == "private-cosine/mAP@100"
+    assert results.dim_key(128, "R@1") == "dim128/R@1"
+    assert results.dim_key(128, "R@1", renormalized=True) == "dim128renorm/R@1"
