@@ -36,6 +36,26 @@ def nearest_ip(centroids: torch.Tensor, x: torch.Tensor, block_rows: int,
     return scores, ids
 
 
+def top_ip(centroids: torch.Tensor, x: torch.Tensor, l: int, block_rows: int,
+           block_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `l` largest inner products of each row of `x` and their centroids, nearest first, blocked as
+    `nearest_ip` (a running top-l merged over the centroid blocks)."""
+    n, k = x.shape[0], centroids.shape[0]
+    scores = torch.empty(n, l, dtype=x.dtype, device=x.device)
+    ids = torch.empty(n, l, dtype=torch.long, device=x.device)
+    for a in range(0, n, block_rows):
+        q = x[a:a + block_rows]
+        best = torch.full((q.shape[0], l), -torch.inf, dtype=x.dtype, device=x.device)
+        arg = torch.full((q.shape[0], l), -1, dtype=torch.long, device=x.device)
+        for c in range(0, k, block_cols):
+            top = (q @ centroids[c:c + block_cols].T).topk(min(l, min(k - c, block_cols)), dim=1)
+            merged_s, merged_i = torch.cat([best, top.values], 1), torch.cat([arg, top.indices + c], 1)
+            keep = merged_s.topk(l, dim=1).indices
+            best, arg = merged_s.gather(1, keep), merged_i.gather(1, keep)
+        scores[a:a + block_rows], ids[a:a + block_rows] = best, arg
+    return scores, ids
+
+
 def block_sizes(n: int, k: int, budget_bytes: int) -> tuple[int, int]:
     """(rows, centroids) per block so that one block's float32 scores fit `budget_bytes`: every
     centroid at once when 1,024 rows of them fit, else centroid blocks for 1,024 rows."""
@@ -52,7 +72,7 @@ def score_budget(device: torch.device) -> int:
 
 
 class TorchFlatIP:
-    """faiss.IndexFlatIP's top-1 `search` for a fixed set of centroids held on a torch device."""
+    """faiss.IndexFlatIP's `search` (top 1, or top l) for a fixed set of centroids held on a torch device."""
 
     def __init__(self, centroids: np.ndarray, device: torch.device | str, budget_bytes: int | None = None):
         self.device = torch.device(device)
@@ -60,10 +80,12 @@ class TorchFlatIP:
         self.budget = budget_bytes
 
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(inner products, centroid ids), each [n, 1], as faiss's `index.search(x, 1)`."""
-        if k != 1:
-            raise ValueError(f"TorchFlatIP searches the nearest centroid only (k=1), got k={k}")
+        """(inner products, centroid ids), each [n, k], nearest first, as faiss's `index.search(x, k)`."""
         q = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(self.device)
         budget = self.budget if self.budget is not None else score_budget(self.device)
-        scores, ids = nearest_ip(self.centroids, q, *block_sizes(len(q), len(self.centroids), budget))
-        return scores.cpu().numpy()[:, None], ids.cpu().numpy()[:, None]
+        blocks = block_sizes(len(q), len(self.centroids), budget)
+        if k == 1:  # a tie keeps the lower index, as faiss's
+            scores, ids = nearest_ip(self.centroids, q, *blocks)
+            return scores.cpu().numpy()[:, None], ids.cpu().numpy()[:, None]
+        scores, ids = top_ip(self.centroids, q, k, *blocks)
+        return scores.cpu().numpy(), ids.cpu().numpy()

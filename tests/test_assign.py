@@ -189,8 +189,26 @@ def test_block_sizes_fit_the_budget():
         rows, cols = nearest.block_sizes(n, k, budget)
         assert 1 <= rows <= n and 1 <= cols <= k and rows * cols * 4 <= max(budget, 4)
     assert nearest.block_sizes(65536, 100_000, 2 << 30) == (5368, 100_000)  # every centroid at once
-    with pytest.raises(ValueError, match="k=1"):
-        nearest.TorchFlatIP(np.eye(3), "cpu").search(np.eye(3), 2)
+
+
+@pytest.mark.parametrize("budget", [None, 16000])
+def test_blocked_torch_top_l_equals_faiss(budget):
+    """Top-5 by TorchFlatIP (whole, and in centroid blocks of a 4,000-score budget) against faiss's IndexFlatIP,
+    on rows whose best six centroids are apart by more than float32 rounding."""
+    import faiss
+
+    from cluster_job import nearest
+
+    rng = np.random.default_rng(2)
+    centroids, x = unit_rows(rng, 300, 32), unit_rows(rng, 1000, 32)
+    top = np.sort(x.astype(np.float64) @ centroids.T.astype(np.float64), axis=1)[:, -6:]
+    x = x[(np.diff(top, axis=1) > 1e-5).all(axis=1)]
+    index = faiss.IndexFlatIP(32)
+    index.add(centroids)
+    want_scores, want = index.search(x, 5)
+    scores, got = nearest.TorchFlatIP(centroids, "cpu", budget_bytes=budget).search(x, 5)
+    assert got.shape == (len(x), 5) and np.array_equal(got, want)
+    np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-5)
 
 
 def test_torch_search_where_faiss_sees_no_gpu(tmp_path, monkeypatch):
@@ -220,3 +238,90 @@ def test_torch_search_where_faiss_sees_no_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(assign.faiss, "get_num_gpus", lambda: 0)
     monkeypatch.setattr(assign.torch.cuda, "is_available", lambda: False)
     assert not assign.torch_gpu("auto")
+
+
+def clustered(rng, centroids, n, noise):
+    """Rows around random centroids: each near one centre, some near the border of two."""
+    x = centroids[rng.integers(0, len(centroids), n)] + noise * rng.standard_normal((n, centroids.shape[1]))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_ivf_search_in_faiss_and_torch_agree_and_track_exact_search():
+    """The IVF over the centroids: faiss's IndexIVFFlat and the torch grouped products return the same top-5 on
+    ties-free rows; with every list probed both equal exact search (numpy), and with few lists probed they
+    still find most nearest centroids."""
+    from cluster_job import centroid_ivf
+
+    rng = np.random.default_rng(3)
+    centroids = unit_rows(rng, 1024, 32)
+    x = clustered(rng, centroids, 3000, 0.15)
+    exact = np.argsort(-(x.astype(np.float64) @ centroids.T.astype(np.float64)), axis=1)[:, :5]
+    nlist = centroid_ivf.default_nlist(1024)
+    assert nlist == 128
+    centres = centroid_ivf.list_centres(centroids, nlist, seed=0)
+    assert centres.shape == (nlist, 32)
+    for nprobe in (nlist, 8):
+        sims_f, ids_f = centroid_ivf.faiss_ivf(centroids, centres, nprobe).search(x, 5)
+        sims_t, ids_t = centroid_ivf.TorchIVF(centroids, centres, nprobe, "cpu").search(x, 5)
+        clear = (np.abs(np.diff(sims_f, axis=1)) > 1e-5).all(axis=1) & (ids_f >= 0).all(axis=1)
+        assert clear.mean() > 0.95 and np.array_equal(ids_t[clear], ids_f[clear])
+        np.testing.assert_allclose(sims_t[clear], sims_f[clear], atol=1e-5)
+        agree = (ids_f[:, 0] == exact[:, 0]).mean()
+        if nprobe == nlist:
+            assert np.array_equal(ids_f[clear], exact[clear])  # every list probed: exact search
+        else:
+            assert 0.9 < agree < 1.0  # an approximation, and a good one
+
+
+def ivf_run(run_dir, k=64):
+    rng = np.random.default_rng(4)
+    centroids = unit_rows(rng, k, D)
+    write_centroids(run_dir, centroids)
+    for stem, n in (("00000", 300), ("00001", 200)):
+        x = clustered(rng, centroids, n, 0.3)
+        write_embedded(run_dir, stem, x, x)
+    return centroids
+
+
+def test_assign_ivf_writes_top_l_and_measures_its_disagreement(tmp_path, capfd):
+    """assign.search=ivf with few lists probed: labels and top-3 (nearest first, with their similarities) are
+    written, every row is checked against exact search (check_rows above the shard sizes), and the summary,
+    TensorBoard and the log state the share of changed labels, computed here with numpy."""
+    from cluster_job import features
+
+    run = tmp_path / "run"
+    centroids = ivf_run(run)
+    cfg = cfg_for(run, "kmeans.k=64", "assign.search=ivf", "assign.nlist=16", "assign.nprobe=1", "assign.top_l=3",
+                  "assign.check_rows=1000", "assign.batch_size=128")
+    summary = assign.assign_shards(cfg, ["00000", "00001"])
+    changed = checked = 0
+    for stem in ("00000", "00001"):
+        x = np.concatenate(list(features.iter_batches(str(run), stem, "joint", 1000)))
+        scores = x.astype(np.float64) @ centroids.T.astype(np.float64)
+        labels = np.load(run / "labels" / f"{stem}.npy")
+        top, sims = np.load(run / "labels" / f"{stem}.topl.npy"), np.load(run / "labels" / f"{stem}.topl_sim.npy")
+        assert top.shape == (len(x), 3) and top.dtype == np.int64 and np.array_equal(top[:, 0], labels)
+        np.testing.assert_allclose(sims, np.take_along_axis(scores, top, 1), atol=1e-5)
+        assert (np.diff(sims, axis=1) <= 1e-6).all()  # nearest first
+        changed += int((labels != scores.argmax(1)).sum())
+        checked += len(x)
+    search = summary["search"]
+    assert search["checked_rows"] == checked == 500 and (search["nlist"], search["nprobe"]) == (16, 1)
+    assert search["top1_disagreement"] == pytest.approx(changed / checked) and changed > 0
+    assert read_scalars(str(run / "tensorboard" / "cluster"))["labels/top1_disagreement"][0][1] == \
+        pytest.approx(changed / checked)
+    err = capfd.readouterr().err
+    assert f"{100 * changed / checked:.2f}% of 500 rows checked against exact search changed label" in err
+    assert "WARNING: above 0.5%: raise assign.nprobe" in err
+    assert (run / "labels" / "ivf_lists.npy").is_file() and np.load(run / "labels" / "ivf_lists.npy").shape == (16, D)
+
+
+def test_assign_refuses_labels_of_another_search(tmp_path):
+    run = tmp_path / "run"
+    ivf_run(run)
+    assign.assign_shards(cfg_for(run, "kmeans.k=64", "assign.search=ivf", "assign.nlist=16", "assign.nprobe=2"),
+                         ["00000"])
+    with pytest.raises(ConfigError, match=r"holds labels of another search .*nprobe 2 there, 4 now"):
+        assign.assign_shards(cfg_for(run, "kmeans.k=64", "assign.search=ivf", "assign.nlist=16", "assign.nprobe=4"),
+                             ["00001"])
+    assert not (run / "labels" / "00001.npy").exists()
