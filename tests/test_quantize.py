@@ -172,6 +172,41 @@ def _adc_all(head, q, codes):
     return sum(table[:, m, codes[:, m]] for m in range(head.books))
 
 
+def test_plain_adc_ranks_by_the_sum_of_unsquared_sub_space_distances_as_the_authors_code(digits, monkeypatch):
+    # The authors' pqDist_one, written as a loop: per database item, sum over books of ||q_m - c_m(code)||.
+    x, y = digits
+    rng = np.random.default_rng(1)
+    torch.manual_seed(1)
+    head = scq.SCQHead(64, 4, 16, 8, 64)
+    picks = scq.embed(head, x[rng.choice(len(x), head.words, replace=False)])
+    head.codebooks.data.copy_(torch.as_tensor(picks).view(head.words, head.books, -1).transpose(0, 1))
+    f = scq.embed(head, x)
+    codes = scq.hard_codes(head, f)
+    books = head.codebooks.detach().numpy()
+    q = f[:40]
+    ref = np.zeros((len(q), len(x)))
+    for a in range(len(q)):
+        for b in range(len(x)):
+            ref[a, b] = sum(np.sqrt(((q[a].reshape(head.books, -1)[m] - books[m, codes[b, m]]) ** 2).sum())
+                            for m in range(head.books))
+    d, ids = scq.adc_search(head, q, codes, 15, adc="plain")
+    np.testing.assert_allclose(d, np.sort(ref, 1)[:, :15], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(ref, ids, 1), d, rtol=1e-4, atol=1e-5)
+    # Through metrics.evaluate's search hook (queries chunked, self excluded): the same neighbours.
+    search = scq.searcher(head, "plain")
+    monkeypatch.setattr(scq.CodeSearch, "CHUNK", 7)
+    _, got = search(x[:40], x, 15, "cpu", exclude_self=True)
+    for a in range(40):
+        row = ref[a].copy()
+        row[a] = np.inf
+        np.testing.assert_allclose(np.sort(row[got[a]]), np.sort(row)[:15], rtol=1e-4, atol=1e-5)
+    # It is another ranking than faiss' squared ADC.
+    _, squared = scq.searcher(head)(x[:40], x, 15, "cpu", exclude_self=True)
+    assert (squared != got).any()
+    with pytest.raises(ValueError, match="quantize.scq.adc='cosine': expected one of squared, plain"):
+        scq.searcher(head, "cosine")
+
+
 def test_view_pairs_draw_two_views_of_each_image_and_resume_mid_epoch():
     n, views = 48, 3
     # Feature value = 100 * view + image: the batch tells which view of which image each row holds.

@@ -274,7 +274,7 @@ def run_unit(cfg: DictConfig, method: str, bits: int, nbits: int, test: np.ndarr
         if e2e:  # a fresh copy: the engine's may have been cast to bf16
             tuned = scq.Objective.load_backbone(out / f"{name}.pt", feats.fresh_model())
             test = normalize(feats.tuned(tuned, ds.paths, f"{ds.name} through {name}'s backbone"))
-        search = scq.searcher(head)
+        search = scq.searcher(head, str(q.scq.adc))
         queries = scq.embed(head, test)  # the test set is both the gallery (coded) and the queries
         index = scq.to_faiss(head, scq.hard_codes(head, queries))
     else:

@@ -244,15 +244,41 @@ def hard_codes(head: SCQHead, f: np.ndarray) -> np.ndarray:
     return d.argmin(-1).numpy()
 
 
+ADC = ("squared", "plain")  # quantize.scq.adc
+
+
 @torch.no_grad()
-def adc_search(head: SCQHead, queries_f: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The head's own asymmetric distance search: per query, a table of squared distances of its
-    sub-vectors to every codeword, summed over the database's codes; (distances, rows) of the k nearest."""
+def adc_search(head: SCQHead, queries_f: np.ndarray, codes: np.ndarray, k: int,
+               adc: str = "squared") -> tuple[np.ndarray, np.ndarray]:
+    """The head's own asymmetric distance search: per query, a table of the distances of its sub-vectors
+    to every codeword, summed over the database's codes; (distances, rows) of the k nearest. `squared`:
+    squared Euclidean per sub-space (what faiss' IndexPQ sums); `plain`: Euclidean, not squared, as the
+    authors' evaluation (cazhang/sscq `pqDist_one`) sums it."""
+    if adc not in ADC:
+        raise ValueError(f"quantize.scq.adc={adc!r}: expected one of {', '.join(ADC)}")
     table = sub_distances(torch.as_tensor(queries_f), head.codebooks.detach().cpu())  # [nq, M, K]
+    if adc == "plain":
+        table = table.clamp_min(0).sqrt()
     idx = torch.as_tensor(codes).T  # [M, n]
     dist = sum(table[:, m, idx[m]] for m in range(head.books))  # [nq, n]
     d, i = torch.topk(dist, k, dim=1, largest=False)
     return d.numpy(), i.numpy()
+
+
+class CodeSearch:
+    """A coded database searched by `adc_search`, with faiss' `search(queries, k)` so that
+    metrics.index_search can drive it (in query chunks, the query itself left out)."""
+
+    def __init__(self, head: SCQHead, codes: np.ndarray, adc: str):
+        self.head, self.codes, self.adc = head, codes, adc
+
+    CHUNK = 256  # queries per distance table: bounds the [chunk, database] distance matrix
+
+    def search(self, queries_f: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, len(self.codes))
+        parts = [adc_search(self.head, queries_f[i:i + self.CHUNK], self.codes, k, self.adc)
+                 for i in range(0, len(queries_f), self.CHUNK)]
+        return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
 
 
 def pack_codes(codes: np.ndarray, nbits: int) -> np.ndarray:
@@ -276,11 +302,16 @@ def to_faiss(head: SCQHead, codes: np.ndarray) -> faiss.IndexPQ:
     return index
 
 
-def searcher(head: SCQHead):
+def searcher(head: SCQHead, adc: str = "squared"):
     """metrics.knn's signature over the head: the gallery (backbone features) projected and hard-coded
-    into the exported faiss IndexPQ, the projected queries searched by ADC."""
+    into the exported faiss IndexPQ, the projected queries searched by ADC (`adc`: see adc_search; the
+    plain sum is the head's own exhaustive search, faiss has no such metric)."""
+    if adc not in ADC:
+        raise ValueError(f"quantize.scq.adc={adc!r}: expected one of {', '.join(ADC)}")
+
     def search(queries, gallery, k, device="auto", exclude_self=False):
         k = min(k, len(gallery) - int(exclude_self))
-        index = to_faiss(head, hard_codes(head, embed(head, gallery)))
+        codes = hard_codes(head, embed(head, gallery))
+        index = to_faiss(head, codes) if adc == "squared" else CodeSearch(head, codes, adc)
         return index_search(index, embed(head, queries), k, exclude_self)
     return search
