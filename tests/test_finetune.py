@@ -184,32 +184,10 @@ def test_cub_train_split_is_the_other_classes(tmp_path):
 
 # ---- real runs ---------------------------------------------------------------------------------
 
-def digit_pairs(per_train: int, per_test: int, jitter: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """64x64 images of two digits side by side, each shifted down by up to `jitter` px; the class is the
-    ordered pair (a, b). 50 random pairs are train classes (labels 0-49), the other 50 held out (50-99).
-
-    Five train digits did not transfer to five held-out ones (R@1 0.50 -> 0.45): what a tiny net learns
-    about 5 classes does not describe 5 others. Pairs do: held-out pairs are new combinations of the
-    digits it learnt to tell apart at each position (as new bird species share parts with the train ones)."""
-    x, y = demo_sets.digit_images()
-    rng = np.random.default_rng(seed)
-    pairs = rng.permutation(100)
-    by_digit = [np.flatnonzero(y == d) for d in range(10)]
-    images, labels = [], []
-    for label, pair in enumerate(pairs):
-        for _ in range(per_train if label < 50 else per_test):
-            image = np.zeros((64, 64, 3), np.uint8)
-            for side, (digit, down) in enumerate(zip(divmod(int(pair), 10), rng.integers(0, jitter + 1, 2))):
-                image[down:down + 32, 32 * side:32 * side + 32] = x[rng.choice(by_digit[digit])]
-            images.append(image)
-            labels.append(label)
-    return np.stack(images), np.array(labels)
-
-
 def _data(root: Path) -> tuple[Path, Path]:
     """Digit pairs in CUB's layout (50 train classes of 30 images, 50 held-out classes of 20) and a
     random-init ViT-Tiny-16 release file as the start."""
-    x, y = digit_pairs(per_train=30, per_test=20, jitter=8)
+    x, y = demo_sets.digit_pairs(per_train=30, per_test=20, jitter=8)
     demo_sets.write_cub(root / "data", x, y, test_from=50)
     torch.manual_seed(0)
     init = root / "init.pt"

@@ -528,8 +528,10 @@ class Trainer:
                     counts.zero_()
                     losses, window_start, window_steps = [], now, 0
                 if self.epoch_end is not None and self.step % self.steps_per_epoch == 0:
+                    paused = time.time()
                     self.epoch_end(self.engine.module, self.step // self.steps_per_epoch - 1)  # before a save
                     self.engine.module.train()
+                    window_start += time.time() - paused  # images/s counts training only
                 if self.step % int(self.tc.ckpt_every_steps) == 0 and self.step < self.stop:
                     self.save()
         # The last step is never saved periodically; a run resumed at its end has nothing new to save.
