@@ -240,8 +240,6 @@ def write_shards(cfg, rel: Release, markers: list[dict], paths: list[str], group
     folder = parts_dir(cfg.run_dir)
     buckets = markers[0]["buckets"]
     index = [read_json(folder / "join" / f"{b}.done.json")["groups"] for b in range(buckets)]
-    features = {m["at"]: {side: np.load(folder / m["part"] / f"{side}.npy", mmap_mode="r") for side in ("img", "txt")}
-                for m in markers}
     bad = {m["at"]: set(m["bad"]) for m in markers}
     stems = [stem(p) for p in paths]
     group = shard_group(np.arange(len(paths)), len(paths), groups)
@@ -256,11 +254,15 @@ def write_shards(cfg, rel: Release, markers: list[dict], paths: list[str], group
             continue
         rows = pa.concat_tables(tables)
         shard = rows.column("shard").to_numpy()
+        # mapped anew for each group: the pages a group touched leave this process's memory with it
+        features = {m["at"]: {side: np.load(folder / m["part"] / f"{side}.npy", mmap_mode="r")
+                              for side in ("img", "txt")} for m in markers}
         for j in todo:
             mine = rows.filter(pa.array(shard == j))
             if mine.num_rows:
                 written.append(write_shard(cfg, stems[j], paths[j], mine, features, bad,
                                            [p.name for p in rel.parts], rel.dim))
+        del features
     return written
 
 
@@ -325,7 +327,8 @@ def part_names(folder: str) -> list[str]:
 
 def import_parts(cfg, names: list[str]) -> list[dict]:
     """Job function: step 1 for the given parts (skipping finished ones); the task that then finds every part
-    done runs steps 2 and 3. Returns the done.json of the shards it wrote."""
+    done runs steps 2 and 3 (on a rerun with every part done before: the task of the last part), skipping
+    buckets and shards already done. Returns the done.json of the shards it wrote."""
     cfg = as_config(cfg)
     start = time.monotonic()
     check_existing(cfg)
@@ -347,6 +350,10 @@ def import_parts(cfg, names: list[str]) -> list[dict]:
     if waiting:
         print(f"import: {count(len(waiting), 'part')} still to import (e.g. {waiting[0]}); the task that "
               "finishes the last one joins and writes the shards", file=sys.stderr, flush=True)
+        return []
+    if not made and rel.parts[-1].name not in names:  # a rerun: one task (the last part's) finishes, not all
+        print("import: every part was done before; the task of the last part joins and writes the shards",
+              file=sys.stderr, flush=True)
         return []
     markers = [read_json(part_marker(cfg.run_dir, p.name)) for p in rel.parts]
     groups = min(buckets, len(paths))

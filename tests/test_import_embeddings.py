@@ -198,8 +198,18 @@ def test_rerun_skips_finished_work(world, capsys):
     run = world["run"]
     before = {p: p.stat().st_mtime_ns for p in (run / "embed").rglob("*.done.json")}
     assert submit.main(["stage=cluster", f"run_dir={run}", *COMMON]) == 0  # config.yaml keeps the source
-    assert capsys.readouterr().err.count("import: 1 of 1 part already done") == 2  # one task per part
+    err = capsys.readouterr().err
+    assert err.count("import: 1 of 1 part already done") == 2  # one task per part
+    assert err.count("every part was done before") == 1  # the other task finishes
     assert {p: p.stat().st_mtime_ns for p in (run / "embed").rglob("*.done.json")} == before
+    # a shard lost after the parts were done (the finishing task killed): the rerun writes it again, alone
+    img = (run / "embed" / "00001.img.npy").read_bytes()
+    for f in ("00001.img.npy", "00001.done.json"):
+        (run / "embed" / f).unlink()
+    assert submit.main(["stage=embed", f"run_dir={run}", *COMMON]) == 0
+    assert (run / "embed" / "00001.img.npy").read_bytes() == img
+    after = {p: p.stat().st_mtime_ns for p in (run / "embed").rglob("*.done.json")}
+    assert [p.name for p in after if after[p] != before.get(p)] == ["00001.done.json"]
 
 
 def test_bad_source_named_before_anything_runs(tmp_path, world, capsys):
