@@ -40,6 +40,7 @@ from unicom_ds.progress import progress
 # docs/benchmarks.md "Assign"), and warns when more than this share of checked rows changed label.
 IVF_FROM_K = 4096
 MAX_DISAGREEMENT = 0.005
+CALIBRATION_ROWS = 2048  # rows of a task's first shard that assign.search=auto chooses nprobe on
 
 
 def labels_dir(run_dir: str) -> Path:
@@ -88,32 +89,50 @@ def search_check(run_dir: str, stems: list[str], settings: dict) -> dict:
     out = {**settings}
     if settings["search"] == "exact":
         return out
-    total = {"checked": 0, "top1_changed": 0, "topl_found": 0}
+    total, used = {"checked": 0, "top1_changed": 0, "topl_found": 0}, set()
     for s in stems:
         path = labels_dir(run_dir) / f"{s}.search.json"
         if path.is_file():
-            for key, value in read_json(path).items():
+            record = read_json(path)
+            used.add(str(record.get("nprobe", settings["nprobe"])))
+            for key, value in record.items():
                 if key in total:
                     total[key] += int(value)
     checked = total["checked"]
-    out.update(checked_rows=checked,
+    out.update(nprobe_used=sorted(used, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0)),
+               checked_rows=checked,
                top1_disagreement=total["top1_changed"] / checked if checked else None,
                topl_recall=total["topl_found"] / (checked * settings["top_l"]) if checked else None)
     return out
 
 
 def search_settings(cfg, k: int) -> dict:
-    """How this run's labels are searched, recorded in RUN/labels/search.json: `assign.search=auto` is the IVF
-    search from IVF_FROM_K centroids on (below it exact search is as fast), exact search below."""
+    """How this run's labels are searched, recorded in RUN/labels/search.json. `assign.search=auto` below
+    IVF_FROM_K centroids is exact search (as fast there); from it on, the IVF search at the smallest nprobe (from
+    assign.nprobe up, doubling) that keeps at least 1 - MAX_DISAGREEMENT of a sample of the task's own rows'
+    labels, or exact search where none does: IVF's agreement depends on the data (docs/benchmarks.md)."""
     a = cfg.assign
-    kind = ("ivf" if k >= IVF_FROM_K else "exact") if str(a.search) == "auto" else str(a.search)
+    kind = str(a.search)
+    if kind == "auto" and k < IVF_FROM_K:
+        kind = "exact"
     settings = {"search": kind, "top_l": int(a.top_l)}
     if int(a.top_l) > k:
         raise ConfigError(f"assign.top_l={a.top_l}: more than the k={k} centroids")
-    if kind == "ivf":
+    if kind != "exact":
         settings.update(nlist=int(a.nlist or centroid_ivf.default_nlist(k)), nprobe=int(a.nprobe),
                         seed=int(cfg.kmeans.seed))
     return settings
+
+
+def calibrate(exact, make_ivf, sample: np.ndarray, nprobe: int, nlist: int) -> int | None:
+    """The smallest nprobe (nprobe, 2 nprobe, ... up to nlist / 4, past which little speed is left) whose
+    nearest centroids differ from exact search's on at most MAX_DISAGREEMENT of `sample`; None: none does."""
+    want = exact.search(sample, 1)[1][:, 0]
+    while nprobe <= max(1, nlist // 4):
+        if (make_ivf(nprobe).search(sample, 1)[1][:, 0] != want).mean() <= MAX_DISAGREEMENT:
+            return nprobe
+        nprobe *= 2
+    return None
 
 
 def claim_search(cfg, settings: dict) -> None:
@@ -245,15 +264,16 @@ def search_line(search: dict) -> str:
     """The run's search in one line; an approximation above MAX_DISAGREEMENT says how to lower it."""
     if search["search"] == "exact":
         return f"assign: exact search of every centroid, top {search['top_l']}"
+    head = (f"assign: search={search['search']} (IVF of nlist {search['nlist']}; nprobe used: "
+            f"{', '.join(search.get('nprobe_used') or [])})")
     if not search.get("checked_rows"):
-        return f"assign: IVF search (nlist {search['nlist']}, nprobe {search['nprobe']}): no row checked"
+        return head + ": no row checked against exact search"
     share = search["top1_disagreement"]
-    line = (f"assign: IVF search (nlist {search['nlist']}, nprobe {search['nprobe']}): {100 * share:.2f}% of "
-            f"{search['checked_rows']:,} rows checked against exact search changed label; exact top-"
-            f"{search['top_l']} found {100 * search['topl_recall']:.2f}%")
+    line = (f"{head}: {100 * share:.2f}% of {search['checked_rows']:,} rows checked against exact search changed "
+            f"label; exact top-{search['top_l']} found {100 * search['topl_recall']:.2f}%")
     if share > MAX_DISAGREEMENT:
-        line += (f"; WARNING: above {100 * MAX_DISAGREEMENT:.1f}%: raise assign.nprobe (or assign.search=exact) "
-                 "in a new run_dir")
+        line += (f"; WARNING: above {100 * MAX_DISAGREEMENT:.1f}%: raise assign.nprobe (or assign.search=auto or "
+                 "exact) in a new run_dir")
     return line
 
 
@@ -278,18 +298,32 @@ def assign_shards(cfg, stems: list[str]) -> dict | None:
     if todo:
         centroids = np.load(kmeans_dir(run_dir) / "centroids.npy")
         exact = centroid_index(centroids, cfg.assign.gpu)
-        index, approx = exact, None
-        if settings["search"] == "ivf":
-            approx = index = ivf_index(centroids, ivf_lists(cfg, centroids, settings), settings["nprobe"],
-                                       cfg.assign.gpu)
+        index, approx, nprobe = exact, None, settings.get("nprobe")
+        if settings["search"] != "exact":
+            centres = ivf_lists(cfg, centroids, settings)
+
+            def make_ivf(p: int):
+                return ivf_index(centroids, centres, p, cfg.assign.gpu)
+
+            if settings["search"] == "auto":
+                first = np.concatenate(list(features.iter_batches(src, todo[0], fp["mode"], cfg.assign.batch_size)))
+                sample = first[np.unique(np.linspace(0, len(first) - 1, min(len(first), CALIBRATION_ROWS)).astype(int))]
+                nprobe = calibrate(exact, make_ivf, np.ascontiguousarray(sample, np.float32), nprobe,
+                                   settings["nlist"])
+                print(f"assign: search=auto: " + (f"IVF at nprobe {nprobe} keeps the labels of" if nprobe else
+                      f"exact search: no nprobe up to {settings['nlist'] // 4} keeps the labels of")
+                      + f" >= {100 * (1 - MAX_DISAGREEMENT):.1f}% of {len(sample):,} rows of shard {todo[0]}",
+                      file=sys.stderr, flush=True)
+            if nprobe is not None:
+                approx = index = make_ivf(nprobe)
         l, out = settings["top_l"], labels_dir(run_dir)
         for s in progress(todo, total=len(todo), desc="assign", mode=cfg.progress, unit="shard",
                           rows=lambda s: rows[s]):
             ids, sims, check = label_shard(index, exact if approx is not None else None,
                                            features.iter_batches(src, s, fp["mode"], cfg.assign.batch_size), l,
                                            int(cfg.assign.check_rows), rows[s])
-            if check:
-                write_json_atomic(out / f"{s}.search.json", check)
+            if settings["search"] != "exact":
+                write_json_atomic(out / f"{s}.search.json", {**check, "nprobe": nprobe if approx else "exact"})
             if l > 1:  # MLCD's positives: the top-l centroids, nearest first, and their similarities
                 save_npy_atomic(out / f"{s}.topl.npy", ids)
                 save_npy_atomic(out / f"{s}.topl_sim.npy", sims)

@@ -273,12 +273,12 @@ def test_ivf_search_in_faiss_and_torch_agree_and_track_exact_search():
             assert 0.9 < agree < 1.0  # an approximation, and a good one
 
 
-def ivf_run(run_dir, k=64):
+def ivf_run(run_dir, k=64, noise=0.3):
     rng = np.random.default_rng(4)
     centroids = unit_rows(rng, k, D)
     write_centroids(run_dir, centroids)
     for stem, n in (("00000", 300), ("00001", 200)):
-        x = clustered(rng, centroids, n, 0.3)
+        x = clustered(rng, centroids, n, noise)
         write_embedded(run_dir, stem, x, x)
     return centroids
 
@@ -312,7 +312,7 @@ def test_assign_ivf_writes_top_l_and_measures_its_disagreement(tmp_path, capfd):
         pytest.approx(changed / checked)
     err = capfd.readouterr().err
     assert f"{100 * changed / checked:.2f}% of 500 rows checked against exact search changed label" in err
-    assert "WARNING: above 0.5%: raise assign.nprobe" in err
+    assert "assign: search=ivf (IVF of nlist 16; nprobe used: 1)" in err and "WARNING: above 0.5%: raise assign.nprobe" in err
     assert (run / "labels" / "ivf_lists.npy").is_file() and np.load(run / "labels" / "ivf_lists.npy").shape == (16, D)
 
 
@@ -325,3 +325,37 @@ def test_assign_refuses_labels_of_another_search(tmp_path):
         assign.assign_shards(cfg_for(run, "kmeans.k=64", "assign.search=ivf", "assign.nlist=16", "assign.nprobe=4"),
                              ["00001"])
     assert not (run / "labels" / "00001.npy").exists()
+
+
+def test_assign_auto_chooses_the_smallest_nprobe_that_keeps_the_labels(tmp_path, monkeypatch, capfd):
+    """assign.search=auto (here from k=64 on) doubles nprobe from assign.nprobe until a sample of the task's own
+    rows (all 300 of shard 00000 here) keeps >= 99.5% of exact search's labels: the nprobe it picks is the one
+    found here by faiss's IVF against numpy's exact argmax, and the run's measured disagreement stays within."""
+    from cluster_job import centroid_ivf, features
+
+    run = tmp_path / "run"
+    centroids = ivf_run(run, noise=0.12)
+    monkeypatch.setattr(assign, "IVF_FROM_K", 64)
+    summary = assign.assign_shards(cfg_for(run, "kmeans.k=64", "assign.search=auto", "assign.nlist=16",
+                                           "assign.nprobe=1", "assign.check_rows=1000"), ["00000", "00001"])
+    x = np.concatenate(list(features.iter_batches(str(run), "00000", "joint", 1000)))
+    want = (x.astype(np.float64) @ centroids.T.astype(np.float64)).argmax(1)
+    centres = np.load(run / "labels" / "ivf_lists.npy")
+    expected = next((str(p) for p in (1, 2, 4) if (centroid_ivf.faiss_ivf(centroids, centres, p).search(x, 1)[1][:, 0]
+                                                  != want).mean() <= 0.005), "exact")
+    assert expected not in ("1", "exact")  # the start alone is not enough: the doubling is tested
+    assert summary["search"]["nprobe_used"] == [expected]
+    assert summary["search"]["top1_disagreement"] <= 0.005
+    assert "search=auto: " in capfd.readouterr().err
+
+
+def test_calibration_falls_back_to_exact_search():
+    """No nprobe up to nlist / 4 keeps the labels: exact search (None)."""
+    from cluster_job import centroid_ivf
+
+    rng = np.random.default_rng(5)
+    centroids, x = unit_rows(rng, 256, 32), unit_rows(rng, 500, 32)  # random rows: no structure to exploit
+    centres = centroid_ivf.list_centres(centroids, 64, seed=0)
+    exact = assign.search_index(centroids)
+    assert assign.calibrate(exact, lambda p: centroid_ivf.faiss_ivf(centroids, centres, p), x, 1, 64) is None
+    assert assign.calibrate(exact, lambda p: centroid_ivf.faiss_ivf(centroids, centres, p), x, 64, 256) == 64
