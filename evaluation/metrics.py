@@ -189,6 +189,8 @@ def evaluate_split(features: np.ndarray, labels: np.ndarray, split, ks, device: 
         # ids are positions in the gallery; relevant rows are rows of the whole set.
         return {"mAP@100": map_at_100(split.gallery[ids], split.relevant)}
     q_labels = labels[split.query]
+    if labels.ndim == 2:
+        return _evaluate_multilabel(features, labels, split, ks, device, search, map_k)
     width = max(max(ks), map_k or 0)
     if split.gallery is None:
         g_labels = q_labels
@@ -203,6 +205,35 @@ def evaluate_split(features: np.ndarray, labels: np.ndarray, split, ks, device: 
     hits = g_labels[ids] == q_labels[:, None]
     out = {f"R@{k}": v for k, v in recall_at_k(hits, ks).items()}
     out["MAP@R"] = map_at_r(hits, r)
+    if map_k:
+        out[f"mAP@{map_k}"] = map_at_k(hits, map_k)
+    return out
+
+
+def shared_tag_hits(g_tags: np.ndarray, q_tags: np.ndarray) -> np.ndarray:
+    """Multi-label relevance as the hashing literature scores it (SCQ's code: query_labels @
+    database_labels.T > 0): neighbour j of query q is relevant when they share any tag. g_tags
+    [nq, k, C], each query's ranked neighbours' tags, and q_tags [nq, C], 0/1 -> bool [nq, k]."""
+    return (np.asarray(g_tags, bool) & np.asarray(q_tags, bool)[:, None, :]).any(-1)
+
+
+def _evaluate_multilabel(features, tags, split, ks, device, search, map_k) -> dict[str, float]:
+    """R@K and mAP@K of a multi-label set (tags [n, C]): a neighbour counts when it shares a tag with the
+    query. MAP@R is left out: it needs every query's full count of relevant items."""
+    query = features[split.query]
+    width = max(max(ks), map_k or 0)
+    if split.gallery is None:
+        gallery_rows = split.query
+        map_k = map_k and min(map_k, len(query) - 1)
+        _, ids = search(query, query, width, device, exclude_self=True)
+    else:
+        gallery_rows = split.gallery
+        map_k = map_k and min(map_k, len(gallery_rows))
+        _, ids = search(query, features[gallery_rows], width, device)
+    g_tags = tags[gallery_rows]
+    hits = np.concatenate([shared_tag_hits(g_tags[ids[i:i + 256]], tags[split.query[i:i + 256]])  # [256, k, C]
+                           for i in range(0, len(ids), 256)])
+    out = {f"R@{k}": v for k, v in recall_at_k(hits, ks).items()}
     if map_k:
         out[f"mAP@{map_k}"] = map_at_k(hits, map_k)
     return out

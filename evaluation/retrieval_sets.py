@@ -10,6 +10,10 @@ more named `splits`, each a query/gallery protocol over those rows:
 - query/gallery (In-Shop);
 - GLDv2 "public" and "private": test queries against the index, with `relevant` giving each
   query's correct index rows (from retrieval_solution_v2.1.csv); scored by mAP@100.
+- SCQ's protocol (Wu et al. 2022, as its code cazhang/sscq splits and scores them): FLICKR25K (2,000
+  random queries, seeded as its scripts, against the rest) and NUS-WIDE (test.txt's 2,100 queries
+  against database.txt), multi-label (`labels` [n, tags] 0/1: relevant = any shared tag), mAP@5000
+  (`map_k`), codes trained on the database (`train`, the authors' num_train 'ALL').
 
 Features are extracted once per set (for `paths`, in order) and every split is scored from them
 (`evaluation.metrics.evaluate`). A missing list file raises FileNotFoundError naming the expected
@@ -37,10 +41,12 @@ class Split:
 class RetrievalSet:
     name: str
     paths: list[str]                      # image files; features are extracted in this order
-    labels: np.ndarray                    # int64 class per image (-1 where the set has none: GLDv2)
+    labels: np.ndarray                    # int64 class per image (-1 where the set has none: GLDv2); bool [n, tags] multi-label
     ks: tuple[int, ...]                   # the customary Recall@K
     splits: dict[str, Split] = field(default_factory=dict)  # "" when a set has a single protocol
     lists: tuple[str, ...] = ()           # the files that name the images (for messages)
+    map_k: int | None = None              # SCQ's protocol: the K of its mAP@K (quantize scores it)
+    train: np.ndarray | None = None       # SCQ's protocol: rows its codes are trained on (the database)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -58,7 +64,15 @@ SOURCES = {
     "vehicleid": "https://www.pkuml.org/resources/pku-vehicleid.html (VehicleID_V1.0)",
     "gldv2": "https://github.com/cvdfoundation/google-landmark (index/, test/, index.csv, "
              "retrieval_solution_v2.1.csv)",
+    "flickr25k": "MIRFLICKR-25000 (https://press.liacs.nl/mirflickr/, images im1.jpg ... im25000.jpg) as the deep "
+                 "hashing code SCQ's loader follows lays it out: images/, img.txt, targets.txt (24 tags), "
+                 "cazhang/sscq dataset/flickr25k.py",
+    "nuswide": "NUS-WIDE (https://lms.comp.nus.edu.sg/wp-content/uploads/2019/research/nuswide/NUS-WIDE.html), "
+               "21 most frequent concepts, as SCQ's loader reads it: database.txt, test.txt, train.txt "
+               "('path t1 ... t21'), cazhang/sscq dataset/nuswide.py",
 }
+# SCQ's protocol: queries per set, the split seed of its scripts (run_flickr25k.sh --random_seed=2022), mAP@K.
+FLICKR25K_QUERIES, SCQ_SPLIT_SEED, SCQ_MULTILABEL_K = 2000, 2022, 5000
 VEHICLEID_SIZES = (800, 1600, 2400)
 GLDV2_USAGES = ("Public", "Private")
 
@@ -193,8 +207,55 @@ def read_gldv2(root: Path) -> RetrievalSet:
                         (str(root / "index.csv"), str(root / "retrieval_solution_v2.1.csv")))
 
 
+def _tags(rows: list[list[str]], path: Path, name: str) -> np.ndarray:
+    """0/1 tag columns of list rows -> bool [n, tags]; every row the same width."""
+    widths = {len(r) for r in rows}
+    if len(widths) > 1:
+        raise ValueError(f"{name}: {path} rows have {sorted(widths)} tag columns; expected one width")
+    try:
+        tags = np.array(rows, dtype=np.int64)
+    except ValueError:
+        raise ValueError(f"{name}: {path} holds a tag that is not 0 or 1") from None
+    if not np.isin(tags, (0, 1)).all():
+        raise ValueError(f"{name}: {path} holds a tag that is not 0 or 1")
+    return tags.astype(bool)
+
+
+def read_flickr25k(root: Path) -> RetrievalSet:
+    """MIRFLICKR-25K as SCQ's loader reads it: img.txt (an image file name per line, under images/) and
+    targets.txt (a row of 0/1 tags per image, same order). SCQ's split: numpy's legacy permutation seeded
+    2022, its first 2,000 rows the queries, the rest the database (also the training set)."""
+    names = [r[0] for r in _table(root, "img.txt", "flickr25k", 1)]
+    tags_path = _need(root, "targets.txt", "flickr25k")
+    tags = _tags(_table(root, "targets.txt", "flickr25k", 1), tags_path, "flickr25k")
+    if len(tags) != len(names):
+        raise ValueError(f"flickr25k: {root / 'img.txt'} names {len(names)} images, {tags_path} tags {len(tags)}")
+    if len(names) <= FLICKR25K_QUERIES:
+        raise ValueError(f"flickr25k: {root / 'img.txt'} names {len(names)} images; SCQ's protocol takes "
+                         f"{FLICKR25K_QUERIES} queries and the rest as the database")
+    order = np.random.RandomState(SCQ_SPLIT_SEED).permutation(len(names))  # as np.random.seed + permutation
+    query, database = np.sort(order[:FLICKR25K_QUERIES]), np.sort(order[FLICKR25K_QUERIES:])
+    return RetrievalSet("flickr25k", [str(root / "images" / n) for n in names], tags, (1,),
+                        {"": Split(query, database)}, (str(root / "img.txt"), str(tags_path)),
+                        SCQ_MULTILABEL_K, database)
+
+
+def read_nuswide(root: Path) -> RetrievalSet:
+    """NUS-WIDE (21 concepts) as SCQ's loader reads it: test.txt (the 2,100 queries) and database.txt (the
+    database, also the training set), each line an image path under the set's folder and its 0/1 tags."""
+    test, database = (_table(root, f, "nuswide", 2) for f in ("test.txt", "database.txt"))
+    rows = test + database
+    tags = _tags([r[1:] for r in rows], root / "database.txt", "nuswide")
+    n_test = len(test)
+    return RetrievalSet("nuswide", [str(root / r[0]) for r in rows], tags, (1,),
+                        {"": Split(_rows(n_test), np.arange(n_test, len(rows), dtype=np.int64))},
+                        (str(root / "test.txt"), str(root / "database.txt")), SCQ_MULTILABEL_K,
+                        np.arange(n_test, len(rows), dtype=np.int64))
+
+
 READERS = {"cub": read_cub, "cars": read_cars, "sop": read_sop, "inshop": read_inshop,
-           "inat": read_inat, "vehicleid": read_vehicleid, "gldv2": read_gldv2}
+           "inat": read_inat, "vehicleid": read_vehicleid, "gldv2": read_gldv2,
+           "flickr25k": read_flickr25k, "nuswide": read_nuswide}
 
 
 def read(name: str, root) -> RetrievalSet:

@@ -94,6 +94,9 @@ def unit_name(method: str, bits: int, nbits: int) -> str:
 def _train_paths(cfg: Any, name: str, root: Path) -> list[str]:
     if str(cfg.quantize.train_split) == "test":
         return retrieval_sets.read(name, root).paths
+    ds = retrieval_sets.read(name, root)
+    if ds.train is not None:  # SCQ's protocol sets: the database
+        return [ds.paths[i] for i in ds.train]
     if name not in retrieval_sets.TRAIN_READERS:
         raise config.ConfigError(f"quantize.datasets: '{name}' has no train split (sets with one: "
                                  f"{', '.join(retrieval_sets.TRAIN_READERS)}); quantize.train_split=test trains "
@@ -291,7 +294,7 @@ def run_unit(cfg: DictConfig, method: str, bits: int, nbits: int, test: np.ndarr
             extra = {f"nprobe{p}/{k}": v for p, r in sweep.items() for k, v in
                      (("recall@10_vs_float", r["recall"]), ("ms_per_query", r["ms_per_query"]))}
             extra["nlist"] = nlist
-    result = metrics.evaluate(test, ds, str(cfg.device), search=search, map_k=int(q.map_k))
+    result = metrics.evaluate(test, ds, str(cfg.device), search=search, map_k=ds.map_k or int(q.map_k))
     result.update(extra)
     result["bytes"] = baselines.code_bytes(index)
     result["ms_per_query"] = _timed(index, queries, 100)
@@ -314,14 +317,20 @@ def quantize_set(cfg: DictConfig, feats: _Features, name: str, log) -> dict:
     test = normalize(feats(name, ds.paths))
     train_paths = _train_paths(cfg, name, root)
     key = f"{name}.{q.train_split}"
-    train = test if str(q.train_split) == "test" else normalize(feats(key, train_paths))
+    if str(q.train_split) == "test":
+        train = test
+    elif ds.train is not None:  # SCQ's protocol sets train on their database, whose features are test's rows
+        train = test[ds.train]
+    else:
+        train = normalize(feats(key, train_paths))
+    map_k = ds.map_k or int(q.map_k)  # SCQ's protocol sets are scored at their own K
     pairs: dict = {}
     out = Path(str(cfg.run_dir)) / "quantize" / features_path(cfg.run_dir, feats.spec.label, name).parent.name / name
     out.mkdir(parents=True, exist_ok=True)
     found: dict = {}
     flat = faiss.IndexFlatIP(test.shape[1])
     flat.add(test)
-    base = metrics.evaluate(test, ds, str(cfg.device), map_k=int(q.map_k))
+    base = metrics.evaluate(test, ds, str(cfg.device), map_k=map_k)
     base.update(bytes=4 * test.shape[1], ms_per_query=_timed(flat, test, 100))
     found.update({f"float/{k}": v for k, v in base.items()})
     for method, bits, nbits, why in skipped(cfg, test.shape[1]):

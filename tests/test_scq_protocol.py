@@ -1,0 +1,132 @@
+"""SCQ's evaluation protocol: FLICKR25K and NUS-WIDE read from replicas of the layouts its loader reads,
+their query/database splits, multi-label relevance and mAP@5000, checked against loops written from the
+authors' code (cazhang/sscq utils/retrieval.py Evaluate_mAP, dataset/*.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evaluation import metrics, retrieval_sets
+from evaluation.retrieval_sets import RetrievalSet, Split
+from scq_layouts import write_flickr25k, write_nuswide
+
+
+def tags_of(n: int, width: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    tags = rng.random((n, width)) < 0.08
+    tags[np.arange(n), rng.integers(0, width, n)] = True  # every image has a tag, as the curated lists do
+    return tags
+
+
+def authors_map(dist: np.ndarray, q_tags: np.ndarray, db_tags: np.ndarray, top_k: int) -> float:
+    """Evaluate_mAP as a loop: relevance = q @ db.T > 0, ranked by ascending distance, top K; AP = mean over
+    the relevant positions of (count so far / position); queries with none add 0; mean over all queries."""
+    total = 0.0
+    for i in range(len(q_tags)):
+        relevant = (db_tags.astype(float) @ q_tags[i].astype(float) > 0)[np.argsort(dist[i], kind="stable")][:top_k]
+        if relevant.sum() == 0:
+            continue
+        positions = np.flatnonzero(relevant) + 1.0
+        total += np.mean(np.arange(1, len(positions) + 1) / positions)
+    return total / len(q_tags)
+
+
+def test_flickr25k_split_is_the_authors_seeded_permutation(tmp_path):
+    tags = tags_of(2030, 24, 0)
+    root = write_flickr25k(tmp_path, tags)
+    ds = retrieval_sets.read("flickr25k", root)
+    # sscq's Flickr25k.init: np.random.seed(2022); perm = np.random.permutation(n); 2000 queries, the rest both
+    # the database and the training set.
+    np.random.seed(2022)
+    perm = np.random.permutation(2030)
+    split = ds.splits[""]
+    assert sorted(split.query) == sorted(perm[:2000]) and sorted(split.gallery) == sorted(perm[2000:])
+    assert np.array_equal(ds.train, split.gallery) and ds.map_k == 5000
+    assert ds.labels.shape == (2030, 24) and np.array_equal(ds.labels, tags)
+    assert ds.paths[0] == str(root / "images" / "im1.jpg")
+    retrieval_sets.check_images(ds)
+
+
+def test_flickr25k_too_small_or_mismatched_lists_are_named(tmp_path):
+    root = write_flickr25k(tmp_path, tags_of(30, 24, 1))
+    with pytest.raises(ValueError, match=r"img.txt names 30 images; SCQ's protocol takes 2000 queries"):
+        retrieval_sets.read("flickr25k", root)
+    (root / "targets.txt").write_text("0 1\n" * 29)
+    with pytest.raises(ValueError, match=r"names 30 images, .*targets.txt tags 29"):
+        retrieval_sets.read("flickr25k", root)
+    (root / "targets.txt").write_text("0 2\n" * 30)
+    with pytest.raises(ValueError, match=r"targets.txt holds a tag that is not 0 or 1"):
+        retrieval_sets.read("flickr25k", root)
+
+
+def test_nuswide_queries_are_test_txt_against_database_txt(tmp_path):
+    tags = tags_of(90, 21, 2)
+    root = write_nuswide(tmp_path, tags, n_test=21)
+    ds = retrieval_sets.read("nuswide", root)
+    split = ds.splits[""]
+    assert split.query.tolist() == list(range(21)) and split.gallery.tolist() == list(range(21, 90))
+    assert np.array_equal(ds.train, split.gallery) and ds.map_k == 5000 and np.array_equal(ds.labels, tags)
+    first = (root / "test.txt").read_text().split()[0]
+    assert ds.paths[0] == str(root / first)
+    retrieval_sets.check_images(ds)
+    (root / "test.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"nuswide: expected .*test.txt; see NUS-WIDE"):
+        retrieval_sets.read("nuswide", root)
+
+
+@pytest.mark.parametrize("k", [5, 40])
+def test_multilabel_map_at_k_equals_the_authors_loop(k):
+    rng = np.random.default_rng(3)
+    n_q, n_db = 25, 60
+    tags = tags_of(n_q + n_db, 6, 4)
+    x = rng.normal(size=(n_q + n_db, 8)) + tags[:, :, None].repeat(8 // 6 + 1, 2).reshape(n_q + n_db, -1)[:, :8]
+    ds = RetrievalSet("t", [""] * (n_q + n_db), tags, (1,), {"": Split(np.arange(n_q), np.arange(n_q, n_q + n_db))})
+    got = metrics.evaluate(x, ds, device="cpu", map_k=k)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    dist = ((xn[:n_q, None] - xn[None, n_q:]) ** 2).sum(-1)
+    assert got[f"mAP@{k}"] == pytest.approx(authors_map(dist, tags[:n_q], tags[n_q:], k))
+    nearest = dist.argmin(1)
+    assert got["R@1"] == pytest.approx(np.mean([(tags[i] & tags[n_q + j]).any() for i, j in enumerate(nearest)]))
+    # Any shared tag counts, not equality of the tag sets: the single-label rule would score lower here.
+    exact = np.mean([(tags[i] == tags[n_q + j]).all() for i, j in enumerate(nearest)])
+    assert got["R@1"] > exact
+
+
+def test_shared_tag_hits():
+    g = np.array([[[1, 0, 0], [0, 1, 1], [0, 0, 0]]], dtype=bool)
+    q = np.array([[0, 1, 0]], dtype=bool)
+    assert metrics.shared_tag_hits(g, q).tolist() == [[False, True, False]]
+
+
+def test_quantize_stage_scores_nuswide_in_scqs_protocol(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from evaluation.features import features_path
+    from unicom_ds import unicom_vit
+    repo = Path(__file__).resolve().parents[1]
+    tags = tags_of(90, 21, 5)
+    write_nuswide(tmp_path / "data", tags, n_test=21)
+    torch.manual_seed(0)
+    torch.save(unicom_vit.build("ViT-Tiny-16").state_dict(), tmp_path / "init.pt")
+    run = tmp_path / "run"
+    res = subprocess.run(
+        [sys.executable, "slurm/submit.py", "launcher=local", "stage=quantize", f"run_dir={run}", "model=ViT-Tiny-16",
+         "device=cpu", "quantize.datasets=[nuswide]", f"quantize.model=unicom:ViT-Tiny-16@{tmp_path / 'init.pt'}",
+         f"eval.data_root={tmp_path / 'data'}", "eval.workers=0", "quantize.bits=[16]", "quantize.nbits=[4]",
+         "quantize.methods=[pq,opq]"],
+        cwd=repo, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert "nuswide: 90 test images, codes trained on 69 images" in res.stdout  # the database, as the authors train
+    found = json.loads((run / "eval" / "results.json").read_text())["unicom:ViT-Tiny-16"]["nuswide"]
+    # mAP@5000 capped at the 69-image database; float search checked against the authors' loop.
+    x = np.load(features_path(run, "unicom:ViT-Tiny-16", "nuswide"))
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    dist = ((xn[:21, None] - xn[None, 21:]) ** 2).sum(-1)
+    assert found["float/mAP@69"] == pytest.approx(authors_map(dist, tags[:21], tags[21:], 69), abs=1e-6)
+    assert 0 < found["pq-4x4/mAP@69"] <= 1 and 0 < found["opq-4x4/mAP@69"] <= 1
