@@ -1,6 +1,7 @@
 """Assign's IVF search over the centroids against exact search: agreement and speed, side by side.
 
     python benchmarks/bench_assign_ivf.py --k 4096 16384 65536 --d 512 --n 20000 --nprobe 4 8 16 32 64
+    python benchmarks/bench_assign_ivf.py --device cuda --k 1000000 --n 65536 --nprobe 8 32   # the GPU path
 
 Data (--data): `topics`, centroids grouped in topics as k-means leaves them on web data, rows between two centroids
 of a topic; `sphere`, centroids uniform on a low-dimensional sphere (--intrinsic) with rows moved from them by
@@ -20,6 +21,7 @@ import faiss
 import numpy as np
 
 from cluster_job import centroid_ivf
+from cluster_job.nearest import TorchFlatIP
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -47,8 +49,10 @@ def topics(rng: np.random.Generator, k: int, d: int, n: int) -> tuple[np.ndarray
     centres = unit(rng.standard_normal((max(1, k // 64), d)))
     centroids = unit(centres[topic] + 0.6 * unit(rng.standard_normal((k, d))))
     a = rng.integers(0, k, n)
-    siblings = [np.flatnonzero(topic == t) for t in range(len(centres))]
-    b = np.array([rng.choice(siblings[topic[i]]) for i in a])
+    order = np.argsort(topic, kind="stable")  # the centroids of topic t: order[starts[t]:starts[t + 1]]
+    starts = np.concatenate([[0], np.cumsum(np.bincount(topic, minlength=len(centres)))])
+    lo, hi = starts[topic[a]], starts[topic[a] + 1]
+    b = order[lo + (rng.random(n) * (hi - lo)).astype(np.int64)]
     w = rng.uniform(0, 0.5, (n, 1))
     return centroids, unit((1 - w) * centroids[a] + w * centroids[b] + 0.3 * unit(rng.standard_normal((n, d))))
 
@@ -67,6 +71,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--l", type=int, default=8, help="top-l compared as a set")
     ap.add_argument("--nprobe", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     ap.add_argument("--data", choices=("topics", "sphere"), default="topics")
+    ap.add_argument("--device", default="cpu", help="cpu: faiss (flat, IVFFlat); cuda: torch (TorchFlatIP, TorchIVF)")
     ap.add_argument("--intrinsic", type=int, default=32, help="sphere: dimension of the sphere the data lies on")
     ap.add_argument("--noise", type=float, default=1.0, help="sphere: rows around their centroid, in spacings")
     a = ap.parse_args(argv)
@@ -75,16 +80,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rng = np.random.default_rng(k)
         centroids, rows = (topics(rng, k, a.d, a.n) if a.data == "topics" else
                            sphere(rng, k, a.d, a.n, a.intrinsic, a.noise))
-        flat = faiss.IndexFlatIP(a.d)
-        flat.add(centroids)
+        if a.device == "cpu":
+            flat = faiss.IndexFlatIP(a.d)
+            flat.add(centroids)
+        else:  # where faiss is a CPU build: the assign stage's torch searches on the GPU
+            flat = TorchFlatIP(centroids, a.device)
+            flat.search(rows[:256], a.l)  # kernels, allocator
         (_, exact), exact_s = timed(lambda: flat.search(rows, a.l))
         nlist = centroid_ivf.default_nlist(k)
         centres, lists_s = timed(lambda: centroid_ivf.list_centres(centroids, nlist, seed=0))
         for nprobe in a.nprobe:
-            index = centroid_ivf.faiss_ivf(centroids, centres, nprobe)
+            index = (centroid_ivf.faiss_ivf(centroids, centres, nprobe) if a.device == "cpu" else
+                     centroid_ivf.TorchIVF(centroids, centres, nprobe, a.device))
+            index.search(rows[:256], a.l)  # warm-up
             (_, ids), ivf_s = timed(lambda: index.search(rows, a.l))
             found = np.mean([len(set(g) & set(w)) / a.l for g, w in zip(ids.tolist(), exact.tolist())])
-            out = {"k": k, "d": a.d, "n": a.n, "data": a.data if a.data == "topics" else f"sphere{a.intrinsic}x{a.noise:g}", "nlist": nlist, "nprobe": nprobe,
+            out = {"device": a.device, "k": k, "d": a.d, "n": a.n, "data": a.data if a.data == "topics" else f"sphere{a.intrinsic}x{a.noise:g}", "nlist": nlist, "nprobe": nprobe,
                    "top1_agreement": round(float((ids[:, 0] == exact[:, 0]).mean()), 4),
                    f"top{a.l}_recall": round(float(found), 4),
                    "speedup_over_exact": round(exact_s / ivf_s, 2), "exact_rows_per_s": round(a.n / exact_s),

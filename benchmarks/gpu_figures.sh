@@ -5,7 +5,7 @@
 #     bash benchmarks/gpu_figures.sh [OUT_DIR] [PART ...]   # default OUT_DIR: gpu_figures/ ($OUT when set)
 #
 # PART: part numbers to run (e.g. 01 02 03 04 07), all when none are given. A device call runs at most
-# 10 minutes, so run the parts in two calls into one OUT_DIR: `01 02 03 04 07 09`, then `05 06 08 10`
+# 10 minutes, so run the parts in two calls into one OUT_DIR: `01 02 03 04 07 09`, then `05 06 08 10 11`
 # (the summary is appended to; 04 reads 02's step rate from OUT_DIR).
 #
 # Each part has its own time limit and log (OUT_DIR/NN_name.log); a part that fails or runs out of
@@ -23,6 +23,7 @@
 #   08 detect stage: one ViT-B Mask R-CNN step at 1024 px, windowed vs global attention (img/s, peak memory)
 #   09 finetune stage: ViT-B/16 bf16 at the recipe's batch of 128 (img/s)
 #   10 assign's nearest-centroid search in torch on the GPU (faiss-cpu build) vs faiss on the CPU, k = 100k and 1M
+#   11 assign's IVF search as grouped products on the GPU (TorchIVF) vs exact torch search, k = 1M, d = 512
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu_figures}}
@@ -71,4 +72,6 @@ part 09_finetune 150 $PY benchmarks/bench_finetune.py --device cuda --model ViT-
   --precision bf16 --workers 8
 part 10_assign_100k 90 $PY benchmarks/bench_assign.py --device cuda --k 100000 --d 768 --n 65536 --faiss-rows 8192
 part 10_assign_1m 120 $PY benchmarks/bench_assign.py --device cuda --k 1000000 --d 768 --n 65536 --faiss-rows 1024
+part 11_assign_ivf_1m 240 $PY benchmarks/bench_assign_ivf.py --device cuda --data topics --k 1000000 --d 512 \
+  --n 65536 --nprobe 8 32
 echo "done: $SUMMARY" | tee -a "$SUMMARY"
