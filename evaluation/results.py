@@ -184,8 +184,11 @@ def finetune_table(results: dict) -> str:
 # float search) or METHOD-MxNBITS (M sub-quantisers of NBITS bits: a code of M*NBITS bits).
 QUANTIZE_METHODS = {"pq": "PQ", "opq": "OPQ+PQ", "ivfpq": "IVF-PQ", "scq": "SCQ",
                     "scq_e2e": "SCQ end to end"}
-QUANTIZE_CAPTION = ("Compact codes (quantize stage): mAP@K in SCQ's protocol by code size (percent), Recall@1 in "
-                    "brackets, search time per query after the slash; float is exact search of the float features")
+QUANTIZE_CAPTION = ("Compact codes (quantize stage): mAP@K in SCQ's protocol by code size (percent; flickr25k and "
+                    "nuswide: mAP@5000 of their queries against their database, relevant = any shared tag), Recall@1 in "
+                    "brackets, search time per query after the slash; codes searched by asymmetric distance (the sum of "
+                    "squared sub-space distances; rows marked plain ADC: of unsquared ones, as SCQ's code); float is "
+                    "exact search of the float features")
 _UNIT = re.compile(r"^(float|(pq|opq|ivfpq|scq|scq_e2e)-(\d+)x(\d+))/(.+)$")
 
 
@@ -200,7 +203,8 @@ def quantize_cells(results: dict) -> dict[tuple[str, str], dict[str, dict[int, d
                     continue
                 unit, method, books, nbits, metric = m.groups()
                 if method:
-                    row, bits = f"{QUANTIZE_METHODS[method]} ({nbits}-bit codebooks)", int(books) * int(nbits)
+                    adc = ", plain ADC" if values.get(f"{unit}/plain_adc") else ""
+                    row, bits = f"{QUANTIZE_METHODS[method]} ({nbits}-bit codebooks{adc})", int(books) * int(nbits)
                 else:
                     row, bits = "float", 8 * int(values.get("float/bytes", 0))
                 name = ("map" if metric.startswith("mAP@") and "/" not in metric else "r1" if metric == "R@1"

@@ -134,3 +134,11 @@ def test_cosine_key_names_the_split_variant():
     assert results.cosine_key("private/mAP@100") == "private-cosine/mAP@100"
     assert results.dim_key(128, "R@1") == "dim128/R@1"
     assert results.dim_key(128, "R@1", renormalized=True) == "dim128renorm/R@1"
+
+
+def test_quantize_rows_name_the_adc_their_codes_were_ranked_by():
+    res = {"m": {"nuswide": {"float/mAP@5000": 0.5, "float/bytes": 256, "scq-4x4/mAP@5000": 0.4,
+                             "scq-4x4/plain_adc": 1.0, "pq-4x4/mAP@5000": 0.3}}}
+    text = results.markdown(res)
+    assert "relevant = any shared tag" in text and "rows marked plain ADC: of unsquared ones" in text
+    assert "| SCQ (4-bit codebooks, plain ADC) | 40.0" in text and "| PQ (4-bit codebooks) | 30.0" in text

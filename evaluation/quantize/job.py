@@ -298,6 +298,8 @@ def run_unit(cfg: DictConfig, method: str, bits: int, nbits: int, test: np.ndarr
     result.update(extra)
     result["bytes"] = baselines.code_bytes(index)
     result["ms_per_query"] = _timed(index, queries, 100)
+    if method in SCQ_METHODS and str(q.scq.adc) == "plain":  # results.md names the ranking its row used
+        result["plain_adc"] = 1.0
     with atomic_path(out / f"{name}.faiss") as tmp:
         faiss.write_index(index, str(tmp))
     log(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if "/" not in k)
