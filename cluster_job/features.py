@@ -209,9 +209,11 @@ def sample_rows(counts: np.ndarray, n_sample: int, seed: int) -> list[np.ndarray
     return [picked[cuts[i]:cuts[i + 1]] - starts[i] for i in range(len(counts))]
 
 
-def gather(run_dir: str, stems: list[str], rows: list[np.ndarray], mode: str, d: int) -> np.ndarray:
-    """The sampled rows of every shard into one float32 array, one shard mapped at a time."""
-    out = np.empty((sum(len(r) for r in rows), d), dtype=np.float32)
+def gather(run_dir: str, stems: list[str], rows: list[np.ndarray], mode: str, d: int,
+           dtype: type = np.float32) -> np.ndarray:
+    """The sampled rows of every shard into one array (float32, or float16 to halve a large sample: the stored
+    features are float16 already), one shard mapped at a time."""
+    out = np.empty((sum(len(r) for r in rows), d), dtype=dtype)
     at = 0
     for stem, r in zip(stems, rows):
         if len(r):

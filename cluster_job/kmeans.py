@@ -25,6 +25,8 @@ from unicom_ds.progress import progress
 KMEANS_KEYS = features.EMBED_KEYS + ("embed.from", "embed.source", "kmeans.k", "kmeans.mode", "kmeans.niter", "kmeans.init", "kmeans.max_points_per_centroid",
                                      "kmeans.min_points_per_centroid", "kmeans.two_level", "kmeans.seed")
 TWO_LEVEL_FROM_K = 65536  # `kmeans.two_level=auto` switches to two levels from this k on
+COARSE_POINTS_PER_CENTROID = 256  # the two-level fit's coarse sample (faiss's default max_points_per_centroid)
+NEAREST_BATCH = 1 << 20  # rows searched (as float32) at once when the sample is float16
 # Random seeding often leaves two centroids in one group and none in another; k-means++ fixes that but
 # is sequential in k; AFK-MC2 approximates it at a cost that stays small for large k.
 INITS = {"afkmc2": faiss.ClusteringInitMethod_AFK_MC2, "kmeans++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
@@ -133,8 +135,13 @@ def two_level_kmeans(x: np.ndarray, k: int, niter: int, seed: int, min_ppc: int 
     Returns (the k-centroid fit, the coarse fit). The fine fit's objective sums the sub-problems'; its
     history sums them per iteration (a sub-problem solved without iterating adds its objective to each)."""
     kc = max(1, min(int(round(math.sqrt(k))), k))
-    coarse = spherical_kmeans(x, kc, niter, seed, min_ppc, gpu, init)
-    assign = nearest(coarse.centroids, x, gpu)
+    # The coarse fit takes a seeded sample of COARSE_POINTS_PER_CENTROID points per coarse centroid (what faiss
+    # itself would subsample to), so a float16 x is only converted a sample and a sub-problem at a time.
+    picked = np.sort(np.random.default_rng(seed).choice(len(x), min(len(x), kc * COARSE_POINTS_PER_CENTROID),
+                                                        replace=False))
+    coarse = spherical_kmeans(np.ascontiguousarray(x[picked], np.float32), kc, niter, seed, min_ppc, gpu, init)
+    batches = (x[a:a + NEAREST_BATCH] for a in range(0, len(x), NEAREST_BATCH))
+    assign = label_rows(search_index(coarse.centroids, gpu), batches)
     sizes = split_sizes(np.bincount(assign, minlength=kc), k)
     order = np.argsort(assign, kind="stable")
     starts = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=kc))])
@@ -142,7 +149,7 @@ def two_level_kmeans(x: np.ndarray, k: int, niter: int, seed: int, min_ppc: int 
     todo = np.flatnonzero(sizes)
     for c in progress(todo, total=len(todo), desc="kmeans sub-clusters", unit="sub-problem",
                       rows=lambda c: int(starts[c + 1] - starts[c])):
-        members = x[order[starts[c]:starts[c + 1]]]
+        members = np.ascontiguousarray(x[order[starts[c]:starts[c + 1]]], np.float32)
         parts.append(spherical_kmeans(members, int(sizes[c]), niter, seed + 1 + int(c), min_ppc, gpu, init))
     steps = max([p.iterations for p in parts] + [0])
     history = [sum(p.history[i] if i < p.iterations else p.objective for p in parts) for i in range(steps)]
@@ -202,9 +209,11 @@ def run_kmeans(cfg) -> dict:
     n_sample = plan(cfg, counts)
     k, d, mode = int(cfg.kmeans.k), features.dim(src, stems[0]), str(cfg.kmeans.mode)
     rows = features.sample_rows(counts, n_sample, int(cfg.kmeans.seed))
-    x = features.gather(src, stems, rows, mode, d)
     gpu = use_gpu(cfg.kmeans.gpu)
     two = use_two_level(cfg.kmeans.two_level, k)
+    # Two levels hold the sample in float16 (the stored features are float16; a joint mean rounds to it): at
+    # k = 1M x 256 points x d = 512 that is 262 GB instead of 524, inside the job's memory.
+    x = features.gather(src, stems, rows, mode, d, np.float16 if two else np.float32)
     print(f"kmeans: k={k:,} on {n_sample:,} of {int(counts.sum()):,} rows of {len(stems):,} shards (d={d}, "
           f"mode={mode}, {'two-level' if two else 'one level'}, {'%d GPU' % gpu if gpu else 'CPU'})"
           + (f"; {features.damage_line(damaged)}" if damaged else ""), file=sys.stderr, flush=True)

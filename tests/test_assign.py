@@ -312,7 +312,8 @@ def test_assign_ivf_writes_top_l_and_measures_its_disagreement(tmp_path, capfd):
         pytest.approx(changed / checked)
     err = capfd.readouterr().err
     assert f"{100 * changed / checked:.2f}% of 500 rows checked against exact search changed label" in err
-    assert "assign: search=ivf (IVF of nlist 16; nprobe used: 1)" in err and "WARNING: above 0.5%: raise assign.nprobe" in err
+    assert "assign: search=ivf (IVF of nlist 16; nprobe used: 1)" in err
+    assert "WARNING: above 0.5%: raise assign.nprobe" in err
     assert (run / "labels" / "ivf_lists.npy").is_file() and np.load(run / "labels" / "ivf_lists.npy").shape == (16, D)
 
 

@@ -71,6 +71,29 @@ def test_two_level_recovers_groups_and_returns_k_centroids():
     assert iterations > 0 and 0 < objective <= len(x) + 1e-3
 
 
+def test_two_level_on_a_float16_sample_equals_float32(monkeypatch):
+    """The two-level fit holds its sample in float16 (half the memory at k = 1M): converted a coarse sample and a
+    sub-problem at a time, it fits exactly what the same values in float32 fit; the coarse level sees at most
+    COARSE_POINTS_PER_CENTROID points per coarse centroid (here 4 x 2 of 320)."""
+    rng = np.random.default_rng(3)
+    x, _ = blobs(np.eye(32)[:16], 20, 0.03, rng)
+    half = unit(x).astype(np.float16)
+    monkeypatch.setattr(kmeans, "COARSE_POINTS_PER_CENTROID", 2)
+    monkeypatch.setattr(kmeans, "NEAREST_BATCH", 50)  # the coarse assignment in batches too
+    seen = []
+    fit_km = kmeans.spherical_kmeans
+
+    def recorded(x, k, *args):
+        seen.append((x.dtype, len(x), k))
+        return fit_km(x, k, *args)
+
+    monkeypatch.setattr(kmeans, "spherical_kmeans", recorded)
+    fit16, coarse16 = kmeans.two_level_kmeans(half, 16, niter=10, seed=0)
+    fit32, coarse32 = kmeans.two_level_kmeans(half.astype(np.float32), 16, niter=10, seed=0)
+    assert np.array_equal(fit16.centroids, fit32.centroids) and fit16.objective == fit32.objective
+    assert seen[0] == (np.float32, 8, 4) and all(dtype == np.float32 for dtype, _, _ in seen)
+
+
 def test_sample_rows_is_seeded_uniform_without_replacement():
     counts = np.array([10, 0, 25, 7])
     rows = features.sample_rows(counts, 20, seed=3)

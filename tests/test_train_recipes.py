@@ -163,12 +163,14 @@ def test_a_local_run_asking_for_nodes_says_which_launcher_it_uses(tmp_path, caps
     """launcher=local recorded in RUN/config.yaml (as the demo's) with slurm.nodes=16: the plan says the local
     launcher runs it, with its local ranks, and shows no sbatch script."""
     run = finished_run(tmp_path / "run", "ViT-B-16")
-    (run / "config.yaml").write_text(f"run_dir: {run}\nmodel: ViT-B-16\nlauncher: local\ntrain:\n  local_processes: 2\n")
+    (run / "config.yaml").write_text(f"run_dir: {run}\nmodel: ViT-B-16\nlauncher: local\n"
+                                     "train:\n  local_processes: 2\n")
     code = submit.main(["stage=train", f"run_dir={run}", "slurm.nodes=16", "dry_run=true"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "launcher=local: this machine runs the stage and slurm.nodes=16 is not used" in out
-    assert "x 2 ranks (train.local_processes)" in out and "launcher=local: this machine would run, in order: train" in out
+    assert "x 2 ranks (train.local_processes)" in out
+    assert "launcher=local: this machine would run, in order: train" in out
     assert "#SBATCH" not in out and "16 node(s)" not in out
 
 
