@@ -270,3 +270,21 @@ def test_detect_prints_its_own_table_once(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.count("Tab. 9") == 1 and "Tab. 2" not in out and "| run | 3.0 |" in out
     assert "Tab. 2" in (run / "eval" / "results.md").read_text()
+
+
+def test_rpn_proposal_counts_reach_the_model_and_need_two_numbers(tmp_path, coco):
+    from unicom_ds import config
+    vit = unicom_vit.build("ViT-Tiny-16")
+    model = det_backbone.build_model(vit, 4, 96, [0.5] * 3, [0.5] * 3, 3, None, 0.0, 32, 32, (500, 200), (250, 100))
+    assert model.rpn._pre_nms_top_n == {"training": 500, "testing": 200}
+    assert model.rpn._post_nms_top_n == {"training": 250, "testing": 100}
+    default = det_backbone.build_model(vit, 4, 96, [0.5] * 3, [0.5] * 3)
+    assert default.rpn._pre_nms_top_n == {"training": 2000, "testing": 1000}  # ViTDet's
+    assert default.rpn._post_nms_top_n == {"training": 1000, "testing": 1000}
+    run = tmp_path / "run"
+    (run / "train").mkdir(parents=True)
+    torch.save(vit.state_dict(), run / "train" / "backbone.pt")
+    cfg = config.resolve(["stage=detect", f"run_dir={run}", "model=ViT-Tiny-16", f"detect.data_root={coco}",
+                          "detect.rpn_post_nms_topk=[1000]"])
+    with pytest.raises(config.ConfigError, match=r"detect.rpn_post_nms_topk=\[1000\]: two numbers"):
+        job.check(cfg)

@@ -155,12 +155,15 @@ class ViTDetBackbone(nn.Module):
 
 def build_model(vit: nn.Module, num_classes: int, image_size: int, mean, std, window_size: int = 14,
                 global_blocks: list[int] | None = None, drop_path: float = 0.1, channels: int = 256,
-                rois_per_image: int = 512):
+                rois_per_image: int = 512, pre_nms_topk: tuple[int, int] = (2000, 1000),
+                post_nms_topk: tuple[int, int] = (1000, 1000)):
     """torchvision's MaskRCNN on a ViTDet backbone, with ViTDet's heads: a 2-conv RPN head, a 4-conv +
     1-fc box head and a 4-conv mask head, all convs with channel LayerNorm. `num_classes` counts the
     background. Images are resized so that the longer side is `image_size` (training images already
     are, by the large-scale jitter). Each pyramid level has anchors of 8 x its stride (32 ... 512 px at
-    patch 16, as detectron2 and torchvision), whatever the image size."""
+    patch 16, as detectron2 and torchvision), whatever the image size. The RPN keeps `pre_nms_topk`
+    (training, testing) proposals per level before NMS and `post_nms_topk` per image after it (ViTDet's
+    2000/1000 and 1000/1000)."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
@@ -174,6 +177,8 @@ def build_model(vit: nn.Module, num_classes: int, image_size: int, mean, std, wi
     model = MaskRCNN(
         _WithPool(backbone), min_size=image_size, max_size=image_size,
         image_mean=list(mean), image_std=list(std), rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=pre_nms_topk[0], rpn_pre_nms_top_n_test=pre_nms_topk[1],
+        rpn_post_nms_top_n_train=post_nms_topk[0], rpn_post_nms_top_n_test=post_nms_topk[1],
         rpn_head=RPNHead(channels, 3, conv_depth=2),
         box_roi_pool=MultiScaleRoIAlign(list(LEVELS), 7, 0),
         box_head=FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [1024], norm_layer=LayerNorm2d),

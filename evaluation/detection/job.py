@@ -41,7 +41,7 @@ DATASET = "coco"  # the results.json data-set key
 MADE_WITH = ("seed", "model", "detect.model", "detect.image_size", "detect.scale_range", "detect.batch_size",
              "detect.lr", "detect.warmup_steps", "detect.decay_steps", "detect.weight_decay", "detect.layer_decay",
              "detect.drop_path", "detect.window_size", "detect.global_blocks", "detect.fpn_channels",
-             "detect.rois_per_image")
+             "detect.rois_per_image", "detect.rpn_pre_nms_topk", "detect.rpn_post_nms_topk")
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval's first six stats, in its order
 
 
@@ -74,6 +74,9 @@ def check(cfg: Any, world: int = 1) -> list[str]:
     data.check_files(str(d.data_root))
     if int(d.batch_size) % world:
         raise ConfigError(f"detect.batch_size={d.batch_size}: must split evenly over the {world} rank(s)")
+    for key in ("rpn_pre_nms_topk", "rpn_post_nms_topk"):
+        if len(d[key]) != 2:
+            raise ConfigError(f"detect.{key}={list(d[key])}: two numbers, [training, testing]")
     if list(d.decay_steps) != sorted(d.decay_steps):
         raise ConfigError(f"detect.decay_steps={list(d.decay_steps)}: must be increasing")
     images = int(d.steps) * int(d.batch_size)
@@ -164,7 +167,7 @@ class Detector:
         torch.manual_seed(int(self.cfg.seed))  # the new layers' init: the same on every rank and every rerun
         model = build_model(vit, num_classes, int(self.d.image_size), mean, std, int(self.d.window_size),
                             blocks, float(self.d.drop_path), int(self.d.fpn_channels),
-                            int(self.d.rois_per_image))
+                            int(self.d.rois_per_image), tuple(self.d.rpn_pre_nms_topk), tuple(self.d.rpn_post_nms_topk))
         return model.to(self.device), mean
 
     def optimizer(self, model):
