@@ -7,10 +7,18 @@
   SCQ twice: from OPQ (quantize.scq.init=opq, the default) and from scratch (init=random, the authors' lr).
 - `ablation`: SCQ's instance-contrastive weights (embedding and quantised) at 0 (the authors' release) and
   at 0.5, same data, every budget (the default init).
+- `projected` (issue 23): what "SCQ beats OPQ" rests on. Per seed (the digits split, SCQ's init order and
+  views all drawn from it), at 16/32/64 bits with 4-bit codebooks: OPQ+PQ and float search on the pixel
+  features; SCQ (the default, from OPQ) scored by faiss' squared ADC and by the authors' plain ADC
+  (quantize.scq.adc=plain); and, on SCQ's own learnt projection of the same images (L2-normalised), float
+  search and OPQ+PQ trained there. Then the mean and spread over the seeds.
+- `views` (issue 23): SCQ (the default, from OPQ) trained on cached features of V shifted views per digit,
+  V = 2 (quantize.views' default) and 100 (more than the 2 x 50 epochs draw: practically fresh views every
+  epoch, as the authors' loader augments), `--view-counts`, at `--view-bits` with 4-bit codebooks.
 - `speed`: ADC code search (PQ 8x4 = 32 bits, PQ 16x8 = 128 bits, IVF-PQ) against faiss flat float search
   over 1M random 256-d vectors: ms per query (a batch of 100 queries) and bytes per vector.
 
-    python benchmarks/bench_quantize.py [--parts map,ablation,speed] [--nbits 4,8] [--threads 1]
+    python benchmarks/bench_quantize.py [--parts map,ablation,projected,views,speed] [--nbits 4,8] [--seeds 0,1,2]
 """
 from __future__ import annotations
 
@@ -28,10 +36,10 @@ from evaluation.retrieval_sets import RetrievalSet, Split
 from unicom_ds.arrays import normalize
 
 
-def digits_split():
+def digits_split(seed: int = 0):
     from sklearn.datasets import load_digits
     d = load_digits()
-    order = np.random.default_rng(0).permutation(len(d.target))
+    order = np.random.default_rng(seed).permutation(len(d.target))
     half = len(order) // 2
     return d.images[order[:half]], d.images[order[half:]], d.target[order[half:]]
 
@@ -48,7 +56,8 @@ def shifted_views(images: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
     return np.stack(out)
 
 
-def train_scq(views: np.ndarray, train: np.ndarray, over: dict, books: int, nbits: int) -> torch.nn.Module:
+def train_scq(views: np.ndarray, train: np.ndarray, over: dict, books: int, nbits: int,
+              seed: int = 0) -> torch.nn.Module:
     """An SCQ head trained as stage=quantize does (the Trainer, one process), quantize.scq keys `over`ridden."""
     import tempfile
     from pathlib import Path
@@ -56,7 +65,7 @@ def train_scq(views: np.ndarray, train: np.ndarray, over: dict, books: int, nbit
     from evaluation.quantize import job
     from unicom_ds import config
     with tempfile.TemporaryDirectory() as run:
-        cfg = config.resolve(["stage=quantize", f"run_dir={run}", "device=cpu",
+        cfg = config.resolve(["stage=quantize", f"run_dir={run}", "device=cpu", f"seed={seed}",
                               *(f"quantize.scq.{k}={v}" for k, v in over.items())])
         return job.train_scq(cfg, ViewPairs(views), books, nbits, Path(run) / "quantize" / "scq", train)[0]
 
@@ -96,6 +105,55 @@ def run_map(budgets, nbits_list, ablation: bool) -> None:
             print(f"| {name} | {nbits}-bit | " + " | ".join(cells) + " |", flush=True)
 
 
+def run_projected(budgets, seeds) -> None:
+    rows: dict[str, dict[int, list[float]]] = {}
+
+    def add(name, bits, value):
+        rows.setdefault(name, {}).setdefault(bits, []).append(100 * value)
+
+    for seed in seeds:
+        train_img, test_img, labels = digits_split(seed)
+        train = normalize(train_img.reshape(len(train_img), -1).astype(np.float32))
+        test = normalize(test_img.reshape(len(test_img), -1).astype(np.float32))
+        views = shifted_views(train_img, 4, seed)
+        ds = RetrievalSet("digits", [str(i) for i in range(len(test))], labels, (1,), {"": Split(np.arange(len(test)))})
+        k = min(1000, len(test) - 1)
+        score = lambda x, search=None: metrics.evaluate(x, ds, "cpu", search=search, map_k=k)[f"mAP@{k}"]  # noqa: E731
+        for bits in budgets:
+            start = time.time()
+            add("float, pixel features", bits, score(test))
+            add("OPQ+PQ, pixel features", bits, score(test, baselines.searcher(baselines.train("opq", train, bits, 4))))
+            head = train_scq(views, train, {}, bits // 4, 4, seed)
+            add("SCQ (from OPQ), squared ADC (default)", bits, score(test, scq.searcher(head)))
+            add("SCQ (from OPQ), plain ADC (the authors')", bits, score(test, scq.searcher(head, "plain")))
+            p_train, p_test = normalize(scq.embed(head, train)), normalize(scq.embed(head, test))
+            add("float, SCQ's projection", bits, score(p_test))
+            add("OPQ+PQ, SCQ's projection", bits, score(p_test, baselines.searcher(baselines.train("opq", p_train, bits, 4))))
+            print(f"  seed {seed}, {bits} bits: " + ", ".join(f"{n} {v[bits][-1]:.1f}" for n, v in rows.items())
+                  + f" ({time.time() - start:.0f}s)", flush=True)
+    print(f"digits, 4-bit codebooks, mAP@K, mean ± std over seeds {list(seeds)}")
+    print("| method | " + " | ".join(f"{b} bits" for b in budgets) + " |\n|---|" + "---:|" * len(budgets))
+    for name, by_bits in rows.items():
+        print(f"| {name} | " + " | ".join(f"{np.mean(by_bits[b]):.1f} ± {np.std(by_bits[b]):.1f}" for b in budgets)
+              + " |")
+
+
+def run_views(budgets, counts) -> None:
+    train_img, test_img, labels = digits_split()
+    train = normalize(train_img.reshape(len(train_img), -1).astype(np.float32))
+    test = normalize(test_img.reshape(len(test_img), -1).astype(np.float32))
+    ds = RetrievalSet("digits", [str(i) for i in range(len(test))], labels, (1,), {"": Split(np.arange(len(test)))})
+    k = min(1000, len(test) - 1)
+    print("| cached views per image | " + " | ".join(f"{b} bits" for b in budgets) + " |\n|---|" + "---:|" * len(budgets))
+    for count in counts:
+        views = shifted_views(train_img, count)
+        cells = []
+        for bits in budgets:
+            head = train_scq(views, train, {}, bits // 4, 4)
+            cells.append(f"{100 * metrics.evaluate(test, ds, 'cpu', search=scq.searcher(head), map_k=k)[f'mAP@{k}']:.1f}")
+        print(f"| {count} | " + " | ".join(cells) + " |", flush=True)
+
+
 def run_speed(n: int, d: int, queries: int) -> None:
     rng = np.random.default_rng(0)
     x = normalize(rng.standard_normal((n, d)).astype(np.float32))
@@ -130,6 +188,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--nbits", default="4,8", help="codebook sizes of the map part")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds of the projected part")
+    ap.add_argument("--view-counts", default="2,100", help="cached views per image of the views part")
+    ap.add_argument("--view-bits", default="16,64", help="budgets of the views part")
     args = ap.parse_args()
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
@@ -138,6 +199,10 @@ def main() -> None:
         run_map((16, 32, 64), tuple(int(b) for b in args.nbits.split(",")), ablation=False)
     if "ablation" in parts:
         run_map((16, 32, 64), (4,), ablation=True)
+    if "projected" in parts:
+        run_projected((16, 32, 64), tuple(int(x) for x in args.seeds.split(",")))
+    if "views" in parts:
+        run_views(tuple(int(b) for b in args.view_bits.split(",")), tuple(int(c) for c in args.view_counts.split(",")))
     if "speed" in parts:
         run_speed(args.n, args.d, 100)
 
