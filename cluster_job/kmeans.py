@@ -25,6 +25,9 @@ from unicom_ds.progress import progress
 KMEANS_KEYS = features.EMBED_KEYS + ("embed.from", "embed.source", "kmeans.k", "kmeans.mode", "kmeans.niter", "kmeans.init", "kmeans.max_points_per_centroid",
                                      "kmeans.min_points_per_centroid", "kmeans.two_level", "kmeans.seed")
 TWO_LEVEL_FROM_K = 65536  # `kmeans.two_level=auto` switches to two levels from this k on
+# The ~sqrt(k) sub-problems (about 1,000 at k = 1M) run one after another: seeded with random points, not
+# AFK-MC2, which cost ~1.2 s each (20 min at 1M) and fitted no better (benchmarks/bench_kmeans_seeding.py).
+SUB_INIT = "random"
 COARSE_POINTS_PER_CENTROID = 256  # the two-level fit's coarse sample (faiss's default max_points_per_centroid)
 NEAREST_BATCH = 1 << 20  # rows searched (as float32) at once when the sample is float16
 # Random seeding often leaves two centroids in one group and none in another; k-means++ fixes that but
@@ -130,7 +133,8 @@ def split_sizes(counts: np.ndarray, k: int) -> np.ndarray:
 
 def two_level_kmeans(x: np.ndarray, k: int, niter: int, seed: int, min_ppc: int = 1, gpu: int = 0,
                      init: str = "afkmc2") -> tuple[Fit, Fit]:
-    """~sqrt(k) coarse clusters, then each split into sub-clusters in proportion to its size.
+    """~sqrt(k) coarse clusters (seeded by `init`), then each split into sub-clusters in proportion to its size
+    (seeded by SUB_INIT).
 
     Returns (the k-centroid fit, the coarse fit). The fine fit's objective sums the sub-problems'; its
     history sums them per iteration (a sub-problem solved without iterating adds its objective to each)."""
@@ -150,7 +154,7 @@ def two_level_kmeans(x: np.ndarray, k: int, niter: int, seed: int, min_ppc: int 
     for c in progress(todo, total=len(todo), desc="kmeans sub-clusters", unit="sub-problem",
                       rows=lambda c: int(starts[c + 1] - starts[c])):
         members = np.ascontiguousarray(x[order[starts[c]:starts[c + 1]]], np.float32)
-        parts.append(spherical_kmeans(members, int(sizes[c]), niter, seed + 1 + int(c), min_ppc, gpu, init))
+        parts.append(spherical_kmeans(members, int(sizes[c]), niter, seed + 1 + int(c), min_ppc, gpu, SUB_INIT))
     steps = max([p.iterations for p in parts] + [0])
     history = [sum(p.history[i] if i < p.iterations else p.objective for p in parts) for i in range(steps)]
     fine = Fit(np.concatenate([p.centroids for p in parts]), sum(p.objective for p in parts), history,
