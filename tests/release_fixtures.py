@@ -14,8 +14,10 @@ Where each name and type comes from:
   `--save_additional_columns '["NSFW","similarity","LICENSE"]'` of img2dataset's dataset_examples/laion400m.md.
 - LAION-5B's subsets (`layout="laion5b"`): `img_emb/`, `text_emb/` (embedding-reader's README reads
   `laion5b/embeddings/laion2B-en/img_emb/`), the metadata in a folder named after the subset
-  (`laion2B-en-metadata/`; embedding-reader takes it as a separate `metadata_folder`), N padded to 4 digits
-  (clip-retrieval docs/laion5B_h14_back.md: `metadata_{0000..2313}.parquet`); columns as clip-retrieval's.
+  (`laion2B-en/laion2B-en-metadata/metadata_0000.parquet` beside `laion2B-en/img_emb/img_emb_0000.npy`, as
+  vespa-engine/sample-apps' billion-scale-image-search README downloads them; embedding-reader takes it as a
+  separate `metadata_folder`), N padded to 4 digits (clip-retrieval docs/laion5B_h14_back.md:
+  `metadata_{0000..2313}.parquet`); columns as clip-retrieval's.
 - Features: float16 rows of unit norm, as clip-retrieval's writer stores them.
 - The download: img2dataset's webdataset writer (img2dataset/writer.py, downloader.py): tar members
   `KEY.jpg`, `KEY.txt`, `KEY.json` (the sample's metadata: url, caption, the additional columns, key, status,
