@@ -35,17 +35,24 @@ from unicom_ds.atomic import read_json, save_npy_atomic, write_json_atomic
 from unicom_ds.decode import TensorPreprocess, decode_batch, draft, needed_size
 from unicom_ds.progress import progress
 
+from evaluation.files import array_row, read_cifar_batch
+
 
 class ImageFiles(Dataset):
     def __init__(self, paths: Sequence[str], transform: Callable):
         self.paths = list(paths)
         self.transform = transform
         self.need = needed_size(transform)  # JPEGs decode at the smallest scale its Resize still needs
+        self._batches: dict[str, np.ndarray] = {}  # CIFAR batches read so far (per worker)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        if (row := array_row(self.paths[i])) is not None:
+            if row[0] not in self._batches:
+                self._batches[row[0]] = read_cifar_batch(row[0])[0]
+            return self.transform(Image.fromarray(self._batches[row[0]][row[1]]))
         try:
             with Image.open(self.paths[i]) as image:
                 if self.need is not None:
@@ -75,7 +82,7 @@ class FileBytes(Dataset):
 def device_preprocess(dataset: Dataset, device: torch.device) -> TensorPreprocess | None:
     """The dataset's preprocess as tensor operations where its images decode on the device (an
     ImageFiles on CUDA whose transform has a tensor version), else None."""
-    if device.type != "cuda" or not isinstance(dataset, ImageFiles):
+    if device.type != "cuda" or not isinstance(dataset, ImageFiles) or any(map(array_row, dataset.paths[:1])):
         return None
     try:
         return TensorPreprocess(dataset.transform)

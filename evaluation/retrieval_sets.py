@@ -10,7 +10,8 @@ more named `splits`, each a query/gallery protocol over those rows:
 - query/gallery (In-Shop);
 - GLDv2 "public" and "private": test queries against the index, with `relevant` giving each
   query's correct index rows (from retrieval_solution_v2.1.csv); scored by mAP@100.
-- SCQ's protocol (Wu et al. 2022, as its code cazhang/sscq splits and scores them): FLICKR25K (2,000
+- SCQ's protocol (Wu et al. 2022): CIFAR-10 (`cifar10_scq`: 1,000 queries, 100 per class, against the
+  other 59,000 images, mAP@1000, as the paper states it) and, as its code cazhang/sscq splits and scores them, FLICKR25K (2,000
   random queries, seeded as its scripts, against the rest) and NUS-WIDE (test.txt's 2,100 queries
   against database.txt), multi-label (`labels` [n, tags] 0/1: relevant = any shared tag), mAP@5000
   (`map_k`), codes trained on the database (`train`, the authors' num_train 'ALL').
@@ -67,12 +68,15 @@ SOURCES = {
     "flickr25k": "MIRFLICKR-25000 (https://press.liacs.nl/mirflickr/, images im1.jpg ... im25000.jpg) as the deep "
                  "hashing code SCQ's loader follows lays it out: images/, img.txt, targets.txt (24 tags), "
                  "cazhang/sscq dataset/flickr25k.py",
+    "cifar10_scq": "CIFAR-10, python version (https://www.cs.toronto.edu/~kriz/cifar.html, cifar-10-python.tar.gz: "
+                   "cifar-10-batches-py/data_batch_1..5, test_batch)",
     "nuswide": "NUS-WIDE (https://lms.comp.nus.edu.sg/wp-content/uploads/2019/research/nuswide/NUS-WIDE.html), "
                "21 most frequent concepts, as SCQ's loader reads it: database.txt, test.txt, train.txt "
                "('path t1 ... t21'), cazhang/sscq dataset/nuswide.py",
 }
 # SCQ's protocol: queries per set, the split seed of its scripts (run_flickr25k.sh --random_seed=2022), mAP@K.
 FLICKR25K_QUERIES, SCQ_SPLIT_SEED, SCQ_MULTILABEL_K = 2000, 2022, 5000
+CIFAR10_QUERIES_PER_CLASS, CIFAR10_K = 100, 1000
 VEHICLEID_SIZES = (800, 1600, 2400)
 GLDV2_USAGES = ("Public", "Private")
 
@@ -240,6 +244,32 @@ def read_flickr25k(root: Path) -> RetrievalSet:
                         SCQ_MULTILABEL_K, database)
 
 
+def read_cifar10_scq(root: Path) -> RetrievalSet:
+    """CIFAR-10's python release (cifar-10-batches-py/data_batch_1..5 and test_batch, pickled arrays; images are
+    named FILE#ROW) as one pool of 60,000 images, split as SCQ's paper states its CIFAR-10 protocol: 1,000
+    queries (100 per class, drawn with numpy's legacy generator seeded 2022, its scripts' seed), the other
+    59,000 the database and the training set, mAP@1000."""
+    paths, labels = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        path = _need(root, f"cifar-10-batches-py/{name}", "cifar10_scq")
+        batch_labels = files.read_cifar_batch(str(path))[1]
+        paths += [f"{path}#{row}" for row in range(len(batch_labels))]
+        labels += batch_labels
+    labels = np.array(labels, dtype=np.int64)
+    rng = np.random.RandomState(SCQ_SPLIT_SEED)
+    query = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        if len(rows) <= CIFAR10_QUERIES_PER_CLASS:
+            raise ValueError(f"cifar10_scq: class {c} has {len(rows)} images in {root / 'cifar-10-batches-py'}; "
+                             f"SCQ's protocol takes {CIFAR10_QUERIES_PER_CLASS} queries of each class")
+        query.append(rng.choice(rows, CIFAR10_QUERIES_PER_CLASS, replace=False))
+    query = np.sort(np.concatenate(query))
+    database = np.setdiff1d(_rows(len(labels)), query)
+    return RetrievalSet("cifar10_scq", paths, labels, (1,), {"": Split(query, database)},
+                        (str(root / "cifar-10-batches-py"),), CIFAR10_K, database)
+
+
 def read_nuswide(root: Path) -> RetrievalSet:
     """NUS-WIDE (21 concepts) as SCQ's loader reads it: test.txt (the 2,100 queries) and database.txt (the
     database, also the training set), each line an image path under the set's folder and its 0/1 tags."""
@@ -255,7 +285,7 @@ def read_nuswide(root: Path) -> RetrievalSet:
 
 READERS = {"cub": read_cub, "cars": read_cars, "sop": read_sop, "inshop": read_inshop,
            "inat": read_inat, "vehicleid": read_vehicleid, "gldv2": read_gldv2,
-           "flickr25k": read_flickr25k, "nuswide": read_nuswide}
+           "cifar10_scq": read_cifar10_scq, "flickr25k": read_flickr25k, "nuswide": read_nuswide}
 
 
 def read(name: str, root) -> RetrievalSet:

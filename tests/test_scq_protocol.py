@@ -130,3 +130,45 @@ def test_quantize_stage_scores_nuswide_in_scqs_protocol(tmp_path):
     dist = ((xn[:21, None] - xn[None, 21:]) ** 2).sum(-1)
     assert found["float/mAP@69"] == pytest.approx(authors_map(dist, tags[:21], tags[21:], 69), abs=1e-6)
     assert 0 < found["pq-4x4/mAP@69"] <= 1 and 0 < found["opq-4x4/mAP@69"] <= 1
+
+
+def test_cifar10_scq_is_1000_queries_100_per_class_against_the_rest(tmp_path):
+    from evaluation.features import ImageFiles
+    from probe_layouts import write_cifar10
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 255, (1200, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(1200) % 10
+    # The release's layout (cifar-10-batches-py/data_batch_1..5, test_batch), as the probe tests write it.
+    write_cifar10(tmp_path, x, y, folder="cifar10_scq/cifar-10-batches-py")
+    ds = retrieval_sets.read("cifar10_scq", tmp_path / "cifar10_scq")
+    split = ds.splits[""]
+    assert len(ds) == 1200 and len(split.query) == 1000 and len(split.gallery) == 200
+    assert np.bincount(ds.labels[split.query]).tolist() == [100] * 10
+    assert sorted(np.concatenate([split.query, split.gallery]).tolist()) == list(range(1200))
+    assert np.array_equal(ds.train, split.gallery) and ds.map_k == 1000
+    assert np.array_equal(split.query, retrieval_sets.read("cifar10_scq", tmp_path / "cifar10_scq").splits[""].query)
+    retrieval_sets.check_images(ds)
+    # Each FILE#ROW name reads back the very pixels written there, through the eval stage's image dataset.
+    images = ImageFiles(ds.paths, lambda im: np.asarray(im))
+    order = {tuple(img.ravel()[:64]): i for i, img in enumerate(x)}
+    for i in (0, 599, 1199):
+        pixels = images[i]
+        j = order[tuple(pixels.ravel()[:64])]
+        assert np.array_equal(pixels, x[j]) and ds.labels[i] == y[j]
+    (tmp_path / "cifar10_scq" / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(FileNotFoundError, match=r"cifar10_scq: expected .*test_batch; see CIFAR-10"):
+        retrieval_sets.read("cifar10_scq", tmp_path / "cifar10_scq")
+
+
+def test_single_label_map_at_1000_equals_the_authors_loop():
+    # SCQ's code scores CIFAR-10 with one-hot labels through the same q @ db.T > 0 rule.
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 10, 1300)
+    x = rng.normal(size=(1300, 16)) + np.eye(16)[labels] * 2
+    query, database = np.arange(100), np.arange(100, 1300)
+    ds = RetrievalSet("t", [""] * 1300, labels, (1,), {"": Split(query, database)})
+    got = metrics.evaluate(x, ds, device="cpu", map_k=1000)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    dist = ((xn[query, None] - xn[None, database]) ** 2).sum(-1)
+    onehot = np.eye(10, dtype=bool)[labels]
+    assert got["mAP@1000"] == pytest.approx(authors_map(dist, onehot[query], onehot[database], 1000))
