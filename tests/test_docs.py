@@ -43,3 +43,18 @@ def test_reference_comments_follow_nesting(tmp_path):
     yaml = tmp_path / "x.yaml"
     yaml.write_text("a:\n  b: 1   # the b\n  c:\n    d: 2 # deep\ne: 3 # top\n")
     assert _reference().comments(yaml) == {"a": "", "a.b": "the b", "a.c": "", "a.c.d": "deep", "e": "top"}
+
+
+def test_readme_demo_paragraph_names_every_stage_the_demo_runs(tmp_path):
+    from slurm import launch
+    from unicom_ds import config
+
+    cfg = config.resolve([f"config={config.CONFIG_DIR / 'demo.yaml'}", f"run_dir={tmp_path / 'run'}"])
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("`demo.sh` then writes")
+    paragraph = readme[start:readme.index("\n\n", start)]
+    steps = launch.steps_of(cfg)
+    assert "detect" in steps
+    for step in steps:
+        assert f"(`{step}`)" in paragraph, step
+    assert "minutes" in paragraph and "docs/benchmarks.md" in paragraph
