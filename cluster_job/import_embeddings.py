@@ -209,11 +209,14 @@ def join_buckets(cfg, rel: Release, markers: list[dict], groups: int, n_shards: 
 
 
 def write_shard(cfg, s: str, path: str, rows: pa.Table, features: dict, bad: dict, names: list[str], dim: int) -> dict:
-    """Step 3 for one shard: its joined rows (part, row, key) in key order -> RUN/embed/S.*, done.json last."""
+    """Step 3 for one shard: its joined rows (part, row, key), sorted by key -> RUN/embed/S.*, done.json last."""
     start = time.monotonic()
-    rows = rows.sort_by("key")
     part, row = rows.column("part").to_numpy(), rows.column("row").to_numpy()
-    good = ~np.asarray([r in bad[p] for p, r in zip(part.tolist(), row.tolist())], bool)
+    good = np.ones(len(row), bool)
+    for p in np.unique(part):
+        if len(bad[p]):
+            m = part == p
+            good[m] = ~np.isin(row[m], bad[p])
     part, row = part[good], row[good]
     keys = rows.column("key").to_numpy(zero_copy_only=False)[good]
     out = embed_dir(cfg.run_dir)
@@ -240,7 +243,7 @@ def write_shards(cfg, rel: Release, markers: list[dict], paths: list[str], group
     folder = parts_dir(cfg.run_dir)
     buckets = markers[0]["buckets"]
     index = [read_json(folder / "join" / f"{b}.done.json")["groups"] for b in range(buckets)]
-    bad = {m["at"]: set(m["bad"]) for m in markers}
+    bad = {m["at"]: np.asarray(m["bad"], np.int64) for m in markers}
     stems = [stem(p) for p in paths]
     group = shard_group(np.arange(len(paths)), len(paths), groups)
     written = []
@@ -252,16 +255,15 @@ def write_shards(cfg, rel: Release, markers: list[dict], paths: list[str], group
         tables = [t for t in tables if t is not None]
         if not tables:
             continue
-        rows = pa.concat_tables(tables)
-        shard = rows.column("shard").to_numpy()
+        rows = pa.concat_tables(tables).sort_by([("shard", "ascending"), ("key", "ascending")])
+        cuts = np.searchsorted(rows.column("shard").to_numpy(), np.arange(len(paths) + 1))
         # mapped anew for each group: the pages a group touched leave this process's memory with it
         features = {m["at"]: {side: np.load(folder / m["part"] / f"{side}.npy", mmap_mode="r")
                               for side in ("img", "txt")} for m in markers}
         for j in todo:
-            mine = rows.filter(pa.array(shard == j))
-            if mine.num_rows:
-                written.append(write_shard(cfg, stems[j], paths[j], mine, features, bad,
-                                           [p.name for p in rel.parts], rel.dim))
+            if cuts[j + 1] > cuts[j]:
+                written.append(write_shard(cfg, stems[j], paths[j], rows.slice(cuts[j], cuts[j + 1] - cuts[j]),
+                                           features, bad, [p.name for p in rel.parts], rel.dim))
         del features
     return written
 

@@ -23,12 +23,14 @@ COMMON = ["launcher=local", "device=cpu", "progress=off", "kmeans.k=3", "kmeans.
 N, FAILED = 60, {5, 17, 33}
 
 
-def laion(tmp, layout="laion400m", rows=None, seed=0):
+def laion(tmp, layout="laion400m", rows=None, seed=0, nan_row=None):
     """A release of `rows` (LAION's own download: shard 19848 + i // 25, key i % 25), rows interleaved over
-    two parts; returns (folder, rows, img, txt)."""
+    two parts, row `nan_row`'s image features NaN; returns (folder, rows, img, txt)."""
     rows = pairs(N, dup_urls=4) if rows is None else rows
     rng = np.random.default_rng(seed)
     img, txt = unit16(rng, len(rows), D), unit16(rng, len(rows), D)
+    if nan_row is not None:
+        img[nan_row, 0] = np.nan
     order = rng.permutation(len(rows))
     folder = tmp / layout
     i = np.arange(len(rows))
@@ -47,7 +49,7 @@ def input_rows():
 def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("import")
     rows = input_rows()
-    src, rows, img, txt = laion(tmp, rows=rows)
+    src, rows, img, txt = laion(tmp, rows=rows, nan_row=20)  # row 20: the re-download's 00001, row 4
     # the user's re-download: 16 rows a shard (not LAION's 25), numbered from 0, three URLs failed
     tars = write_download(tmp / "download", rows, per_shard=16, failed=FAILED)
     pattern = str(tmp / "download" / "{00000..00003}.tar")
@@ -75,8 +77,8 @@ def test_labels_land_on_the_image_whose_url_the_row_names(world):
             assert any(np.array_equal(img[j], world["img"][i]) and np.array_equal(txt[j], world["txt"][i])
                        for i in hits), (s, k)
             seen += 1
-    # all but: 3 failed downloads, row 10 and its exact repeat (ambiguous)
-    assert seen == N - len(FAILED) - 2
+    # all but: 3 failed downloads, row 10 and its exact repeat (ambiguous), row 20 (NaN features)
+    assert seen == N - len(FAILED) - 2 - 1
     for tar in world["tars"]:  # the train stage's join reads them by __key__
         s = tar.rsplit("/", 1)[1][:5]
         assert len(train_data.read_label_table(LabelSource(run, run / "embed"), s)) > 0
@@ -89,6 +91,10 @@ def test_duplicates_and_missing_rows_counted(world):
     assert summary["skipped"] == {"duplicate_url": 2, "not_in_download": 3}
     done = read_json(world["run"] / "embed" / "00000.done.json")
     assert done["source"]["join"] == "url" and done["config"]["embed.source"] == str(world["src"])
+    assert done["skipped"] == {} and read_json(world["run"] / "embed" / "00001.done.json")["skipped"] == \
+        {"nonfinite_feature": 1}
+    assert "000010004" not in (world["run"] / "embed" / "00001.keys.txt").read_text().split()
+    assert read_json(world["run"] / "labels" / "summary.json")["rows_skipped"] == {"nonfinite_feature": 1}
 
 
 def test_join_bucket_rule():
