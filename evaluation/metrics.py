@@ -14,8 +14,10 @@
     `cosine=True` normalises them first.
 - `evaluate_dims(features, dataset, dims, renormalize=False)` -> {dim: evaluate(...)} for the paper's
   Fig. 1a; dims larger than the feature are skipped.
+- Multi-label sets (labels [n, tags], SCQ's FLICKR25K and NUS-WIDE): a neighbour is relevant when it shares
+  any tag with the query (`shared_tag_hits`); R@K and mAP@K, no MAP@R.
 - The pieces, usable alone: `normalize`, `truncate`, `knn` (inner product or L2), `index_search`,
-  `recall_at_k`, `map_at_r`, `map_at_k` (SCQ's mAP@K), `map_at_100`.
+  `recall_at_k`, `map_at_r`, `map_at_k` (SCQ's mAP@K), `map_at_100`, `shared_tag_hits`.
 
 Definitions: Recall@K is the fraction of queries with at least one same-class item among their
 K nearest gallery items; MAP@R (Musgrave et al. 2020) averages over queries
@@ -188,9 +190,9 @@ def evaluate_split(features: np.ndarray, labels: np.ndarray, split, ks, device: 
         _, ids = search(query, features[split.gallery], 100, device)
         # ids are positions in the gallery; relevant rows are rows of the whole set.
         return {"mAP@100": map_at_100(split.gallery[ids], split.relevant)}
-    q_labels = labels[split.query]
-    if labels.ndim == 2:
+    if labels.ndim == 2:  # tags [n, C]: SCQ's multi-label sets
         return _evaluate_multilabel(features, labels, split, ks, device, search, map_k)
+    q_labels = labels[split.query]
     width = max(max(ks), map_k or 0)
     if split.gallery is None:
         g_labels = q_labels
