@@ -139,6 +139,42 @@ def test_transforms_as_retrieval_py(size, resize):
     assert repr(ft_data.finetune_transform(f, size)) == repr(ft_data.train_transform(f.augment, size))
 
 
+def test_the_tuned_model_is_scored_with_its_recipes_eval_transform(tmp_path):
+    """The finetune stage's evaluation: the start through its own preprocess (retrieval.py --eval), the fine-tuned
+    model through finetune.transform's eval transform (timm: Resize 73 / crop 64 at 64 px), each checked against
+    features extracted here with torchvision's transforms; no per-epoch scores, no selected row."""
+    import shutil
+
+    from torchvision import transforms as T
+
+    from evaluation.features import ImageFiles, extract, features_path
+    from evaluation.finetune import job
+    from unicom_ds.loading import load
+    x, y = demo_sets.digit_images(120)
+    demo_sets.write_cub(tmp_path / "data", x, y, test_from=5)
+    torch.manual_seed(0)
+    init = tmp_path / "init.pt"
+    torch.save(unicom_vit.build("ViT-Tiny-16").state_dict(), init)
+    run = tmp_path / "run"
+    cfg = config.resolve(["stage=finetune", f"run_dir={run}", "model=ViT-Tiny-16", "device=cpu", "finetune.datasets=[cub]",
+                          f"finetune.init=unicom:ViT-Tiny-16@{init}", f"eval.data_root={tmp_path / 'data'}",
+                          "eval.workers=0", "eval.dims=[32]"])
+    (run / "finetune" / "cub").mkdir(parents=True)
+    shutil.copy(init, run / "finetune" / "cub" / "backbone.pt")  # a release-format file: same weights as the start
+    job.evaluate(cfg, "cub")
+    paths = retrieval_sets.read("cub", tmp_path / "data" / "cub").paths
+    norm = T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    bicubic = T.InterpolationMode.BICUBIC
+    model = load("unicom:ViT-Tiny-16", init)[0]
+    for label, steps in (("unicom:ViT-Tiny-16", [T.Resize(64, interpolation=bicubic), T.CenterCrop(64)]),
+                         ("ft-cub:unicom:ViT-Tiny-16", [T.Resize(73, interpolation=bicubic), T.CenterCrop(64)])):
+        expected = extract(model, ImageFiles(paths, T.Compose([*steps, T.ToTensor(), norm])), workers=0, device="cpu")
+        assert np.allclose(np.load(features_path(run, label, "cub")), expected, atol=1e-5), label
+    assert not np.allclose(np.load(features_path(run, "unicom:ViT-Tiny-16", "cub")),
+                           np.load(features_path(run, "ft-cub:unicom:ViT-Tiny-16", "cub")), atol=1e-3)
+    assert f"fine-tuned, {results.SELECTED_ROW} |" not in (run / "eval" / "results.md").read_text()
+
+
 def test_selected_on_test_is_each_columns_best_epoch():
     """The official number is retrieval.py's max_score, the best test R@1 over epochs: a row of its own."""
     from evaluation.finetune.job import selected_on_test
