@@ -6,8 +6,8 @@ set's test split by the eval stage's retrieval code, next to the model it starte
     python slurm/submit.py stage=finetune run_dir=RUN finetune.datasets=[cub] finetune.init=unicom:ViT-B/16@FILE
 
 - `data`: the train split (`evaluation.retrieval_sets.read_train`) as the Trainer's data source, with
-  deepglint/unicom retrieval.py's timm augmentation.
+  deepglint/unicom retrieval.py's train images (timm augmentation, or origin_clip) and its eval transform.
 - `job`: the precheck, the job (`finetune_job`, `FinetuneJob` under SLURM, `local_command` for the
-  deepspeed launcher) and the evaluation. Writes RUN/finetune/<set>/ (ckpt/, backbone.pt, export.json,
-  init.json), RUN/tensorboard/finetune/<set>/, and the results into RUN/eval/.
+  deepspeed launcher), the per-epoch test and the evaluation. Writes RUN/finetune/<set>/ (ckpt/, backbone.pt,
+  export.json, init.json, epochs.json), RUN/tensorboard/finetune/<set>/, and the results into RUN/eval/.
 """
