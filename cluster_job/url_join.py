@@ -32,7 +32,6 @@ from cluster_job.wds_reader import IMAGE_EXTS
 from unicom_ds.config import ConfigError
 from unicom_ds.shards import stem
 
-JOINS = ("url", "key", "image_path")
 RELEASE_COLUMNS = {"url": ["url"], "key": ["shard_id", "key"], "image_path": ["shard_id", "image_path"]}
 
 
