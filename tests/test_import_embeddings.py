@@ -257,3 +257,11 @@ def test_download_table_from_parquet_else_json(tmp_path, world):
     a, b = url_join.download_table(with_table, "url"), url_join.download_table(without, "url")
     assert a.to_pydict() == b.to_pydict() and a.num_rows == 5
     assert "http://img2.example.org/p/2.jpg" not in a["match"].to_pylist()  # the failed download
+
+
+def test_key_column_auto_of_older_runs_joins_by_url():
+    """RUN/config.yaml of runs made before the URL join holds import.key_column=auto: it still resolves, as url."""
+    from unicom_ds.config import resolve
+
+    assert imp.join_of(resolve(["import.key_column=auto"])) == "url"
+    assert imp.join_of(resolve([])) == "url"
