@@ -259,9 +259,10 @@ def test_download_table_from_parquet_else_json(tmp_path, world):
     assert "http://img2.example.org/p/2.jpg" not in a["match"].to_pylist()  # the failed download
 
 
-def test_key_column_auto_of_older_runs_joins_by_url():
+def test_key_column_auto_of_older_runs_joins_by_url(tmp_path):
     """RUN/config.yaml of runs made before the URL join holds import.key_column=auto: it still resolves, as url."""
     from unicom_ds.config import resolve
 
-    assert imp.join_of(resolve(["import.key_column=auto"])) == "url"
-    assert imp.join_of(resolve([])) == "url"
+    (tmp_path / "config.yaml").write_text("import:\n  key_column: auto\n")
+    assert imp.join_of(resolve([f"run_dir={tmp_path}"])) == "url"
+    assert imp.join_of(resolve([f"run_dir={tmp_path / 'new'}"])) == "url"
