@@ -8,11 +8,12 @@ k-means (ConfigError naming the share and likely causes), with nothing written t
 
 Out of core, in three steps, each restartable from its marker (a task finds each done one and skips it):
 1. per part N (the launcher's array, one or more parts a task): the part's match values, hash-partitioned
-   into B buckets (`parts/N/release.parquet`, one row group a bucket); the download shards of its share
+   into B buckets (`parts/N/release.parquet`, row groups never spanning two); the download shards of its share
    (shard j goes to the part at position j mod P) likewise (`parts/N/download.parquet`); its features as
    float16 unit rows in part order (`parts/N/{img,txt}.npy`); then `parts/N.done.json`.
-2. the task that finds every part done joins bucket by bucket (`parts/join/b.parquet`, one row group per
-   group of shards), checks the share, writes `parts/join.json`.
+2. the task that finds every part done (on a rerun where all were done before: the last part's task) joins
+   bucket by bucket (`parts/join/b.parquet`, grouped by group of shards), checks the share, writes
+   `parts/join.json`.
 3. the same task writes each shard from its group's rows, in key order, gathered from the parts' features;
    `S.done.json` last. Memory: one bucket or one group of shards (about import.bucket_rows rows), whatever the
    number of rows.
