@@ -13,7 +13,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from evaluation import probe_sets, run
+from evaluation import probe_sets, retrieval_sets, run
 from evaluation.features import features_path
 from evaluation.demo_sets import digit_images, write_eurosat, write_sop
 from unicom_ds import backbone, config
@@ -136,6 +136,31 @@ def test_renormalized_prefixes_are_an_option_scored_beside_the_official_ones(don
     assert sop["dim16renorm/R@1"] == pytest.approx(np.mean(labels[sims.argmax(1)] == labels))
     assert sop["dim16/R@1"] == merged["run"]["sop"]["dim16/R@1"]
     assert "| run (re-normalised) |" in (copy / "eval" / "results.md").read_text()
+
+
+def test_gldv2_scored_on_raw_dot_products_with_the_cosine_variant_beside_it(tmp_path):
+    from test_readme_commands import write_gldv2
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    write_gldv2(data / "gldv2")
+    export_backbone(run_dir)
+    cfg = config.resolve([f"run_dir={run_dir}", "stage=eval", "model=ViT-Tiny-16", f"eval.data_root={data}",
+                          "eval.datasets=[gldv2]", "eval.workers=0", "eval.dims=[16]", "eval.gldv2_cosine=true",
+                          "progress=off"])
+    got = run.eval_job(config.select(cfg))["run"]["gldv2"]
+    ds = retrieval_sets.read("gldv2", data / "gldv2")
+    x = np.load(features_path(run_dir, "run", "gldv2")).astype(np.float64)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for split in ("public", "private"):
+        s = ds.splits[split]
+        for feats, key in ((x, f"{split}/mAP@100"), (xn, f"{split}-cosine/mAP@100"), (x[:, :16], f"dim16/{split}/mAP@100")):
+            aps = []
+            for q, rel in zip(s.query, s.relevant):
+                order = s.gallery[np.argsort(-(feats[s.gallery] @ feats[q]), kind="stable")][:100]
+                hit = np.isin(order, rel)
+                aps.append(sum(hit[:j + 1].sum() / (j + 1) for j in range(len(hit)) if hit[j]) / min(len(rel), 100))
+            assert got[key] == pytest.approx(np.mean(aps)), key
+    text = (run_dir / "eval" / "results.md").read_text()
+    assert "| Model | public | private | public (cosine) | private (cosine) |" in text
 
 
 def test_check_names_what_is_missing(tmp_path):
