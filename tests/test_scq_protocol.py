@@ -122,7 +122,8 @@ def test_quantize_stage_scores_nuswide_in_scqs_protocol(tmp_path):
          "quantize.methods=[pq,opq]"],
         cwd=repo, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    assert "nuswide: 90 test images, codes trained on 69 images" in res.stdout  # the database, as the authors train
+    # The database trains the codes, as the authors' num_train 'ALL'.
+    assert "nuswide: 90 test images, codes trained on 69 images, SCQ's protocol: mAP@5000" in res.stdout
     found = json.loads((run / "eval" / "results.json").read_text())["unicom:ViT-Tiny-16"]["nuswide"]
     # mAP@5000 capped at the 69-image database; float search checked against the authors' loop.
     x = np.load(features_path(run, "unicom:ViT-Tiny-16", "nuswide"))

@@ -148,7 +148,8 @@ def check(cfg: Any) -> list[str]:
         test = retrieval_sets.read(name, root / name)
         retrieval_sets.check_images(test)
         paths = _train_paths(cfg, name, root / name)
-        lines.append(f"  {name}: {len(test.paths)} test images, codes trained on {len(paths)} images")
+        protocol = f", SCQ's protocol: mAP@{test.map_k}" if test.map_k else ""
+        lines.append(f"  {name}: {len(test.paths)} test images, codes trained on {len(paths)} images{protocol}")
     return lines
 
 
