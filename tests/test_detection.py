@@ -73,6 +73,36 @@ def test_backbone_pyramid_strides_for_both_vit_families(name):
         assert [b.drop_path for b in bb.blocks] == pytest.approx([0.0, 0.2])
 
 
+def _tiny_vit(patch: int) -> torch.nn.Module:
+    """A random-init Unicom ViT of any patch size (the tiny named configs are all patch 16 or 32)."""
+    return unicom_vit.UnicomViT(image_size=4 * patch, patch_size=patch, width=32, depth=2, heads=2, embed_dim=32).eval()
+
+
+@pytest.mark.parametrize("patch", [14, 16])
+def test_pooler_scales_and_anchor_centres_follow_the_patch(patch):
+    """Strides patch/4 ... 2 patch, not powers of two at patch 14: the RoI pooler's scales, and level-0
+    anchors centred on every (patch/4)-th pixel (a hand loop), through a whole detector forward."""
+    torch.manual_seed(0)
+    model = det_backbone.build_model(_tiny_vit(patch), 4, 8 * patch, [0.5] * 3, [0.25] * 3, window_size=4,
+                                     channels=16).eval()
+    expect = {14: [1 / 3.5, 1 / 7, 1 / 14, 1 / 28], 16: [1 / 4, 1 / 8, 1 / 16, 1 / 32]}[patch]
+    seen = []
+    model.rpn.anchor_generator.register_forward_hook(lambda m, args, out: seen.append(out[0]))
+    with torch.no_grad():
+        out = model([torch.rand(3, 6 * patch, 8 * patch)])  # 6 x 8 patches: p2 is 24 x 32
+    assert set(out[0]) == {"boxes", "labels", "scores", "masks"}
+    for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
+        assert pool.scales == pytest.approx(expect, rel=1e-12)
+    stride = patch / 4
+    centres = []
+    for y in range(24):
+        for x in range(32):
+            centres += [(x * stride, y * stride)] * 3  # three aspect ratios per position
+    a = seen[0][: len(centres)]
+    got = torch.stack([(a[:, 0] + a[:, 2]) / 2, (a[:, 1] + a[:, 3]) / 2], 1)
+    torch.testing.assert_close(got, torch.tensor(centres), rtol=0, atol=1e-4)
+
+
 def test_layer_wise_lr_decay_and_weight_decay():
     model = det_backbone.build_model(unicom_vit.build("ViT-Tiny-16"), 4, 64, [0.5] * 3, [0.25] * 3,
                                      window_size=2, channels=16)

@@ -14,7 +14,8 @@ drops the rest (the release's BatchNorm head, CLIP's class token, `ln_post`, `pr
   `window_size=0` is plain global attention everywhere (memory quadratic in the token count);
 - ViTDet's simple feature pyramid on the last feature map (stride = patch): deconvolutions x4 and x2,
   the map itself, a 2x2 max-pool, each followed by a 1x1 and a 3x3 conv with channel LayerNorm, and a
-  further max-pool level for the RPN (strides 4/8/16/32/64 at patch 16).
+  further max-pool level for the RPN (strides 4/8/16/32/64 at patch 16, 3.5/7/14/28/56 at patch 14;
+  the RoI pooler and the anchors are given these, not torchvision's power-of-two guesses).
 
 Drop path (stochastic depth, rising linearly over the blocks to `drop_path`) uses the release
 blocks' own per-branch drop path; open_clip blocks have none, so there the whole block's residual
@@ -28,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.convnext import LayerNorm2d
-from torchvision.ops import stochastic_depth
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign, stochastic_depth
+from torchvision.ops.poolers import initLevelMapper
 
 # ViTDet's feature pyramid: scale factors of the last feature map -> strides patch/4 ... 2 * patch.
 SCALES = (4.0, 2.0, 1.0, 0.5)
@@ -165,30 +168,60 @@ def build_model(vit: nn.Module, num_classes: int, image_size: int, mean, std, wi
     (training, testing) proposals per level before NMS and `post_nms_topk` per image after it (ViTDet's
     2000/1000 and 1000/1000)."""
     from torchvision.models.detection import MaskRCNN
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.models.detection.rpn import RPNHead
-    from torchvision.ops import MultiScaleRoIAlign
 
     backbone = ViTDetBackbone(vit, window_size, global_blocks, drop_path, channels)
-    sizes = tuple((round(8 * backbone.patch_size / SCALES[0] * 2 ** i),) for i in range(len(LEVELS) + 1))
-    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    strides = level_strides(backbone.patch_size)
+    sizes = tuple((round(8 * s),) for s in strides)
+    anchors = _StridedAnchors(strides, sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     model = MaskRCNN(
         _WithPool(backbone), min_size=image_size, max_size=image_size,
         image_mean=list(mean), image_std=list(std), rpn_anchor_generator=anchors,
         rpn_pre_nms_top_n_train=pre_nms_topk[0], rpn_pre_nms_top_n_test=pre_nms_topk[1],
         rpn_post_nms_top_n_train=post_nms_topk[0], rpn_post_nms_top_n_test=post_nms_topk[1],
         rpn_head=RPNHead(channels, 3, conv_depth=2),
-        box_roi_pool=MultiScaleRoIAlign(list(LEVELS), 7, 0),
+        box_roi_pool=_StridedRoIAlign(strides[:len(LEVELS)], 7),
         box_head=FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [1024], norm_layer=LayerNorm2d),
         box_predictor=FastRCNNPredictor(1024, num_classes),
-        mask_roi_pool=MultiScaleRoIAlign(list(LEVELS), 14, 0),
+        mask_roi_pool=_StridedRoIAlign(strides[:len(LEVELS)], 14),
         mask_head=MaskRCNNHeads(channels, [channels] * 4, 1, norm_layer=LayerNorm2d),
         mask_predictor=MaskRCNNPredictor(channels, channels, num_classes), box_batch_size_per_image=rois_per_image,
         # The pyramid's strides are multiples of the patch: pad batches to twice the patch.
         size_divisible=2 * backbone.patch_size)
     return model
+
+
+def level_strides(patch: int) -> list[float]:
+    """Strides of p2 ... p5 and the pooled RPN level: patch/4, patch/2, patch, 2 patch, 4 patch (3.5 ... 56
+    at patch 14, where they are not powers of two)."""
+    return [patch / scale for scale in SCALES] + [4.0 * patch]
+
+
+class _StridedAnchors(AnchorGenerator):
+    """torchvision's AnchorGenerator with each level's true stride: it would take the integer division of
+    image by feature size (3 instead of 3.5 at patch 14, which drifts the anchors off their features)."""
+
+    def __init__(self, strides: list[float], sizes, aspect_ratios):
+        super().__init__(sizes, aspect_ratios)
+        self.strides = [float(s) for s in strides]
+
+    def grid_anchors(self, grid_sizes, strides):
+        device = self.cell_anchors[0].device
+        true = [[torch.tensor(s, device=device)] * 2 for s in self.strides]
+        return super().grid_anchors(grid_sizes, true)
+
+
+class _StridedRoIAlign(MultiScaleRoIAlign):
+    """torchvision's MultiScaleRoIAlign over p2 ... p5 with scales 1 / stride: it would infer them as the
+    nearest power of two of feature / image size (1/4 for the true 1/3.5 at patch 14). Boxes go to levels
+    by their size as in the FPN paper (224 px -> p4, the stride-`patch` map)."""
+
+    def __init__(self, strides: list[float], output_size: int):
+        super().__init__(list(LEVELS), output_size, 0)
+        self.scales = [1.0 / s for s in strides]
+        self.map_levels = initLevelMapper(2, 2 + len(LEVELS) - 1)
 
 
 class _WithPool(nn.Module):
