@@ -318,3 +318,31 @@ def test_rpn_proposal_counts_reach_the_model_and_need_two_numbers(tmp_path, coco
                           "detect.rpn_post_nms_topk=[1000]"])
     with pytest.raises(config.ConfigError, match=r"detect.rpn_post_nms_topk=\[1000\]: two numbers"):
         job.check(cfg)
+
+
+def test_predictions_do_not_depend_on_the_eval_batch_size(tmp_path):
+    """Val images of four shapes: every one padded to the detect.image_size square, so one image alone
+    and four in a batch see the same padded input and give the same detections."""
+    from PIL import Image
+    from unicom_ds import config
+    root = synthetic.write(tmp_path / "coco", train=1, val=4, size=96, seed=5)
+    for name, (w, h) in zip(sorted((root / "val2017").iterdir()), [(96, 64), (64, 96), (96, 96), (80, 48)]):
+        Image.open(name).crop((0, 0, w, h)).save(name)
+    run = tmp_path / "run"
+    (run / "train").mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(unicom_vit.build("ViT-Tiny-16").state_dict(), run / "train" / "backbone.pt")
+
+    def detector(batch: int) -> job.Detector:
+        return job.Detector(config.as_config(config.select(config.resolve([
+            "stage=detect", f"run_dir={run}", "model=ViT-Tiny-16", f"detect.data_root={root}", "device=cpu",
+            "detect.image_size=96", "detect.window_size=3", "detect.fpn_channels=16", "progress=off",
+            f"detect.eval_batch_size={batch}"]))))
+
+    val = data.CocoSplit(root, "val2017", train=False)
+    model, _ = detector(1).build(val.num_classes)
+    one, four = detector(1).predict(model, val), detector(4).predict(model, val)
+    assert len({p["image_id"] for p in one}) == 4 and len(one) == len(four)
+    for a, b in zip(one, four):
+        assert (a["image_id"], a["category_id"], a["segmentation"]) == (b["image_id"], b["category_id"], b["segmentation"])
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3) and a["score"] == pytest.approx(b["score"], abs=1e-5)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.convnext import LayerNorm2d
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, stochastic_depth
 from torchvision.ops.poolers import initLevelMapper
 
@@ -163,7 +164,7 @@ def build_model(vit: nn.Module, num_classes: int, image_size: int, mean, std, wi
     """torchvision's MaskRCNN on a ViTDet backbone, with ViTDet's heads: a 2-conv RPN head, a 4-conv +
     1-fc box head and a 4-conv mask head, all convs with channel LayerNorm. `num_classes` counts the
     background. Images are resized so that the longer side is `image_size` (training images already
-    are, by the large-scale jitter). Each pyramid level has anchors of 8 x its stride (32 ... 512 px at
+    are, by the large-scale jitter) and padded to an `image_size` square. Each pyramid level has anchors of 8 x its stride (32 ... 512 px at
     patch 16, as detectron2 and torchvision), whatever the image size. The RPN keeps `pre_nms_topk`
     (training, testing) proposals per level before NMS and `post_nms_topk` per image after it (ViTDet's
     2000/1000 and 1000/1000)."""
@@ -177,8 +178,7 @@ def build_model(vit: nn.Module, num_classes: int, image_size: int, mean, std, wi
     sizes = tuple((round(8 * s),) for s in strides)
     anchors = _StridedAnchors(strides, sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     model = MaskRCNN(
-        _WithPool(backbone), min_size=image_size, max_size=image_size,
-        image_mean=list(mean), image_std=list(std), rpn_anchor_generator=anchors,
+        _WithPool(backbone), rpn_anchor_generator=anchors,
         rpn_pre_nms_top_n_train=pre_nms_topk[0], rpn_pre_nms_top_n_test=pre_nms_topk[1],
         rpn_post_nms_top_n_train=post_nms_topk[0], rpn_post_nms_top_n_test=post_nms_topk[1],
         rpn_head=RPNHead(channels, 3, conv_depth=2),
@@ -187,10 +187,30 @@ def build_model(vit: nn.Module, num_classes: int, image_size: int, mean, std, wi
         box_predictor=FastRCNNPredictor(1024, num_classes),
         mask_roi_pool=_StridedRoIAlign(strides[:len(LEVELS)], 14),
         mask_head=MaskRCNNHeads(channels, [channels] * 4, 1, norm_layer=LayerNorm2d),
-        mask_predictor=MaskRCNNPredictor(channels, channels, num_classes), box_batch_size_per_image=rois_per_image,
-        # The pyramid's strides are multiples of the patch: pad batches to twice the patch.
-        size_divisible=2 * backbone.patch_size)
+        mask_predictor=MaskRCNNPredictor(channels, channels, num_classes), box_batch_size_per_image=rois_per_image)
+    # MaskRCNN's own transform (resize, normalise, pad to the batch's largest image) gives way to one that
+    # pads to a square; the pyramid's strides are multiples of the patch, so its side is one of 2 x patch.
+    model.transform = _SquarePad(image_size, list(mean), list(std), 2 * backbone.patch_size)
     return model
+
+
+class _SquarePad(GeneralizedRCNNTransform):
+    """torchvision's resize (longer side `image_size`) and normalisation, then every image zero-padded at
+    the bottom and right to one `image_size` square (ViTDet's square_pad), rounded up to `divisible`:
+    torchvision pads to the batch's largest image, so test-time features (windows, global attention
+    over the padding) and hence AP would depend on which images share a batch."""
+
+    def __init__(self, image_size: int, mean: list[float], std: list[float], divisible: int):
+        super().__init__(image_size, image_size, mean, std, size_divisible=divisible)
+
+    def batch_images(self, images, size_divisible=32):
+        d = size_divisible
+        side = max(self.max_size, *(max(im.shape[-2:]) for im in images))
+        side = -(-side // d) * d
+        batched = images[0].new_zeros(len(images), images[0].shape[0], side, side)
+        for out, im in zip(batched, images):
+            out[:, : im.shape[1], : im.shape[2]].copy_(im)
+        return batched
 
 
 def level_strides(patch: int) -> list[float]:
