@@ -119,7 +119,7 @@ def test_progress_lines_say_shards_and_rows(tmp_path, capfd):
     capfd.readouterr()
     assign.assign_shards(cfg_for(tmp_path, "progress=lines"), ["00000", "00001"])
     err = capfd.readouterr().err
-    assert re.search(r"\[assign\] 2/2 shards, 17 rows, [\d.]+ shards/s, [\d,]+ rows/s, \d+s elapsed", err), err
+    assert re.search(r"\[assign\] 2/2 shards, 17 rows, [\d.,]+ shards/s, [\d,]+ rows/s, \d+s elapsed", err), err
     assert "assign: 2 shards, 17 rows labelled" in err
     assert line("x", 1, None, "batch", 1, 2.0) == "[x] 1 batch, 1 row, 0.5 batches/s, 0 rows/s, 2s elapsed"
     assert line("x", 3, 4, "shard", 1234, 1.0) == "[x] 3/4 shards, 1,234 rows, 3.0 shards/s, 1,234 rows/s, 1s elapsed"

@@ -98,8 +98,9 @@ def test_shared_tag_hits():
     assert metrics.shared_tag_hits(g, q).tolist() == [[False, True, False]]
 
 
-def test_quantize_stage_scores_nuswide_in_scqs_protocol(tmp_path):
-    import json
+def quantize_nuswide(tmp_path, tags: np.ndarray, *extra: str):
+    """stage=quantize through slurm/submit.py on a NUS-WIDE replica of `tags` (21 test queries), 16-bit codes of
+    a random-init ViT-Tiny-16's features; returns the run directory and the launcher's output."""
     import os
     import subprocess
     import sys
@@ -107,10 +108,7 @@ def test_quantize_stage_scores_nuswide_in_scqs_protocol(tmp_path):
 
     import torch
 
-    from evaluation.features import features_path
     from unicom_ds import unicom_vit
-    repo = Path(__file__).resolve().parents[1]
-    tags = tags_of(90, 21, 5)
     write_nuswide(tmp_path / "data", tags, n_test=21)
     torch.manual_seed(0)
     torch.save(unicom_vit.build("ViT-Tiny-16").state_dict(), tmp_path / "init.pt")
@@ -118,12 +116,21 @@ def test_quantize_stage_scores_nuswide_in_scqs_protocol(tmp_path):
     res = subprocess.run(
         [sys.executable, "slurm/submit.py", "launcher=local", "stage=quantize", f"run_dir={run}", "model=ViT-Tiny-16",
          "device=cpu", "quantize.datasets=[nuswide]", f"quantize.model=unicom:ViT-Tiny-16@{tmp_path / 'init.pt'}",
-         f"eval.data_root={tmp_path / 'data'}", "eval.workers=0", "quantize.bits=[16]", "quantize.nbits=[4]",
-         "quantize.methods=[pq,opq]"],
-        cwd=repo, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+         f"eval.data_root={tmp_path / 'data'}", "eval.workers=0", "quantize.bits=[16]", "quantize.nbits=[4]", *extra],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    return run, res.stdout
+
+
+def test_quantize_stage_scores_nuswide_in_scqs_protocol(tmp_path):
+    import json
+
+    from evaluation.features import features_path
+    tags = tags_of(90, 21, 5)
+    run, out = quantize_nuswide(tmp_path, tags, "quantize.methods=[pq,opq]")
     # The database trains the codes, as the authors' num_train 'ALL'.
-    assert "nuswide: 90 test images, codes trained on 69 images, SCQ's protocol: mAP@5000" in res.stdout
+    assert "nuswide: 90 test images, codes trained on 69 images, SCQ's protocol: mAP@5000" in out
     found = json.loads((run / "eval" / "results.json").read_text())["unicom:ViT-Tiny-16"]["nuswide"]
     # mAP@5000 capped at the 69-image database; float search checked against the authors' loop.
     x = np.load(features_path(run, "unicom:ViT-Tiny-16", "nuswide"))
@@ -179,29 +186,15 @@ def test_quantize_stage_plain_adc_scores_scq_codes_as_the_authors_evaluation(tmp
     """The whole authors' evaluation on a trained head: codes by nearest codeword, ranking by the sum of
     unsquared sub-space distances (pqDist_one), multi-label mAP@K (Evaluate_mAP), all as loops here."""
     import json
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     import torch
 
     from evaluation.features import features_path
     from evaluation.quantize import scq
-    from unicom_ds import unicom_vit
-    repo = Path(__file__).resolve().parents[1]
     tags = tags_of(90, 21, 8)
-    write_nuswide(tmp_path / "data", tags, n_test=21)
-    torch.manual_seed(0)
-    torch.save(unicom_vit.build("ViT-Tiny-16").state_dict(), tmp_path / "init.pt")
-    run = tmp_path / "run"
-    res = subprocess.run(
-        [sys.executable, "slurm/submit.py", "launcher=local", "stage=quantize", f"run_dir={run}", "model=ViT-Tiny-16",
-         "device=cpu", "quantize.datasets=[nuswide]", f"quantize.model=unicom:ViT-Tiny-16@{tmp_path / 'init.pt'}",
-         f"eval.data_root={tmp_path / 'data'}", "eval.workers=0", "quantize.bits=[16]", "quantize.nbits=[4]",
-         "quantize.methods=[scq]", "quantize.scq.adc=plain", "quantize.scq.epochs=1", "quantize.scq.batch_size=32"],
-        cwd=repo, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    run, _ = quantize_nuswide(tmp_path, tags, "quantize.methods=[scq]", "quantize.scq.adc=plain",
+                              "quantize.scq.epochs=1", "quantize.scq.batch_size=32")
     label = "unicom:ViT-Tiny-16"
     found = json.loads((run / "eval" / "results.json").read_text())[label]["nuswide"]
     assert found["scq-4x4/plain_adc"] == 1.0
