@@ -103,6 +103,27 @@ def test_pooler_scales_and_anchor_centres_follow_the_patch(patch):
     torch.testing.assert_close(got, torch.tensor(centres), rtol=0, atol=1e-4)
 
 
+def test_roi_pooler_is_aligned_and_reads_each_box_at_its_level_stride():
+    """ROIAlignV2 on maps whose channels are the column and the row index: bilinear sampling of a linear
+    map is exact, so bin j of a box pools x0 / stride - 0.5 + (j + 0.5) * bin width (aligned: pixel
+    centres at +0.5). A 56-px box is read on p2 (stride 3.5 at patch 14), a 112-px one on p3 (stride 7)."""
+    model = det_backbone.build_model(_tiny_vit(14), 4, 224, [0.5] * 3, [0.25] * 3, window_size=4, channels=16)
+    pool = model.roi_heads.box_roi_pool
+    feats = {}
+    for name, grid in zip(det_backbone.LEVELS, (64, 32, 16, 8)):
+        rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                    indexing="ij")
+        one = torch.stack([cols, rows])
+        feats[name] = torch.stack([one, one + 100])  # image 1 reads 100 more: the batch index is kept
+    boxes = [torch.tensor([[14.0, 21.0, 70.0, 77.0]]), torch.tensor([[28.0, 14.0, 140.0, 126.0]])]
+    got = pool(feats, boxes, [(224, 224)] * 2)
+    for i, ((x0, y0, x1, _), stride) in enumerate([(boxes[0][0].tolist(), 3.5), (boxes[1][0].tolist(), 7.0)]):
+        width = (x1 - x0) / stride / 7
+        for j in range(7):
+            torch.testing.assert_close(got[i, 0, :, j], torch.full((7,), x0 / stride - 0.5 + (j + 0.5) * width + 100 * i))
+            torch.testing.assert_close(got[i, 1, j, :], torch.full((7,), y0 / stride - 0.5 + (j + 0.5) * width + 100 * i))
+
+
 def test_layer_wise_lr_decay_and_weight_decay():
     model = det_backbone.build_model(unicom_vit.build("ViT-Tiny-16"), 4, 64, [0.5] * 3, [0.25] * 3,
                                      window_size=2, channels=16)

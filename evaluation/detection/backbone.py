@@ -31,7 +31,7 @@ from torch import nn
 from torchvision.models.convnext import LayerNorm2d
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign, stochastic_depth
+from torchvision.ops import MultiScaleRoIAlign, roi_align, stochastic_depth
 from torchvision.ops.poolers import initLevelMapper
 
 # ViTDet's feature pyramid: scale factors of the last feature map -> strides patch/4 ... 2 * patch.
@@ -234,14 +234,25 @@ class _StridedAnchors(AnchorGenerator):
 
 
 class _StridedRoIAlign(MultiScaleRoIAlign):
-    """torchvision's MultiScaleRoIAlign over p2 ... p5 with scales 1 / stride: it would infer them as the
-    nearest power of two of feature / image size (1/4 for the true 1/3.5 at patch 14). Boxes go to levels
-    by their size as in the FPN paper (224 px -> p4, the stride-`patch` map)."""
+    """RoIAlign over p2 ... p5 as detectron2's ROIAlignV2 (ViTDet's): scales 1 / stride, where torchvision
+    would infer the nearest power of two of feature / image size (1/4 for the true 1/3.5 at patch 14),
+    and `aligned=True` (pixel centres at +0.5; torchvision's pooler has no such option). Boxes go to
+    levels by their size as in the FPN paper (224 px -> p4, the stride-`patch` map)."""
 
     def __init__(self, strides: list[float], output_size: int):
         super().__init__(list(LEVELS), output_size, 0)
         self.scales = [1.0 / s for s in strides]
         self.map_levels = initLevelMapper(2, 2 + len(LEVELS) - 1)
+
+    def forward(self, x, boxes, image_shapes):
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)])
+        levels = self.map_levels(boxes)
+        feats = [x[name] for name in self.featmap_names]
+        out = feats[0].new_zeros((len(rois), feats[0].shape[1], *self.output_size))
+        for k, (f, scale) in enumerate(zip(feats, self.scales)):
+            idx = torch.where(levels == k)[0]
+            out[idx] = roi_align(f, rois[idx], self.output_size, scale, self.sampling_ratio, aligned=True).to(out.dtype)
+        return out
 
 
 class _WithPool(nn.Module):
