@@ -136,8 +136,12 @@ def test_layer_wise_lr_decay_and_weight_decay():
     expect = {"backbone.body.pos_embed": (1e-3 * 0.5 ** 3, 0.0), "backbone.body.patch_embed.weight": (1e-3 * 0.5 ** 3, 0.1),
               "backbone.body.blocks.0.attn.qkv.weight": (1e-3 * 0.5 ** 2, 0.1),
               "backbone.body.blocks.1.norm1.weight": (1e-3 * 0.5, 0.0),
-              "backbone.body.blocks.1.mlp.fc1.bias": (1e-3 * 0.5, 0.0),
-              "roi_heads.box_head.0.0.weight": (1e-3, 0.1), "rpn.head.conv.0.0.bias": (1e-3, 0.0)}
+              "backbone.body.blocks.1.norm2.bias": (1e-3 * 0.5, 0.0),
+              "backbone.body.blocks.1.mlp.fc1.bias": (1e-3 * 0.5, 0.1),  # detectron2 decays biases
+              "backbone.body.pyramid.0.1.weight": (1e-3, 0.0), "backbone.body.pyramid.2.1.bias": (1e-3, 0.0),
+              "backbone.body.pyramid.0.0.bias": (1e-3, 0.1),
+              "roi_heads.box_head.0.0.weight": (1e-3, 0.1), "roi_heads.box_head.0.1.bias": (1e-3, 0.0),
+              "roi_heads.mask_head.3.1.weight": (1e-3, 0.0), "rpn.head.conv.0.0.bias": (1e-3, 0.1)}
     for name, (lr, wd) in expect.items():
         g = where[id(named[name])]
         assert (g["lr"], g["weight_decay"]) == (pytest.approx(lr), wd), name

@@ -272,15 +272,18 @@ class _WithPool(nn.Module):
 def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
     """AdamW groups with ViTDet's layer-wise lr decay: the patch and position embeddings are layer 0,
     block i is layer i + 1, everything else (pyramid, RPN, heads) layer depth + 1 at the full `lr`;
-    layer l gets lr * layer_decay ** (depth + 1 - l). Norm gains, biases and the position embedding
-    get no weight decay."""
+    layer l gets lr * layer_decay ** (depth + 1 - l). Weight decay as detectron2's ViTDet: none on the
+    norm layers' parameters (weight_decay_norm=0) and the position embedding (its one override); biases
+    and everything else decay (detectron2 leaves weight_decay_bias unset)."""
     depth = len(_find_backbone(model).blocks)
+    # LayerNorm (and torchvision's LayerNorm2d, a subclass) is the only norm these models hold.
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)}
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         layer = layer_id(name, depth)
-        decay = not (p.ndim < 2 or name.endswith("pos_embed"))
+        decay = not (id(p) in norms or name.endswith("pos_embed"))
         g = groups.setdefault((layer, decay), {
             "params": [], "weight_decay": weight_decay if decay else 0.0, "layer": layer,
             "lr_scale": layer_decay ** (depth + 1 - layer), "lr": lr * layer_decay ** (depth + 1 - layer)})
