@@ -77,10 +77,11 @@ def check_cluster_run(run: Path, shard_paths: list[str]) -> None:
     assert summary["iterations"] >= 1 and summary["seconds"] >= 0 and np.isfinite(summary["objective"])
 
     labels_dir = run / "labels"
-    extra = {"summary.json", "class_sizes.png", "centroids.json"}  # centroids.json: which centroids made them
+    extra = {"summary.json", "class_sizes.png", "centroids.json", "search.json"}  # which centroids, which search
     assert {p.name for p in labels_dir.iterdir()} == {f"{s}.npy" for s in stems} | extra
     sha = hashlib.sha256((kmeans / "centroids.npy").read_bytes()).hexdigest()
     assert json.loads((labels_dir / "centroids.json").read_text())["centroids_sha256"] == sha
+    assert json.loads((labels_dir / "search.json").read_text()) == {"search": "exact", "top_l": 1}  # K < IVF_FROM_K
     all_labels = []
     for s in stems:
         labels = np.load(labels_dir / f"{s}.npy")
