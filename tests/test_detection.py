@@ -124,6 +124,52 @@ def test_roi_pooler_is_aligned_and_reads_each_box_at_its_level_stride():
             torch.testing.assert_close(got[i, 1, j, :], torch.full((7,), y0 / stride - 0.5 + (j + 0.5) * width + 100 * i))
 
 
+def test_box_regression_losses_are_l1_over_the_sampled_boxes(coco):
+    """A training forward: the RPN's and the box head's loss_box_reg equal a hand loop of |delta - target|
+    over the sampled positives (the class's own deltas in the box head), divided by all sampled, as
+    detectron2's L1 (smooth_l1_beta=0)."""
+    torch.manual_seed(0)
+    model = det_backbone.build_model(unicom_vit.build("ViT-Tiny-16"), 4, 96, [0.5] * 3, [0.25] * 3, window_size=3,
+                                     channels=16, rois_per_image=32).train()
+    split = data.CocoSplit(coco, "train2017", train=True)
+    images = [data.to_tensor(split.image(i)) for i in split.image_ids[:2]]
+    targets = [split.instances(i).as_target() for i in split.image_ids[:2]]
+    seen = {}
+
+    def spy(owner, name):
+        real = getattr(owner, name)
+
+        def call(*args):
+            out = real(*args)
+            seen[name] = (args, out)
+            return out
+        setattr(owner, name, call)
+
+    spy(model.rpn, "compute_loss")
+    spy(model.rpn, "fg_bg_sampler")
+    spy(model.roi_heads, "select_training_samples")
+    model.roi_heads.box_predictor.register_forward_hook(lambda m, args, out: seen.update(predictor=out))
+    losses = {k: v.detach() for k, v in model(images, targets).items()}
+
+    (_, deltas, _, reg_targets), _ = seen["compute_loss"]
+    deltas = deltas.detach()
+    _, (pos_masks, neg_masks) = seen["fg_bg_sampler"]
+    pos = [i for i, v in enumerate(torch.cat(pos_masks).tolist()) if v]
+    total = len(pos) + int(torch.cat(neg_masks).sum())
+    reg_targets = torch.cat(reg_targets)
+    assert pos and total > len(pos)
+    hand = sum(abs(float(deltas[i, k]) - float(reg_targets[i, k])) for i in pos for k in range(4)) / total
+    assert float(losses["loss_rpn_box_reg"]) == pytest.approx(hand, rel=1e-5)
+
+    _, (_, _, labels, reg_targets) = seen["select_training_samples"]
+    labels, reg_targets = torch.cat(labels).tolist(), torch.cat(reg_targets)
+    deltas = seen["predictor"][1].detach()
+    hand = sum(abs(float(deltas[i, 4 * c + k]) - float(reg_targets[i, k]))
+               for i, c in enumerate(labels) if c > 0 for k in range(4)) / len(labels)
+    assert any(c > 0 for c in labels) and float(losses["loss_box_reg"]) == pytest.approx(hand, rel=1e-5)
+    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+
+
 def test_layer_wise_lr_decay_and_weight_decay():
     model = det_backbone.build_model(unicom_vit.build("ViT-Tiny-16"), 4, 64, [0.5] * 3, [0.25] * 3,
                                      window_size=2, channels=16)

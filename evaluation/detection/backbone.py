@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.convnext import LayerNorm2d
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, roi_align, stochastic_depth
 from torchvision.ops.poolers import initLevelMapper
@@ -161,15 +163,16 @@ def build_model(vit: nn.Module, num_classes: int, image_size: int, mean, std, wi
                 global_blocks: list[int] | None = None, drop_path: float = 0.1, channels: int = 256,
                 rois_per_image: int = 512, pre_nms_topk: tuple[int, int] = (2000, 1000),
                 post_nms_topk: tuple[int, int] = (1000, 1000)):
-    """torchvision's MaskRCNN on a ViTDet backbone, with ViTDet's heads: a 2-conv RPN head, a 4-conv +
-    1-fc box head and a 4-conv mask head, all convs with channel LayerNorm. `num_classes` counts the
-    background. Images are resized so that the longer side is `image_size` (training images already
-    are, by the large-scale jitter) and padded to an `image_size` square. Each pyramid level has anchors of 8 x its stride (32 ... 512 px at
-    patch 16, as detectron2 and torchvision), whatever the image size. The RPN keeps `pre_nms_topk`
+    """torchvision's Mask R-CNN (GeneralizedRCNN, its RPN and RoI heads) on a ViTDet backbone, with
+    ViTDet's heads: a 2-conv RPN head, a 4-conv + 1-fc box head and a 4-conv mask head, all convs with
+    channel LayerNorm, and detectron2's L1 box regression losses. `num_classes` counts the background.
+    Images are resized so that the longer side is `image_size` (training images already are, by the
+    large-scale jitter) and padded to an `image_size` square. Each pyramid level has anchors of 8 x its
+    stride (32 ... 512 px at patch 16, as detectron2 and torchvision), whatever the image size. The RPN keeps `pre_nms_topk`
     (training, testing) proposals per level before NMS and `post_nms_topk` per image after it (ViTDet's
     2000/1000 and 1000/1000)."""
-    from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.models.detection.rpn import RPNHead
 
@@ -177,21 +180,61 @@ def build_model(vit: nn.Module, num_classes: int, image_size: int, mean, std, wi
     strides = level_strides(backbone.patch_size)
     sizes = tuple((round(8 * s),) for s in strides)
     anchors = _StridedAnchors(strides, sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-    model = MaskRCNN(
-        _WithPool(backbone), rpn_anchor_generator=anchors,
-        rpn_pre_nms_top_n_train=pre_nms_topk[0], rpn_pre_nms_top_n_test=pre_nms_topk[1],
-        rpn_post_nms_top_n_train=post_nms_topk[0], rpn_post_nms_top_n_test=post_nms_topk[1],
-        rpn_head=RPNHead(channels, 3, conv_depth=2),
+    # detectron2's (and torchvision's default) matching and sampling: RPN IoU 0.7 / 0.3, 256 anchors per
+    # image, half positive; box head IoU 0.5, 25 % positive; at test score > 0.05, NMS 0.5, 100 per image.
+    rpn = _L1RPN(anchors, RPNHead(channels, 3, conv_depth=2), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
+                 batch_size_per_image=256, positive_fraction=0.5,
+                 pre_nms_top_n=dict(training=pre_nms_topk[0], testing=pre_nms_topk[1]),
+                 post_nms_top_n=dict(training=post_nms_topk[0], testing=post_nms_topk[1]), nms_thresh=0.7)
+    heads = _L1RoIHeads(
         box_roi_pool=_StridedRoIAlign(strides[:len(LEVELS)], 7),
         box_head=FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [1024], norm_layer=LayerNorm2d),
-        box_predictor=FastRCNNPredictor(1024, num_classes),
+        box_predictor=FastRCNNPredictor(1024, num_classes), fg_iou_thresh=0.5, bg_iou_thresh=0.5,
+        batch_size_per_image=rois_per_image, positive_fraction=0.25, bbox_reg_weights=None,
+        score_thresh=0.05, nms_thresh=0.5, detections_per_img=100,
         mask_roi_pool=_StridedRoIAlign(strides[:len(LEVELS)], 14),
         mask_head=MaskRCNNHeads(channels, [channels] * 4, 1, norm_layer=LayerNorm2d),
-        mask_predictor=MaskRCNNPredictor(channels, channels, num_classes), box_batch_size_per_image=rois_per_image)
-    # MaskRCNN's own transform (resize, normalise, pad to the batch's largest image) gives way to one that
-    # pads to a square; the pyramid's strides are multiples of the patch, so its side is one of 2 x patch.
-    model.transform = _SquarePad(image_size, list(mean), list(std), 2 * backbone.patch_size)
+        mask_predictor=MaskRCNNPredictor(channels, channels, num_classes))
+    # The pyramid's strides are multiples of the patch, so the padded square's side is one of 2 x patch.
+    model = GeneralizedRCNN(_WithPool(backbone), rpn, heads,
+                            _SquarePad(image_size, list(mean), list(std), 2 * backbone.patch_size))
     return model
+
+
+class _L1RPN(RegionProposalNetwork):
+    """torchvision's RPN with detectron2's box regression loss: L1 (smooth_l1_beta=0), where torchvision
+    uses smooth L1 with beta 1/9; the sum over the positive anchors is divided by all sampled ones."""
+
+    def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
+        pos, neg = (torch.where(torch.cat(m))[0] for m in self.fg_bg_sampler(labels))
+        sampled = torch.cat([pos, neg])
+        box_loss = F.l1_loss(pred_bbox_deltas[pos], torch.cat(regression_targets)[pos], reduction="sum")
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], torch.cat(labels)[sampled])
+        return objectness_loss, box_loss / sampled.numel()
+
+
+class _L1RoIHeads(RoIHeads):
+    """torchvision's box and mask heads with detectron2's box regression loss in training: L1 on the
+    class-specific deltas of the positive proposals, summed and divided by all sampled proposals (where
+    torchvision has smooth L1, beta 1/9). Testing is torchvision's."""
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        proposals, matched, labels, reg_targets = self.select_training_samples(proposals, targets)
+        logits, deltas = self.box_predictor(self.box_head(self.box_roi_pool(features, proposals, image_shapes)))
+        labels_all = torch.cat(labels)
+        pos = torch.where(labels_all > 0)[0]
+        deltas = deltas.reshape(len(deltas), -1, 4)[pos, labels_all[pos]]
+        box_loss = F.l1_loss(deltas, torch.cat(reg_targets)[pos], reduction="sum") / labels_all.numel()
+        # The mask head sees the positive proposals only, as torchvision's.
+        keep = [torch.where(lab > 0)[0] for lab in labels]
+        mask_boxes = [p[k] for p, k in zip(proposals, keep)]
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_boxes, image_shapes)))
+        mask_loss = maskrcnn_loss(mask_logits, mask_boxes, [t["masks"] for t in targets],
+                                  [t["labels"] for t in targets], [m[k] for m, k in zip(matched, keep)])
+        return [], {"loss_classifier": F.cross_entropy(logits, labels_all), "loss_box_reg": box_loss,
+                    "loss_mask": mask_loss}
 
 
 class _SquarePad(GeneralizedRCNNTransform):
