@@ -45,6 +45,63 @@ def test_windowed_block_equals_attention_inside_each_window():
     torch.testing.assert_close(got, ref)
 
 
+def test_rel_pos_tables_start_at_zero_and_add_the_decomposed_bias():
+    """Tables (2 side - 1, head dim) per axis, zero at the start (side: the window, or image_size / patch
+    in global blocks); with random tables, block 0's attention equals a hand loop adding
+    q . R_h[i - k] + q . R_w[j - l] to each logit, for both ViT families."""
+    from unicom_ds import backbone
+    torch.manual_seed(0)
+    for name in ("ViT-Tiny-16", "openclip:ViT-Tiny-16"):
+        vit = backbone.build(name).eval()
+        bb = det_backbone.ViTDetBackbone(vit, window_size=2, global_blocks=[1], drop_path=0.0, out_channels=8,
+                                         image_size=96).eval()
+        attn0, attn1 = bb.blocks[0].attn, bb.blocks[1].attn
+        assert tuple(attn0.rel_pos_h.shape) == (3, 32) and tuple(attn1.rel_pos_w.shape) == (11, 32)
+        assert not attn0.rel_pos_h.any() and not attn1.rel_pos_w.any()
+        with torch.no_grad():
+            attn0.rel_pos_h.normal_(), attn0.rel_pos_w.normal_()
+            x = torch.randn(1, 2, 2, 64)  # one 2 x 2 window, 2 heads of 32
+            got = det_backbone.attention(bb.blocks[0], x, bb.release)
+            if bb.release:
+                qkv, proj = attn0.qkv(x.reshape(4, 64)), attn0.proj
+            else:
+                qkv, proj = x.reshape(4, 64) @ attn0.in_proj_weight.T + attn0.in_proj_bias, attn0.out_proj
+            out = torch.zeros(4, 64)
+            for head in range(2):
+                q, k, v = (qkv[:, part * 64 + head * 32: part * 64 + head * 32 + 32] for part in range(3))
+                logits = torch.zeros(4, 4)
+                for a in range(4):
+                    for b in range(4):
+                        (i, j), (kk, ll) = divmod(a, 2), divmod(b, 2)
+                        logits[a, b] = (q[a] @ k[b]) / 32 ** 0.5 + q[a] @ attn0.rel_pos_h[i - kk + 1] \
+                            + q[a] @ attn0.rel_pos_w[j - ll + 1]
+                out[:, head * 32:(head + 1) * 32] = logits.softmax(-1) @ v
+            torch.testing.assert_close(got.reshape(4, 64), proj(out), atol=1e-5, rtol=1e-4)
+
+
+def test_drop_path_drops_each_branch_per_image_also_in_windowed_blocks():
+    """Blocks whose attention and MLP branches each add exactly 1 to every feature: with drop path, a
+    branch adds 0 or 1 / (1 - p) to every token of an image alike (per image, not per window), and
+    differently over the batch."""
+    vit = unicom_vit.build("ViT-Tiny-16")
+    with torch.no_grad():
+        for block in vit.blocks:
+            for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+                lin.weight.zero_()
+            block.attn.proj.bias.fill_(1.0), block.mlp.fc1.bias.zero_(), block.mlp.fc2.bias.fill_(1.0)
+    bb = det_backbone.ViTDetBackbone(vit, window_size=2, global_blocks=[0], drop_path=0.5, out_channels=8,
+                                     rel_pos=False, image_size=64).train()
+    images = torch.randn(16, 3, 64, 64)  # 4 x 4 patches: four windows in block 1, which drops at 0.5
+    torch.manual_seed(1)
+    with torch.no_grad():
+        added = bb.tokens(images) - (bb.patch_embed(images).permute(0, 2, 3, 1) + bb.pos_embed)
+    per_image = added[:, 0, 0, 0]
+    for b in range(16):
+        torch.testing.assert_close(added[b], torch.full_like(added[b], float(per_image[b])))
+    # Block 0 (rate 0) adds 2; block 1's two branches add 0 or 2 each.
+    assert set(per_image.round().tolist()) <= {2.0, 4.0, 6.0} and len(set(per_image.round().tolist())) > 1
+
+
 def test_pos_embed_resize_matches_the_release_resize():
     state = unicom_vit.build("ViT-Tiny-16").state_dict()
     grid = state["pos_embed"].reshape(1, 4, 4, -1)
@@ -67,10 +124,9 @@ def test_backbone_pyramid_strides_for_both_vit_families(name):
     bb = det_backbone.ViTDetBackbone(vit, window_size=3, drop_path=0.2, out_channels=8).eval()
     feats = bb(torch.randn(2, 3, 96, 128))
     assert [tuple(f.shape) for f in feats.values()] == [(2, 8, 24, 32), (2, 8, 12, 16), (2, 8, 6, 8), (2, 8, 3, 4)]
+    assert bb.block_drop == pytest.approx([0.0, 0.2])
     if name.startswith("openclip"):  # the class token's position is dropped
-        assert bb.pos_embed.shape[1:3] == (4, 4) and bb.block_drop[-1] == pytest.approx(0.2)
-    else:  # the release blocks' own per-branch drop path
-        assert [b.drop_path for b in bb.blocks] == pytest.approx([0.0, 0.2])
+        assert bb.pos_embed.shape[1:3] == (4, 4)
 
 
 def _tiny_vit(patch: int) -> torch.nn.Module:
@@ -184,6 +240,7 @@ def test_layer_wise_lr_decay_and_weight_decay():
               "backbone.body.blocks.1.norm1.weight": (1e-3 * 0.5, 0.0),
               "backbone.body.blocks.1.norm2.bias": (1e-3 * 0.5, 0.0),
               "backbone.body.blocks.1.mlp.fc1.bias": (1e-3 * 0.5, 0.1),  # detectron2 decays biases
+              "backbone.body.blocks.0.attn.rel_pos_h": (1e-3 * 0.5 ** 2, 0.1),  # and the rel-pos tables
               "backbone.body.pyramid.0.1.weight": (1e-3, 0.0), "backbone.body.pyramid.2.1.bias": (1e-3, 0.0),
               "backbone.body.pyramid.0.0.bias": (1e-3, 0.1),
               "roi_heads.box_head.0.0.weight": (1e-3, 0.1), "roi_heads.box_head.0.1.bias": (1e-3, 0.0),

@@ -6,20 +6,21 @@ drops the rest (the release's BatchNorm head, CLIP's class token, `ln_post`, `pr
 
 - the position embedding grid is resized bicubically to the input's patch grid on every forward (as
   ViTDet's `get_abs_pos`), so any detection size works with the pre-trained weights;
-- the blocks run on non-overlapping windows of `window_size` x `window_size` patches, except the
-  `global_blocks`, which attend over the whole image (ViTDet's choice for ViT-B: window 14, global
-  blocks 2, 5, 8, 11). A block is token-wise apart from attention, so running a whole block on the
-  windows is windowed attention; the grid is zero-padded to a multiple of the window. ViTDet's
-  relative position biases are not added (they would be new, untrained parameters of every block).
+- each block runs as ViTDet's (the block's own weights, its forward rewritten): attention within
+  non-overlapping windows of `window_size` x `window_size` patches (the normed grid zero-padded to a
+  multiple of the window), except the `global_blocks`, which attend over the whole image (ViTDet's
+  choice for ViT-B: window 14, global blocks 2, 5, 8, 11); with `rel_pos`, ViTDet's decomposed
+  relative position biases, new tables of (2 x side - 1, head dim) per axis and block (side: the
+  window, or image_size / patch in global blocks), zero at the start so the pre-trained attention is
+  unchanged until they learn;
   `window_size=0` is plain global attention everywhere (memory quadratic in the token count);
 - ViTDet's simple feature pyramid on the last feature map (stride = patch): deconvolutions x4 and x2,
   the map itself, a 2x2 max-pool, each followed by a 1x1 and a 3x3 conv with channel LayerNorm, and a
   further max-pool level for the RPN (strides 4/8/16/32/64 at patch 16, 3.5/7/14/28/56 at patch 14;
   the RoI pooler and the anchors are given these, not torchvision's power-of-two guesses).
 
-Drop path (stochastic depth, rising linearly over the blocks to `drop_path`) uses the release
-blocks' own per-branch drop path; open_clip blocks have none, so there the whole block's residual
-update is dropped per sample.
+Drop path (stochastic depth, rising linearly over the blocks to `drop_path`) drops each residual
+branch (attention, MLP) per image, as ViTDet, also in windowed blocks (not per window).
 """
 from __future__ import annotations
 
@@ -76,6 +77,41 @@ def resize_pos_embed(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out.permute(0, 2, 3, 1).to(grid.dtype)
 
 
+def attention(block: nn.Module, x: torch.Tensor, release: bool) -> torch.Tensor:
+    """A ViT block's multi-head self-attention within each grid of x [N, h, w, C] (a window or a whole
+    image), plus ViTDet's decomposed relative position bias where the block has its tables."""
+    n, h, w, c = x.shape
+    attn = block.attn
+    if release:
+        qkv, heads, proj = attn.qkv(x), attn.heads, attn.proj
+    else:  # nn.MultiheadAttention: q, k, v packed in in_proj
+        qkv, heads, proj = F.linear(x, attn.in_proj_weight, attn.in_proj_bias), attn.num_heads, attn.out_proj
+    q, k, v = qkv.reshape(n, h * w, 3, heads, c // heads).permute(2, 0, 3, 1, 4)  # [N, heads, hw, d]
+    bias = rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w)) if hasattr(attn, "rel_pos_h") else None
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return proj(out.transpose(1, 2).reshape(n, h, w, c))
+
+
+def rel_pos_bias(q: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The decomposed relative position bias of MViTv2 as ViTDet adds it, [N, heads, hw, hw]: query (i, j)
+    and key (k, l) get q . table_h[i - k] + q . table_w[j - l] (offsets counted from -(side - 1)); a table
+    of another length than 2 * side - 1 is resized linearly, as ViTDet's for other grids."""
+    h, w = size
+    n, heads, _, d = q.shape
+    grid = q.reshape(n, heads, h, w, d)
+    by_row = torch.einsum("nahwd,hkd->nahwk", grid, _offsets(table_h, h))
+    by_col = torch.einsum("nahwd,wld->nahwl", grid, _offsets(table_w, w))
+    return (by_row[..., :, None] + by_col[..., None, :]).reshape(n, heads, h * w, h * w)
+
+
+def _offsets(table: torch.Tensor, side: int) -> torch.Tensor:
+    """[side, side, d]: entry (i, k) is the table's row for offset i - k."""
+    if table.shape[0] != 2 * side - 1:
+        table = F.interpolate(table.T[None], size=2 * side - 1, mode="linear")[0].T
+    pos = torch.arange(side, device=table.device)
+    return table[pos[:, None] - pos[None, :] + side - 1]
+
+
 def _parts(vit: nn.Module) -> tuple[nn.Conv2d, torch.Tensor, nn.Module, list[nn.Module], bool]:
     """(patch conv, position grid [1, g, g, C], pre-norm, blocks, is the release architecture) of a loaded ViT."""
     if hasattr(vit, "patch_embed") and hasattr(vit, "blocks"):  # unicom_ds.unicom_vit.UnicomViT
@@ -100,13 +136,14 @@ class ViTDetBackbone(nn.Module):
     """images [B, 3, H, W] -> OrderedDict of pyramid maps (torchvision's backbone contract, `out_channels`)."""
 
     def __init__(self, vit: nn.Module, window_size: int = 14, global_blocks: list[int] | None = None,
-                 drop_path: float = 0.1, out_channels: int = 256):
+                 drop_path: float = 0.1, out_channels: int = 256, rel_pos: bool = True, image_size: int = 1024):
         super().__init__()
         conv, pos, pre, blocks, release = _parts(vit)
         self.patch_embed = conv
         self.pos_embed = nn.Parameter(pos)
         self.pre_norm = pre
         self.blocks = nn.ModuleList(blocks)
+        self.release = release
         self.patch_size = int(conv.kernel_size[0])
         depth, width = len(blocks), pos.shape[-1]
         self.window_size = int(window_size)
@@ -114,13 +151,18 @@ class ViTDetBackbone(nn.Module):
         bad = sorted(i for i in self.global_blocks if not 0 <= i < depth)
         if bad:
             raise ValueError(f"detect.global_blocks {bad}: the backbone has blocks 0..{depth - 1}")
-        rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
-        for block, rate in zip(blocks, rates):
-            if release:
-                block.drop_path = rate
-        self.block_drop = [0.0] * depth if release else rates
+        self.block_drop = [drop_path * i / max(1, depth - 1) for i in range(depth)]
+        if rel_pos:  # ViTDet's tables, zero at the start: the pre-trained blocks' attention is unchanged
+            for i, block in enumerate(blocks):
+                side = self.window_size if self._windowed(i) else image_size // self.patch_size
+                head_dim = width // (block.attn.heads if release else block.attn.num_heads)
+                block.attn.rel_pos_h = nn.Parameter(torch.zeros(2 * side - 1, head_dim))
+                block.attn.rel_pos_w = nn.Parameter(torch.zeros(2 * side - 1, head_dim))
         self.out_channels = out_channels
         self.pyramid = nn.ModuleList(self._level(width, scale, out_channels) for scale in SCALES)
+
+    def _windowed(self, i: int) -> bool:
+        return bool(self.window_size) and i not in self.global_blocks
 
     @staticmethod
     def _level(width: int, scale: float, out: int) -> nn.Sequential:
@@ -139,19 +181,23 @@ class ViTDetBackbone(nn.Module):
         return nn.Sequential(*layers)
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """The last block's patch grid [B, h, w, C] (no final norm, as ViTDet)."""
+        """The last block's patch grid [B, h, w, C] (no final norm, as ViTDet). Each block runs as ViTDet's:
+        the attention branch on windows (or the whole grid), each residual branch dropped per image."""
         x = self.patch_embed(images).permute(0, 2, 3, 1)  # [B, h, w, C]
         b, h, w, c = x.shape
         x = self.pre_norm(x + resize_pos_embed(self.pos_embed, (h, w)))
         for i, block in enumerate(self.blocks):
-            if self.window_size and i not in self.global_blocks:
-                windows, padded = window_partition(x, self.window_size)
-                out = window_unpartition(block(windows), self.window_size, padded, (h, w))
+            norm1, norm2, scale1, scale2 = ((block.norm1, block.norm2, nn.Identity(), nn.Identity()) if self.release
+                                            else (block.ln_1, block.ln_2, block.ls_1, block.ls_2))
+            y = norm1(x)
+            if self._windowed(i):  # zero-padded after the norm, as ViTDet
+                windows, padded = window_partition(y, self.window_size)
+                windows = windows.view(-1, self.window_size, self.window_size, c)
+                y = window_unpartition(attention(block, windows, self.release), self.window_size, padded, (h, w))
             else:
-                out = block(x.reshape(b, h * w, c)).view(b, h, w, c)
-            if self.block_drop[i]:
-                out = x + stochastic_depth(out - x, self.block_drop[i], "row", self.training)
-            x = out
+                y = attention(block, y, self.release)
+            x = x + stochastic_depth(scale1(y), self.block_drop[i], "row", self.training)
+            x = x + stochastic_depth(scale2(block.mlp(norm2(x))), self.block_drop[i], "row", self.training)
         return x
 
     def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
@@ -162,7 +208,7 @@ class ViTDetBackbone(nn.Module):
 def build_model(vit: nn.Module, num_classes: int, image_size: int, mean, std, window_size: int = 14,
                 global_blocks: list[int] | None = None, drop_path: float = 0.1, channels: int = 256,
                 rois_per_image: int = 512, pre_nms_topk: tuple[int, int] = (2000, 1000),
-                post_nms_topk: tuple[int, int] = (1000, 1000)):
+                post_nms_topk: tuple[int, int] = (1000, 1000), rel_pos: bool = True):
     """torchvision's Mask R-CNN (GeneralizedRCNN, its RPN and RoI heads) on a ViTDet backbone, with
     ViTDet's heads: a 2-conv RPN head, a 4-conv + 1-fc box head and a 4-conv mask head, all convs with
     channel LayerNorm, and detectron2's L1 box regression losses. `num_classes` counts the background.
@@ -176,7 +222,7 @@ def build_model(vit: nn.Module, num_classes: int, image_size: int, mean, std, wi
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.models.detection.rpn import RPNHead
 
-    backbone = ViTDetBackbone(vit, window_size, global_blocks, drop_path, channels)
+    backbone = ViTDetBackbone(vit, window_size, global_blocks, drop_path, channels, rel_pos, image_size)
     strides = level_strides(backbone.patch_size)
     sizes = tuple((round(8 * s),) for s in strides)
     anchors = _StridedAnchors(strides, sizes, ((0.5, 1.0, 2.0),) * len(sizes))

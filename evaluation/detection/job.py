@@ -41,7 +41,7 @@ DATASET = "coco"  # the results.json data-set key
 MADE_WITH = ("seed", "model", "detect.model", "detect.image_size", "detect.scale_range", "detect.batch_size",
              "detect.lr", "detect.warmup_steps", "detect.decay_steps", "detect.weight_decay", "detect.layer_decay",
              "detect.drop_path", "detect.window_size", "detect.global_blocks", "detect.fpn_channels",
-             "detect.rois_per_image", "detect.rpn_pre_nms_topk", "detect.rpn_post_nms_topk")
+             "detect.rois_per_image", "detect.rpn_pre_nms_topk", "detect.rpn_post_nms_topk", "detect.rel_pos")
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval's first six stats, in its order
 
 
@@ -167,7 +167,8 @@ class Detector:
         torch.manual_seed(int(self.cfg.seed))  # the new layers' init: the same on every rank and every rerun
         model = build_model(vit, num_classes, int(self.d.image_size), mean, std, int(self.d.window_size),
                             blocks, float(self.d.drop_path), int(self.d.fpn_channels),
-                            int(self.d.rois_per_image), tuple(self.d.rpn_pre_nms_topk), tuple(self.d.rpn_post_nms_topk))
+                            int(self.d.rois_per_image), tuple(self.d.rpn_pre_nms_topk), tuple(self.d.rpn_post_nms_topk),
+                            bool(self.d.rel_pos))
         return model.to(self.device), mean
 
     def optimizer(self, model):
