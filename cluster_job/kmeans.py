@@ -14,8 +14,9 @@ from typing import NamedTuple
 
 import faiss
 import numpy as np
+import torch
 
-from cluster_job import features
+from cluster_job import centroid_ivf, features
 from unicom_ds import tblog
 from unicom_ds.atomic import read_json, save_npy_atomic, write_json_atomic
 from unicom_ds.config import ConfigError, as_config, check_same, select
@@ -24,6 +25,7 @@ from unicom_ds.progress import progress
 # The config keys whose change makes other centroids; stored in summary.json and compared on a rerun.
 KMEANS_KEYS = features.EMBED_KEYS + ("embed.from", "embed.source", "kmeans.k", "kmeans.mode", "kmeans.niter", "kmeans.init", "kmeans.max_points_per_centroid",
                                      "kmeans.min_points_per_centroid", "kmeans.two_level", "kmeans.seed")
+REFINE_KEYS = ("kmeans.refine_iters", "kmeans.refine_nprobe")  # part of the identity of two-level fits only
 TWO_LEVEL_FROM_K = 65536  # `kmeans.two_level=auto` switches to two levels from this k on
 # The ~sqrt(k) sub-problems (about 1,000 at k = 1M) run one after another: seeded with random points, not
 # AFK-MC2, which cost ~1.2 s each (20 min at 1M) and fitted no better (benchmarks/bench_kmeans_seeding.py).
@@ -162,6 +164,37 @@ def two_level_kmeans(x: np.ndarray, k: int, niter: int, seed: int, min_ppc: int 
     return fine, coarse
 
 
+def refine(x: np.ndarray, fit: Fit, iters: int, nprobe: int, seed: int, gpu: int = 0) -> Fit:
+    """Lloyd iterations over all k centroids after the two-level fit. At two levels a point only joins a
+    sub-centroid of its coarse cluster, and where the coarse level cuts through groups the fit splits them
+    (12-15 % below one level's objective, benchmarks/bench_kmeans_two_level.py); here every point may join
+    any centroid, found by the IVF search over the centroids that assign uses. The objective after a mean step
+    is the sum of the member sums' norms; an iteration that does not raise it ends the refinement, keeping the
+    previous centroids (the search is approximate)."""
+    k, d = fit.centroids.shape
+    centroids, objective, history, sizes = fit.centroids, fit.objective, list(fit.history), fit.sizes
+    for it in range(iters):
+        centres = centroid_ivf.list_centres(centroids, centroid_ivf.default_nlist(k), seed + it, gpu)
+        index = centroid_ivf.faiss_ivf(centroids, centres, nprobe, gpu)
+        sums, counts = torch.zeros(k, d), np.zeros(k, np.int64)
+        for a in range(0, len(x), NEAREST_BATCH):
+            xb = np.ascontiguousarray(x[a:a + NEAREST_BATCH], np.float32)
+            ids = index.search(xb, 1)[1][:, 0]
+            if (ids < 0).any():  # every probed list empty: search those rows exactly
+                ids[ids < 0] = nearest(centroids, xb[ids < 0], gpu)
+            sums.index_add_(0, torch.from_numpy(ids), torch.from_numpy(xb))
+            counts += np.bincount(ids, minlength=k)
+        norms = sums.norm(dim=1)
+        if float(norms.sum()) <= objective:
+            break
+        objective = float(norms.sum())
+        # An emptied centroid keeps its place: it may win points back in the next iteration.
+        centroids = np.where(counts[:, None] > 0, (sums / norms.clamp_min(1e-12)[:, None]).numpy(), centroids)
+        centroids, sizes = np.ascontiguousarray(centroids, np.float32), counts
+        history.append(objective)
+    return Fit(centroids, objective, history, sizes)
+
+
 def plan(cfg, counts: np.ndarray) -> int:
     """Sample size; refuses k > points. Cap: k * max_points_per_centroid, as faiss would subsample."""
     k, total = int(cfg.kmeans.k), int(counts.sum())
@@ -171,12 +204,18 @@ def plan(cfg, counts: np.ndarray) -> int:
     return min(total, k * int(cfg.kmeans.max_points_per_centroid))
 
 
+def identity(cfg) -> dict:
+    """The config keys that made these centroids (one-level fits are not refined: their runs keep matching)."""
+    two = use_two_level(cfg.kmeans.two_level, int(cfg.kmeans.k))
+    return select(cfg, KMEANS_KEYS + (REFINE_KEYS if two else ()))
+
+
 def check_done(cfg) -> dict | None:
     """The summary of a finished k-means of this config, None when there is none; refuses another config's."""
     path = kmeans_dir(cfg.run_dir) / "summary.json"
     if not path.is_file():
         return None
-    summary, wanted = read_json(path), select(cfg, KMEANS_KEYS)
+    summary, wanted = read_json(path), identity(cfg)
     check_same(summary["config"], wanted, path, features.reuse_hint(cfg, summary["config"], wanted)
                + f"; or delete {path.parent} and {Path(str(cfg.run_dir)) / 'labels'} to redo them here")
     return summary
@@ -224,6 +263,12 @@ def run_kmeans(cfg) -> dict:
     args = (x, k, int(cfg.kmeans.niter), int(cfg.kmeans.seed), int(cfg.kmeans.min_points_per_centroid), gpu,
             str(cfg.kmeans.init))
     fit, coarse = two_level_kmeans(*args) if two else (spherical_kmeans(*args), None)
+    fitted = fit  # before refining
+    if two and int(cfg.kmeans.refine_iters):
+        fit = refine(x, fit, int(cfg.kmeans.refine_iters), int(cfg.kmeans.refine_nprobe), int(cfg.kmeans.seed), gpu)
+        print(f"kmeans: {fit.iterations - fitted.iterations} of {cfg.kmeans.refine_iters} refinement iterations over "
+              f"all {k:,} centroids raised the mean cosine {fitted.objective / n_sample:.4f} -> "
+              f"{fit.objective / n_sample:.4f}", file=sys.stderr, flush=True)
     save_npy_atomic(out / "centroids.npy", np.ascontiguousarray(fit.centroids, np.float32))
     log_fit(cfg.run_dir, fit, coarse)
     summary = {"k": k, "d": d, "mode": mode, "two_level": two, "points_used": int(n_sample),
@@ -231,9 +276,10 @@ def run_kmeans(cfg) -> dict:
                "embeddings": str(features.embed_dir(src)), "objective": fit.objective,
                "mean_cosine": fit.objective / n_sample, "iterations": fit.iterations,
                "empty_classes_on_sample": int((fit.sizes == 0).sum()), "gpus": gpu,
-               "seconds": round(time.monotonic() - start, 3), "config": select(cfg, KMEANS_KEYS)}
+               "seconds": round(time.monotonic() - start, 3), "config": identity(cfg)}
     if coarse is not None:
-        summary["coarse_iterations"] = coarse.iterations
+        summary.update(coarse_iterations=coarse.iterations, refined_iterations=fit.iterations - fitted.iterations,
+                       mean_cosine_before_refining=fitted.objective / n_sample)
     write_json_atomic(out / "summary.json", summary)  # last: it marks the stage done
     print(f"kmeans: done, objective {fit.objective:,.1f} (mean cosine {summary['mean_cosine']:.4f}) after "
           f"{fit.iterations} iterations, {summary['seconds']:.1f}s -> {out}/centroids.npy", file=sys.stderr, flush=True)

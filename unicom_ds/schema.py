@@ -189,6 +189,7 @@ RULES: dict[str, Rule] = {
     "kmeans.init": Rule(choices=("afkmc2", "kmeans++", "random")),
     "kmeans.max_points_per_centroid": AT_LEAST_1, "kmeans.min_points_per_centroid": NON_NEGATIVE,
     "kmeans.two_level": AUTO_BOOL, "kmeans.seed": NON_NEGATIVE, "kmeans.gpu": AUTO_BOOL,
+    "kmeans.refine_iters": NON_NEGATIVE, "kmeans.refine_nprobe": AT_LEAST_1,
     "assign.batch_size": AT_LEAST_1, "assign.shards_per_task": AT_LEAST_1, "assign.gpu": AUTO_BOOL,
     "assign.search": Rule(choices=("auto", "exact", "ivf")), "assign.nlist": Rule("int", lo=1),
     "assign.nprobe": AT_LEAST_1, "assign.top_l": AT_LEAST_1, "assign.check_rows": NON_NEGATIVE,

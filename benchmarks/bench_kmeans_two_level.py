@@ -1,0 +1,90 @@
+"""The two-level k-means fit against one level: the objective it gives up, by coarse sample size and iterations.
+
+    python benchmarks/bench_kmeans_two_level.py --n 131072 --k 1024 --d 128 --niter 10 20 --coarse-ppc 64 256
+
+At k = 1M the kmeans job fits two levels (cluster_job/kmeans.py): ~sqrt(k) coarse centroids on a sample of
+COARSE_POINTS_PER_CENTROID points each, then each coarse cluster split into sub-clusters in proportion to its
+size. A point can then only join a sub-centroid of its own coarse cluster. This fits the same points with one
+level (faiss spherical k-means, every centroid), with two levels, and with two levels then `kmeans.refine_iters`
+Lloyd iterations over all k centroids (IVF search), in one process, and scores each the same way: the mean
+cosine of every point to its nearest centroid of all k (higher is better), plus the seconds (a refined row's
+include its two-level fit).
+
+Two data sets of unit rows, --n points in --d dimensions (no CLIP features ship with the tests):
+- topics: --k groups inside sqrt(k) topics (a hierarchy the coarse level can follow, as captions' subjects);
+- flat: --k groups uniform on the sphere (no hierarchy: the coarse level cuts through groups).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+
+from cluster_job import kmeans
+
+
+def make(kind: str, n: int, k: int, d: int, noise: float, rng: np.random.Generator) -> np.ndarray:
+    def unit(a: np.ndarray) -> np.ndarray:
+        return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
+
+    if kind == "topics":
+        topics = unit(rng.standard_normal((int(math.sqrt(k)), d)))
+        groups = unit(topics[rng.integers(0, len(topics), k)] + 0.6 * unit(rng.standard_normal((k, d))))
+    else:
+        groups = unit(rng.standard_normal((k, d)))
+    return unit(groups[rng.integers(0, k, n)] + noise * rng.standard_normal((n, d)).astype(np.float32))
+
+
+def mean_cosine(x: np.ndarray, centroids: np.ndarray) -> float:
+    """Every point against its nearest centroid of all k: the one score both fits are judged by."""
+    ids = kmeans.nearest(centroids, x)
+    return float(np.einsum("ij,ij->i", x, centroids[ids]).mean())
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=131072)
+    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--noise", type=float, default=0.09)  # mean cosine ~0.7 to the group at d = 128
+    ap.add_argument("--data", nargs="+", default=["topics", "flat"])
+    ap.add_argument("--niter", type=int, nargs="+", default=[10, 20])
+    ap.add_argument("--coarse-ppc", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--refine", type=int, nargs="*", default=[1, 3], help="refinement iterations (kmeans.refine_iters)")
+    ap.add_argument("--refine-nprobe", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    out = []
+    for kind in a.data:
+        x = make(kind, a.n, a.k, a.d, a.noise, np.random.default_rng(a.seed))
+        for niter in a.niter:
+            start = time.perf_counter()
+            one = kmeans.spherical_kmeans(x, a.k, niter, a.seed)
+            rows = [{"fit": "one level", "seconds": time.perf_counter() - start, "score": mean_cosine(x, one.centroids)}]
+            for ppc in a.coarse_ppc:
+                kmeans.COARSE_POINTS_PER_CENTROID = ppc  # the job's constant, varied here only
+                start = time.perf_counter()
+                two, _ = kmeans.two_level_kmeans(x, a.k, niter, a.seed)
+                rows.append({"fit": f"two levels, coarse {ppc}/centroid", "seconds": time.perf_counter() - start,
+                             "score": mean_cosine(x, two.centroids)})
+                for iters in a.refine:
+                    begin = time.perf_counter()
+                    refined = kmeans.refine(x, two, iters, a.refine_nprobe, a.seed)
+                    rows.append({"fit": f"two levels, coarse {ppc}/centroid, refined {iters} x (nprobe "
+                                        f"{a.refine_nprobe})", "seconds": time.perf_counter() - start,
+                                 "score": mean_cosine(x, refined.centroids), "refine_seconds": time.perf_counter() - begin})
+            for row in rows:
+                row = {"data": kind, "niter": niter, **row, "gap": rows[0]["score"] - row["score"],
+                       "n": a.n, "k": a.k, "d": a.d}
+                row.update({key: round(row[key], 1) for key in ("seconds", "refine_seconds") if key in row})
+                row.update(score=round(row["score"], 5), gap=round(row["gap"], 5))
+                print(json.dumps(row), flush=True)
+                out.append(row)
+    return out
+
+
+if __name__ == "__main__":
+    main()
