@@ -474,3 +474,36 @@ def test_predictions_do_not_depend_on_the_eval_batch_size(tmp_path):
     for a, b in zip(one, four):
         assert (a["image_id"], a["category_id"], a["segmentation"]) == (b["image_id"], b["category_id"], b["segmentation"])
         assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3) and a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+
+def test_layer_decay_drop_path_and_global_blocks_default_to_vitdets_for_the_model_size(tmp_path, coco):
+    """null detect.layer_decay / drop_path: ViTDet's ViT-B values for 12 blocks (and the tiny models), its
+    ViT-L ones for 24 (0.8, 0.4, global blocks 5, 11, 17, 23); a given value wins; a bad one stops the plan."""
+    from slurm import launch
+    from unicom_ds import config
+    run = tmp_path / "run"
+    (run / "train").mkdir(parents=True)
+    torch.save(unicom_vit.build("ViT-Tiny-16").state_dict(), run / "train" / "backbone.pt")
+
+    def resolve(*args):
+        return config.resolve(["stage=detect", f"run_dir={run}", "model=ViT-Tiny-16", f"detect.data_root={coco}",
+                               "device=cpu", "progress=off", "detect.image_size=64", "detect.window_size=2", *args])
+
+    cfg = resolve()
+    assert cfg.detect.layer_decay is None and cfg.detect.drop_path is None
+    assert "lr 0.0001 (ViTDet's layer decay for its size down the ViT)" in launch.precheck(cfg)[0]
+    det = job.Detector(config.as_config(config.select(cfg)))
+    assert (det.recipe(12), det.recipe(24), det.recipe(2)) == ((0.7, 0.1), (0.8, 0.4), (0.7, 0.1))
+    model, _ = det.build(4)
+    assert model.backbone.body.block_drop == pytest.approx([0.0, 0.1])
+    lrs = {g["layer"]: g["lr"] for g in det.optimizer(model).param_groups}
+    assert lrs[0] == pytest.approx(1e-4 * 0.7 ** 3) and lrs[3] == pytest.approx(1e-4)
+    given = job.Detector(config.as_config(config.select(resolve("detect.layer_decay=0.65", "detect.drop_path=0.2"))))
+    assert given.recipe(24) == (0.65, 0.2)
+    large = unicom_vit.UnicomViT(image_size=32, patch_size=16, width=16, depth=24, heads=1, embed_dim=16)
+    drop = det.recipe(det_backbone.vit_depth(large))[1]
+    bb = det_backbone.ViTDetBackbone(large, window_size=2, drop_path=drop, out_channels=8, image_size=32)
+    assert sorted(bb.global_blocks) == [5, 11, 17, 23] and bb.block_drop[-1] == pytest.approx(0.4)
+    for bad in ("detect.layer_decay=0", "detect.drop_path=abc", "detect.drop_path=1.5"):
+        with pytest.raises(config.ConfigError, match=bad.replace(".", r"\.") + ": null"):
+            launch.precheck(resolve(bad))

@@ -42,6 +42,23 @@ SCALES = (4.0, 2.0, 1.0, 0.5)
 LEVELS = ("p2", "p3", "p4", "p5")
 
 
+# ViTDet's per-size recipe, (layer-wise lr decay, drop path) by depth: ViT-B (12 blocks), ViT-L (24).
+RECIPES = {12: (0.7, 0.1), 24: (0.8, 0.4)}
+
+
+def recipe(depth: int, layer_decay: float | None, drop_path: float | None) -> tuple[float, float]:
+    """(layer decay, drop path) for a ViT of `depth` blocks: each value given, or ViTDet's for that size
+    where it is None (ViT-B's for depths ViTDet has no recipe for, such as the tiny test models)."""
+    default = RECIPES.get(depth, RECIPES[12])
+    return (default[0] if layer_decay is None else float(layer_decay),
+            default[1] if drop_path is None else float(drop_path))
+
+
+def vit_depth(vit: nn.Module) -> int:
+    """The number of blocks of a loaded ViT."""
+    return len(_parts(vit)[3])
+
+
 def default_global_blocks(depth: int) -> list[int]:
     """ViTDet's spacing: the last block of each quarter of the depth (2, 5, 8, 11 for 12 blocks)."""
     return sorted({max(0, (i + 1) * depth // 4 - 1) for i in range(4)})

@@ -77,12 +77,20 @@ def check(cfg: Any, world: int = 1) -> list[str]:
     for key in ("rpn_pre_nms_topk", "rpn_post_nms_topk"):
         if len(d[key]) != 2:
             raise ConfigError(f"detect.{key}={list(d[key])}: two numbers, [training, testing]")
+    # Null defaults leave these two untyped in unicom_ds/schema.py (its rules name no kind): checked here.
+    for key, lo_open in (("layer_decay", True), ("drop_path", False)):
+        v = d[key]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1
+                              or (lo_open and v == 0)):
+            raise ConfigError(f"detect.{key}={v}: null (ViTDet's value for the model's size) or a number in "
+                              f"{'(' if lo_open else '['}0, 1]")
     if list(d.decay_steps) != sorted(d.decay_steps):
         raise ConfigError(f"detect.decay_steps={list(d.decay_steps)}: must be increasing")
     images = int(d.steps) * int(d.batch_size)
+    decay = "ViTDet's layer decay for its size" if d.layer_decay is None else f"x{d.layer_decay} per layer"
     return [f"detect: Mask R-CNN on {spec.label} ({spec.name}), {d.steps} steps x batch {d.batch_size} "
             f"({world} rank(s) x {int(d.batch_size) // world}) = {images:,} images at {d.image_size} px, "
-            f"lr {d.lr} (x{d.layer_decay} per layer down the ViT), decay x0.1 at {list(d.decay_steps)}, "
+            f"lr {d.lr} ({decay} down the ViT), decay x0.1 at {list(d.decay_steps)}, "
             f"window {d.window_size or 'none (global attention)'}"]
 
 
@@ -158,22 +166,30 @@ class Detector:
         if self.rank == 0:
             print(f"[detect {self.spec.label}] {text}", flush=True)
 
+    def recipe(self, depth: int) -> tuple[float, float]:
+        """(layer decay, drop path): detect.layer_decay and detect.drop_path, ViTDet's for the model's size where null."""
+        from evaluation.detection.backbone import recipe
+        return recipe(depth, self.d.layer_decay, self.d.drop_path)
+
     def build(self, num_classes: int):
         from unicom_ds.loading import load
-        from evaluation.detection.backbone import build_model
+        from evaluation.detection.backbone import build_model, vit_depth
         vit, preprocess = load(self.spec.name, self.spec.checkpoint, device="cpu")
         mean, std = _normalisation(preprocess)
         blocks = None if self.d.global_blocks is None else [int(b) for b in self.d.global_blocks]
+        layer_decay, drop_path = self.recipe(vit_depth(vit))
+        self.log(f"{vit_depth(vit)} blocks: layer decay {layer_decay}, drop path {drop_path}")
         torch.manual_seed(int(self.cfg.seed))  # the new layers' init: the same on every rank and every rerun
         model = build_model(vit, num_classes, int(self.d.image_size), mean, std, int(self.d.window_size),
-                            blocks, float(self.d.drop_path), int(self.d.fpn_channels),
+                            blocks, drop_path, int(self.d.fpn_channels),
                             int(self.d.rois_per_image), tuple(self.d.rpn_pre_nms_topk), tuple(self.d.rpn_post_nms_topk),
                             bool(self.d.rel_pos))
         return model.to(self.device), mean
 
     def optimizer(self, model):
         from evaluation.detection.backbone import param_groups
-        groups = param_groups(model, float(self.d.lr), float(self.d.weight_decay), float(self.d.layer_decay))
+        layer_decay, _ = self.recipe(len(model.backbone.body.blocks))
+        groups = param_groups(model, float(self.d.lr), float(self.d.weight_decay), layer_decay)
         return torch.optim.AdamW(groups, lr=float(self.d.lr), betas=(0.9, 0.999))
 
     def loader(self, train_split, mean, start: int):
