@@ -176,8 +176,9 @@ def test_roi_pooler_is_aligned_and_reads_each_box_at_its_level_stride():
     for i, ((x0, y0, x1, _), stride) in enumerate([(boxes[0][0].tolist(), 3.5), (boxes[1][0].tolist(), 7.0)]):
         width = (x1 - x0) / stride / 7
         for j in range(7):
-            torch.testing.assert_close(got[i, 0, :, j], torch.full((7,), x0 / stride - 0.5 + (j + 0.5) * width + 100 * i))
-            torch.testing.assert_close(got[i, 1, j, :], torch.full((7,), y0 / stride - 0.5 + (j + 0.5) * width + 100 * i))
+            centre = (j + 0.5) * width - 0.5 + 100 * i
+            torch.testing.assert_close(got[i, 0, :, j], torch.full((7,), x0 / stride + centre))
+            torch.testing.assert_close(got[i, 1, j, :], torch.full((7,), y0 / stride + centre))
 
 
 def test_box_regression_losses_are_l1_over_the_sampled_boxes(coco):
@@ -472,7 +473,8 @@ def test_predictions_do_not_depend_on_the_eval_batch_size(tmp_path):
     one, four = detector(1).predict(model, val), detector(4).predict(model, val)
     assert len({p["image_id"] for p in one}) == 4 and len(one) == len(four)
     for a, b in zip(one, four):
-        assert (a["image_id"], a["category_id"], a["segmentation"]) == (b["image_id"], b["category_id"], b["segmentation"])
+        assert [a[k] for k in ("image_id", "category_id", "segmentation")] == \
+            [b[k] for k in ("image_id", "category_id", "segmentation")]
         assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3) and a["score"] == pytest.approx(b["score"], abs=1e-5)
 
 

@@ -231,9 +231,9 @@ def build_model(vit: nn.Module, num_classes: int, image_size: int, mean, std, wi
     channel LayerNorm, and detectron2's L1 box regression losses. `num_classes` counts the background.
     Images are resized so that the longer side is `image_size` (training images already are, by the
     large-scale jitter) and padded to an `image_size` square. Each pyramid level has anchors of 8 x its
-    stride (32 ... 512 px at patch 16, as detectron2 and torchvision), whatever the image size. The RPN keeps `pre_nms_topk`
-    (training, testing) proposals per level before NMS and `post_nms_topk` per image after it (ViTDet's
-    2000/1000 and 1000/1000)."""
+    stride (32 ... 512 px at patch 16, as detectron2 and torchvision), whatever the image size. The RPN
+    keeps `pre_nms_topk` (training, testing) proposals per level before NMS and `post_nms_topk` per image
+    after it (ViTDet's 2000/1000 and 1000/1000)."""
     from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
     from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor

@@ -167,7 +167,7 @@ class Detector:
             print(f"[detect {self.spec.label}] {text}", flush=True)
 
     def recipe(self, depth: int) -> tuple[float, float]:
-        """(layer decay, drop path): detect.layer_decay and detect.drop_path, ViTDet's for the model's size where null."""
+        """(layer decay, drop path): detect.layer_decay and detect.drop_path, ViTDet's for the size where null."""
         from evaluation.detection.backbone import recipe
         return recipe(depth, self.d.layer_decay, self.d.drop_path)
 
