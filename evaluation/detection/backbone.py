@@ -382,7 +382,9 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: 
     norm layers' parameters (weight_decay_norm=0) and the position embedding (its one override); biases
     and everything else decay (detectron2 leaves weight_decay_bias unset)."""
     depth = len(_find_backbone(model).blocks)
-    # LayerNorm (and torchvision's LayerNorm2d, a subclass) is the only norm these models hold.
+    # LayerNorm (and torchvision's LayerNorm2d, a subclass) is the only norm these models hold. The pyramid's
+    # and heads' channel norms are spared too, unlike ViTDet's: detectron2's own LayerNorm class (used
+    # there) is missing from its optimizer's list of norm types.
     norms = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)}
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
