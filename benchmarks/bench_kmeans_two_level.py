@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--data", nargs="+", default=["topics", "flat"])
     ap.add_argument("--niter", type=int, nargs="+", default=[10, 20])
     ap.add_argument("--coarse-ppc", type=int, nargs="+", default=[64, 256])
-    ap.add_argument("--refine", type=int, nargs="*", default=[1, 3], help="refinement iterations (kmeans.refine_iters)")
-    ap.add_argument("--refine-nprobe", type=int, default=8)
+    ap.add_argument("--refine", type=int, nargs="*", default=[3, 5], help="refinement iterations (kmeans.refine_iters)")
+    ap.add_argument("--refine-nprobe", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     out = []

@@ -217,8 +217,8 @@ def test_run_kmeans_two_level_and_modes(tmp_path):
     truth = make_run(tmp_path, groups=9, per=10)
     summary = kmeans.run_kmeans(cfg_for(tmp_path, "kmeans.k=9", "kmeans.two_level=true", "kmeans.mode=text"))
     assert summary["two_level"] and summary["mode"] == "text"
-    assert 0 <= summary["refined_iterations"] <= 3 and summary["mean_cosine"] >= summary["mean_cosine_before_refining"]
-    assert summary["config"]["kmeans.refine_iters"] == 3  # part of a two-level fit's identity (not of one level's)
+    assert 0 <= summary["refined_iterations"] <= 5 and summary["mean_cosine"] >= summary["mean_cosine_before_refining"]
+    assert summary["config"]["kmeans.refine_iters"] == 5  # part of a two-level fit's identity (not of one level's)
     cent = np.load(tmp_path / "kmeans" / "centroids.npy")
     x = np.concatenate([np.load(tmp_path / "embed" / f"{i:05d}.txt.npy") for i in range(3)]).astype(np.float32)
     assert adjusted_rand_score(truth, kmeans.nearest(cent, x)) == 1.0
