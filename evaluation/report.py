@@ -124,7 +124,7 @@ def what_was_run(run_dir: Path, cfg: Any) -> str:
     for name, truth in demo_stand_ins(cfg, evaluated or [str(d) for d in cfg.eval.datasets]).items():
         warn.append(f"The data set '{name}' is not the real one: {truth}")
     shapes = Path(str(cfg.detect.data_root)) / "DEMO_SET.txt"  # evaluation.detection.synthetic's marker
-    if "coco" in evaluated and shapes.is_file():
+    if "shapes" in evaluated and shapes.is_file():
         warn.append(f"The detection set is not COCO: {shapes.read_text().strip()}")
     damaged = damaged_shards(run_dir, cfg)
     if damaged:
@@ -264,8 +264,8 @@ def _eval_html(run_dir: Path, report_dir: Path) -> str:
 
     out = []
     tables = [(caption, *eval_results.rows(results, columns)) for caption, columns in eval_results.PAPER_TABLES]
-    caption, dataset, columns = eval_results.DETECTION_TABLE  # Tab. 9: box and mask AP
-    tables.append((caption, list(columns), eval_results.split_rows(results, dataset, columns)))
+    tables += [(caption, list(columns), eval_results.split_rows(results, dataset, columns))
+               for caption, dataset, columns in eval_results.DETECTION_TABLES]  # Tab. 9 (or the demo's shapes)
     for caption, titles, rows in tables:
         if not rows:
             continue

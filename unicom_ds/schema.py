@@ -227,7 +227,7 @@ RULES: dict[str, Rule] = {
     "detect.scale_range": Rule("list", items=Rule("float", lo=0, lo_open=True)),
     "detect.batch_size": AT_LEAST_1, "detect.lr": NON_NEGATIVE, "detect.warmup_steps": NON_NEGATIVE,
     "detect.decay_steps": Rule("list", items=Rule("int", lo=1)), "detect.weight_decay": NON_NEGATIVE,
-    "detect.layer_decay": Rule(lo=0, hi=1, lo_open=True), "detect.drop_path": Rule(lo=0, hi=1),
+    "detect.layer_decay": Rule("float", lo=0, hi=1, lo_open=True), "detect.drop_path": Rule("float", lo=0, hi=1),
     "detect.window_size": NON_NEGATIVE, "detect.global_blocks": Rule("list", items=Rule("int", lo=0)),
     "detect.fpn_channels": Rule(lo=8), "detect.rois_per_image": AT_LEAST_1,
     "detect.rpn_pre_nms_topk": Rule("list", items=Rule("int", lo=1)),
