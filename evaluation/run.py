@@ -24,7 +24,7 @@ from unicom_ds.atomic import read_json, write_json_atomic
 
 from evaluation import probe_sets, retrieval_sets
 
-KINDS = ("run", "unicom", "openclip", "ckpt")
+KINDS = ("run", "unicom", "openclip", "ckpt", "mlcd")
 # The config keys a unit's numbers depend on (besides the model file): a rerun must match them.
 UNIT_KEYS = {"retrieval": ("eval.dims", "eval.dims_renormalize", "eval.gldv2_cosine"),
              "probe": ("eval.probe.max_iter", "eval.probe.val_fraction", "eval.probe.fixed_c", "seed")}
@@ -34,23 +34,26 @@ UNIT_KEYS = {"retrieval": ("eval.dims", "eval.dims_renormalize", "eval.gldv2_cos
 class ModelSpec:
     label: str                 # row name in results.json / the tables / the feature cache
     name: str                  # what unicom_ds.load takes
-    checkpoint: str | None     # a file, an open_clip tag, or None
+    checkpoint: str | None     # a file, an open_clip tag, an MLCD folder (mlcd:FOLDER), or None
     is_file: bool
 
 
 def parse_model(entry: str, run_dir: str | os.PathLike, run_model: str) -> ModelSpec:
-    """An `eval.models` entry: run | unicom:NAME@FILE | openclip:NAME@TAG_OR_FILE | ckpt:NAME@FILE.
+    """An `eval.models` entry: run | unicom:NAME@FILE | openclip:NAME@TAG_OR_FILE | ckpt:NAME@FILE | mlcd:FOLDER.
     `run` is RUN/train/backbone.pt under the run's model name `run_model` (cfg.model): `load` tells a
     release-format Unicom export from an open_clip one by what the file holds, and needs the name
-    for the former."""
+    for the former. `mlcd:FOLDER` is a folder in transformers' MLCDVisionModel format (its config.json
+    names the architecture), labelled `mlcd:<folder name>`."""
     if entry == "run":
         return ModelSpec("run", run_model, str(Path(run_dir) / "train" / "backbone.pt"), True)
     kind, _, rest = entry.partition(":")
+    if kind == "mlcd" and rest:
+        return ModelSpec(f"mlcd:{Path(rest).name}", "mlcd", rest, False)
     name, _, source = rest.partition("@")
     if kind not in KINDS[1:] or not name or not source:
         raise config_mod.ConfigError(
-            f"eval.models entry '{entry}': expected run, unicom:NAME@FILE, openclip:NAME@TAG_OR_FILE "
-            "or ckpt:NAME@FILE")
+            f"eval.models entry '{entry}': expected run, unicom:NAME@FILE, openclip:NAME@TAG_OR_FILE, "
+            "ckpt:NAME@FILE or mlcd:FOLDER")
     is_file = kind != "openclip" or Path(source).suffix != "" or os.sep in source
     if kind == "unicom":
         return ModelSpec(f"unicom:{name}", f"unicom:{name}", source, True)
@@ -81,6 +84,8 @@ def check(cfg: Any) -> None:
         # With stage=all the train stage has not written RUN/train/backbone.pt yet.
         if spec.is_file and not Path(spec.checkpoint).is_file() and not (entry == "run" and cfg.stage == "all"):
             raise FileNotFoundError(f"eval.models '{entry}': checkpoint {spec.checkpoint} does not exist")
+        if spec.name == "mlcd":
+            check_mlcd_folder(f"eval.models '{entry}'", spec.checkpoint)
     for name in cfg.eval.datasets:
         kind = dataset_kind(str(name))
         root = Path(str(cfg.eval.data_root)) / str(name)
@@ -109,6 +114,24 @@ def _check_model_name(spec: ModelSpec) -> None:
             raise config_mod.ConfigError(f"eval.models: '{name}' is not an open_clip model name")
 
 
+def check_mlcd_folder(what: str, folder: str) -> None:
+    """An MLCD folder's config.json is readable and its weights are there (not read here)."""
+    from unicom_ds import mlcd_vit
+    try:
+        mlcd_vit.read_hf_config(folder)
+        mlcd_vit.weight_files(folder)
+    except (OSError, ValueError) as e:
+        raise type(e)(f"{what}: {e}") from None
+
+
+def refuse_mlcd(spec: ModelSpec, key: str) -> ModelSpec:
+    """Jobs that train or rebuild the backbone (detect, finetune, quantize) do not take MLCD folders yet."""
+    if spec.name == "mlcd":
+        raise config_mod.ConfigError(f"{key}={spec.label}: MLCD models (mlcd:FOLDER) are scored by the eval stage "
+                                     f"(eval.models) only; this job does not take them yet")
+    return spec
+
+
 def task_rank_world() -> tuple[int, int]:
     """(global rank, number of tasks) of this task in a submitit SLURM job; (0, 1) elsewhere."""
     import submitit
@@ -130,6 +153,11 @@ def _join_tasks(world: int) -> None:
 
 def _checkpoint_identity(entry: str, spec: ModelSpec) -> dict:
     # The entry, not the resolved path: a run directory that is moved or copied stays valid.
+    if spec.name == "mlcd":  # every file the model is read from: config.json and the weight file(s)
+        from unicom_ds import mlcd_vit
+        files = [Path(spec.checkpoint) / mlcd_vit.CONFIG_FILE, *mlcd_vit.weight_files(spec.checkpoint)]
+        stats = [p.stat() for p in files]
+        return {"model": entry, "bytes": sum(st.st_size for st in stats), "mtime": max(int(st.st_mtime) for st in stats)}
     if not spec.is_file:
         return {"model": entry}
     st = Path(spec.checkpoint).stat()

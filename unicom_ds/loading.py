@@ -10,6 +10,9 @@ The model maps a batch of transformed images to embeddings (`model(images)`), wh
   `unicom:NAME`, or a tiny test config); loaded strictly, key for key, into fp32.
 - a train-stage export of an open_clip tower (`model=openclip:NAME`, a dict {"model", "embed_dim",
   "state_dict"}): the vision tower rebuilt by name; `name` is that model name (or `ckpt:NAME`).
+- `mlcd:FOLDER` (or `mlcd` with checkpoint = FOLDER): a folder in transformers' MLCDVisionModel format
+  (config.json + model.safetensors, e.g. a released MLCD RoPE2D model), read into `unicom_ds.mlcd_vit`'s
+  MLCDViT (transformers is not used); its feature is MLCDVisionModel's pooler output.
 
 What a checkpoint file holds decides between the last two. Nothing is ever downloaded for Unicom files.
 """
@@ -27,6 +30,7 @@ from unicom_ds import unicom_vit
 OPENCLIP = "openclip:"
 UNICOM = "unicom:"
 CKPT = "ckpt:"
+MLCD = "mlcd"
 RELEASE_URL = "https://github.com/deepglint/unicom/releases"
 _KINDS = {True: "a train-stage export", False: "a plain state dict (the Unicom release format)"}
 
@@ -34,6 +38,9 @@ _KINDS = {True: "a train-stage export", False: "a plain state dict (the Unicom r
 def load(name: str, checkpoint: str | os.PathLike | None = None,
          device: str | torch.device = "cpu") -> tuple[nn.Module, Callable]:
     """(model in eval mode on `device`, PIL image -> tensor transform); see the module docstring."""
+    if name == MLCD or name.startswith(MLCD + ":"):
+        model, preprocess = _load_mlcd(name, checkpoint)
+        return model.to(device).eval(), preprocess
     is_file = checkpoint is not None and Path(checkpoint).is_file()
     state = _read(checkpoint) if is_file else None
     export = state is not None and _is_export(state)
@@ -99,6 +106,18 @@ def _load_unicom(name: str, state: dict, path) -> tuple[nn.Module, Callable]:
     model = unicom_vit.build(name)
     check_state_dict(model, state, path, f"the Unicom {name} architecture")
     model.load_state_dict(state)  # copies the fp16 release tensors into the fp32 parameters
+    return model, clip_transform(model.image_size)
+
+
+def _load_mlcd(name: str, checkpoint) -> tuple[nn.Module, Callable]:
+    from unicom_ds import mlcd_vit
+    folder = name[len(MLCD) + 1:] or checkpoint
+    if folder is None:
+        raise ValueError(f"model '{name}': give the folder, mlcd:FOLDER or checkpoint=FOLDER (config.json and "
+                         f"model.safetensors in transformers' MLCDVisionModel format); nothing is downloaded")
+    if name != MLCD and checkpoint is not None and Path(checkpoint) != Path(folder):
+        raise ValueError(f"model '{name}' names its folder; checkpoint={checkpoint} would be another")
+    model = mlcd_vit.load_hf(folder)
     return model, clip_transform(model.image_size)
 
 

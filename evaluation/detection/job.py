@@ -60,11 +60,12 @@ def lr_factor(step: int, warmup: int, decay_steps, gamma: float = 0.1) -> float:
 
 
 def model_spec(cfg):
-    from evaluation.run import parse_model
+    from evaluation.run import parse_model, refuse_mlcd
     try:
-        return parse_model(str(cfg.detect.model), cfg.run_dir, str(cfg.model))
+        spec = parse_model(str(cfg.detect.model), cfg.run_dir, str(cfg.model))
     except ConfigError as e:
         raise ConfigError(str(e).replace("eval.models entry", "detect.model")) from None
+    return refuse_mlcd(spec, "detect.model")
 
 
 def check(cfg: Any, world: int = 1) -> list[str]:

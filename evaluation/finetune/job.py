@@ -26,7 +26,7 @@ from unicom_ds.loading import openclip_architecture
 
 from evaluation import retrieval_sets
 from evaluation.results import FT_PREFIX, SELECTED
-from evaluation.run import Evaluator, ModelSpec, parse_model
+from evaluation.run import Evaluator, ModelSpec, parse_model, refuse_mlcd
 
 JOB_PY = Path(__file__).resolve()
 SECTION, LOSS = "finetune", "finetune.loss"
@@ -35,9 +35,10 @@ SECTION, LOSS = "finetune", "finetune.loss"
 
 def init_spec(cfg: Any) -> ModelSpec:
     try:
-        return parse_model(str(cfg.finetune.init), cfg.run_dir, str(cfg.model))
+        spec = parse_model(str(cfg.finetune.init), cfg.run_dir, str(cfg.model))
     except config.ConfigError as e:
         raise config.ConfigError(f"finetune.init: {e}") from None
+    return refuse_mlcd(spec, "finetune.init")
 
 
 def trained_name(spec: ModelSpec, cfg: Any) -> str:

@@ -1,0 +1,412 @@
+"""The MLCD ViT (DeepGlint, ECCV 2024; deepglint/unicom `mlcd/vit_rope2d.py`), re-implemented, and its
+exchange with the folder format of Hugging Face's `transformers.MLCDVisionModel` (config.json +
+model.safetensors), the format DeepGlint releases its RoPE2D models in.
+
+The architecture is a CLIP-style pre-LN ViT with a class token and no learned position table:
+patches (a bias-free convolution) behind a class token, `ln_pre`, blocks whose attention rotates
+queries and keys with a 2-D rotary position embedding (RoPE2D), and `ln_post` on the class token. That
+normalised class token is the feature (`model(images)`, [B, width]): MLCDVisionModel's `pooler_output`,
+and the official `VisualTransformer.forward` without a projection. There is no projection head.
+
+RoPE2D: each head of size D rotates its queries and keys in the "rotate half" layout (channel i
+pairs with channel i + D/2). The angles of a patch at grid row h and column w are [h * f, w * f]
+(D/2 angles, f the D/4 frequencies theta^(-2i/(D/2)), theta = 10000), repeated twice to span D. The class token's D/2 angles are a learned
+parameter, `class_pos_emb`. Rows follow the image height and columns its width, as MLCDVisionModel
+(the official file builds the grid from (width, height); the two agree on square inputs, the only ones
+its models take).
+
+Module names follow the official `vit_rope2d.py` (`conv1`, `class_embedding`, `class_pos_emb`,
+`ln_pre`, `transformer.resblocks.N.{ln_1,attn.in_proj,attn.out_proj,ln_2,mlp.c_fc,mlp.c_proj}`,
+`ln_post`), so its state dicts load key for key; `to_hf_state_dict` / `from_hf_state_dict` map them to
+and from transformers' names. `export_hf(model, folder)` writes a folder that
+`transformers.MLCDVisionModel.from_pretrained(folder)` reads; `load_hf(folder)` reads such a folder (a
+released MLCD checkpoint) into this module without transformers.
+
+    python -m unicom_ds.mlcd_vit export NAME STATE_DICT.pt OUT_FOLDER
+
+writes a plain state dict of this architecture (ours, or an official `vit_rope2d.py` checkpoint) as such
+a folder. Training this architecture (a Trainer model choice) is not wired yet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# name -> architecture. The bigG sizes are DeepGlint's RoPE2D releases in MLCDVisionModel format
+# (DeepGlint-AI/mlcd-vit-bigG-patch14-{224,336,448}: hidden 1664, 48 layers, 16 heads, MLP 8192). The
+# B/32 and L/14 sizes are the RoPE2D architecture at the sizes of the paper's B/32-224 and L/14-336; their
+# public releases (mlcd-vit-base-patch32-224, mlcd-vit-large-patch14-336) are CLIPVisionModel folders
+# (learned position table, no RoPE), which this module does not read.
+CONFIGS = {
+    "MLCD-ViT-B-32": dict(image_size=224, patch_size=32, width=768, depth=12, heads=12, mlp_dim=3072),
+    "MLCD-ViT-L-14-336": dict(image_size=336, patch_size=14, width=1024, depth=24, heads=16, mlp_dim=4096),
+    "MLCD-ViT-bigG-14-224": dict(image_size=224, patch_size=14, width=1664, depth=48, heads=16, mlp_dim=8192),
+    "MLCD-ViT-bigG-14-336": dict(image_size=336, patch_size=14, width=1664, depth=48, heads=16, mlp_dim=8192),
+    "MLCD-ViT-bigG-14-448": dict(image_size=448, patch_size=14, width=1664, depth=48, heads=16, mlp_dim=8192),
+    # Tiny, for tests (not released).
+    "MLCD-ViT-Tiny-16": dict(image_size=64, patch_size=16, width=64, depth=2, heads=2, mlp_dim=256),
+}
+ROPE_THETA = 10000.0
+LN_EPS = 1e-5
+MODEL_TYPE = "mlcd_vision_model"
+CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def canonical_name(name: str) -> str:
+    """`MLCD-ViT-bigG/14@448px` -> `MLCD-ViT-bigG-14-448`; `MLCD-ViT-B/32` -> `MLCD-ViT-B-32`."""
+    out = name.replace("/", "-")
+    if "@" in out:
+        out, _, size = out.partition("@")
+        out = f"{out}-{size.removesuffix('px')}"
+    return out
+
+
+def config(name: str) -> dict:
+    key = canonical_name(name)
+    if key not in CONFIGS:
+        raise ValueError(f"unknown MLCD model '{name}'; known: {', '.join(CONFIGS)}")
+    return CONFIGS[key]
+
+
+# ---- RoPE2D: pure functions -------------------------------------------------------------------
+
+def rope_frequencies(head_dim: int, theta: float = ROPE_THETA) -> torch.Tensor:
+    """The D/4 frequencies of one spatial axis: theta^(-2i / (D/2)), i = 0 .. D/4 - 1."""
+    if head_dim % 4:
+        raise ValueError(f"RoPE2D needs a head size divisible by 4, got {head_dim}")
+    half = head_dim // 2
+    return 1.0 / (theta ** (torch.arange(0, half, 2, dtype=torch.float64) / half)).float()
+
+
+def rope_angles(grid_h: int, grid_w: int, head_dim: int, theta: float = ROPE_THETA) -> torch.Tensor:
+    """[grid_h * grid_w, D/2] angles of the patches in row-major order: [row * f, column * f]."""
+    f = rope_frequencies(head_dim, theta)
+    rows = torch.arange(grid_h, dtype=torch.float32).repeat_interleave(grid_w)
+    cols = torch.arange(grid_w, dtype=torch.float32).repeat(grid_h)
+    return torch.cat([rows[:, None] * f, cols[:, None] * f], dim=1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """x [B, N, heads, D] rotated by angles [N, D/2] (repeated twice over D), computed in fp32."""
+    full = torch.cat([angles, angles], dim=-1)[None, :, None, :].float()
+    out = x.float() * full.cos() + rotate_half(x.float()) * full.sin()
+    return out.to(x.dtype)
+
+
+# ---- the model ---------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj = nn.Linear(width, 3 * width)   # rows: q, k, v
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.in_proj(x).reshape(b, n, 3, self.heads, d // self.heads).unbind(2)
+        q, k = apply_rope(q, angles), apply_rope(k, angles)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_dim: int, eps: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = Mlp(width, mlp_dim)
+
+    def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), angles)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, depth: int, heads: int, mlp_dim: int, eps: float):
+        super().__init__()
+        self.resblocks = nn.ModuleList(Block(width, heads, mlp_dim, eps) for _ in range(depth))
+
+
+class MLCDViT(nn.Module):
+    """images [B, 3, H, W] -> features [B, width]: the post-LayerNorm class token (not L2-normalised)."""
+
+    def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int, mlp_dim: int,
+                 rope_theta: float = ROPE_THETA, eps: float = LN_EPS):
+        super().__init__()
+        if width % heads or (width // heads) % 4:
+            raise ValueError(f"width {width} / heads {heads}: the head size must be a multiple of 4 for RoPE2D")
+        self.image_size, self.patch_size, self.heads = image_size, patch_size, heads
+        self.width, self.depth, self.mlp_dim, self.rope_theta, self.eps = width, depth, mlp_dim, rope_theta, eps
+        self.embed_dim = width
+        head_dim = width // heads
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(width ** -0.5 * torch.randn(width))
+        self.class_pos_emb = nn.Parameter(torch.randn(1, head_dim // 2))
+        self.ln_pre = nn.LayerNorm(width, eps=eps)
+        self.transformer = Transformer(width, depth, heads, mlp_dim, eps)
+        self.ln_post = nn.LayerNorm(width, eps=eps)
+
+    def angles(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """[1 + grid_h * grid_w, D/2]: the class token's learned angles, then the patches'."""
+        patches = rope_angles(grid_h, grid_w, self.width // self.heads, self.rope_theta)
+        return torch.cat([self.class_pos_emb.float(), patches.to(self.class_pos_emb.device)], dim=0)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output, [B, 1 + N, width] (MLCDVisionModel's `last_hidden_state`)."""
+        x = self.conv1(x.to(self.conv1.weight.dtype))
+        angles = self.angles(x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = self.ln_pre(torch.cat([cls, x], dim=1))
+        for block in self.transformer.resblocks:
+            x = block(x, angles)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_post(self.forward_tokens(x)[:, 0])
+
+    def arch(self) -> dict:
+        return dict(image_size=self.image_size, patch_size=self.patch_size, width=self.width, depth=self.depth,
+                    heads=self.heads, mlp_dim=self.mlp_dim, rope_theta=self.rope_theta, eps=self.eps)
+
+
+def build(name: str) -> MLCDViT:
+    """A randomly initialised, eval-mode MLCD ViT of a known name."""
+    return MLCDViT(**config(name)).eval()
+
+
+# ---- transformers' names -----------------------------------------------------------------------
+
+# ours -> transformers', per block and outside the blocks (the official converter's mapping).
+_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+          "attn.out_proj": "self_attn.out_proj"}
+_TOP = {"conv1.weight": "embeddings.patch_embedding.weight", "class_embedding": "embeddings.class_embedding",
+        "class_pos_emb": "class_pos_emb", "ln_pre.weight": "pre_layrnorm.weight", "ln_pre.bias": "pre_layrnorm.bias",
+        "ln_post.weight": "post_layernorm.weight", "ln_post.bias": "post_layernorm.bias"}
+_OURS_BLOCK, _HF_BLOCK = "transformer.resblocks.", "encoder.layers."
+HF_PREFIX = "vision_model."  # how a checkpoint saved from a model wrapping MLCDVisionModel names its keys
+
+
+class WeightError(ValueError):
+    """A weight file that does not hold this architecture; the message names the file and the keys."""
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our (the official vit_rope2d.py) names -> MLCDVisionModel's; the fused in_proj is split into q, k, v."""
+    out = {}
+    for key, value in state.items():
+        if key in _TOP:
+            out[_TOP[key]] = value
+            continue
+        if not key.startswith(_OURS_BLOCK):
+            raise WeightError(f"no MLCDVisionModel name for '{key}'")
+        index, _, rest = key[len(_OURS_BLOCK):].partition(".")
+        module, _, leaf = rest.rpartition(".")
+        head = f"{_HF_BLOCK}{index}."
+        if module == "attn.in_proj":
+            for part, chunk in zip("qkv", value.chunk(3, dim=0)):
+                out[f"{head}self_attn.{part}_proj.{leaf}"] = chunk.contiguous()
+        elif module in _BLOCK:
+            out[f"{head}{_BLOCK[module]}.{leaf}"] = value
+        else:
+            raise WeightError(f"no MLCDVisionModel name for '{key}'")
+    return out
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], depth: int, source: str = "the state dict") -> dict[str, torch.Tensor]:
+    """MLCDVisionModel's names (optionally under `vision_model.`) -> ours, for a model of `depth` blocks.
+    A missing key raises WeightError naming `source` and the key; so do keys left over."""
+    hf = {k.removeprefix(HF_PREFIX): v for k, v in hf.items()}
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        if key not in hf:
+            raise WeightError(f"{source}: missing key '{key}' (an MLCDVisionModel of {depth} layers needs it)")
+        used.add(key)
+        return hf[key]
+
+    out = {ours: take(theirs) for ours, theirs in _TOP.items()}
+    for i in range(depth):
+        head, ours = f"{_HF_BLOCK}{i}.", f"{_OURS_BLOCK}{i}."
+        for leaf in ("weight", "bias"):
+            out[f"{ours}attn.in_proj.{leaf}"] = torch.cat([take(f"{head}self_attn.{p}_proj.{leaf}") for p in "qkv"])
+            for module, theirs in _BLOCK.items():
+                out[f"{ours}{module}.{leaf}"] = take(f"{head}{theirs}.{leaf}")
+    extra = sorted(set(hf) - used)
+    if extra:
+        raise WeightError(f"{source}: unexpected key(s) for an MLCDVisionModel of {depth} layers: "
+                          f"{', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}")
+    return out
+
+
+def hf_config(model: MLCDViT) -> dict:
+    """config.json of MLCDVisionModel for `model` (the fields transformers' MLCDVisionConfig reads)."""
+    return {
+        "architectures": ["MLCDVisionModel"], "model_type": MODEL_TYPE,
+        "hidden_size": model.width, "intermediate_size": model.mlp_dim, "num_hidden_layers": model.depth,
+        "num_attention_heads": model.heads, "num_key_value_groups": 1, "num_channels": 3,
+        "image_size": model.image_size, "patch_size": model.patch_size, "hidden_act": "gelu",
+        "layer_norm_eps": model.eps, "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0,
+        "rope_parameters": {"rope_type": "axial", "rope_theta": model.rope_theta}, "dtype": "float32",
+    }
+
+
+def preprocessor_config(image_size: int) -> dict:
+    """preprocessor_config.json of the CLIPImageProcessor DeepGlint ships with its models (bicubic resize of the
+    short side, center crop, CLIP mean and std), the same transform `unicom_ds.load` gives."""
+    return {"image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True, "do_resize": True,
+            "size": {"shortest_edge": image_size}, "resample": 3, "do_center_crop": True,
+            "crop_size": {"height": image_size, "width": image_size}, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
+
+
+def export_hf(model: MLCDViT, folder: str | os.PathLike) -> Path:
+    """Write `folder`/config.json, model.safetensors (fp32, transformers' names) and preprocessor_config.json."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in to_hf_state_dict(model.state_dict()).items()}
+    tmp = folder / f".{WEIGHTS_FILE}.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / WEIGHTS_FILE)
+    for name, content in ((PREPROCESSOR_FILE, preprocessor_config(model.image_size)), (CONFIG_FILE, hf_config(model))):
+        (folder / name).write_text(json.dumps(content, indent=2) + "\n")
+    return folder
+
+
+def read_hf_config(folder: str | os.PathLike) -> dict:
+    """The MLCDViT arguments of an MLCDVisionModel folder's config.json; a folder, file or value this
+    module cannot read raises, naming it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"MLCD model folder {folder}: no such folder (expected a folder in transformers' "
+                                f"MLCDVisionModel format: {CONFIG_FILE} and {WEIGHTS_FILE})")
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (an MLCDVisionModel folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    cfg = json.loads(path.read_text())
+    kind = cfg.get("model_type")
+    if kind == "clip_vision_model":
+        raise ValueError(f"{path}: model_type 'clip_vision_model' is a CLIPVisionModel (a learned position table, no "
+                         f"RoPE2D; DeepGlint's MLCD ViT-B/32 and ViT-L/14 releases are in that format); mlcd: reads "
+                         f"'{MODEL_TYPE}' folders (the RoPE2D releases, e.g. mlcd-vit-bigG-patch14-448)")
+    if kind != MODEL_TYPE:
+        raise ValueError(f"{path}: model_type {kind!r}, expected '{MODEL_TYPE}'")
+    rope = cfg.get("rope_parameters") or {}
+    fixed = {"hidden_act": ("gelu", cfg.get("hidden_act", "gelu")), "num_channels": (3, cfg.get("num_channels", 3)),
+             "num_key_value_groups": (1, cfg.get("num_key_value_groups", 1)),
+             "rope_parameters.rope_type": ("axial", rope.get("rope_type", "axial"))}
+    for key, (want, got) in fixed.items():
+        if got != want:
+            raise ValueError(f"{path}: {key}={got!r} is not supported (MLCD's models use {want!r})")
+    try:
+        size = [cfg.get(k, d) for k, d in (("image_size", 336), ("patch_size", 14))]
+        if any(isinstance(s, (list, tuple)) and len(set(s)) != 1 for s in size):
+            raise ValueError(f"{path}: non-square image_size / patch_size {size} are not supported")
+        image, patch = (int(s[0] if isinstance(s, (list, tuple)) else s) for s in size)
+        return dict(image_size=image, patch_size=patch, width=int(cfg["hidden_size"]),
+                    depth=int(cfg["num_hidden_layers"]), heads=int(cfg["num_attention_heads"]),
+                    mlp_dim=int(cfg["intermediate_size"]), rope_theta=float(rope.get("rope_theta", ROPE_THETA)),
+                    eps=float(cfg.get("layer_norm_eps", LN_EPS)))
+    except KeyError as e:
+        raise ValueError(f"{path}: missing key {e.args[0]!r}") from None
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The folder's model.safetensors, or the shards its model.safetensors.index.json names; a missing file
+    raises FileNotFoundError naming it."""
+    folder = Path(folder)
+    single, index = folder / WEIGHTS_FILE, folder / INDEX_FILE
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index}: names shard(s) that are not there: {', '.join(missing)}")
+        return [folder / s for s in shards]
+    raise FileNotFoundError(f"{single}: no such file (nor a sharded {INDEX_FILE}); the weights of an "
+                            f"MLCDVisionModel folder")
+
+
+def read_hf_weights(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """(every tensor of the folder's weight file(s), the file(s) read, for messages)."""
+    from safetensors.torch import load_file
+    files = weight_files(folder)
+    state = {}
+    for path in files:
+        state.update(load_file(str(path)))
+    return state, str(files[0]) if len(files) == 1 else f"{Path(folder) / INDEX_FILE} (shards {', '.join(p.name for p in files)})"
+
+
+def load_hf(folder: str | os.PathLike) -> MLCDViT:
+    """An MLCDVisionModel folder (config.json + model.safetensors, e.g. a released MLCD checkpoint) as an
+    eval-mode fp32 MLCDViT, checked key for key and shape for shape."""
+    arch = read_hf_config(folder)
+    model = MLCDViT(**arch)
+    hf, source = read_hf_weights(folder)
+    state = from_hf_state_dict(hf, arch["depth"], source)
+    expected = model.state_dict()
+    bad = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+           if tuple(state[k].shape) != tuple(v.shape)]
+    if bad:
+        raise WeightError(f"{source}: shapes do not match {Path(folder) / CONFIG_FILE} (ours vs config): "
+                          f"{'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}")
+    model.load_state_dict(state)  # copies bf16 / fp16 release tensors into fp32
+    return model.eval()
+
+
+def official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An official vit_rope2d.py checkpoint as our state dict: `_orig_mod.` (torch.compile) stripped, and the
+    unused `positional_embedding` and `proj` dropped, as the official loader and converter do."""
+    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+    return {k: v for k, v in state.items() if k not in ("positional_embedding", "proj")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m unicom_ds.mlcd_vit", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    exp = sub.add_parser("export", help="a plain state dict of an MLCD ViT -> a transformers MLCDVisionModel folder")
+    exp.add_argument("name", help=f"the architecture: {', '.join(CONFIGS)}")
+    exp.add_argument("state_dict", help="a .pt state dict in our / the official vit_rope2d.py names")
+    exp.add_argument("out", help="the folder to write (config.json, model.safetensors, preprocessor_config.json)")
+    args = parser.parse_args(argv)
+    model = build(args.name)
+    path = Path(args.state_dict)
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file")
+    state = official_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    from unicom_ds.loading import check_state_dict
+    check_state_dict(model, state, path, f"the MLCD {canonical_name(args.name)} architecture")
+    model.load_state_dict(state)
+    print(f"wrote {export_hf(model, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
