@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from unicom_ds import ShardedPrototypes
+from unicom_ds import mlcd
 from unicom_ds.margin import feature_subset
 from unicom_ds.mlcd import MLCDPrototypes
 from unicom_ds.prototypes import init_block
@@ -257,3 +258,71 @@ def test_no_python_branch_on_label_values_changes_shapes():
         layer(torch.randn(4, 8), labels)
         shapes.add(layer._slots[0].numel())
     assert shapes == {min(200, max(math.ceil(0.1 * 200), 12))}
+
+
+def test_labels_on_a_device_are_checked_asynchronously(monkeypatch):
+    """The accelerator path on the CPU: no raise in the step, a NaN loss, and the error on check_labels()."""
+    monkeypatch.setattr(mlcd, "_checks_at_once", lambda device: False)
+    layer = MLCDPrototypes(10, 8, r1=0.5)
+    emb = torch.randn(3, 8, requires_grad=True)
+    good = layer(emb, torch.tensor([[1, -1], [2, 5], [3, 3]]))
+    assert torch.isfinite(good)
+    layer.check_labels()  # -1 is padding, not a fault
+    assert layer.label_fault is None
+    bad = layer(emb, torch.tensor([[1, 12], [2, 5], [3, -1]]))
+    layer(emb, torch.tensor([[-2, 4], [3, 3], [1, 1]]))
+    assert torch.isnan(bad)
+    bad.backward()
+    assert torch.isfinite(emb.grad).all() and torch.isfinite(layer.weight.grad).all()
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\) or -1 \(padding\), got labels from -2 to 12"):
+        layer.check_labels()
+    layer.check_labels()  # reported once
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("r1, r2, kind", [(0.1, 0.5, "additive"), (1.0, 1.0, "angular"), (0.01, 0.5, "additive")])
+def test_gpu_step_never_synchronises(r1, r2, kind):
+    device = torch.device("cuda")
+    classes, dim, batch, width = 2000, 64, 32, 8  # r1=0.01: 20 classes, fewer than the positives -> padded slots
+    backbone = torch.nn.Linear(dim, dim).to(device)
+    layer = MLCDPrototypes(classes, dim, r1=r1, r2=r2, margin_kind=kind).to(device)
+    opt = torch.optim.SGD([*backbone.parameters(), layer.weight], lr=0.1)
+    inputs = torch.randn(4, batch, dim, device=device)
+    labels = torch.randint(-1, classes, (4, batch, width), device=device)
+
+    def step(i):
+        opt.zero_grad(set_to_none=False)
+        loss = layer(backbone(inputs[i]), labels[i])
+        loss.backward()
+        opt.step()
+        layer.advance()
+        return loss.detach()
+
+    step(0)  # first use: allocations, generator setup
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step(i) for i in range(1, 4)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(loss) for loss in losses)
+    layer.check_labels()
+
+
+@cuda
+def test_gpu_layer_equals_the_cpu_layer():
+    gen = torch.Generator().manual_seed(2)
+    emb = torch.randn(12, 16, generator=gen, dtype=torch.float64)
+    labels = torch.randint(-1, 40, (12, 4), generator=gen)
+    results = []
+    for device in ("cpu", "cuda"):
+        layer = MLCDPrototypes(40, 16, r1=1.0, r2=0.5, seed=3).to(device).double()
+        x = emb.to(device).requires_grad_()
+        loss = layer(x, labels.to(device))
+        loss.backward()
+        results.append([t.cpu() for t in (loss.detach(), x.grad, layer.weight.grad)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

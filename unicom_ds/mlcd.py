@@ -46,8 +46,8 @@ class _TwoSidedLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: torch.Tensor, pos: torch.Tensor, live: torch.Tensor | None) -> torch.Tensor:
         neg = ~pos if live is None else (~pos) & live
-        ninf = torch.tensor(float("-inf"), dtype=z.dtype, device=z.device)
         # NaN stays NaN through amax and exp, so a NaN logit makes the loss NaN on every rank.
+        ninf = float("-inf")
         top = torch.stack([torch.where(neg, z, ninf).amax(1), torch.where(pos, z, ninf).amax(1)]).clamp_min(0.0)
         all_reduce_(top, "max")
         mine = pos | neg
@@ -140,7 +140,7 @@ class MLCDPrototypes(ShardedPrototypes):
             flat = labels.reshape(-1)  # pair p = (row p // width, label flat[p])
             hit = (flat >= start) & (flat < end)  # -1 never hits: start >= 0
             local = (flat - start).clamp(0, block - 1)
-            rows = torch.arange(n, device=labels.device).repeat_interleave(width)
+            rows = torch.arange(n * width, device=labels.device).div_(width, rounding_mode="floor")
             gen = generator(self.seed, STREAM_R1, self.step, self._draws, self.rank, device=self.weight.device)
             self._draws += 1
             if fraction_count(self.r1, block) >= block:
