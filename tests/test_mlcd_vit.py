@@ -286,3 +286,35 @@ def test_eval_models_mlcd_entry(saved_by_transformers, tmp_path):
         run.parse_model("mlcd:", tmp_path, "ViT-B-16")
     with pytest.raises(ConfigError, match="detect.model=mlcd:saved: MLCD models .* eval stage"):
         run.refuse_mlcd(spec, "detect.model")
+
+
+def test_eval_stage_scores_an_mlcd_folder_end_to_end(exported, tmp_path):
+    """eval.models=[mlcd:FOLDER] on digits-as-SOP: checked, scored under `mlcd:<folder>`, features from our model."""
+    import numpy as np
+    from evaluation import retrieval_sets, run
+    from evaluation.demo_sets import digit_images, write_sop
+    from evaluation.features import features_path
+    from unicom_ds import config
+    from unicom_ds.loading import load
+    model, folder = exported
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    x, y = digit_images(60)
+    write_sop(data, x, y)
+    cfg = config.resolve([f"run_dir={run_dir}", "stage=eval", f"eval.models=[mlcd:{folder}]", f"eval.data_root={data}",
+                          "eval.datasets=[sop]", "eval.workers=0", "eval.batch_size=32", "eval.dims=[64,16]",
+                          "progress=off"])
+    run.check(cfg)
+    merged = run.eval_job(config.select(cfg))
+    assert 0.0 <= merged["mlcd:tiny"]["sop"]["R@1"] <= 1.0
+    cached = np.load(features_path(run_dir, "mlcd:tiny", "sop"))
+    paths = retrieval_sets.read("sop", data / "sop").paths
+    _, preprocess = load(f"mlcd:{folder}")
+    from PIL import Image
+    with torch.no_grad():
+        first = model(torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths[:4]]))
+    assert cached.shape == (len(paths), 64)
+    assert np.allclose(cached[:4], first.numpy(), atol=1e-2)  # the cache is float16
+    missing = config.resolve([f"run_dir={run_dir}", "stage=eval", f"eval.models=[mlcd:{tmp_path / 'gone'}]",
+                              f"eval.data_root={data}", "eval.datasets=[]"])
+    with pytest.raises(FileNotFoundError, match=r"eval.models 'mlcd:.*gone': MLCD model folder .*gone: no such folder"):
+        run.check(missing)
