@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from unicom_ds import ShardedPrototypes
-from unicom_ds import mlcd
+from unicom_ds import prototypes
 from unicom_ds.margin import feature_subset
 from unicom_ds.mlcd import MLCDPrototypes
 from unicom_ds.prototypes import init_block
@@ -262,7 +262,7 @@ def test_no_python_branch_on_label_values_changes_shapes():
 
 def test_labels_on_a_device_are_checked_asynchronously(monkeypatch):
     """The accelerator path on the CPU: no raise in the step, a NaN loss, and the error on check_labels()."""
-    monkeypatch.setattr(mlcd, "_checks_at_once", lambda device: False)
+    monkeypatch.setattr(prototypes, "_checks_at_once", lambda device: False)
     layer = MLCDPrototypes(10, 8, r1=0.5)
     emb = torch.randn(3, 8, requires_grad=True)
     good = layer(emb, torch.tensor([[1, -1], [2, 5], [3, 3]]))

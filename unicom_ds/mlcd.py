@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import torch
 
-from unicom_ds.dist import all_reduce_, gather_rows, rank_world
-from unicom_ds.margin import STREAM_R1, add_angle, cosine, fraction_count, generator, select_slots
-from unicom_ds.prototypes import ShardedPrototypes, _checks_at_once
+from unicom_ds.dist import all_reduce_
+from unicom_ds.margin import add_angle, cosine
+from unicom_ds.prototypes import ShardedPrototypes
 
 MARGIN_KINDS = ("additive", "angular")
 
@@ -101,17 +101,14 @@ class MLCDPrototypes(ShardedPrototypes):
             raise ValueError(f"margin_kind={margin_kind!r}: expected one of {', '.join(MARGIN_KINDS)}")
         self.margin_kind = margin_kind
 
-    def _raise_bad_labels(self, labels: torch.Tensor) -> None:
-        bad = labels[(labels < -1) | (labels >= self.num_classes)]
-        raise ValueError(f"labels must be in [0, {self.num_classes}) or -1 (padding), got {bad[:5].tolist()}")
+    LABELS = "[batch, l]"
+    LOWEST_LABEL = -1  # pads a missing positive
 
-    def check_labels(self) -> None:
-        if self.label_fault is not None and bool(self.label_fault[0]):
-            _, neg_low, high, _ = self.label_fault.tolist()
-            self.label_fault = None
-            raise ValueError(f"labels must be in [0, {self.num_classes}) or -1 (padding), "
-                             f"got labels from {-neg_low} to {high}")
-        super().check_labels()
+    def _label_rows(self, labels: torch.Tensor, batch: int) -> bool:
+        return labels.dim() == 2 and labels.shape[0] == batch
+
+    def _labels_text(self) -> str:
+        return f"labels must be in [0, {self.num_classes}) or -1 (padding)"
 
     def _positive_logits(self, cos: torch.Tensor) -> torch.Tensor:
         """The positive term's exponent at every entry (only the positives' entries are used)."""
@@ -119,65 +116,16 @@ class MLCDPrototypes(ShardedPrototypes):
             return (cos - self.margin) * -self.scale
         return add_angle(cos, self.margin, self.margin_grad) * -self.scale
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if embeddings.dim() != 2 or embeddings.shape[1] != self.embed_dim:
-            raise ValueError(f"embeddings must be [batch, {self.embed_dim}], got {tuple(embeddings.shape)}")
-        if labels.dim() != 2 or labels.shape[0] != embeddings.shape[0]:
-            raise ValueError(f"labels must be [{embeddings.shape[0]}, l], got {tuple(labels.shape)}")
-        if rank_world() != (self.rank, self.world):
-            raise RuntimeError(f"built for rank {self.rank} of {self.world} but the process group is now "
-                               f"{rank_world()}: build the layer after init_process_group")
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            emb = gather_rows(embeddings.to(dtype), self.equal_batches)
-            labels = gather_rows(labels.to(device=self.weight.device, dtype=torch.long), self.equal_batches)
-            out_of_range = (labels < -1) | (labels >= self.num_classes)
-            at_once = _checks_at_once(labels.device)
-            if at_once and out_of_range.any():  # the same gathered labels on every rank: all raise
-                self._raise_bad_labels(labels)
-            start, end = self.class_range
-            block, n, width = end - start, labels.shape[0], labels.shape[1]
-            flat = labels.reshape(-1)  # pair p = (row p // width, label flat[p])
-            hit = (flat >= start) & (flat < end)  # -1 never hits: start >= 0
-            local = (flat - start).clamp(0, block - 1)
-            rows = torch.arange(n * width, device=labels.device).div_(width, rounding_mode="floor")
-            gen = generator(self.seed, STREAM_R1, self.step, self._draws, self.rank, device=self.weight.device)
-            self._draws += 1
-            if fraction_count(self.r1, block) >= block:
-                index, valid, count, cols = None, None, block, local
-            else:
-                room = n * width if self.max_positives is None else min(n * width, self.max_positives)
-                index, valid, count = select_slots(hit, local, block, self.r1, room, gen)
-                cols = torch.searchsorted(index if valid is None else torch.where(valid, index, block), local)
-                cols = cols.clamp_max(index.numel() - 1)
-            dims = self._feature_dims(emb.device)
-            weight = self._rows(index, dims)
-            if dims is not None:
-                emb = emb[:, dims]
-            slots = weight.shape[0]
-            # Positive mask: pairs off this rank write to a spare column, so duplicates never clash.
-            pos = torch.zeros(n, slots + 1, dtype=torch.bool, device=labels.device)
-            pos[rows, torch.where(hit, cols, slots)] = True
-            pos = pos[:, :slots]
-            cos = cosine(emb, weight.to(dtype))
-            z = torch.where(pos, self._positive_logits(cos), cos * self.scale)
-            loss = two_sided_logsumexp(z, pos, valid)
-            if index is None:
-                over = torch.zeros((), dtype=torch.long, device=labels.device)
-            else:
-                over = torch.where(count > index.numel(), count, 0)
-            if not at_once:
-                seen = torch.stack([out_of_range.any().long(), -labels.min(), labels.max(), over])
-                self.label_fault = seen if self.label_fault is None else torch.maximum(self.label_fault, seen)
-                loss = torch.where(seen[0].bool() | (seen[3] > 0), torch.nan, loss)
-            elif self.max_positives is not None:  # one rank's overflow stops every rank: no hang
-                worst = int(all_reduce_(over.reshape(1).double(), "max").item())
-                if worst:
-                    self._raise_overflow(worst)
-        self._slots = (torch.arange(block, device=self.weight.device) if index is None else index, count)
-        self.device_stats = {"selected_classes": count, "positives": self._positives(hit, local, block),
-                             "features": int(weight.shape[1]), "global_batch": n}
-        return loss
+    def _loss(self, emb: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+              hit: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        n, slots = emb.shape[0], weight.shape[0]
+        # Positive mask: pairs off this rank write to a spare column, so duplicates never clash.
+        pos = torch.zeros(n, slots + 1, dtype=torch.bool, device=emb.device)
+        pos[rows, torch.where(hit, cols, slots)] = True
+        pos = pos[:, :slots]
+        cos = cosine(emb, weight)
+        z = torch.where(pos, self._positive_logits(cos), cos * self.scale)
+        return two_sided_logsumexp(z, pos, valid)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", margin_kind={self.margin_kind}"

@@ -150,7 +150,7 @@ class ShardedPrototypes(nn.Module):
         fault, neg_low, high, over = self.label_fault.tolist()
         self.label_fault = None
         if fault:
-            raise ValueError(f"labels must be in [0, {self.num_classes}), got labels from {-neg_low} to {high}")
+            raise ValueError(f"{self._labels_text()}, got labels from {-neg_low} to {high}")
         if over:
             self._raise_overflow(over)
 
@@ -158,9 +158,27 @@ class ShardedPrototypes(nn.Module):
         raise ValueError(f"a global batch held {positives} classes of one rank's block, more than "
                          f"max_positives={self.max_positives} leaves room for: raise max_positives (or None)")
 
+    # Subclasses (MLCD's multi-label loss) change these four: what labels look like, the lowest valid one
+    # (-1 pads there), and the loss over this rank's selected prototypes; the rest of the step is shared.
+    LABELS = "[batch]"
+    LOWEST_LABEL = 0
+
+    def _label_rows(self, labels: torch.Tensor, batch: int) -> bool:
+        return labels.shape == (batch,)
+
+    def _labels_text(self) -> str:
+        return f"labels must be in [0, {self.num_classes})"
+
     def _raise_bad_labels(self, labels: torch.Tensor) -> None:
-        bad = labels[(labels < 0) | (labels >= self.num_classes)]
-        raise ValueError(f"labels must be in [0, {self.num_classes}), got {bad[:5].tolist()}")
+        bad = labels[(labels < self.LOWEST_LABEL) | (labels >= self.num_classes)]
+        raise ValueError(f"{self._labels_text()}, got {bad[:5].tolist()}")
+
+    def _loss(self, emb: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+              hit: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """The loss of the global batch `emb` [n, d'] against this rank's selected prototypes `weight`;
+        pair p is (row rows[p], column cols[p]), on this rank where hit[p]; `valid` marks the live slots."""
+        return margin_softmax_loss(emb, weight, rows, cols, self.margin, self.scale, self.margin_grad,
+                                   hit=hit, valid=valid)
 
     def advance(self) -> None:
         """Move to the next optimizer step (new r2 subset, new r1 negatives)."""
@@ -170,8 +188,9 @@ class ShardedPrototypes(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embed_dim:
             raise ValueError(f"embeddings must be [batch, {self.embed_dim}], got {tuple(embeddings.shape)}")
-        if labels.shape != embeddings.shape[:1]:
-            raise ValueError(f"labels must be [{embeddings.shape[0]}], got {tuple(labels.shape)}")
+        if not self._label_rows(labels, embeddings.shape[0]):
+            raise ValueError(f"labels must be {self.LABELS.replace('batch', str(embeddings.shape[0]))}, "
+                             f"got {tuple(labels.shape)}")
         if rank_world() != (self.rank, self.world):
             raise RuntimeError(f"built for rank {self.rank} of {self.world} but the process group is now "
                                f"{rank_world()}: build the layer after init_process_group")
@@ -179,23 +198,27 @@ class ShardedPrototypes(nn.Module):
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             emb = gather_rows(embeddings.to(dtype), self.equal_batches)
             labels = gather_rows(labels.to(device=self.weight.device, dtype=torch.long), self.equal_batches)
-            out_of_range = (labels < 0) | (labels >= self.num_classes)
+            out_of_range = (labels < self.LOWEST_LABEL) | (labels >= self.num_classes)
             # Every rank sees the same gathered labels, so all ranks raise or poison together (no hang).
             at_once = _checks_at_once(labels.device)
             if at_once and out_of_range.any():
                 self._raise_bad_labels(labels)
             start, end = self.class_range
-            block, n = end - start, labels.shape[0]
-            # Every global row takes part, with hit[i] saying whether its class is on this rank.
-            hit = (labels >= start) & (labels < end)
-            local = (labels - start).clamp(0, block - 1)
-            rows = torch.arange(n, device=labels.device)
+            n = labels.shape[0]
+            flat = labels.reshape(-1)  # pair p: (row p // width, class flat[p]); one pair per row for one label
+            block, width = end - start, flat.numel() // max(n, 1)
+            # Every pair takes part, with hit[p] saying whether its class is on this rank (-1 never is).
+            hit = (flat >= start) & (flat < end)
+            local = (flat - start).clamp(0, block - 1)
+            rows = torch.arange(flat.numel(), device=labels.device)
+            if width > 1:
+                rows = rows.div_(width, rounding_mode="floor")
             gen = generator(self.seed, STREAM_R1, self.step, self._draws, self.rank, device=self.weight.device)
             self._draws += 1
             if fraction_count(self.r1, block) >= block:
                 index, valid, count, cols = None, None, block, local
             else:
-                room = n if self.max_positives is None else min(n, self.max_positives)
+                room = flat.numel() if self.max_positives is None else min(flat.numel(), self.max_positives)
                 index, valid, count = select_slots(hit, local, block, self.r1, room, gen)
                 cols = torch.searchsorted(index if valid is None else torch.where(valid, index, block), local)
                 cols = cols.clamp_max(index.numel() - 1)
@@ -203,8 +226,7 @@ class ShardedPrototypes(nn.Module):
             weight = self._rows(index, dims)
             if dims is not None:
                 emb = emb[:, dims]
-            loss = margin_softmax_loss(emb, weight.to(dtype), rows, cols, self.margin, self.scale, self.margin_grad,
-                                       hit=hit, valid=valid)
+            loss = self._loss(emb, weight.to(dtype), rows, cols, hit, valid)
             # Positives beyond the slots' room (only possible under max_positives), 0 if none.
             if index is None:
                 over = torch.zeros((), dtype=torch.long, device=labels.device)
