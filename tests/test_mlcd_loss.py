@@ -17,6 +17,8 @@ from unicom_ds.margin import feature_subset
 from unicom_ds.mlcd import MLCDPrototypes
 from unicom_ds.prototypes import init_block
 
+from test_prototypes_sync import steps_without_sync
+
 torch.set_num_threads(1)
 
 SEED = 5
@@ -285,29 +287,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @cuda
 @pytest.mark.parametrize("r1, r2, kind", [(0.1, 0.5, "additive"), (1.0, 1.0, "angular"), (0.01, 0.5, "additive")])
 def test_gpu_step_never_synchronises(r1, r2, kind):
-    device = torch.device("cuda")
     classes, dim, batch, width = 2000, 64, 32, 8  # r1=0.01: 20 classes, fewer than the positives -> padded slots
-    backbone = torch.nn.Linear(dim, dim).to(device)
-    layer = MLCDPrototypes(classes, dim, r1=r1, r2=r2, margin_kind=kind).to(device)
-    opt = torch.optim.SGD([*backbone.parameters(), layer.weight], lr=0.1)
-    inputs = torch.randn(4, batch, dim, device=device)
-    labels = torch.randint(-1, classes, (4, batch, width), device=device)
-
-    def step(i):
-        opt.zero_grad(set_to_none=False)
-        loss = layer(backbone(inputs[i]), labels[i])
-        loss.backward()
-        opt.step()
-        layer.advance()
-        return loss.detach()
-
-    step(0)  # first use: allocations, generator setup
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        losses = [step(i) for i in range(1, 4)]
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    layer = MLCDPrototypes(classes, dim, r1=r1, r2=r2, margin_kind=kind)
+    losses = steps_without_sync(layer, torch.randint(-1, classes, (4, batch, width), device="cuda"), dim)
     assert all(torch.isfinite(loss) for loss in losses)
     layer.check_labels()
 

@@ -147,16 +147,14 @@ def test_max_positives_caps_the_slots_and_refuses_more(monkeypatch):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@cuda
-@pytest.mark.parametrize("r1, r2, cap", [(0.1, 0.5, None), (1.0, 1.0, None), (0.01, 0.5, None), (0.01, 0.5, 24)])
-def test_gpu_step_never_synchronises(r1, r2, cap):
+def steps_without_sync(layer, labels: torch.Tensor, dim: int) -> list[torch.Tensor]:
+    """Four optimizer steps of a linear backbone and `layer` on the GPU (labels [4, batch, ...]); the last three
+    under CUDA's sync debug mode, which raises on any host synchronisation. Returns their losses."""
     device = torch.device("cuda")
-    classes, dim, batch = 2000, 64, 32  # r1=0.01: 20 classes, fewer than the batch -> padded slots
     backbone = torch.nn.Linear(dim, dim).to(device)
-    layer = ShardedPrototypes(classes, dim, r1=r1, r2=r2, max_positives=cap).to(device)
+    layer = layer.to(device)
     opt = torch.optim.SGD([*backbone.parameters(), layer.weight], lr=0.1)
-    inputs = torch.randn(4, batch, dim, device=device)
-    labels = torch.randint(0, classes, (4, batch), device=device)
+    inputs = torch.randn(4, labels.shape[1], dim, device=device)
 
     def step(i):
         opt.zero_grad(set_to_none=False)
@@ -170,9 +168,17 @@ def test_gpu_step_never_synchronises(r1, r2, cap):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        losses = [step(i) for i in range(1, 4)]
+        return [step(i) for i in range(1, 4)]
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@cuda
+@pytest.mark.parametrize("r1, r2, cap", [(0.1, 0.5, None), (1.0, 1.0, None), (0.01, 0.5, None), (0.01, 0.5, 24)])
+def test_gpu_step_never_synchronises(r1, r2, cap):
+    classes, dim, batch = 2000, 64, 32  # r1=0.01: 20 classes, fewer than the batch -> padded slots
+    layer = ShardedPrototypes(classes, dim, r1=r1, r2=r2, max_positives=cap)
+    losses = steps_without_sync(layer, torch.randint(0, classes, (4, batch), device="cuda"), dim)
     assert all(torch.isfinite(loss) for loss in losses)
     assert layer.last_stats["selected_classes"] >= min(classes, fraction_count(r1, classes))
     layer.check_labels()
