@@ -113,6 +113,15 @@ def read_meta(path: Path) -> dict:
     return read_json(Path(path) / META)
 
 
+# Checkpoints written before loss.kind existed trained Unicom's loss.
+META_DEFAULTS = {"loss_kind": "unicom"}
+
+
+def identity(meta: dict, keys) -> dict:
+    """meta.json's values of `keys` (what a resume must agree with), older checkpoints' defaults filled in."""
+    return {k: meta.get(k, META_DEFAULTS.get(k)) for k in keys}
+
+
 def rng_state() -> dict:
     """RNG states as tensors and Python scalars (numpy's key array as a tensor), so weights_only loads them."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()

@@ -23,12 +23,30 @@ EXPORT_META = "export.json"  # beside RUN/train/backbone.pt: the checkpoint it w
 class LabelSource:
     run: Path          # the run holding kmeans/summary.json and labels/S.npy
     embed: Path        # the folder holding S.keys.txt (the rows the labels number)
+    multi: bool = False  # loss.kind=mlcd: the labels are S.topl.npy ([n, l], -1 pads) instead of S.npy ([n])
 
     def keys(self, stem: str) -> Path:
         return self.embed / f"{stem}.keys.txt"
 
     def labels(self, stem: str) -> Path:
+        return self.topl(stem) if self.multi else self.top1(stem)
+
+    def top1(self, stem: str) -> Path:
         return self.run / "labels" / f"{stem}.npy"
+
+    def topl(self, stem: str) -> Path:
+        return self.run / "labels" / f"{stem}.topl.npy"
+
+    def without_topl(self, stems: list[str]) -> list[str]:
+        """The stems assigned (S.npy written) without top-l labels: assign.top_l was 1 for them."""
+        return [s for s in stems if self.top1(s).is_file() and not self.topl(s).is_file()]
+
+    def missing_topl(self, stems: list[str]) -> str:
+        """The refusal of loss.kind=mlcd for shards without S.topl.npy (`stems`, at least one)."""
+        more = f" (and {len(stems) - 1} more shards)" if len(stems) > 1 else ""
+        return (f"loss.kind=mlcd trains on each image's top-l labels, but {self.topl(stems[0])} is missing{more}: "
+                f"the labels in {self.run / 'labels'} were made with assign.top_l=1 (or not at all); rerun "
+                "stage=assign with assign.top_l > 1 (e.g. assign.top_l=8), or train with loss.kind=unicom")
 
     @property
     def kmeans_summary(self) -> Path:
@@ -48,8 +66,14 @@ def embed_source(cfg: Any) -> Path:
     return Path(str(OmegaConf.select(cfg, "embed.from", default=None) or cfg.run_dir)) / "embed"
 
 
+def loss_kind(cfg: Any, loss: str = "loss") -> str:
+    """<loss>.kind of a config (unicom when the section has none: fine-tuning's finetune.loss)."""
+    return str(OmegaConf.select(cfg, f"{loss}.kind", default="unicom") or "unicom")
+
+
 def label_source(cfg: Any) -> LabelSource:
-    """The labels a run trains on: its own, or, for a continuation run without any, its base run's."""
+    """The labels a run trains on: its own, or, for a continuation run without any, its base run's;
+    with loss.kind=mlcd, the top-l labels (S.topl.npy) of that run."""
     run, current, seen = Path(str(cfg.run_dir)), cfg, set()
     while not (run / "kmeans" / "summary.json").is_file() and OmegaConf.select(current, "train.continue_from"):
         seen.add(run.resolve())
@@ -57,7 +81,7 @@ def label_source(cfg: Any) -> LabelSource:
         if run.resolve() in seen:
             raise ConfigError(f"train.continue_from: {run} continues from itself")
         current = _saved_config(run)
-    return LabelSource(run, embed_source(current))
+    return LabelSource(run, embed_source(current), multi=loss_kind(cfg) == "mlcd")
 
 
 @dataclass(frozen=True)

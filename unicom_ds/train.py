@@ -37,12 +37,23 @@ from unicom_ds import (backbone, checkpoint, config, continuation, disk, schedul
                        unicom_vit)
 from unicom_ds.atomic import atomic_path, read_json, write_json_atomic
 from unicom_ds.dist import all_reduce_, prepare_cpu_comm_op, rank_world, unlink_cpu_allreduce_buffer
+from unicom_ds.mlcd import MLCDPrototypes
 from unicom_ds.optim import adamw
 from unicom_ds.prototypes import ShardedPrototypes
 
 TRAIN_PY = Path(__file__).resolve()
 # Config keys a checkpoint must agree with to be resumed (r1, r2, epochs may change).
-RESUME_KEYS = ("model", "num_classes", "embed_dim")
+RESUME_KEYS = ("model", "num_classes", "embed_dim", "loss_kind")
+# loss.kind -> the prototype layer: the same matrix, arguments and state; mlcd takes labels [B, l].
+PROTOTYPE_LAYERS = {"unicom": ShardedPrototypes, "mlcd": MLCDPrototypes}
+
+
+def prototype_layer(kind: str) -> type[ShardedPrototypes]:
+    if kind not in PROTOTYPE_LAYERS:
+        raise config.ConfigError(f"loss.kind={kind}: expected one of {', '.join(PROTOTYPE_LAYERS)}")
+    return PROTOTYPE_LAYERS[kind]
+
+
 EPILOG = """Every other argument is a config key=value, as for slurm/submit.py (e.g. model=ViT-B-16 train.lr=1e-3
 loss.r2=0.5 train.continue_from=RUN); the run's RUN/config.yaml is read first. Every key with its default and
 meaning: README.md, section "Config keys" (python docs/config_reference.py). dry_run=true prints the plan for
@@ -164,6 +175,7 @@ class Trainer:
             unlink_cpu_allreduce_buffer(self.rank)
         self.cfg, self.run_dir, self.out = cfg, Path(str(cfg.run_dir)), out
         self.tc, self.lc = OmegaConf.select(cfg, section), OmegaConf.select(cfg, loss)
+        self.loss_kind = continuation.loss_kind(cfg, loss)
         self.section = section
         self.data = ShardData(cfg) if data is None else data
         self.objective = objective
@@ -218,10 +230,11 @@ class Trainer:
 
     def init_prototypes(self, wd: float) -> None:
         lc = self.lc
-        self.layer = ShardedPrototypes(self.k, self.dim, r1=float(lc.r1), r2=float(lc.r2),
-                                       margin=float(lc.margin), scale=float(lc.scale),
-                                       seed=int(self.cfg.seed), margin_grad=str(lc.margin_grad),
-                                       equal_batches=True).to(self.device)  # micro batches: micro rows on every rank
+        layer = prototype_layer(self.loss_kind)  # mlcd: the same layer with MLCD's loss over labels [B, l]
+        self.layer = layer(self.k, self.dim, r1=float(lc.r1), r2=float(lc.r2),
+                           margin=float(lc.margin), scale=float(lc.scale),
+                           seed=int(self.cfg.seed), margin_grad=str(lc.margin_grad),
+                           equal_batches=True).to(self.device)  # micro batches: micro rows on every rank
         if self.base is not None:
             states = checkpoint.load_rank_states(self.base.checkpoint, self.k, *self.layer.class_range)
             weight, _ = checkpoint.merge_prototype_states(states, *self.layer.class_range)
@@ -237,7 +250,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def meta(self) -> dict:
-        return {"model": self.model_name, "num_classes": self.k, "embed_dim": self.dim,
+        return {"model": self.model_name, "num_classes": self.k, "embed_dim": self.dim, "loss_kind": self.loss_kind,
                 "world_size": self.world, "epoch": self.step // self.steps_per_epoch,
                 "step_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch}
 
@@ -317,7 +330,7 @@ class Trainer:
             return
         meta = checkpoint.read_meta(path)
         keys = self.resume_keys()
-        config.check_same({k: meta[k] for k in keys}, {k: self.meta()[k] for k in keys}, path)
+        config.check_same(checkpoint.identity(meta, keys), {k: self.meta()[k] for k in keys}, path)
         tag = checkpoint.ENGINE_TAG
         if meta["world_size"] == self.world:
             self.engine.load_checkpoint(str(path), tag=tag)
@@ -461,7 +474,7 @@ class Trainer:
         self.stats_before = [buf.clone() for buf in self.running_stats()]
         cfg = self.cfg
         tb = tblog.writer(str(self.run_dir), self.out) if self.rank == 0 else None
-        classes = "" if self.layer is None else f"k={self.k}, "
+        classes = "" if self.layer is None else f"k={self.k}, {self.loss_kind} loss, "
         self.log(f"{self.model_name} on {self.world} rank(s) ({self.device}, {self.dtype}), {classes}"
                  f"global batch {self.global_batch} = {self.micro} x {self.world} x {self.accum} accumulation, "
                  f"{self.steps_per_epoch} steps/epoch, steps {self.step} -> {self.stop} of {self.total_steps}")

@@ -90,21 +90,33 @@ def check_labels(source: LabelSource, pattern: str, num_classes: int, *, key_pro
     [-1, k), a keys file without labels, or a run with no labelled sample at all. The keys of up to
     `key_probe` shards (first, middle, last) are compared with their tars' __key__s, so labels made for
     other shards fail here rather than as a loader that skips every sample.
+
+    A `source.multi` (loss.kind=mlcd) checks S.topl.npy ([n, l], the same l in every shard) instead, and
+    refuses a shard assigned without it (assign.top_l=1).
     """
-    urls, per_shard = [], {}
+    urls, per_shard, widths = [], {}, {}
     paths = shards.expand(pattern)
+    ndim = 2 if source.multi else 1
     for url in progress(paths, total=len(paths), desc="train: checking labels", unit="shard", mode=progress_mode):
         name = shards.stem(url)
         keys, labels = source.keys(name), source.labels(name)
+        if source.multi and source.without_topl([name]):
+            raise LabelError(source.missing_topl([name]))
         if not labels.is_file():
             continue  # not assigned (yet): trained without it
         if not keys.is_file():
             raise LabelError(f"{labels} exists but {keys} does not: the labels number rows of a keys file")
         table = np.load(labels, mmap_mode="r")
         n_keys = _count_lines(keys)
-        if table.ndim != 1 or len(table) != n_keys or not np.issubdtype(table.dtype, np.integer):
+        if table.ndim != ndim or len(table) != n_keys or not np.issubdtype(table.dtype, np.integer):
             raise LabelError(f"{labels} holds {table.dtype} {table.shape} labels but {keys} has {n_keys} keys: "
                              "the cluster stage's outputs of this shard do not match (rerun stage=assign)")
+        if source.multi:
+            widths.setdefault(table.shape[1], labels)
+            if len(widths) > 1:
+                (a, first), (b, _) = widths.items()
+                raise LabelError(f"{labels} holds {b} labels per row but {first} holds {a}: the shards were "
+                                 "assigned with different assign.top_l (rerun stage=assign)")
         if len(table):
             lo, hi = int(table.min()), int(table.max())
             if lo < -1 or hi >= num_classes:
@@ -112,7 +124,8 @@ def check_labels(source: LabelSource, pattern: str, num_classes: int, *, key_pro
                 raise LabelError(f"{labels} holds class {bad}, outside [0, {num_classes}) of "
                                  f"{source.kmeans_summary} (-1 marks an unlabelled row)")
         urls.append(url)
-        per_shard[name] = int((np.asarray(table) >= 0).sum())
+        table = np.asarray(table)
+        per_shard[name] = int((table.max(axis=1, initial=-1) >= 0 if source.multi else table >= 0).sum())
     rows = sum(per_shard.values())
     if not urls:
         raise LabelError(f"no shard of data.shards={pattern!r} has labels in {source.run / 'labels'}: "
@@ -139,19 +152,23 @@ def _probe_keys(source: LabelSource, urls: list[str], count: int) -> None:
                              "for other shards; check data.shards against the run's embed stage")
 
 
-def read_label_table(source: LabelSource, shard_stem: str) -> dict[str, int]:
-    """{__key__: class} of one shard; rows with a negative label are left out (unlabelled)."""
+def read_label_table(source: LabelSource, shard_stem: str) -> dict[str, int | tuple[int, ...]]:
+    """{__key__: class} of one shard; rows with a negative label are left out (unlabelled).
+    A `source.multi` gives {__key__: (class, ...)} from S.topl.npy (-1 pads; a row of only -1 is left out)."""
     keys_path, labels_path = source.keys(shard_stem), source.labels(shard_stem)
     keys = keys_path.read_text().splitlines()
     labels = np.load(labels_path)
-    if labels.ndim != 1 or len(labels) != len(keys):
+    if labels.ndim != (2 if source.multi else 1) or len(labels) != len(keys):
         raise LabelError(f"{labels_path} holds {labels.shape} labels but {keys_path} has {len(keys)} keys: "
                          "the cluster stage's outputs of this shard do not match")
+    if source.multi:
+        return {k: tuple(row) for k, row in zip(keys, labels.tolist()) if max(row, default=-1) >= 0}
     return {k: int(c) for k, c in zip(keys, labels.tolist()) if c >= 0}
 
 
 class LabelJoin:
-    """Pipeline stage: raw webdataset samples -> (image tensor, class, skipped-before counts).
+    """Pipeline stage: raw webdataset samples -> (image tensor, class, skipped-before counts);
+    the class is a tuple of l classes for a `source.multi` (loss.kind=mlcd), so batches carry [B, l].
 
     Only the label tables of recently seen shards are kept (a resampled stream stays on one
     shard for a while), so memory does not grow with the number of shards.

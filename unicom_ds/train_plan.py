@@ -88,8 +88,8 @@ def describe(cfg: Any, world: int, ranks: str) -> str:
             f"  global batch {ds['train_batch_size']} = micro {micro} x {world} ranks ({ranks}) x {accum} accumulation; "
             f"{cfg.train.precision}; {ds_path(cfg)}\n"
             f"  {cfg.train.epochs} epoch(s), lr {float(cfg.train.lr):g} {cfg.train.schedule} after "
-            f"{warmup:g} warmup epoch(s); loss r1={cfg.loss.r1} r2={cfg.loss.r2} margin={cfg.loss.margin} "
-            f"({cfg.loss.margin_grad} gradient) scale={cfg.loss.scale}; {start}")
+            f"{warmup:g} warmup epoch(s); {continuation.loss_kind(cfg)} loss r1={cfg.loss.r1} r2={cfg.loss.r2} "
+            f"margin={cfg.loss.margin} ({cfg.loss.margin_grad} gradient) scale={cfg.loss.scale}; {start}")
 
 
 def precheck(cfg: Any, world: int, ranks: str, labels_expected: bool) -> list[str]:
@@ -106,11 +106,31 @@ def check_inputs(cfg: Any, labels_expected: bool) -> None:
     if cfg.train.continue_from:
         base = continuation.finished_run(cfg.train.continue_from)
         continuation.check_compatible(base, str(cfg.model))
-    summary = continuation.label_source(cfg).kmeans_summary
+    source = continuation.label_source(cfg)
+    summary = source.kmeans_summary
     if labels_expected and not summary.is_file():
         raise MissingInput(f"run_dir={cfg.run_dir}: {summary} is missing; run stage=cluster first (or stage=all)")
+    kind = continuation.loss_kind(cfg)
+    if kind == "mlcd":
+        check_topl(cfg, source, labels_expected)
     k = int(json.loads(summary.read_text())["k"]) if summary.is_file() else None
-    check_resume(cfg, {"model": str(cfg.model), **({"num_classes": k} if k is not None else {})})
+    check_resume(cfg, {"model": str(cfg.model), **({"num_classes": k} if k is not None else {}),
+                       "loss_kind": kind})
+
+
+def check_topl(cfg: Any, source: continuation.LabelSource, labels_expected: bool) -> None:
+    """loss.kind=mlcd trains on RUN/labels/S.topl.npy: every assigned shard of data.shards has one, and a
+    run whose cluster stage is still to come (stage=all) assigns with assign.top_l > 1."""
+    from unicom_ds import shards
+
+    if not labels_expected and not source.kmeans_summary.is_file() and int(cfg.assign.top_l) < 2:
+        raise ConfigError(f"loss.kind=mlcd with assign.top_l={cfg.assign.top_l}: MLCD trains on each image's "
+                          f"top-l labels, which the assign stage writes to {source.run / 'labels'}/S.topl.npy only "
+                          "with assign.top_l > 1; set e.g. assign.top_l=8")
+    stems = [shards.stem(url) for url in shards.expand(str(cfg.data.shards))]
+    missing = source.without_topl(stems)
+    if missing or (labels_expected and not any(source.topl(s).is_file() for s in stems)):
+        raise ConfigError(source.missing_topl(missing or stems))
 
 
 def check_resume(cfg: Any, identity: dict, section: str = "train", out: str = "train") -> None:
@@ -127,5 +147,5 @@ def check_resume(cfg: Any, identity: dict, section: str = "train", out: str = "t
         raise ConfigError(str(e)) from None
     if path is not None:
         meta = checkpoint.read_meta(path)
-        config.check_same({key: meta.get(key) for key in identity}, identity, path,
+        config.check_same(checkpoint.identity(meta, identity), identity, path,
                           f"{section}.resume={sec.resume} would continue it: train this config in a new run_dir")
