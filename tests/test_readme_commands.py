@@ -174,7 +174,7 @@ def stand_ins(tmp_path_factory):
     clustered = tmp / "clustered"
     res = submit("stage=cluster", "launcher=local", f"run_dir={clustered}", f"data.shards={shards}",
                  "clip.model=ViT-Tiny-16", "clip.pretrained=random", "kmeans.k=4", "progress=off", "device=cpu",
-                 f"embed.shards_per_task={n}")
+                 f"embed.shards_per_task={n}", "assign.top_l=2")  # S.topl.npy too, for loss.kind=mlcd
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     trained = tmp / "trained"
     shutil.copytree(clustered, trained)
