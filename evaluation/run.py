@@ -124,8 +124,13 @@ def check_mlcd_folder(what: str, folder: str) -> None:
         raise type(e)(f"{what}: {e}") from None
 
 
-def refuse_mlcd(spec: ModelSpec, key: str) -> ModelSpec:
-    """Jobs that train or rebuild the backbone (detect, finetune, quantize) do not take MLCD folders yet."""
+def job_model(entry: str, key: str, cfg: Any) -> ModelSpec:
+    """The backbone of a job that trains or rebuilds it (detect.model, finetune.init, quantize.model: `key`),
+    an eval.models entry; errors name `key`. MLCD folders are refused: those jobs do not take them yet."""
+    try:
+        spec = parse_model(entry, cfg.run_dir, str(cfg.model))
+    except config_mod.ConfigError as e:
+        raise config_mod.ConfigError(str(e).replace("eval.models entry", key)) from None
     if spec.name == "mlcd":
         raise config_mod.ConfigError(f"{key}={spec.label}: MLCD models (mlcd:FOLDER) are scored by the eval stage "
                                      f"(eval.models) only; this job does not take them yet")

@@ -2,6 +2,7 @@
 MLCDVisionModel folders both ways on tiny random models (nothing is downloaded)."""
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -285,7 +286,7 @@ def test_eval_models_mlcd_entry(saved_by_transformers, tmp_path):
     with pytest.raises(ConfigError, match="mlcd:FOLDER"):
         run.parse_model("mlcd:", tmp_path, "ViT-B-16")
     with pytest.raises(ConfigError, match="detect.model=mlcd:saved: MLCD models .* eval stage"):
-        run.refuse_mlcd(spec, "detect.model")
+        run.job_model(f"mlcd:{folder}", "detect.model", SimpleNamespace(run_dir=tmp_path, model="ViT-B-16"))
 
 
 def test_eval_stage_scores_an_mlcd_folder_end_to_end(exported, tmp_path):

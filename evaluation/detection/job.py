@@ -36,13 +36,6 @@ from unicom_ds import config as config_mod
 from unicom_ds.atomic import atomic_path, read_json, write_json_atomic, write_text_atomic
 from unicom_ds.config import ConfigError
 
-
-
-def dataset_key(data_root: str) -> str:
-    """The results.json data-set key: "shapes" for the demo's synthetic set (its marker file), else "coco", so
-    the synthetic set's AP never stands in a COCO table."""
-    from evaluation.detection import synthetic
-    return "shapes" if (Path(str(data_root)) / synthetic.MARKER).is_file() else "coco"
 # The keys a checkpoint and the final metrics depend on: a resume or a rerun must match them
 # (detect.steps may grow: a longer run continues from the last checkpoint).
 MADE_WITH = ("seed", "model", "detect.model", "detect.image_size", "detect.scale_range", "detect.batch_size",
@@ -59,13 +52,16 @@ def lr_factor(step: int, warmup: int, decay_steps, gamma: float = 0.1) -> float:
     return warm * gamma ** sum(step >= s for s in decay_steps)
 
 
+def dataset_key(data_root: str) -> str:
+    """The results.json data-set key: "shapes" for the demo's synthetic set (its marker file), else "coco", so
+    the synthetic set's AP never stands in a COCO table."""
+    from evaluation.detection import synthetic
+    return "shapes" if (Path(str(data_root)) / synthetic.MARKER).is_file() else "coco"
+
+
 def model_spec(cfg):
-    from evaluation.run import parse_model, refuse_mlcd
-    try:
-        spec = parse_model(str(cfg.detect.model), cfg.run_dir, str(cfg.model))
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("eval.models entry", "detect.model")) from None
-    return refuse_mlcd(spec, "detect.model")
+    from evaluation.run import job_model
+    return job_model(str(cfg.detect.model), "detect.model", cfg)
 
 
 def check(cfg: Any, world: int = 1) -> list[str]:

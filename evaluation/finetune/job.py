@@ -26,7 +26,7 @@ from unicom_ds.loading import openclip_architecture
 
 from evaluation import retrieval_sets
 from evaluation.results import FT_PREFIX, SELECTED
-from evaluation.run import Evaluator, ModelSpec, parse_model, refuse_mlcd
+from evaluation.run import Evaluator, ModelSpec, job_model
 
 JOB_PY = Path(__file__).resolve()
 SECTION, LOSS = "finetune", "finetune.loss"
@@ -34,11 +34,7 @@ SECTION, LOSS = "finetune", "finetune.loss"
 
 
 def init_spec(cfg: Any) -> ModelSpec:
-    try:
-        spec = parse_model(str(cfg.finetune.init), cfg.run_dir, str(cfg.model))
-    except config.ConfigError as e:
-        raise config.ConfigError(f"finetune.init: {e}") from None
-    return refuse_mlcd(spec, "finetune.init")
+    return job_model(str(cfg.finetune.init), "finetune.init", cfg)
 
 
 def trained_name(spec: ModelSpec, cfg: Any) -> str:

@@ -36,7 +36,7 @@ from unicom_ds.arrays import normalize
 from unicom_ds.atomic import atomic_path, read_json, write_json_atomic
 
 from evaluation import retrieval_sets
-from evaluation.run import ModelSpec, parse_model, refuse_mlcd
+from evaluation.run import ModelSpec, job_model
 
 METHODS = ("pq", "opq", "ivfpq", "scq", "scq_e2e")
 SCQ_METHODS = ("scq", "scq_e2e")  # scq: on the frozen backbone's cached features; scq_e2e: with the backbone
@@ -45,11 +45,7 @@ TIMED_QUERIES = 1000  # queries timed per unit (ms_per_query) and used for the I
 
 
 def model_spec(cfg: Any) -> ModelSpec:
-    try:
-        spec = parse_model(str(cfg.quantize.model), cfg.run_dir, str(cfg.model))
-    except config.ConfigError as e:
-        raise config.ConfigError(f"quantize.model: {e}") from None
-    return refuse_mlcd(spec, "quantize.model")
+    return job_model(str(cfg.quantize.model), "quantize.model", cfg)
 
 
 def units(cfg: Any, dim: int | None = None) -> list[tuple[str, int, int]]:
