@@ -13,7 +13,7 @@ from PIL import Image
 
 from tests.test_decode import jpeg
 from unicom_ds import train_data
-from unicom_ds.decode import TensorPreprocess, TensorTrainCrop, decode_batch, open_for
+from unicom_ds.decode import Augment, TensorPreprocess, TensorTrainCrop, decode_batch, open_for
 
 torch.set_num_threads(1)
 MEAN, STD = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
@@ -81,10 +81,11 @@ def test_tensor_preprocess_matches_the_pil_transform(side):
     assert diff.max() < PIXEL_MAX and diff.flatten().quantile(0.99) < PIXEL_P99
 
 
-def test_tensor_train_crop_draws_as_the_train_transform():
+@pytest.mark.parametrize("augment", [Augment(), Augment(crop_scale_min=0.6, hflip=0.0), Augment(1.0, 1.0)])
+def test_tensor_train_crop_draws_as_the_train_transform(augment):
     data = jpeg(500, "coffee")
     image = pil_tensor(data)
-    crop, ref = TensorTrainCrop(64, MEAN, STD), train_data.train_transform(64)
+    crop, ref = TensorTrainCrop(64, MEAN, STD, augment), train_data.train_transform(64, augment)
     for seed in range(4):
         torch.manual_seed(seed)
         a = crop(image)

@@ -139,3 +139,80 @@ def test_fixed_number_of_full_batches_on_every_rank(run, workers):
             assert labels.min() >= 0 and labels.max() < 5 and skipped.shape == (2,)
         streams.append(torch.cat([b[1] for b in batches]).tolist())
     assert streams[0] != streams[1]  # ranks draw differently seeded shard streams
+
+
+def halves(size: int = 64) -> bytes:
+    """A PNG whose left half is black and right half white: a mirror swaps the halves' means."""
+    import io
+    from PIL import Image
+    arr = np.zeros((size, size, 3), np.uint8)
+    arr[:, size // 2:] = 255
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def crops_of(augment, draws: int = 200) -> torch.Tensor:
+    """`draws` crops of halves() by the train transform with `augment`, as the workers cut them from a tar member."""
+    import io
+    from PIL import Image
+    transform, data = train_data.train_transform(SIZE, augment), halves()
+    torch.manual_seed(0)
+    return torch.stack([transform(Image.open(io.BytesIO(data))) for _ in range(draws)])
+
+
+def test_augment_keys_reach_the_crops(tmp_path):
+    """train.augment.crop_scale_min / hflip (resolved as a user types them) set the workers' crops: hflip=0 never
+    mirrors; crop_scale_min=1 keeps the whole image; the defaults do both, as torchvision's transform does."""
+    from unicom_ds import config
+    from unicom_ds.continuation import label_source
+    from unicom_ds.decode import Augment
+
+    cfg = config.resolve([f"run_dir={tmp_path}", "train.augment.crop_scale_min=1.0", "train.augment.hflip=0"])
+    kept = label_source(cfg).augment
+    assert kept == Augment(crop_scale_min=1.0, hflip=0.0)
+    assert label_source(config.resolve([f"run_dir={tmp_path}"])).augment == Augment(0.08, 0.5)
+    whole, default = crops_of(kept), crops_of(Augment())
+    half = SIZE // 2
+    left, right = (lambda x: x[..., :half].mean((1, 2, 3)), lambda x: x[..., half:].mean((1, 2, 3)))
+    # Not mirrored: the left half stays darker in every crop. Whole image: each half is (nearly) one colour,
+    # and the two halves hold the same ink as the image does (no zoom into one half).
+    assert (left(whole) < right(whole)).all()
+    columns = whole[:, 0].mean(1)  # [draws, SIZE] mean of each column
+    assert (columns[:, : half - 1] < -1).all() and (columns[:, half + 1:] > 1).all()
+    # Defaults: about half are mirrored, and some crops zoom into one half only (every column one colour).
+    mirrored = (left(default) > right(default)).float().mean()
+    assert 0.35 < mirrored < 0.65
+    one_colour = (default[:, 0].amax((1, 2)) - default[:, 0].amin((1, 2))) < 0.1
+    assert one_colour.any()
+
+
+@pytest.mark.parametrize("key,value", [("train.augment.crop_scale_min", "0"), ("train.augment.crop_scale_min", "1.5"),
+                                       ("train.augment.hflip", "-0.1"), ("train.augment.hflip", "2")])
+def test_augment_keys_out_of_range_are_named(tmp_path, key, value):
+    from unicom_ds import config
+    with pytest.raises(config.ConfigError, match=key.replace(".", r"\.")):
+        config.resolve([f"run_dir={tmp_path}", f"{key}={value}"])
+
+
+def test_epoch_batches_crop_with_the_sources_augment(run):
+    """The loader takes the crops' settings from its label source (label_source: the run's train.augment), or from
+    its `augment` argument. make_run's images hold their inverted corner at the top left: whole-image crops show
+    it at the top left unflipped (hflip=0), at the top right always flipped (hflip=1)."""
+    import dataclasses
+    from unicom_ds.decode import Augment
+    checked = train_data.check_labels(run["source"], run["shards"], 5, progress_mode="off")
+
+    def corners(source, **augment):  # [images, 4, 3]: top-left, top-right, bottom-left, bottom-right pixels
+        out = train_data.epoch_batches(checked.urls, source, SIZE, 4, 3, seed=1, rank=0, **augment)
+        images = torch.cat([b[0] for b in out])
+        return torch.stack([images[:, :, y, x] for y, x in ((1, 1), (1, SIZE - 2), (SIZE - 2, 1),
+                                                                   (SIZE - 2, SIZE - 2))], 1)
+
+    def corner_at(c):  # which top corner differs from the one below it
+        left, right = (c[:, 0] - c[:, 2]).abs().sum(1) > 0.5, (c[:, 1] - c[:, 3]).abs().sum(1) > 0.5
+        return "left" if (left & ~right).all() else "right" if (right & ~left).all() else "mixed"
+
+    assert corner_at(corners(dataclasses.replace(run["source"], augment=Augment(1.0, 0.0)))) == "left"
+    assert corner_at(corners(dataclasses.replace(run["source"], augment=Augment(1.0, 1.0)))) == "right"
+    assert corner_at(corners(run["source"], augment=Augment(1.0, 1.0))) == "right"

@@ -178,13 +178,28 @@ def _size_list(size) -> list[int]:
     return [size] if isinstance(size, int) else list(size)
 
 
+@dataclass(frozen=True)
+class Augment:
+    """The train transform's random steps (the train.augment keys): RandomResizedCrop's smallest area
+    fraction (the largest is 1) and the horizontal flip's probability; torchvision's defaults."""
+    crop_scale_min: float = 0.08
+    hflip: float = 0.5
+
+    @classmethod
+    def of(cls, section) -> "Augment":
+        """From a config section holding the keys (train.augment)."""
+        return cls(float(section.crop_scale_min), float(section.hflip))
+
+
 class TensorTrainCrop:
     """The train transform (RandomResizedCrop, horizontal flip, CLIP normalisation) on a uint8 image
-    tensor, on its device: the same random draws as `train_data.train_transform`, torch's
-    antialiased bicubic resampling instead of PIL's."""
+    tensor, on its device: the same random draws as `train_data.train_transform` with the same
+    `augment`, torch's antialiased bicubic resampling instead of PIL's."""
 
-    def __init__(self, size: int, mean, std):
-        self.crop = T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC)
+    def __init__(self, size: int, mean, std, augment: Augment = Augment()):
+        self.crop = T.RandomResizedCrop(size, scale=(augment.crop_scale_min, 1.0),
+                                        interpolation=T.InterpolationMode.BICUBIC)
+        self.hflip = augment.hflip
         self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # mean, std: copied once per device
 
@@ -192,7 +207,7 @@ class TensorTrainCrop:
         top, left, h, w = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
         x = F2.resized_crop(image.float(), top, left, h, w, list(self.crop.size), self.crop.interpolation,
                             antialias=True)
-        if torch.rand(1) < 0.5:  # RandomHorizontalFlip's draw
+        if torch.rand(1) < self.hflip:  # RandomHorizontalFlip's draw
             x = x.flip(-1)
         x = x.clamp_(0, 255).round_().div_(255)
         if x.device not in self._on:

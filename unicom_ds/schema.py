@@ -204,6 +204,7 @@ RULES: dict[str, Rule] = {
     "train.prototype_lr_mult": NON_NEGATIVE, "train.precision": Rule(choices=("bf16", "fp32")),
     "train.workers": NON_NEGATIVE, "train.local_processes": Rule("int", lo=1),
     "train.ckpt_every_steps": AT_LEAST_1, "train.keep_checkpoints": AT_LEAST_1, "train.log_every": AT_LEAST_1,
+    "train.augment.crop_scale_min": Rule(lo=0, hi=1, lo_open=True), "train.augment.hflip": Rule(lo=0, hi=1),
     "eval.batch_size": AT_LEAST_1, "eval.workers": NON_NEGATIVE, "eval.dims": Rule("list", items=Rule("int", lo=1)),
     "eval.probe.max_iter": AT_LEAST_1, "eval.probe.val_fraction": Rule(lo=0, hi=1, lo_open=True),
     "eval.probe.fixed_c": Rule("float", lo=0, lo_open=True, nullable=True),

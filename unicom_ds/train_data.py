@@ -32,22 +32,23 @@ from webdataset.tariterators import base_plus_ext
 
 from unicom_ds import shards
 from unicom_ds.continuation import LabelSource
-from unicom_ds.decode import DraftRandomResizedCrop, TensorTrainCrop, decode_batch
+from unicom_ds.decode import Augment, DraftRandomResizedCrop, TensorTrainCrop, decode_batch
 from unicom_ds.progress import progress
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SKIP_REASONS = ("no_label", "undecodable")
 
 
-def train_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """RandomResizedCrop + horizontal flip + CLIP normalisation (open_clip's mean/std).
+def train_transform(image_size: int, augment: Augment = Augment()) -> Callable[[Image.Image], torch.Tensor]:
+    """RandomResizedCrop + horizontal flip + CLIP normalisation (open_clip's mean/std); `augment` holds the
+    crop's smallest area fraction and the flip's probability (train.augment).
 
     Give it images straight from Image.open: a JPEG decodes at the smallest DCT scale that still
     covers the crop at `image_size` (`decode.DraftRandomResizedCrop`).
     """
     return T.Compose([
-        DraftRandomResizedCrop(image_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
+        DraftRandomResizedCrop(image_size, scale=(augment.crop_scale_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(augment.hflip),
         T.ToTensor(),
         T.Normalize(open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD),
     ])
@@ -238,9 +239,9 @@ class DeviceCrops:
     gathers without exchanging sizes).
     """
 
-    def __init__(self, image_size: int, device: torch.device | str):
+    def __init__(self, image_size: int, device: torch.device | str, augment: Augment = Augment()):
         self.crop, self.device = TensorTrainCrop(image_size, open_clip.OPENAI_DATASET_MEAN,
-                                                 open_clip.OPENAI_DATASET_STD), torch.device(device)
+                                                 open_clip.OPENAI_DATASET_STD, augment), torch.device(device)
 
     def __call__(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         datas, labels, skipped = batch
@@ -263,28 +264,30 @@ def _worker_seed(rank: int) -> int:
 
 def pipeline(urls: list[str], source: LabelSource, image_size: int, batch_size: int, *, seed: int,
              rank: int, batches_per_worker: int, shuffle: int = 1000, timeout_s: float = 600.0,
-             gpu_decode: bool = False) -> wds.DataPipeline:
+             gpu_decode: bool = False, augment: Augment = Augment()) -> wds.DataPipeline:
     """Full batches (images, labels, skipped[no_label, undecodable]) of one rank, `batches_per_worker` each;
     with `gpu_decode` the images are a list of their encoded bytes."""
     return wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, worker_seed=partial(_worker_seed, rank), deterministic=True),
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
         wds.shuffle(shuffle, initial=min(shuffle, 100)),
-        LabelJoin(source, None if gpu_decode else train_transform(image_size), timeout_s=timeout_s),
+        LabelJoin(source, None if gpu_decode else train_transform(image_size, augment), timeout_s=timeout_s),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     ).with_epoch(batches_per_worker)
 
 
 def epoch_batches(urls: list[str], source: LabelSource, image_size: int, batch_size: int, num_batches: int,
                   *, seed: int, rank: int, workers: int = 0, timeout_s: float = 600.0,
-                  decode_on: torch.device | None = None) -> Iterator:
+                  decode_on: torch.device | None = None, augment: Augment | None = None) -> Iterator:
     """Exactly `num_batches` micro-batches for this rank (the same count on every rank); with `decode_on`
-    the workers only read the images, which decode and crop on that device (`DeviceCrops`)."""
+    the workers only read the images, which decode and crop on that device (`DeviceCrops`). The crops
+    follow `augment`, by default the source's (`source.augment`: the run's train.augment keys)."""
+    augment = source.augment if augment is None else augment
     workers = max(0, int(workers))
     per_worker = math.ceil(num_batches / max(1, workers))
     data = pipeline(urls, source, image_size, batch_size, seed=seed, rank=rank, batches_per_worker=per_worker,
-                    timeout_s=timeout_s, gpu_decode=decode_on is not None)
+                    timeout_s=timeout_s, gpu_decode=decode_on is not None, augment=augment)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
                                          persistent_workers=False, pin_memory=torch.cuda.is_available())
     batches = islice(loader, num_batches)
-    return batches if decode_on is None else map(DeviceCrops(image_size, decode_on), batches)
+    return batches if decode_on is None else map(DeviceCrops(image_size, decode_on, augment), batches)
