@@ -161,9 +161,11 @@ def test_a_rerun_with_the_other_loss_kind_is_refused(trained):
 
 
 def test_checkpoints_from_before_loss_kind_resume_as_unicom():
-    from unicom_ds import checkpoint
+    from unicom_ds import checkpoint, objectives
 
-    assert checkpoint.identity({"model": "ViT-B-16", "num_classes": 5}, train.RESUME_KEYS[:2] + ("loss_kind",)) == \
+    assert checkpoint.identity({"model": "ViT-B-16", "num_classes": 5}, ("model", "num_classes", "loss_kind")) == \
         {"model": "ViT-B-16", "num_classes": 5, "loss_kind": "unicom"}
-    assert train.prototype_layer("mlcd").__name__ == "MLCDPrototypes"
-    assert train.prototype_layer("unicom").__name__ == "ShardedPrototypes"
+    assert objectives.prototype_layer("mlcd").__name__ == "MLCDPrototypes"
+    assert objectives.prototype_layer("unicom").__name__ == "ShardedPrototypes"
+    with pytest.raises(config.ConfigError, match=r"loss.kind=arcface: expected one of unicom, mlcd"):
+        objectives.prototype_layer("arcface")

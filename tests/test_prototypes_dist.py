@@ -236,8 +236,8 @@ def test_train_loop_refuses_a_micro_batch_of_another_size():
     rank's would hang the gather, so it stops first, naming the sizes."""
     from types import SimpleNamespace
 
-    from unicom_ds.train import Trainer
+    from unicom_ds.objectives import PrototypeObjective
 
-    trainer = SimpleNamespace(micro=4, rank=1)  # fails before touching the engine
+    objective = SimpleNamespace(micro=4, rank=1)  # fails before touching the engine
     with pytest.raises(RuntimeError, match=r"rank 1: a micro batch of 3 rows, not the 4 of every rank"):
-        Trainer.prototype_loss(trainer, torch.zeros(3, 3, 8, 8), torch.zeros(3, dtype=torch.long))
+        PrototypeObjective.loss(objective, None, (torch.zeros(3, 3, 8, 8), torch.zeros(3, dtype=torch.long)))

@@ -1,6 +1,6 @@
 """MLCD's multi-label loss over the class-sharded prototype matrix (issue 25, item 2).
 
-The train stage uses it with loss.kind=mlcd (issue 25, item 3: `train.prototype_layer`), on RUN/labels/S.topl.npy.
+The train stage uses it with loss.kind=mlcd (issue 25, item 3: `objectives.prototype_layer`), on RUN/labels/S.topl.npy.
 
 MLCD (An et al., "Multi-label Cluster Discrimination for Visual Representation Learning", ECCV 2024,
 arXiv 2407.17331) gives each image its l nearest cluster centres as positive labels (the assign stage

@@ -193,7 +193,7 @@ RULES: dict[str, Rule] = {
     "assign.batch_size": AT_LEAST_1, "assign.shards_per_task": AT_LEAST_1, "assign.gpu": AUTO_BOOL,
     "assign.search": Rule(choices=("auto", "exact", "ivf")), "assign.nlist": Rule("int", lo=1),
     "assign.nprobe": AT_LEAST_1, "assign.top_l": AT_LEAST_1, "assign.check_rows": NON_NEGATIVE,
-    "loss.kind": Rule(choices=("unicom", "mlcd")),  # train.PROTOTYPE_LAYERS: the layer of each kind
+    "loss.kind": Rule(choices=("unicom", "mlcd")),  # objectives.PROTOTYPE_LAYERS: the layer of each kind
     "loss.r1": Rule(lo=0, hi=1, lo_open=True), "loss.r2": Rule(lo=0, hi=1, lo_open=True),
     "loss.margin": NON_NEGATIVE, "loss.scale": POSITIVE,
     "loss.margin_grad": Rule(choices=("straight_through", "exact")),

@@ -35,23 +35,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from unicom_ds import (backbone, checkpoint, config, continuation, disk, schedule, tblog, train_data, train_plan,
                        unicom_vit)
-from unicom_ds.atomic import atomic_path, read_json, write_json_atomic
+from unicom_ds.atomic import read_json
 from unicom_ds.dist import all_reduce_, prepare_cpu_comm_op, rank_world, unlink_cpu_allreduce_buffer
-from unicom_ds.mlcd import MLCDPrototypes
+from unicom_ds.objectives import Objective, PrototypeObjective
 from unicom_ds.optim import adamw
-from unicom_ds.prototypes import ShardedPrototypes
 
 TRAIN_PY = Path(__file__).resolve()
-# Config keys a checkpoint must agree with to be resumed (r1, r2, epochs may change).
-RESUME_KEYS = ("model", "num_classes", "embed_dim", "loss_kind")
-# loss.kind -> the prototype layer: the same matrix, arguments and state; mlcd takes labels [B, l].
-PROTOTYPE_LAYERS = {"unicom": ShardedPrototypes, "mlcd": MLCDPrototypes}
-
-
-def prototype_layer(kind: str) -> type[ShardedPrototypes]:
-    if kind not in PROTOTYPE_LAYERS:
-        raise config.ConfigError(f"loss.kind={kind}: expected one of {', '.join(PROTOTYPE_LAYERS)}")
-    return PROTOTYPE_LAYERS[kind]
 
 
 EPILOG = """Every other argument is a config key=value, as for slurm/submit.py (e.g. model=ViT-B-16 train.lr=1e-3
@@ -141,20 +130,15 @@ class ShardData:
 
 
 class Trainer:
-    """One rank's training state: engine, prototype block, optimizers, position.
+    """One rank's training state: engine, objective, position.
 
-    The train stage uses the defaults. A job that reuses this machinery (fine-tuning) passes its own
-    `data` (see ShardData), `out` (the folder under run_dir for checkpoints, export and TensorBoard),
-    the config `section` holding its train.* keys and `loss` its loss.* keys, and `init`, which
-    returns (model name, backbone in fp32) to start from instead of a random init.
-
-    A job that trains something else than a backbone over prototypes (the SCQ head) passes `objective`:
-    `name` (recorded in its checkpoints; a resume must match), `model` (the module the engine trains),
-    `loss(engine, batch) -> (loss, {term: tensor})` over a micro batch (the data's tensors before the
-    skip counts, on the device), `param_groups(weight_decay)` (AdamW groups; a group's `lr_mult` scales the
-    schedule's lr for it, and a group's `name` logs its lr as lr_<name>) and `export(fp32 state dict) -> Path`
-    (rank 0: what the job keeps).
-    Its data then has no `classes`, and its terms go to TensorBoard under <section>/.
+    The train stage uses the defaults: a backbone over the sharded prototype layer (`PrototypeObjective`
+    of loss.kind). A job that reuses this machinery passes its own `data` (see ShardData), `out` (the
+    folder under run_dir for checkpoints, export and TensorBoard), the config `section` holding its train.*
+    keys and `loss` its loss.* keys. Fine-tuning passes `init`, which returns (model name, backbone in fp32)
+    to start the prototype objective from instead of a random init; the SCQ head passes its own `objective`
+    (unicom_ds.objectives: what it trains, its loss, state and stats), and its data then has no `classes`.
+    The loop below is the same for every objective.
 
     `epoch_end(model, epoch)` runs on every rank after each epoch's last step (fine-tuning scores the
     test split there, as deepglint/unicom retrieval.py does); the model is back in train mode after it.
@@ -162,7 +146,8 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, data=None, *, out: str = "train", section: str = "train",
                  loss: str = "loss", init: Callable[[], tuple[str, torch.nn.Module]] | None = None,
-                 objective=None, epoch_end: Callable[[torch.nn.Module, int], None] | None = None):
+                 objective: Objective | None = None,
+                 epoch_end: Callable[[torch.nn.Module, int], None] | None = None):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -175,12 +160,9 @@ class Trainer:
             unlink_cpu_allreduce_buffer(self.rank)
         self.cfg, self.run_dir, self.out = cfg, Path(str(cfg.run_dir)), out
         self.tc, self.lc = OmegaConf.select(cfg, section), OmegaConf.select(cfg, loss)
-        self.loss_kind = continuation.loss_kind(cfg, loss)
         self.section = section
         self.data = ShardData(cfg) if data is None else data
-        self.objective = objective
         self.epoch_end = epoch_end
-        self.k = int(self.data.classes) if objective is None else 0
         self.ds = train_plan.deepspeed_config(cfg, self.world, section)
         self.micro, self.accum = int(self.ds["train_micro_batch_size_per_gpu"]), self.ds["gradient_accumulation_steps"]
         self.global_batch = int(self.ds["train_batch_size"])
@@ -195,22 +177,11 @@ class Trainer:
             continuation.check_compatible(self.base, str(cfg.model))
 
         torch.manual_seed(int(cfg.seed))  # the same backbone init on every rank
-        if objective is not None:  # built by the job, the same on every rank
-            self.model_name, model = objective.name, objective.model
-        elif init is None:
-            self.model_name = str(cfg.model)
-            model = backbone.build(self.model_name, bool(self.tc.grad_checkpointing))
-        else:  # every rank loads the same file; a resume then overwrites these weights
-            self.model_name, model = init()
-            model.train()
-        if self.base is not None:  # before the engine: ZeRO makes its fp32 master copies from these weights
-            model.load_state_dict(self.base_weights(), strict=True)
-        self.dim, self.image_size = ((backbone.embed_dim(self.model_name), backbone.image_size(self.model_name))
-                                     if objective is None else (0, 0))
+        # A job's objective is built by the job, the same on every rank.
+        self.objective = self.prototype_objective(init, loss) if objective is None else objective
         wd = float(self.tc.weight_decay)
-        groups = backbone.param_groups(model, wd) if objective is None else objective.param_groups(wd)
-        opt = adamw(groups, float(self.tc.lr), wd)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds)
+        opt = adamw(self.objective.param_groups(wd), float(self.tc.lr), wd)
+        self.engine, _, _, _ = deepspeed.initialize(model=self.objective.model, optimizer=opt, config=self.ds)
         self.device = self.engine.device
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         self.rows = self.data.check(self.rank, self.world, self.device)
@@ -218,9 +189,7 @@ class Trainer:
         self.total_steps = int(self.tc.epochs) * self.steps_per_epoch
         self.warmup_steps = round(float(self.tc.warmup_epochs) * self.steps_per_epoch)
         self.stop = min(self.total_steps, int(self.tc.max_steps or self.total_steps))
-        self.layer = self.proto_opt = None
-        if objective is None:
-            self.init_prototypes(wd)
+        self.objective.start(self.device, wd)
         self.step = self.bad_steps = 0
         self.resumed_from: Path | None = None
         # Every check has passed: only now does a first train stage record the run's config.
@@ -228,34 +197,37 @@ class Trainer:
             config.save(cfg)
         torch.manual_seed(int(cfg.seed) * 1000 + self.rank)  # distinct augmentations per rank
 
-    def init_prototypes(self, wd: float) -> None:
-        lc = self.lc
-        layer = prototype_layer(self.loss_kind)  # mlcd: the same layer with MLCD's loss over labels [B, l]
-        self.layer = layer(self.k, self.dim, r1=float(lc.r1), r2=float(lc.r2),
-                           margin=float(lc.margin), scale=float(lc.scale),
-                           seed=int(self.cfg.seed), margin_grad=str(lc.margin_grad),
-                           equal_batches=True).to(self.device)  # micro batches: micro rows on every rank
-        if self.base is not None:
-            states = checkpoint.load_rank_states(self.base.checkpoint, self.k, *self.layer.class_range)
-            weight, _ = checkpoint.merge_prototype_states(states, *self.layer.class_range)
-            self.layer.weight.data.copy_(weight.to(self.device))
-        self.proto_opt = adamw(self.layer.parameters(), float(self.tc.lr), wd)
+    def prototype_objective(self, init: Callable[[], tuple[str, torch.nn.Module]] | None,
+                            loss: str) -> PrototypeObjective:
+        """The backbone (random, `init`'s, or the base run's) over the prototype layer of loss.kind."""
+        if init is None:
+            name = str(self.cfg.model)
+            model = backbone.build(name, bool(self.tc.grad_checkpointing))
+        else:  # every rank loads the same file; a resume then overwrites these weights
+            name, model = init()
+            model.train()
+        if self.base is not None:  # before the engine: ZeRO makes its fp32 master copies from these weights
+            model.load_state_dict(self.base_weights(name), strict=True)
+        return PrototypeObjective(
+            name, model, classes=int(self.data.classes), kind=continuation.loss_kind(self.cfg, loss),
+            loss_cfg=self.lc, lr_mult=float(self.tc.prototype_lr_mult), seed=int(self.cfg.seed), micro=self.micro,
+            rank=self.rank, world=self.world, out=self.run_dir / self.out, base=self.base)
 
-    def base_weights(self) -> dict[str, torch.Tensor]:
+    def base_weights(self, name: str) -> dict[str, torch.Tensor]:
         """The base run's exported backbone for this model: at this input size (release models), fp32."""
         state = torch.load(self.base.backbone, map_location="cpu", weights_only=True)
-        if not backbone.is_release(self.model_name):
+        if not backbone.is_release(name):
             return state["state_dict"]
-        return unicom_vit.resize_state_dict(state, backbone.image_size(self.model_name))
+        return unicom_vit.resize_state_dict(state, backbone.image_size(name))
 
     # ---------------------------------------------------------------- checkpoints
-    def meta(self) -> dict:
-        return {"model": self.model_name, "num_classes": self.k, "embed_dim": self.dim, "loss_kind": self.loss_kind,
-                "world_size": self.world, "epoch": self.step // self.steps_per_epoch,
-                "step_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch}
+    def identity(self) -> dict:
+        """What a resume must match: the objective's name (the model) and its identity()."""
+        return {"model": self.objective.name, **self.objective.identity()}
 
-    def resume_keys(self) -> tuple[str, ...]:
-        return RESUME_KEYS if self.objective is None else ("model",)
+    def meta(self) -> dict:
+        return {**self.identity(), "world_size": self.world, "epoch": self.step // self.steps_per_epoch,
+                "step_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch}
 
     def sync_batchnorm_stats(self) -> None:
         """Average the BatchNorm running statistics over ranks (each rank normalises its own micro
@@ -265,11 +237,10 @@ class Trainer:
                 all_reduce_(buf).div_(self.world)
 
     def weights_finite(self) -> bool:
-        """Collective: every rank's backbone copy and prototype block are finite."""
+        """Collective: every rank's engine copy and the objective's weights outside it are finite."""
         module = self.engine.module
-        layer = () if self.layer is None else (self.layer.weight,)
-        ok = all(bool(torch.isfinite(t).all()) for t in (*module.parameters(), *module.buffers(), *layer)
-                 if t.is_floating_point())
+        ok = all(bool(torch.isfinite(t).all()) for t in (*module.parameters(), *module.buffers(),
+                                                         *self.objective.weights()) if t.is_floating_point())
         return not bool(all_reduce_(torch.tensor([0.0 if ok else 1.0], device=self.device), "max").item())
 
     def save(self) -> Path:
@@ -287,17 +258,14 @@ class Trainer:
         dist.barrier()
         with disk.writing(tmp):  # DeepSpeed's own torch.save calls: a full disk as one line, not "basic_ios::clear"
             self.engine.save_checkpoint(str(tmp), tag=checkpoint.ENGINE_TAG, save_latest=False)
-        checkpoint.save_rank_state(tmp, self.rank, {"rank": self.rank, "rng": checkpoint.rng_state()} if
-                                   self.layer is None else {
-            "rank": self.rank, "class_range": self.layer.class_range, "weight": self.layer.weight.detach().cpu(),
-            "optimizer": self.proto_opt.state_dict(), "rng": checkpoint.rng_state()})
+        checkpoint.save_rank_state(tmp, self.rank, {"rank": self.rank, **self.objective.rank_state(),
+                                                    "rng": checkpoint.rng_state()})
         dist.barrier()
         final = self.root / checkpoint.step_name(self.step)
         if self.rank == 0:
             checkpoint.commit(self.root, self.step, self.meta(), int(self.tc.keep_checkpoints))
         dist.barrier()
         return final
-
     def repartition_zero_state(self, path: Path, tag: str) -> str:
         """Load a ZeRO checkpoint saved on another rank count; says what it restored.
 
@@ -329,8 +297,8 @@ class Trainer:
                          f"{self.base.meta['step']}): backbone and prototypes loaded, a new schedule from step 0")
             return
         meta = checkpoint.read_meta(path)
-        keys = self.resume_keys()
-        config.check_same(checkpoint.identity(meta, keys), {k: self.meta()[k] for k in keys}, path)
+        identity = self.identity()
+        config.check_same(checkpoint.identity(meta, identity), identity, path)
         tag = checkpoint.ENGINE_TAG
         if meta["world_size"] == self.world:
             self.engine.load_checkpoint(str(path), tag=tag)
@@ -340,43 +308,24 @@ class Trainer:
             moments = self.repartition_zero_state(path, tag)
             self.log(f"resume on {self.world} ranks from a {meta['world_size']}-rank checkpoint: "
                      f"prototype blocks re-sliced, {moments}")
-        if self.layer is None:
-            if meta["world_size"] == self.world:
-                checkpoint.set_rng_state(checkpoint.read_rank_file(checkpoint.rank_file(path, self.rank))["rng"])
-            self.step = int(meta["step"])
-            self.resumed_from = path
-            self.log(f"resumed from {path} at step {self.step}")
-            return
-        states = checkpoint.load_rank_states(path, self.k, *self.layer.class_range)
-        weight, opt_state = checkpoint.merge_prototype_states(states, *self.layer.class_range)
-        self.layer.weight.data.copy_(weight.to(self.device))
-        if opt_state["state"]:
-            self.proto_opt.load_state_dict(opt_state)
-        own = [s for s in states if s.get("rank") == self.rank]
-        if meta["world_size"] == self.world and own:
-            checkpoint.set_rng_state(own[0]["rng"])
-        self.step = self.layer.step = int(meta["step"])
+        self.objective.load_state(path, meta)
+        if meta["world_size"] == self.world:
+            checkpoint.set_rng_state(checkpoint.read_rank_file(checkpoint.rank_file(path, self.rank))["rng"])
+        self.step = int(meta["step"])
         self.resumed_from = path
         self.log(f"resumed from {path} at step {self.step}")
 
     def export(self, ckpt: Path) -> Path:
-        """Rank 0: the fp32 backbone (merged from the ZeRO partitions) as RUN/train/backbone.pt, then
-        RUN/train/export.json naming the checkpoint it came from. A non-finite export is never written."""
+        """Rank 0: the objective's export (the train stage: RUN/train/backbone.pt and export.json) from the
+        fp32 weights merged from the ZeRO partitions. A non-finite export is never written."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=checkpoint.ENGINE_TAG)
         bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
-            raise TrainingDiverged(f"{ckpt}: non-finite weights ({', '.join(bad[:3])}); backbone.pt left as it was")
-        if self.objective is not None:
-            return self.objective.export(state)
-        out = self.run_dir / self.out / "backbone.pt"
-        with atomic_path(out) as tmp:
-            torch.save(backbone.export(self.model_name, state), tmp)
-        write_json_atomic(out.with_name(continuation.EXPORT_META), {
-            "model": self.model_name, "embed_dim": self.dim, "num_classes": self.k, "step": self.step,
-            "checkpoint": ckpt.name})
-        return out
+            raise TrainingDiverged(f"{ckpt}: non-finite weights ({', '.join(bad[:3])}); "
+                                   f"the {self.objective.export_kind} left as it was")
+        return self.objective.export(state, ckpt, self.step)
 
     # ---------------------------------------------------------------- training
     def log(self, text: str) -> None:
@@ -387,26 +336,28 @@ class Trainer:
         lr = schedule.lr_at(self.step, float(self.tc.lr), self.warmup_steps, self.total_steps,
                              str(self.tc.schedule))
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
             # DeepSpeed's elastic ZeRO checkpoints (loadable on another rank count) read the step
             # from the param groups; torch's AdamW keeps it per parameter only.
             group["step"] = self.step
-        for group in self.proto_opt.param_groups if self.proto_opt is not None else ():
-            group["lr"] = lr * float(self.tc.prototype_lr_mult)
+        groups = [*self.engine.optimizer.param_groups, *self.objective.outside_groups()]
+        for group in groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         # <section>.cycle_momentum (fine-tuning's OneCycleLR): beta1 moves against the lr in every group.
         beta1 = schedule.beta1_at(self.step, self.warmup_steps, self.total_steps, str(self.tc.schedule),
                                   bool(OmegaConf.select(self.tc, "cycle_momentum", default=False)))
         if beta1 is not None:
-            for group in [*self.engine.optimizer.param_groups,
-                          *(self.proto_opt.param_groups if self.proto_opt is not None else ())]:
+            for group in groups:
                 group["betas"] = (beta1, group["betas"][1])
         return lr
 
     def micro_step(self, *batch: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        loss = self.prototype_loss(*batch) if self.objective is None else self.objective_loss(batch)
+        batch = tuple(t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else None, non_blocking=True)
+                      for t in batch)
+        loss, terms = self.objective.loss(self.engine, batch)
+        self.terms.append({name: value.detach().float() for name, value in terms.items()})
         self.engine.backward(loss)
-        # The layer's loss is the same on every rank (it reduces it), so is this flag (an objective's is
-        # per rank: nonfinite_window reduces it); kept on the device.
+        # The prototype layer's loss is the same on every rank (it reduces it), so is this flag (another
+        # objective's is per rank: nonfinite_window reduces it); kept on the device.
         self.window_finite = self.window_finite & torch.isfinite(loss.detach())
         boundary = self.engine.is_gradient_accumulation_boundary()
         if not boundary:
@@ -421,12 +372,8 @@ class Trainer:
             # Train-mode forwards of the bad window moved the BatchNorm statistics (to NaN, often).
             for buf, saved in zip(self.running_stats(), self.stats_before):
                 buf.copy_(saved)
-        elif self.proto_opt is not None:
-            self.proto_opt.step()
+        self.objective.after_step(skipped=bad)
         self.stats_before = [buf.clone() for buf in self.running_stats()]
-        if self.layer is not None:
-            self.proto_opt.zero_grad(set_to_none=True)
-            self.layer.advance()
         self.window_finite = torch.ones((), dtype=torch.bool, device=self.device)
         self.step += 1
         if bad:
@@ -438,33 +385,13 @@ class Trainer:
                                        f"saving. {self.last_good()}")
         return loss.detach(), True  # a tensor: reading it every step would sync with the GPU
 
-    def objective_loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        batch = tuple(t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else None, non_blocking=True)
-                      for t in batch)
-        loss, terms = self.objective.loss(self.engine, batch)
-        self.terms.append({name: value.detach().float() for name, value in terms.items()})
-        return loss
-
-    def prototype_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if images.shape[0] != self.micro:  # the layer gathers without exchanging sizes: a short batch would hang
-            raise RuntimeError(f"rank {self.rank}: a micro batch of {images.shape[0]} rows, not the "
-                               f"{self.micro} of every rank (train_micro_batch_size_per_gpu)")
-        emb = self.engine(images.to(self.device, self.dtype, non_blocking=True))
-        if self.world > 1:
-            # The layer gives each rank the exact gradient of the global-batch loss; DeepSpeed then
-            # averages backbone gradients over ranks, so undo its division by the world size.
-            world = self.world
-            emb.register_hook(lambda g: g * world)
-        return self.layer(emb.float(), labels.to(self.device, non_blocking=True))
-
     def running_stats(self) -> list[torch.Tensor]:
         return [b for name, b in self.engine.module.named_buffers() if name.endswith(("running_mean", "running_var"))]
 
     def nonfinite_window(self) -> bool:
         """Collective, once per optimizer step: a non-finite loss in this accumulation window or a
-        non-finite prototype gradient on any rank (every rank gets the same answer: no hang)."""
-        grad = None if self.layer is None else self.layer.weight.grad
-        local = ~self.window_finite | (grad is not None and ~torch.isfinite(grad).all())
+        non-finite gradient outside the engine on any rank (every rank gets the same answer: no hang)."""
+        local = ~self.window_finite | ~torch.as_tensor(self.objective.grads_finite(), device=self.device)
         return bool(all_reduce_(local.float().reshape(1), "max").item())
 
     def run(self) -> dict:
@@ -472,15 +399,12 @@ class Trainer:
         self.set_lr()
         self.window_finite = torch.ones((), dtype=torch.bool, device=self.device)
         self.stats_before = [buf.clone() for buf in self.running_stats()]
-        cfg = self.cfg
+        cfg, objective = self.cfg, self.objective
         tb = tblog.writer(str(self.run_dir), self.out) if self.rank == 0 else None
-        classes = "" if self.layer is None else f"k={self.k}, {self.loss_kind} loss, "
-        self.log(f"{self.model_name} on {self.world} rank(s) ({self.device}, {self.dtype}), {classes}"
+        self.log(f"{objective.name} on {self.world} rank(s) ({self.device}, {self.dtype}), {objective.describe()}"
                  f"global batch {self.global_batch} = {self.micro} x {self.world} x {self.accum} accumulation, "
                  f"{self.steps_per_epoch} steps/epoch, steps {self.step} -> {self.stop} of {self.total_steps}")
-        counts = torch.zeros(len(self.data.skip_reasons) + 1, dtype=torch.float64)  # skipped..., selected
-        # Summed on the device and read at log steps only: reading the layer's stats per step waits on the GPU.
-        selected = torch.zeros((), dtype=torch.float64, device=self.device)
+        skipped = torch.zeros(len(self.data.skip_reasons), dtype=torch.float64)
         skipped_total = torch.zeros(len(self.data.skip_reasons), dtype=torch.float64)
         losses, window_start, window_steps, start = [], time.time(), 0, time.time()
         start_step, last_loss = self.step, float("nan")
@@ -490,27 +414,21 @@ class Trainer:
             n_steps = min(self.steps_per_epoch - in_epoch, self.stop - self.step)
             batches = self.data.batches(
                 epoch=epoch, in_epoch=in_epoch, accum=self.accum, count=n_steps * self.accum, micro=self.micro,
-                image_size=self.image_size, rank=self.rank, world=self.world, seed=int(cfg.seed),
+                image_size=objective.image_size, rank=self.rank, world=self.world, seed=int(cfg.seed),
                 # A job's in-memory data source may have no loader keys.
                 workers=int(OmegaConf.select(self.tc, "workers", default=0)),
                 timeout_s=float(OmegaConf.select(self.tc, "loader_timeout_s", default=0)))
-            for *batch, skipped in batches:
+            for *batch, skipped_now in batches:
                 lr = self.set_lr()
                 loss, boundary = self.micro_step(*batch)
                 losses.append(loss)
-                counts[:-1] += skipped
+                skipped += skipped_now
                 if not boundary:
                     continue
-                if self.layer is not None:
-                    selected += self.layer.device_stats["selected_classes"]
+                objective.boundary()
                 window_steps += 1
                 if self.step % int(self.tc.log_every) == 0 or self.step == self.stop:
-                    if self.layer is not None:
-                        self.layer.check_labels()  # labels on a GPU are range-checked there, reported here
-                    counts[-1] = float(selected)
-                    selected.zero_()
-                    totals = all_reduce_(counts.to(self.device)).cpu()
-                    skipped_total += totals[:-1]
+                    skipped_total += all_reduce_(skipped.to(self.device)).cpu()
                     now = time.time()
                     ips = window_steps * self.global_batch / max(now - window_start, 1e-9)
                     last_loss = float(torch.stack(losses).mean())
@@ -519,26 +437,25 @@ class Trainer:
                                "images_per_s": ips,
                                "images_per_s_per_gpu": ips / self.world,
                                "grad_norm": float(norm) if norm is not None else float("nan"),
-                               "selected_classes": float(totals[-1]) / window_steps,
+                               **objective.scalars(window_steps),
                                "peak_mem_mb": peak_mem_mb(self.device),
                                "skipped_samples": float(skipped_total.sum()),
-                               "skipped_steps": float(self.bad_steps)}
-                    if self.layer is None:
-                        del scalars["selected_classes"]
-                        scalars.update({f"lr_{g['name']}": g["lr"] for g in self.engine.optimizer.param_groups
-                                        if "name" in g})
-                        scalars.update({name: float(torch.stack([t[name] for t in self.terms]).mean())
-                                        for name in (self.terms[0] if self.terms else {})})
-                        self.terms = []
+                               "skipped_steps": float(self.bad_steps),
+                               **{f"lr_{g['name']}": g["lr"] for g in self.engine.optimizer.param_groups
+                                  if "name" in g},
+                               **{name: float(torch.stack([t[name] for t in self.terms]).mean())
+                                  for name in (self.terms[0] if self.terms else {})}}
+                    self.terms = []
                     if tb is not None:
                         for name, value in scalars.items():
                             tb.add_scalar(f"{self.section}/{name}", value, self.step)
                         tb.flush()
-                    selection = "" if self.layer is None else f"selected {scalars['selected_classes']:.0f} "
+                    selection = (f"selected {scalars['selected_classes']:.0f} " if "selected_classes" in scalars
+                                 else "")
                     self.log(f"step {self.step}/{self.stop} epoch {epoch} loss {last_loss:.4f} lr {lr:.3g} "
                              f"{ips:.1f} img/s grad_norm {scalars['grad_norm']:.3g} "
                              f"{selection}skipped {int(scalars['skipped_samples'])}")
-                    counts.zero_()
+                    skipped.zero_()
                     losses, window_start, window_steps = [], now, 0
                 if self.epoch_end is not None and self.step % self.steps_per_epoch == 0:
                     paused = time.time()
@@ -555,7 +472,7 @@ class Trainer:
                    "images_per_s": (self.step - start_step) * self.global_batch / max(seconds, 1e-9),
                    "loss": last_loss, "skipped": dict(zip(self.data.skip_reasons, map(int, skipped_total.tolist()))),
                    "skipped_steps": self.bad_steps, "checkpoint": str(final)}
-        kind = "backbone" if self.objective is None else "export"
+        kind = objective.export_kind
         summary[kind] = str(exported)
         self.log(f"done: steps {start_step} -> {self.step} in {seconds:.0f}s, loss {last_loss:.4f}, "
                  f"skipped {summary['skipped']}, checkpoint {final}, {kind} {exported}")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unicom_ds.atomic import atomic_path
+from unicom_ds.objectives import Objective as TrainerObjective
 
 from evaluation.metrics import index_search
 
@@ -166,8 +167,8 @@ class Encoder(nn.Module):
         return self.head(F.normalize(self.backbone(images), dim=-1))
 
 
-class Objective:
-    """The Trainer hook (unicom_ds.train.Trainer's `objective`): the head trained on two views per row
+class Objective(TrainerObjective):
+    """The Trainer's objective (unicom_ds.objectives): the head trained on two views per row
     (evaluation.quantize.pairs) by `loss_terms`, exported as the head's file (state dict and shape) at `path`.
 
     With a `backbone` (end to end), the engine trains `Encoder(backbone, head)` on images, the backbone's
@@ -198,7 +199,7 @@ class Objective:
                            self.c, self.head.books)
         return terms.pop("loss"), terms
 
-    def export(self, state: dict[str, torch.Tensor]) -> Path:
+    def export(self, state: dict[str, torch.Tensor], ckpt: Path, step: int) -> Path:
         saved = {"state_dict": state, **self.shape}
         if self.backbone is not None:  # the Encoder's keys: head.*, backbone.*
             saved = {**saved, "state_dict": _prefixed(state, "head."), "backbone": _prefixed(state, "backbone.")}
