@@ -314,6 +314,29 @@ def test_scq_step_with_a_non_finite_loss_is_skipped(tmp_path, monkeypatch, one_p
     assert all(torch.isfinite(p).all() for p in head.parameters())
 
 
+def test_a_non_finite_loss_with_finite_gradients_does_not_move_the_weights(tmp_path, monkeypatch,
+                                                                           one_process_group):
+    """The fault seen once under load in test_faults_train: the loss is NaN but the gradients reach
+    DeepSpeed finite (zero here), so its own overflow check does not skip the step. The Trainer's window
+    check does, and the weights must stay as they were, not move by AdamW's momentum and decay."""
+    from evaluation.quantize import job
+    views = np.stack([normalize(np.random.default_rng(v).standard_normal((32, 8)).astype(np.float32)) for v in (0, 1)])
+    loss, seen = scq.Objective.loss, []
+
+    def nan_with_zero_gradients_at_third_step(self, model, batch):
+        seen.append([p.detach().clone() for p in model.module.parameters()])  # the weights this step starts from
+        value, terms = loss(self, model, batch)
+        return (value * 0.0 + float("nan") if len(seen) == 3 else value), terms
+
+    monkeypatch.setattr(scq.Objective, "loss", nan_with_zero_gradients_at_third_step)
+    _, summary = job.train_scq(_scq_cfg(tmp_path / "run", "quantize.scq.init=random"), pairs.ViewPairs(views),
+                               2, 2, tmp_path / "run" / "quantize" / "scq-2x2", views[0])
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 1
+    before, after, later = seen[2], seen[3], seen[4]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert not all(torch.equal(a, b) for a, b in zip(after, later))  # the next step trains again
+
+
 def test_quantize_job_is_requeued_to_resume_its_scq_unit(tmp_path):
     from evaluation.quantize.job import QuantizeJob
     from slurm import launch

@@ -364,6 +364,12 @@ class Trainer:
             self.engine.step()
             return loss.detach(), False
         bad = self.nonfinite_window()
+        if bad:
+            # DeepSpeed skips a step only when it sees the gradients overflow; a non-finite loss whose
+            # gradients came out finite (zero, say) would still move the weights by AdamW's momentum.
+            # lr 0 keeps them; set_lr restores the schedule's lr at the next micro step.
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = 0.0
         skipped = self.engine.skipped_steps
         self.engine.step()  # DeepSpeed skips the backbone's step itself when its gradients are not finite
         bad = bad or self.engine.skipped_steps > skipped
