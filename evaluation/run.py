@@ -126,14 +126,17 @@ def check_mlcd_folder(what: str, folder: str) -> None:
 
 def job_model(entry: str, key: str, cfg: Any) -> ModelSpec:
     """The backbone of a job that trains or rebuilds it (detect.model, finetune.init, quantize.model: `key`),
-    an eval.models entry; errors name `key`. MLCD folders are refused: those jobs do not take them yet."""
+    an eval.models entry; errors name `key`. MLCD models (folders, or runs of model=MLCD-ViT-...) are refused:
+    those jobs build their backbones as the Unicom release or open_clip architectures."""
     try:
         spec = parse_model(entry, cfg.run_dir, str(cfg.model))
     except config_mod.ConfigError as e:
         raise config_mod.ConfigError(str(e).replace("eval.models entry", key)) from None
-    if spec.name == "mlcd":
-        raise config_mod.ConfigError(f"{key}={spec.label}: MLCD models (mlcd:FOLDER) are scored by the eval stage "
-                                     f"(eval.models) only; this job does not take them yet")
+    from unicom_ds import mlcd_vit
+    if spec.name == "mlcd" or spec.name.removeprefix("ckpt:") in mlcd_vit.CONFIGS:
+        raise config_mod.ConfigError(f"{key}={spec.label}: MLCD models (mlcd:FOLDER, or a run of model="
+                                     f"{spec.name.removeprefix('ckpt:') if spec.name != 'mlcd' else 'MLCD-ViT-...'}) "
+                                     "are scored by the eval stage (eval.models) only; this job does not take them yet")
     return spec
 
 

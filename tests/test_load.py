@@ -184,7 +184,9 @@ def test_release_architecture_export_is_a_release_file(tmp_path):
 @pytest.mark.parametrize("name,kind,dim", [("ViT-B-16", "Unicom release architecture", 768),
                                            ("ViT-B-32", "Unicom release architecture", 512),
                                            ("ViT-L-14-336", "Unicom release architecture", 768),
-                                           ("openclip:ViT-B-16", "open_clip CLIP vision tower", 512)])
+                                           ("openclip:ViT-B-16", "open_clip CLIP vision tower", 512),
+                                           ("MLCD-ViT-B-32", "MLCD RoPE2D ViT", 768),
+                                           ("MLCD-ViT-bigG-14-448", "MLCD RoPE2D ViT", 1664)])
 def test_model_names_say_which_architecture_they_train(name, kind, dim):
     assert backbone.embed_dim(name) == dim
     assert kind in backbone.description(name)

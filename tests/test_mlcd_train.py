@@ -1,6 +1,7 @@
-"""loss.kind=mlcd through the train stage (issue 25, item 3): the data path's [B, l] labels from
+"""loss.kind=mlcd through the train stage (issue 25, items 3 and 4): the data path's [B, l] labels from
 RUN/labels/S.topl.npy joined by key, the refusal of a run without them, and a real 2-rank `deepspeed`
-launch (gloo, CPU) that trains MLCD's loss, logs it, checkpoints and resumes."""
+launch (gloo, CPU) that trains MLCD's loss on MLCD's RoPE2D ViT (model=MLCD-ViT-Tiny-16), logs it,
+checkpoints, resumes, and exports a backbone that transformers' MLCDVisionModel reads."""
 import math
 import sys
 
@@ -123,7 +124,7 @@ def trained(tmp_path_factory):
     add_topl(data["run"], 10)
     ds = ds_config(root / "ds.json")
     run = data["run"]
-    first = config.resolve([f"run_dir={run}", f"data.shards={data['shards']}", "model=ViT-Tiny-16", "stage=train",
+    first = config.resolve([f"run_dir={run}", f"data.shards={data['shards']}", "model=MLCD-ViT-Tiny-16", "stage=train",
                             "device=cpu", f"train.deepspeed_config={ds}", "train.epochs=2", "train.steps_per_epoch=2",
                             "train.max_steps=2", "train.ckpt_every_steps=1", "train.log_every=1", "train.workers=0",
                             "train.local_processes=2", "loss.r1=0.5", "loss.kind=mlcd"])
@@ -139,7 +140,7 @@ def trained(tmp_path_factory):
 def test_two_ranks_train_mlcd_log_finite_loss_and_resume(trained):
     run, (first, second) = trained["run"], trained["logs"]
     ckpt = run / "train" / "ckpt"
-    assert "on 2 rank(s)" in first and "k=10, mlcd loss" in first and "steps 0 -> 2" in first
+    assert "MLCD-ViT-Tiny-16 on 2 rank(s)" in first and "k=10, mlcd loss" in first and "steps 0 -> 2" in first
     assert f"resumed from {ckpt / 'step_2'} at step 2" in second and "steps 2 -> 3" in second
     meta = read_meta(ckpt / "step_3")
     assert (meta["loss_kind"], meta["step"], meta["num_classes"], meta["world_size"]) == ("mlcd", 3, 10, 2)
@@ -152,11 +153,65 @@ def test_two_ranks_train_mlcd_log_finite_loss_and_resume(trained):
 
 
 @pytest.mark.slow
+def test_the_trained_mlcd_vit_exports_to_transformers_with_the_same_features(trained, tmp_path):
+    """RUN/train/backbone.pt of model=MLCD-ViT-Tiny-16 loads by name (unicom_ds.load, as the eval stage reads a
+    run), the command-line export turns it into an MLCDVisionModel folder, and transformers computes the same
+    features from it; the jobs that rebuild a backbone refuse the run by name."""
+    from types import SimpleNamespace
+
+    from transformers import MLCDVisionModel
+
+    import unicom_ds
+    from evaluation.run import job_model
+    from unicom_ds import mlcd_vit
+
+    path = trained["run"] / "train" / "backbone.pt"
+    export = torch.load(path, map_location="cpu", weights_only=True)
+    assert (export["model"], export["embed_dim"]) == ("MLCD-ViT-Tiny-16", 64)
+    ours, _ = unicom_ds.load("MLCD-ViT-Tiny-16", checkpoint=path)
+    untrained = mlcd_vit.build("MLCD-ViT-Tiny-16")
+    assert not torch.equal(ours.conv1.weight, untrained.conv1.weight)
+    mlcd_vit.main(["export", "MLCD-ViT-Tiny-16", str(path), str(tmp_path / "hf")])
+    hf = MLCDVisionModel.from_pretrained(str(tmp_path / "hf")).eval()
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=x).pooler_output, ours(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(SystemExit, match=r"holds a 'MLCD-ViT-Tiny-16' backbone, not 'MLCD-ViT-B-32'"):
+        mlcd_vit.main(["export", "MLCD-ViT-B-32", str(path), str(tmp_path / "other")])
+    with pytest.raises(config.ConfigError, match=r"detect\.model=run: MLCD models .*model=MLCD-ViT-Tiny-16"):
+        job_model("run", "detect.model", SimpleNamespace(run_dir=trained["run"], model="MLCD-ViT-Tiny-16"))
+
+
+def test_mlcd_vit_trains_without_decay_on_its_class_token_and_rotary_angles():
+    from unicom_ds import backbone
+
+    model = backbone.build("MLCD-ViT-Tiny-16")
+    assert model.training and backbone.embed_dim("MLCD-ViT-Tiny-16") == 64
+    decay, no_decay = backbone.param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {"class_embedding", "class_pos_emb", "ln_post.weight", "conv1.weight"} - {names[id(p)] for p in
+                                                                                      no_decay["params"]} == \
+        {"conv1.weight"}
+    assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"]) and \
+        "class_pos_emb" not in {names[id(p)] for p in decay["params"]}
+    # train.grad_checkpointing: the same features and gradients through torch.utils.checkpoint.
+    checkpointed = backbone.build("MLCD-ViT-Tiny-16", grad_checkpointing=True)
+    checkpointed.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    a, b = model(x), checkpointed(x)
+    torch.testing.assert_close(a, b)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    torch.testing.assert_close(model.conv1.weight.grad, checkpointed.conv1.weight.grad)
+
+
+@pytest.mark.slow
 def test_a_rerun_with_the_other_loss_kind_is_refused(trained):
-    cfg = resolved(trained["run"], trained["shards"], "stage=train", "loss.kind=unicom")
+    mlcd_vit = "model=MLCD-ViT-Tiny-16"
+    cfg = resolved(trained["run"], trained["shards"], "stage=train", "loss.kind=unicom", mlcd_vit)
     with pytest.raises(config.ConfigError, match=r"loss_kind: 'mlcd' there, 'unicom' now"):
         train_plan.check_inputs(cfg, labels_expected=True)
-    train_plan.check_inputs(resolved(trained["run"], trained["shards"], "stage=train", "loss.kind=mlcd"),
+    train_plan.check_inputs(resolved(trained["run"], trained["shards"], "stage=train", "loss.kind=mlcd", mlcd_vit),
                             labels_expected=True)
 
 

@@ -5,6 +5,10 @@
   (`unicom_ds.unicom_vit`), exported as a release-format plain state dict.
 - `openclip:<name>`: open_clip's CLIP vision tower of that config (class token, `ln_post`, `proj`),
   exported as {"model", "embed_dim", "state_dict"}.
+- `MLCD-ViT-B-32`, `MLCD-ViT-L-14-336`, `MLCD-ViT-bigG-14-224/336/448` (and `MLCD-ViT-Tiny-16` for tests):
+  the RoPE2D ViT of the MLCD releases (`unicom_ds.mlcd_vit`), exported as {"model", "embed_dim",
+  "state_dict"}; `python -m unicom_ds.mlcd_vit export NAME RUN/train/backbone.pt FOLDER` turns that into a
+  transformers MLCDVisionModel folder.
 
 open_clip is imported only when an open_clip tower is built, so the launcher's checks stay cheap.
 """
@@ -13,13 +17,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from unicom_ds import unicom_vit
+from unicom_ds import mlcd_vit, unicom_vit
 
 OPENCLIP = "openclip:"
 _OPENCLIP_CONFIGS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-Tiny-16", "ViT-Tiny-32",
                      # the towers of weights trained with QuickGELU (OpenAI's, LAION-400M's), fine-tuned
                      "ViT-B-32-quickgelu", "ViT-B-16-quickgelu", "ViT-L-14-quickgelu", "ViT-L-14-336-quickgelu")
-MODELS = (*unicom_vit.CONFIGS, *(OPENCLIP + n for n in _OPENCLIP_CONFIGS))
+MODELS = (*unicom_vit.CONFIGS, *(OPENCLIP + n for n in _OPENCLIP_CONFIGS), *mlcd_vit.CONFIGS)
 
 
 def check_name(name: str) -> None:
@@ -28,9 +32,14 @@ def check_name(name: str) -> None:
 
 
 def is_release(name: str) -> bool:
-    """True for the Unicom release architecture, False for an open_clip tower."""
+    """True for the Unicom release architecture, False for an open_clip tower or an MLCD ViT."""
     check_name(name)
-    return not name.startswith(OPENCLIP)
+    return name in unicom_vit.CONFIGS
+
+
+def is_mlcd(name: str) -> bool:
+    check_name(name)
+    return name in mlcd_vit.CONFIGS
 
 
 def _openclip_config(name: str) -> dict:
@@ -45,6 +54,8 @@ def build(name: str, grad_checkpointing: bool = False) -> nn.Module:
     """The backbone to train, fp32, random init, train mode; maps images to embed_dim features."""
     if is_release(name):
         return unicom_vit.build_for_training(name, grad_checkpointing)
+    if is_mlcd(name):
+        return mlcd_vit.build_for_training(name, grad_checkpointing)
     from open_clip.model import _build_vision_tower
     cfg = _openclip_config(name)
     visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", False))
@@ -55,28 +66,34 @@ def build(name: str, grad_checkpointing: bool = False) -> nn.Module:
 def image_size(name: str) -> int:
     if is_release(name):
         return int(unicom_vit.config(name)["image_size"])
+    if is_mlcd(name):
+        return int(mlcd_vit.config(name)["image_size"])
     return int(_openclip_config(name)["vision_cfg"]["image_size"])
 
 
 def embed_dim(name: str) -> int:
     if is_release(name):
         return int(unicom_vit.config(name)["embed_dim"])
+    if is_mlcd(name):
+        return int(mlcd_vit.config(name)["width"])  # the class token's width: MLCD has no projection
     return int(_openclip_config(name)["embed_dim"])
 
 
 def description(name: str) -> str:
     """One line for plans and logs: which architecture a model name trains."""
-    kind = "Unicom release architecture" if is_release(name) else "open_clip CLIP vision tower"
+    kind = ("Unicom release architecture" if is_release(name) else "MLCD RoPE2D ViT" if is_mlcd(name)
+            else "open_clip CLIP vision tower")
     return f"{name} ({kind}, {image_size(name)} px, {embed_dim(name)}-d embedding)"
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on gains, biases and the class/position embeddings (as CLIP trainers do)."""
+    """AdamW groups: no decay on gains, biases and the class/position embeddings (as CLIP trainers do;
+    MLCD's class_pos_emb holds the class token's rotary angles)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or name.endswith(("embedding", "pos_embed"))
+        skip = p.ndim < 2 or name.endswith(("embedding", "pos_embed", "class_pos_emb"))
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -85,7 +102,7 @@ def export(model_name: str, state_dict: dict[str, torch.Tensor]) -> dict:
     """The RUN/train/backbone.pt payload `unicom_ds.load` reads, fp32.
 
     Release architectures: a plain state dict with the release's keys (the release files hold
-    the same keys in fp16). open_clip towers: {"model", "embed_dim", "state_dict"}.
+    the same keys in fp16). open_clip towers and MLCD ViTs: {"model", "embed_dim", "state_dict"}.
     """
     state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in state_dict.items()}
     if is_release(model_name):

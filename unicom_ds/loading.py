@@ -8,8 +8,9 @@ The model maps a batch of transformed images to embeddings (`model(images)`), wh
   repo's exports of the release architecture (`RUN/train/backbone.pt` of `model=ViT-B-16` etc.,
   fp32). `name` is `ViT-B/32`, `ViT-B/16`, `ViT-L/14`, `ViT-L/14@336` (also `ViT-B-32` style,
   `unicom:NAME`, or a tiny test config); loaded strictly, key for key, into fp32.
-- a train-stage export of an open_clip tower (`model=openclip:NAME`, a dict {"model", "embed_dim",
-  "state_dict"}): the vision tower rebuilt by name; `name` is that model name (or `ckpt:NAME`).
+- a train-stage export of an open_clip tower or an MLCD ViT (`model=openclip:NAME`, `model=MLCD-ViT-...`,
+  a dict {"model", "embed_dim", "state_dict"}): the backbone rebuilt by name; `name` is that model name
+  (or `ckpt:NAME`).
 - `mlcd:FOLDER` (or `mlcd` with checkpoint = FOLDER): a folder in transformers' MLCDVisionModel format
   (config.json + model.safetensors, e.g. a released MLCD RoPE2D model), read into `unicom_ds.mlcd_vit`'s
   MLCDViT (transformers is not used); its feature is MLCDVisionModel's pooler output.
@@ -127,11 +128,11 @@ def _load_export(name: str, export: dict, path) -> tuple[nn.Module, Callable]:
     if name not in ("", model):
         raise ValueError(f"{path}: holds a '{model}' backbone, not '{name}'")
     visual = backbone.build(model).eval()
-    check_state_dict(visual, export["state_dict"], path, f"the open_clip {export['model']} vision tower")
+    check_state_dict(visual, export["state_dict"], path, f"the {backbone.description(model)}")
     visual.load_state_dict(export["state_dict"])
-    if visual.output_dim != export.get("embed_dim", visual.output_dim):
-        raise ValueError(f"{path}: embed_dim {export['embed_dim']} but '{export['model']}' "
-                         f"outputs {visual.output_dim}")
+    dim = backbone.embed_dim(model)
+    if dim != export.get("embed_dim", dim):
+        raise ValueError(f"{path}: embed_dim {export['embed_dim']} but '{export['model']}' outputs {dim}")
     return visual, clip_transform(backbone.image_size(model))
 
 

@@ -24,8 +24,9 @@ released MLCD checkpoint) into this module without transformers.
 
     python -m unicom_ds.mlcd_vit export NAME STATE_DICT.pt OUT_FOLDER
 
-writes a plain state dict of this architecture (ours, or an official `vit_rope2d.py` checkpoint) as such
-a folder. Training this architecture (a Trainer model choice) is not wired yet.
+writes a state dict of this architecture as such a folder: a train stage's RUN/train/backbone.pt of
+`model=MLCD-ViT-...` (the train stage trains this module by name), or a plain state dict (ours, or an
+official `vit_rope2d.py` checkpoint).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # name -> architecture. The bigG sizes are DeepGlint's RoPE2D releases in MLCDVisionModel format
 # (DeepGlint-AI/mlcd-vit-bigG-patch14-{224,336,448}: hidden 1664, 48 layers, 16 heads, MLP 8192). The
@@ -157,8 +159,9 @@ class MLCDViT(nn.Module):
     """images [B, 3, H, W] -> features [B, width]: the post-LayerNorm class token (not L2-normalised)."""
 
     def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int, mlp_dim: int,
-                 rope_theta: float = ROPE_THETA, eps: float = LN_EPS):
+                 rope_theta: float = ROPE_THETA, eps: float = LN_EPS, grad_checkpointing: bool = False):
         super().__init__()
+        self.grad_checkpointing = grad_checkpointing
         if width % heads or (width // heads) % 4:
             raise ValueError(f"width {width} / heads {heads}: the head size must be a multiple of 4 for RoPE2D")
         self.image_size, self.patch_size, self.heads = image_size, patch_size, heads
@@ -185,7 +188,8 @@ class MLCDViT(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = self.ln_pre(torch.cat([cls, x], dim=1))
         for block in self.transformer.resblocks:
-            x = block(x, angles)
+            x = (checkpoint(block, x, angles, use_reentrant=False) if self.grad_checkpointing and self.training
+                 else block(x, angles))
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,6 +203,11 @@ class MLCDViT(nn.Module):
 def build(name: str) -> MLCDViT:
     """A randomly initialised, eval-mode MLCD ViT of a known name."""
     return MLCDViT(**config(name)).eval()
+
+
+def build_for_training(name: str, grad_checkpointing: bool = False) -> MLCDViT:
+    """A randomly initialised MLCD ViT in train mode (the train stage's `model=MLCD-ViT-...`)."""
+    return MLCDViT(**config(name), grad_checkpointing=grad_checkpointing).train()
 
 
 # ---- transformers' names -----------------------------------------------------------------------
@@ -394,14 +403,20 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="a plain state dict of an MLCD ViT -> a transformers MLCDVisionModel folder")
     exp.add_argument("name", help=f"the architecture: {', '.join(CONFIGS)}")
-    exp.add_argument("state_dict", help="a .pt state dict in our / the official vit_rope2d.py names")
+    exp.add_argument("state_dict", help="RUN/train/backbone.pt of model=NAME, or a .pt state dict in our / the "
+                                        "official vit_rope2d.py names")
     exp.add_argument("out", help="the folder to write (config.json, model.safetensors, preprocessor_config.json)")
     args = parser.parse_args(argv)
     model = build(args.name)
     path = Path(args.state_dict)
     if not path.is_file():
         raise SystemExit(f"{path}: no such file")
-    state = official_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and {"model", "state_dict"} <= set(state):  # a train-stage export
+        if canonical_name(str(state["model"])) != canonical_name(args.name):
+            raise SystemExit(f"{path}: holds a '{state['model']}' backbone, not '{args.name}'")
+        state = state["state_dict"]
+    state = official_state_dict(state)
     from unicom_ds.loading import check_state_dict
     check_state_dict(model, state, path, f"the MLCD {canonical_name(args.name)} architecture")
     model.load_state_dict(state)

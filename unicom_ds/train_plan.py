@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 AUTO = "auto"
 # train.deepspeed_config=auto: each paper model's recipe file (the same global batch, a micro batch
 # that fits an 80 GB GPU without activation checkpointing); every other model uses zero2.json.
-RECIPE_DS = {"ViT-L-14": "ds_configs/zero2_l14.json", "ViT-L-14-336": "ds_configs/zero2_l14_336.json"}
+RECIPE_DS = {"ViT-L-14": "ds_configs/zero2_l14.json", "ViT-L-14-336": "ds_configs/zero2_l14_336.json",
+             "MLCD-ViT-L-14-336": "ds_configs/zero2_l14_336.json"}
 DEFAULT_DS = "ds_configs/zero2.json"
 PRECISIONS = ("bf16", "fp32")
 
