@@ -117,6 +117,29 @@ def test_mlcd_without_topl_labels_is_refused_before_launch(tmp_path):
         resolved(run, out["shards"], "loss.kind=arcface")
 
 
+def test_an_mlcd_continuation_trains_on_the_base_runs_topl_labels(tmp_path):
+    """train.continue_from may change loss.kind (the prototypes are the same matrix), and a continuation trains
+    on its base run's labels: an mlcd continuation of a run assigned top-1 only is refused before launch,
+    naming the base run's missing S.topl.npy, and goes ahead once the base run has them."""
+    import json
+
+    out = make_run(tmp_path / "base", [4, 3], k=5)
+    base = out["run"]
+    config.save(resolved(base, out["shards"], "stage=train"))
+    (base / "train" / "ckpt" / "step_1").mkdir(parents=True)
+    (base / "train" / "ckpt" / "step_1" / "meta.json").write_text(json.dumps({"model": "ViT-Tiny-16", "step": 1}))
+    (base / "train" / "backbone.pt").write_bytes(b"")
+    (base / "train" / "export.json").write_text(json.dumps({"model": "ViT-Tiny-16", "checkpoint": "step_1",
+                                                            "step": 1}))
+    cfg = resolved(tmp_path / "next", out["shards"], "stage=train", "loss.kind=mlcd", f"train.continue_from={base}")
+    assert label_source(cfg).run == base
+    with pytest.raises(config.ConfigError, match=r"assign\.top_l") as e:
+        train_plan.check_inputs(cfg, labels_expected=True)
+    assert str(base / "labels" / "00000.topl.npy") in str(e.value)
+    add_topl(base, 5)
+    train_plan.check_inputs(cfg, labels_expected=True)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlcd_train")
