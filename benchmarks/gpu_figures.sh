@@ -5,13 +5,13 @@
 #     bash benchmarks/gpu_figures.sh [OUT_DIR] [PART ...]   # default OUT_DIR: gpu_figures/ ($OUT when set)
 #
 # PART: part numbers to run (e.g. 01 02 03 04 07), all when none are given. A device call runs at most
-# 10 minutes, so run the parts in two calls into one OUT_DIR: `01 02 03 04 07 09`, then `05 06 08 10 11`
+# 10 minutes, so run the parts in two calls into one OUT_DIR: `01 02 03 04 07 09`, then `05 06 08 10 11 12`
 # (the summary is appended to; 04 reads 02's step rate from OUT_DIR).
 #
 # Each part has its own time limit and log (OUT_DIR/NN_name.log); a part that fails or runs out of
 # time is reported and the others still run. The summary (OUT_DIR/summary.txt) lists each part's
 # exit status and last lines; copy the figures into docs/benchmarks.md with the machine and date.
-# Parts (about 13 minutes on an H100 / H200 with 16 CPU cores, 31 at the most with every limit hit;
+# Parts (about 15 minutes on an H100 / H200 with 16 CPU cores, 35 at the most with every limit hit;
 # the embed parts spend most of their time writing their shard: about 10 ms per sample on one core):
 #   01 the sync-free prototype layer on the GPU (tests/test_prototypes_sync.py under sync_debug_mode)
 #   02 training step vs backbone forward+backward, ViT-B-32 bf16 batch 256, 125k prototypes, + profile
@@ -24,6 +24,8 @@
 #   09 finetune stage: ViT-B/16 bf16 at the recipe's batch of 128 (img/s)
 #   10 assign's nearest-centroid search in torch on the GPU (faiss-cpu build) vs faiss on the CPU, k = 100k and 1M
 #   11 assign's IVF search as grouped products on the GPU (TorchIVF) vs exact torch search, k = 1M, d = 512
+#   12 MLCD (issue 25): its loss layer at l = 1 and 8 vs the single-label layer, k = 125k (one rank's block of 1M
+#      on 8 GPUs) and 1M; the training step of MLCD's RoPE2D ViT-B/32 vs its backbone forward+backward
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu_figures}}
@@ -74,4 +76,8 @@ part 10_assign_100k 90 $PY benchmarks/bench_assign.py --device cuda --k 100000 -
 part 10_assign_1m 120 $PY benchmarks/bench_assign.py --device cuda --k 1000000 --d 768 --n 65536 --faiss-rows 1024
 part 11_assign_ivf_1m 240 $PY benchmarks/bench_assign_ivf.py --device cuda --data topics --k 1000000 --d 512 \
   --n 65536 --nprobe 8 32
+part 12_mlcd_loss 120 $PY benchmarks/bench_mlcd_loss.py --device cuda --batch 256 --ks 125000,1000000 --widths 1,8 \
+  --warmup 3 --repeats 10
+part 12_mlcd_vit_step 120 $PY benchmarks/bench_train_step.py --device cuda --model MLCD-ViT-B-32 --batch 256 \
+  --classes 125000 --bf16 --steps 20 --warmup 5
 echo "done: $SUMMARY" | tee -a "$SUMMARY"
