@@ -18,7 +18,7 @@ from unicom_ds import config, train, train_plan, unicom_vit
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 32768
-MICRO = {"ViT-B-32": 128, "ViT-B-16": 128, "ViT-L-14": 64, "ViT-L-14-336": 32}
+MICRO = {"ViT-B-32": 128, "ViT-B-16": 128, "ViT-L-14": 64, "ViT-L-14-336": 32, "MLCD-ViT-B-32": 128}
 
 
 submit = load_submit()
@@ -93,7 +93,7 @@ def test_every_readme_train_command_plans_the_stated_global_batch(command, runs,
     world = int(ranks.split()[0])
     assert f"global batch {GLOBAL_BATCH} = micro {micro} x {ranks} x {GLOBAL_BATCH // (micro * world)} accumulation" \
         in out
-    assert "Unicom release architecture" in out
+    assert ("MLCD RoPE2D ViT" if model.startswith("MLCD-") else "Unicom release architecture") in out
 
 
 def test_the_done_when_command(tmp_path, capsys):
