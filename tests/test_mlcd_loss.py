@@ -64,7 +64,7 @@ def run_case(name, rank, world):
         loss = layer(local, labels[lo:hi])
         loss.backward()
         steps.append(dict(loss=loss.detach(), emb_grad=local.grad, weight_grad=layer.weight.grad.clone(),
-                          selected=layer.selected, features=layer.features))
+                          selected=layer.selected, features=layer.features, terms=dict(layer.terms)))
         layer.advance()
     # A NaN in one rank's embeddings: every rank's loss must be non-finite.
     bad = emb[lo:hi].clone()
@@ -109,7 +109,7 @@ def dense_reference(name, classes, dims):
     w = full[classes] if dims is None else full[classes][:, dims]
     cos = (e / e.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).T
     zero = torch.zeros(1, dtype=torch.float64)
-    total = 0.0
+    negative = positive = 0.0
     for i, row in enumerate(labels.tolist()):
         positives = {v for v in row if v >= 0}
         pos = [j for j, k in enumerate(classes) if k in positives]
@@ -120,11 +120,11 @@ def dense_reference(name, classes, dims):
             pos_logits = -s * (cp - m)
         else:
             pos_logits = -s * torch.cos(torch.acos(cp) + m)
-        total = total + torch.logsumexp(torch.cat([zero, s * cos[i, neg]]), 0) \
-            + torch.logsumexp(torch.cat([zero, pos_logits]), 0)
-    loss = total / len(labels)
+        negative = negative + torch.logsumexp(torch.cat([zero, s * cos[i, neg]]), 0)
+        positive = positive + torch.logsumexp(torch.cat([zero, pos_logits]), 0)
+    loss = (negative + positive) / len(labels)
     loss.backward()
-    return loss.detach(), emb.grad, full.grad
+    return loss.detach(), emb.grad, full.grad, (negative.detach() / len(labels), positive.detach() / len(labels))
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -143,9 +143,11 @@ def test_loss_and_gradients_equal_the_dense_reference(ranks, name):
             assert (g["features"] is None) == (dims is None)
             if dims is not None:
                 assert torch.equal(g["features"], dims)
-        loss, emb_grad, weight_grad = dense_reference(name, classes, dims)
-        for g in got:  # the same loss on every rank
+        loss, emb_grad, weight_grad, (negative, positive) = dense_reference(name, classes, dims)
+        for g in got:  # the same loss on every rank, and the same two terms it sums (logged by the train stage)
             torch.testing.assert_close(g["loss"], loss, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(g["terms"]["loss_negative"], negative, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(g["terms"]["loss_positive"], positive, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(torch.cat([g["emb_grad"] for g in got]), emb_grad, rtol=1e-8, atol=1e-10)
         stitched = torch.cat([g["weight_grad"] for g in got])
         assert stitched.shape == weight_grad.shape, world

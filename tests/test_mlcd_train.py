@@ -172,6 +172,10 @@ def test_two_ranks_train_mlcd_log_finite_loss_and_resume(trained):
     assert sorted(s for s, _ in scalars["train/loss"]) == [1, 2, 3]
     assert all(math.isfinite(v) and v > 0 for _, v in scalars["train/loss"])
     assert all(v == 0 for _, v in scalars["train/skipped_steps"])
+    # MLCD's two terms are logged beside the loss they sum to.
+    for (step, loss), (_, negative), (_, positive) in zip(scalars["train/loss"], scalars["train/loss_negative"],
+                                                          scalars["train/loss_positive"]):
+        assert negative > 0 and positive > 0 and negative + positive == pytest.approx(loss, rel=1e-5), step
     assert (run / "train" / "backbone.pt").is_file()
 
 

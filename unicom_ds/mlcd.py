@@ -35,7 +35,8 @@ MARGIN_KINDS = ("additive", "angular")
 
 
 class _TwoSidedLogSumExp(torch.autograd.Function):
-    """Mean over rows of log(1 + sum_neg exp(z)) + log(1 + sum_pos exp(z)), columns split over ranks.
+    """[mean over rows of log(1 + sum_neg exp(z)), mean over rows of log(1 + sum_pos exp(z))], columns split
+    over ranks.
 
     `z` [n, c] holds this rank's columns; `pos` [n, c] marks each row's positive columns, `live` [c]
     (or None: all) the columns that take part at all, so a row's negatives are live & ~pos. The two
@@ -57,18 +58,23 @@ class _TwoSidedLogSumExp(torch.autograd.Function):
         sums.add_((-top).exp())  # the 1 inside each log, once across ranks
         lse = top + sums.log()
         weights.div_(torch.where(pos, sums[1][:, None], sums[0][:, None]))
-        ctx.save_for_backward(weights)
-        return lse.sum(0).mean()
+        ctx.save_for_backward(weights, pos)
+        return lse.mean(1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (weights,) = ctx.saved_tensors
-        return weights * (grad / weights.shape[0]), None, None
+        weights, pos = ctx.saved_tensors
+        return weights * (torch.where(pos, grad[1], grad[0]) / weights.shape[0]), None, None
+
+
+def two_sided_terms(z: torch.Tensor, pos: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+    """[mean_i log(1 + sum_{j neg} exp(z_ij)), mean_i log(1 + sum_{j pos} exp(z_ij))] over column-sharded `z`."""
+    return _TwoSidedLogSumExp.apply(z, pos, live)
 
 
 def two_sided_logsumexp(z: torch.Tensor, pos: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
     """mean_i [log(1 + sum_{j neg} exp(z_ij)) + log(1 + sum_{j pos} exp(z_ij))] over column-sharded `z`."""
-    return _TwoSidedLogSumExp.apply(z, pos, live)
+    return two_sided_terms(z, pos, live).sum()
 
 
 def single_label_gap(neg_sum: torch.Tensor, pos_exp: torch.Tensor) -> torch.Tensor:
@@ -89,7 +95,9 @@ class MLCDPrototypes(ShardedPrototypes):
     that are not its positives. r2, initialisation, checkpoint state, `advance()`, `selected`,
     `device_stats` and the label checks behave as in `ShardedPrototypes` (no host syncs on an
     accelerator: a bad label makes the loss NaN and `check_labels()` raises). A NaN embedding makes
-    the loss NaN. Rows without any positive contribute their negative term only.
+    the loss NaN. Rows without any positive contribute their negative term only. `terms` holds the last
+    forward's two terms (loss_negative, loss_positive; detached, on the device), which the train stage
+    logs beside the loss.
     """
 
     def __init__(self, num_classes: int, embed_dim: int, r1: float = 0.1, r2: float = 1.0,
@@ -125,7 +133,9 @@ class MLCDPrototypes(ShardedPrototypes):
         pos = pos[:, :slots]
         cos = cosine(emb, weight)
         z = torch.where(pos, self._positive_logits(cos), cos * self.scale)
-        return two_sided_logsumexp(z, pos, valid)
+        terms = two_sided_terms(z, pos, valid)
+        self.terms = {"loss_negative": terms[0].detach(), "loss_positive": terms[1].detach()}
+        return terms.sum()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", margin_kind={self.margin_kind}"

@@ -144,7 +144,7 @@ class PrototypeObjective(Objective):
             # averages backbone gradients over ranks, so undo its division by the world size.
             world = self.world
             emb.register_hook(lambda g: g * world)
-        return self.layer(emb.float(), labels), {}
+        return self.layer(emb.float(), labels), self.layer.terms
 
     def outside_groups(self) -> list[dict]:
         return self.opt.param_groups

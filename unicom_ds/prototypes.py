@@ -126,6 +126,7 @@ class ShardedPrototypes(nn.Module):
         self._dims: tuple | None = None  # ((step, device), dims on the cpu, dims on the device)
         self.features: torch.Tensor | None = None  # feature dims used in the last forward
         self.device_stats: dict[str, torch.Tensor | int] = {}
+        self.terms: dict[str, torch.Tensor] = {}  # a loss's parts, logged beside it (MLCD's two sides)
         # On the device, over the forwards since check_labels(): [any label out of range, -min, max,
         # most positives on this rank beyond the slots' room (0: none)].
         self.label_fault: torch.Tensor | None = None
