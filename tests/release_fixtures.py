@@ -90,9 +90,10 @@ def jpeg(seed: int) -> bytes:
 
 
 def write_download(folder: Path, rows: pd.DataFrame, per_shard: int, failed: set[int], first_shard: int = 0,
-                   parquet: bool = True) -> list[str]:
+                   parquet: bool = True, image=jpeg) -> list[str]:
     """img2dataset's webdataset output of `rows` (its input order), `per_shard` input rows a shard numbered from
-    `first_shard`; rows in `failed` are failed downloads. Returns the tar paths."""
+    `first_shard`; rows in `failed` are failed downloads; `image(i)` is row i's JPEG (16 x 16 noise by default).
+    Returns the tar paths."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for s, a in enumerate(range(0, len(rows), per_shard), start=first_shard):
@@ -110,7 +111,7 @@ def write_download(folder: Path, rows: pd.DataFrame, per_shard: int, failed: set
                         "original_height": 48 if ok else None}
                 table.append(meta)
                 if ok:
-                    sink.write({"__key__": key, "jpg": jpeg(i), "txt": r.caption, "json": json.dumps(meta, indent=4)})
+                    sink.write({"__key__": key, "jpg": image(i), "txt": r.caption, "json": json.dumps(meta, indent=4)})
             sink.close()
         if parquet:
             pd.DataFrame(table).astype({"width": "Int32", "height": "Int32", "original_width": "Int32",
