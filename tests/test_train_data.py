@@ -165,13 +165,12 @@ def test_augment_keys_reach_the_crops(tmp_path):
     """train.augment.crop_scale_min / hflip (resolved as a user types them) set the workers' crops: hflip=0 never
     mirrors; crop_scale_min=1 keeps the whole image; the defaults do both, as torchvision's transform does."""
     from unicom_ds import config
-    from unicom_ds.continuation import label_source
     from unicom_ds.decode import Augment
 
     cfg = config.resolve([f"run_dir={tmp_path}", "train.augment.crop_scale_min=1.0", "train.augment.hflip=0"])
-    kept = label_source(cfg).augment
+    kept = Augment.of(cfg.train.augment)
     assert kept == Augment(crop_scale_min=1.0, hflip=0.0)
-    assert label_source(config.resolve([f"run_dir={tmp_path}"])).augment == Augment(0.08, 0.5)
+    assert Augment.of(config.resolve([f"run_dir={tmp_path}"]).train.augment) == Augment(0.08, 0.5)
     whole, default = crops_of(kept), crops_of(Augment())
     half = SIZE // 2
     left, right = (lambda x: x[..., :half].mean((1, 2, 3)), lambda x: x[..., half:].mean((1, 2, 3)))
@@ -195,17 +194,24 @@ def test_augment_keys_out_of_range_are_named(tmp_path, key, value):
         config.resolve([f"run_dir={tmp_path}", f"{key}={value}"])
 
 
-def test_epoch_batches_crop_with_the_sources_augment(run):
-    """The loader takes the crops' settings from its label source (label_source: the run's train.augment), or from
-    its `augment` argument. make_run's images hold their inverted corner at the top left: whole-image crops show
-    it at the top left unflipped (hflip=0), at the top right always flipped (hflip=1)."""
-    import dataclasses
+def test_the_train_stages_loader_crops_with_the_runs_augment_keys(run):
+    """The train stage's data (ShardData) crops as the run's train.augment keys say; epoch_batches as its `augment`
+    argument says. make_run's images hold their inverted corner at the top left: whole-image crops show it at the
+    top left unflipped (hflip=0), at the top right always flipped (hflip=1)."""
+    from unicom_ds import config
     from unicom_ds.decode import Augment
+    from unicom_ds.train import ShardData
     checked = train_data.check_labels(run["source"], run["shards"], 5, progress_mode="off")
 
-    def corners(source, **augment):  # [images, 4, 3]: top-left, top-right, bottom-left, bottom-right pixels
-        out = train_data.epoch_batches(checked.urls, source, SIZE, 4, 3, seed=1, rank=0, **augment)
-        images = torch.cat([b[0] for b in out])
+    def train_stage(*keys):
+        data = ShardData(config.resolve([f"run_dir={run['run']}", f"data.shards={run['shards']}", "progress=off",
+                                         *keys]))
+        data.check(0, 1, torch.device("cpu"))
+        return data.batches(epoch=0, in_epoch=0, accum=1, count=3, micro=4, image_size=SIZE, rank=0, world=1,
+                            seed=1, workers=0, timeout_s=60.0)
+
+    def corners(batches):  # [images, 4, 3]: top-left, top-right, bottom-left, bottom-right pixels
+        images = torch.cat([b[0] for b in batches])
         return torch.stack([images[:, :, y, x] for y, x in ((1, 1), (1, SIZE - 2), (SIZE - 2, 1),
                                                                    (SIZE - 2, SIZE - 2))], 1)
 
@@ -213,6 +219,9 @@ def test_epoch_batches_crop_with_the_sources_augment(run):
         left, right = (c[:, 0] - c[:, 2]).abs().sum(1) > 0.5, (c[:, 1] - c[:, 3]).abs().sum(1) > 0.5
         return "left" if (left & ~right).all() else "right" if (right & ~left).all() else "mixed"
 
-    assert corner_at(corners(dataclasses.replace(run["source"], augment=Augment(1.0, 0.0)))) == "left"
-    assert corner_at(corners(dataclasses.replace(run["source"], augment=Augment(1.0, 1.0)))) == "right"
-    assert corner_at(corners(run["source"], augment=Augment(1.0, 1.0))) == "right"
+    whole = "train.augment.crop_scale_min=1.0"
+    assert corner_at(corners(train_stage(whole, "train.augment.hflip=0"))) == "left"
+    assert corner_at(corners(train_stage(whole, "train.augment.hflip=1"))) == "right"
+    assert corner_at(corners(train_stage())) == "mixed"  # the defaults crop and flip
+    assert corner_at(corners(train_data.epoch_batches(checked.urls, run["source"], SIZE, 4, 3, seed=1, rank=0,
+                                                      augment=Augment(1.0, 1.0)))) == "right"

@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from unicom_ds.atomic import read_json
 from unicom_ds.config import ConfigError, MissingInput
-from unicom_ds.decode import Augment
 
 EXPORT_META = "export.json"  # beside RUN/train/backbone.pt: the checkpoint it was exported from
 
@@ -25,7 +24,6 @@ class LabelSource:
     run: Path          # the run holding kmeans/summary.json and labels/S.npy
     embed: Path        # the folder holding S.keys.txt (the rows the labels number)
     multi: bool = False  # loss.kind=mlcd: the labels are S.topl.npy ([n, l], -1 pads) instead of S.npy ([n])
-    augment: Augment = Augment()  # train.augment: how the train stage crops and flips the images these labels join
 
     def keys(self, stem: str) -> Path:
         return self.embed / f"{stem}.keys.txt"
@@ -75,8 +73,7 @@ def loss_kind(cfg: Any, loss: str = "loss") -> str:
 
 def label_source(cfg: Any) -> LabelSource:
     """The labels a run trains on: its own, or, for a continuation run without any, its base run's;
-    with loss.kind=mlcd, the top-l labels (S.topl.npy) of that run; the crops follow this run's
-    train.augment."""
+    with loss.kind=mlcd, the top-l labels (S.topl.npy) of that run."""
     run, current, seen = Path(str(cfg.run_dir)), cfg, set()
     while not (run / "kmeans" / "summary.json").is_file() and OmegaConf.select(current, "train.continue_from"):
         seen.add(run.resolve())
@@ -84,9 +81,7 @@ def label_source(cfg: Any) -> LabelSource:
         if run.resolve() in seen:
             raise ConfigError(f"train.continue_from: {run} continues from itself")
         current = _saved_config(run)
-    section = OmegaConf.select(cfg, "train.augment")
-    return LabelSource(run, embed_source(current), multi=loss_kind(cfg) == "mlcd",
-                       augment=Augment() if section is None else Augment.of(section))
+    return LabelSource(run, embed_source(current), multi=loss_kind(cfg) == "mlcd")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from unicom_ds import (backbone, checkpoint, config, continuation, disk, schedule, tblog, train_data, train_plan,
                        unicom_vit)
 from unicom_ds.atomic import read_json
+from unicom_ds.decode import Augment
 from unicom_ds.dist import all_reduce_, prepare_cpu_comm_op, rank_world, unlink_cpu_allreduce_buffer
 from unicom_ds.objectives import Objective, PrototypeObjective
 from unicom_ds.optim import adamw
@@ -95,6 +96,7 @@ class ShardData:
     def __init__(self, cfg: DictConfig):
         self.cfg, self.source = cfg, continuation.label_source(cfg)
         self.classes = num_classes(self.source)
+        self.augment = Augment.of(cfg.train.augment)
 
     def check(self, rank: int, world: int, device: torch.device) -> int:
         """Collective: rank 0 checks every labels file (a few GB at 400M samples), every rank gets the
@@ -126,7 +128,7 @@ class ShardData:
         return train_data.epoch_batches(
             self.shards.urls, self.source, image_size, micro, count,
             seed=hash((seed, epoch, in_epoch)) & 0x7FFFFFFF, rank=rank, workers=workers, timeout_s=timeout_s,
-            decode_on=self.decode_device())
+            decode_on=self.decode_device(), augment=self.augment)
 
 
 class Trainer:

@@ -278,11 +278,10 @@ def pipeline(urls: list[str], source: LabelSource, image_size: int, batch_size: 
 
 def epoch_batches(urls: list[str], source: LabelSource, image_size: int, batch_size: int, num_batches: int,
                   *, seed: int, rank: int, workers: int = 0, timeout_s: float = 600.0,
-                  decode_on: torch.device | None = None, augment: Augment | None = None) -> Iterator:
+                  decode_on: torch.device | None = None, augment: Augment = Augment()) -> Iterator:
     """Exactly `num_batches` micro-batches for this rank (the same count on every rank); with `decode_on`
     the workers only read the images, which decode and crop on that device (`DeviceCrops`). The crops
-    follow `augment`, by default the source's (`source.augment`: the run's train.augment keys)."""
-    augment = source.augment if augment is None else augment
+    follow `augment` (the train stage: the run's train.augment keys)."""
     workers = max(0, int(workers))
     per_worker = math.ceil(num_batches / max(1, workers))
     data = pipeline(urls, source, image_size, batch_size, seed=seed, rank=rank, batches_per_worker=per_worker,
