@@ -133,10 +133,11 @@ def job_model(entry: str, key: str, cfg: Any) -> ModelSpec:
     except config_mod.ConfigError as e:
         raise config_mod.ConfigError(str(e).replace("eval.models entry", key)) from None
     from unicom_ds import mlcd_vit
-    if spec.name == "mlcd" or spec.name.removeprefix("ckpt:") in mlcd_vit.CONFIGS:
-        raise config_mod.ConfigError(f"{key}={spec.label}: MLCD models (mlcd:FOLDER, or a run of model="
-                                     f"{spec.name.removeprefix('ckpt:') if spec.name != 'mlcd' else 'MLCD-ViT-...'}) "
-                                     "are scored by the eval stage (eval.models) only; this job does not take them yet")
+    arch = spec.name.removeprefix("ckpt:")
+    if spec.name == "mlcd" or arch in mlcd_vit.CONFIGS:
+        what = "mlcd:FOLDER" if spec.name == "mlcd" else f"a run of model={arch}"
+        raise config_mod.ConfigError(f"{key}={spec.label}: MLCD models ({what}) are scored by the eval stage "
+                                     "(eval.models) only; this job does not take them yet")
     return spec
 
 

@@ -44,7 +44,7 @@ def load(name: str, checkpoint: str | os.PathLike | None = None,
         return model.to(device).eval(), preprocess
     is_file = checkpoint is not None and Path(checkpoint).is_file()
     state = _read(checkpoint) if is_file else None
-    export = state is not None and _is_export(state)
+    export = state is not None and is_export(state)
     if name.startswith(OPENCLIP) and not export:
         model, preprocess = _load_openclip(name[len(OPENCLIP):], checkpoint)
     else:
@@ -95,7 +95,8 @@ def _read(path) -> dict:
     return state
 
 
-def _is_export(state: dict) -> bool:
+def is_export(state: dict) -> bool:
+    """A train-stage export ({"model", "embed_dim", "state_dict"}), not a plain state dict."""
     return {"model", "state_dict"} <= set(state)
 
 

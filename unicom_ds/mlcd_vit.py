@@ -411,13 +411,13 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(args.state_dict)
     if not path.is_file():
         raise SystemExit(f"{path}: no such file")
+    from unicom_ds.loading import check_state_dict, is_export
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and {"model", "state_dict"} <= set(state):  # a train-stage export
+    if isinstance(state, dict) and is_export(state):
         if canonical_name(str(state["model"])) != canonical_name(args.name):
             raise SystemExit(f"{path}: holds a '{state['model']}' backbone, not '{args.name}'")
         state = state["state_dict"]
     state = official_state_dict(state)
-    from unicom_ds.loading import check_state_dict
     check_state_dict(model, state, path, f"the MLCD {canonical_name(args.name)} architecture")
     model.load_state_dict(state)
     print(f"wrote {export_hf(model, args.out)}")

@@ -124,9 +124,7 @@ class PrototypeObjective(Objective):
                                       scale=float(lc.scale), seed=self.seed, margin_grad=str(lc.margin_grad),
                                       equal_batches=True).to(device)  # micro batches: micro rows on every rank
         if self.base is not None:
-            states = checkpoint.load_rank_states(self.base.checkpoint, self.k, *self.layer.class_range)
-            weight, _ = checkpoint.merge_prototype_states(states, *self.layer.class_range)
-            self.layer.weight.data.copy_(weight.to(device))
+            self._read_block(self.base.checkpoint)
         self.opt = adamw(self.layer.parameters(), 0.0, weight_decay)  # the lr: set_lr, from the schedule
         for group in self.opt.param_groups:
             group["lr_mult"] = self.lr_mult
@@ -167,11 +165,17 @@ class PrototypeObjective(Objective):
         return {"class_range": self.layer.class_range, "weight": self.layer.weight.detach().cpu(),
                 "optimizer": self.opt.state_dict()}
 
-    def load_state(self, path: Path, meta: dict) -> None:
-        """This rank's block and its AdamW state re-sliced from the saved blocks (any saved rank count)."""
+    def _read_block(self, path: Path) -> dict:
+        """This rank's block from the blocks saved in checkpoint `path` (any saved rank count), into the
+        layer; returns their AdamW state re-sliced the same way."""
         states = checkpoint.load_rank_states(path, self.k, *self.layer.class_range)
         weight, opt_state = checkpoint.merge_prototype_states(states, *self.layer.class_range)
         self.layer.weight.data.copy_(weight.to(self.layer.weight.device))
+        return opt_state
+
+    def load_state(self, path: Path, meta: dict) -> None:
+        """This rank's block and its AdamW state (a continuation's base run starts from the block only)."""
+        opt_state = self._read_block(path)
         if opt_state["state"]:
             self.opt.load_state_dict(opt_state)
             for group in self.opt.param_groups:  # a checkpoint's groups may predate lr_mult
