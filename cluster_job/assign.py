@@ -110,18 +110,31 @@ def search_settings(cfg, k: int) -> dict:
     """How this run's labels are searched, recorded in RUN/labels/search.json. `assign.search=auto` below
     IVF_FROM_K centroids is exact search (as fast there); from it on, the IVF search at the smallest nprobe (from
     assign.nprobe up, doubling) that keeps at least 1 - MAX_DISAGREEMENT of a sample of the task's own rows'
-    labels, or exact search where none does: IVF's agreement depends on the data (docs/benchmarks.md)."""
+    labels, or exact search where none does: IVF's agreement depends on the data (docs/benchmarks.md).
+    nlist and nprobe are the values used: at most k lists, at most nlist probed (`clamped` says so)."""
     a = cfg.assign
     kind = str(a.search)
     if kind == "auto" and k < IVF_FROM_K:
         kind = "exact"
     settings = {"search": kind, "top_l": int(a.top_l)}
     if int(a.top_l) > k:
-        raise ConfigError(f"assign.top_l={a.top_l}: more than the k={k} centroids")
+        raise ConfigError(f"assign.top_l={a.top_l}: more than the k={k} centroids (kmeans.k); at most {k}")
     if kind != "exact":
-        settings.update(nlist=int(a.nlist or centroid_ivf.default_nlist(k)), nprobe=int(a.nprobe),
-                        seed=int(cfg.kmeans.seed))
+        nlist = min(k, int(a.nlist or centroid_ivf.default_nlist(k)))
+        settings.update(nlist=nlist, nprobe=min(int(a.nprobe), nlist), seed=int(cfg.kmeans.seed))
     return settings
+
+
+def clamped(cfg, settings: dict, k: int) -> list[str]:
+    """A line for each of assign.nlist / assign.nprobe that the search cannot use as given."""
+    lines = []
+    if "nlist" in settings and cfg.assign.nlist is not None and int(cfg.assign.nlist) != settings["nlist"]:
+        lines.append(f"assign.nlist={cfg.assign.nlist}: k={k} centroids make at most {k} lists; "
+                     f"{settings['nlist']} used (recorded in RUN/labels/search.json)")
+    if "nprobe" in settings and int(cfg.assign.nprobe) != settings["nprobe"]:
+        lines.append(f"assign.nprobe={cfg.assign.nprobe}: more than the {settings['nlist']} lists; "
+                     f"{settings['nprobe']} used (recorded in RUN/labels/search.json)")
+    return lines
 
 
 def calibrate(exact, make_ivf, sample: np.ndarray, nprobe: int, nlist: int) -> int | None:
@@ -140,6 +153,14 @@ def claim_search(cfg, settings: dict) -> None:
     path = labels_dir(cfg.run_dir) / "search.json"
     if not path.is_file():
         write_json_atomic(path, settings)  # concurrent tasks write the same
+    check_search(cfg, settings)
+
+
+def check_search(cfg, settings: dict) -> None:
+    """Refuse `settings` when RUN/labels/search.json records another search (the launcher, before anything runs)."""
+    path = labels_dir(cfg.run_dir) / "search.json"
+    if not path.is_file():
+        return
     recorded = read_json(path)
     if recorded != settings:
         keys = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))

@@ -103,12 +103,13 @@ def check_kmeans(cfg) -> bool:
     return False
 
 
-def precheck(cfg, stage: str) -> None:
-    """Raise ConfigError/FileNotFoundError before submitting `stage` (embed, kmeans, assign, cluster, all)."""
+def precheck(cfg, stage: str) -> list[str]:
+    """Raise ConfigError/FileNotFoundError before submitting `stage` (embed, kmeans, assign, cluster, all);
+    returns the plan's notes (assign.nlist / nprobe the search clamps)."""
     cfg = as_config(cfg)
     steps = STEPS.get(stage, ())
     if not steps:
-        return
+        return []
     k = int(cfg.kmeans.k)
     src = features.source_run(cfg)
     reuse = src != str(cfg.run_dir)
@@ -152,5 +153,12 @@ def precheck(cfg, stage: str) -> None:
         if not summary.is_file():
             raise ConfigError(f"stage=assign: {summary} missing (run stage=kmeans first, or check run_dir)")
         centroids = True
-    if "assign" in steps and centroids:
+    if "assign" not in steps:
+        return []
+    # The search against k: the recorded k-means' when it is there, else the one this stage will make.
+    k = int(read_json(kmeans.kmeans_dir(cfg.run_dir) / "summary.json")["k"]) if centroids else k
+    settings = assign.search_settings(cfg, k)
+    if centroids:
         assign.check_labels(cfg, assign.fingerprint(cfg.run_dir))
+        assign.check_search(cfg, settings)
+    return assign.clamped(cfg, settings, k)

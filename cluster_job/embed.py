@@ -30,7 +30,7 @@ from unicom_ds.config import as_config, check_same
 from unicom_ds.decode import TensorPreprocess, decode_batch
 from unicom_ds.loading import openclip_architecture
 from unicom_ds.progress import count, progress
-from unicom_ds.shards import expand, stem
+from unicom_ds.shards import check_present, expand, stem
 
 RANDOM_NOTICE = (
     "NOTICE: clip.pretrained=random: the CLIP model is randomly initialised (from `seed`), so its features "
@@ -213,6 +213,7 @@ def embed_shards(cfg, shards: list[str]) -> list[dict]:
               "embed.redo_damaged=true reads them again", file=sys.stderr, flush=True)
     if not todo:
         return []
+    check_present(todo)  # gone since submission: say so now, not as a shard recorded damaged after retries
     device = torch_device(cfg.device)
     start = time.monotonic()
     model, preprocess, tokenizer = load_clip(cfg.clip.model, cfg.clip.pretrained, device, int(cfg.seed))

@@ -23,6 +23,7 @@ holding NaN, inf or zeros are dropped ("nonfinite_feature").
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from collections import Counter
@@ -178,6 +179,7 @@ def import_part(cfg, rel: Release, at: int, paths: list[str], buckets: int) -> d
 def join_buckets(cfg, rel: Release, markers: list[dict], groups: int, n_shards: int) -> dict:
     """Step 2: every bucket joined (skipping those done); the totals checked against import.min_join."""
     buckets, folder = markers[0]["buckets"], parts_dir(cfg.run_dir)
+    bad = {m["at"]: np.asarray(m["bad"], np.int64) for m in markers}
     on = ["match", "caption"] if all(m["release_captions"] and m["download_captions"] for m in markers) else ["match"]
     (folder / "join").mkdir(exist_ok=True)
     totals = Counter()
@@ -190,23 +192,35 @@ def join_buckets(cfg, rel: Release, markers: list[dict], groups: int, n_shards: 
                 sides.append(pa.concat_tables([t for t in tables if t is not None]) if any(
                     t is not None for t in tables) else None)
             if sides[0] is None:
-                write_json_atomic(done, {"joined": 0, "skipped": {}, "groups": [[0, 0]] * groups})
+                write_json_atomic(done, {"joined": 0, "nonfinite": 0, "skipped": {}, "groups": [[0, 0]] * groups})
             else:
                 download = sides[1] if sides[1] is not None else DOWNLOAD.empty_table()
                 joined, skipped = url_join.join_bucket(sides[0], download, on)
                 index = write_grouped(folder / "join" / f"{b}.parquet", joined,
                                       shard_group(joined.column("shard").to_numpy(), n_shards, groups), groups)
-                write_json_atomic(done, {"joined": joined.num_rows, "skipped": dict(skipped), "groups": index})
+                write_json_atomic(done, {"joined": joined.num_rows, "nonfinite": nonfinite_rows(joined, bad),
+                                         "skipped": dict(skipped), "groups": index})
         record = read_json(done)
         totals["joined"] += record["joined"]
+        totals["nonfinite"] += record.get("nonfinite", 0)
         totals.update(record["skipped"])
     rows = sum(m["rows"] for m in markers)
-    summary = {"rows": rows, "joined": totals.pop("joined", 0), "skipped": dict(totals), "on": on,
-               "join": join_of(cfg), "buckets": buckets}
-    url_join.check_share(summary["joined"], rows, float(cfg["import"].min_join), summary["join"],
-                         str(cfg.embed.source), str(cfg.data.shards))
+    summary = {"rows": rows, "joined": totals.pop("joined", 0), "nonfinite": totals.pop("nonfinite", 0),
+               "skipped": dict(totals), "on": on, "join": join_of(cfg), "buckets": buckets}
+    try:  # rows that join but hold no finite feature are dropped later: they count as not joined
+        url_join.check_share(summary["joined"] - summary["nonfinite"], rows, float(cfg["import"].min_join),
+                             summary["join"], str(cfg.embed.source), str(cfg.data.shards), summary["nonfinite"])
+    except ConfigError:
+        shutil.rmtree(folder)  # the import's own scratch, nothing finished: the refused run keeps none of it
+        raise
     write_json_atomic(folder / "join.json", summary)
     return summary
+
+
+def nonfinite_rows(joined: pa.Table, bad: dict) -> int:
+    """Joined rows whose released features are NaN, inf or zero (`bad`: part position -> its bad rows)."""
+    part, row = joined.column("part").to_numpy(), joined.column("row").to_numpy()
+    return int(sum(np.isin(row[part == p], bad[p]).sum() for p in np.unique(part) if len(bad[p])))
 
 
 def write_shard(cfg, s: str, path: str, rows: pa.Table, features: dict, bad: dict, names: list[str], dim: int) -> dict:

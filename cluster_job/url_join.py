@@ -141,8 +141,10 @@ def join_bucket(release: pa.Table, download: pa.Table, on: list[str]) -> tuple[p
     return joined, +skipped
 
 
-def check_share(joined: int, rows: int, min_join: float, join: str, folder: str, shards: str) -> None:
-    """Refuse a join that holds for fewer than `min_join` of the released rows, naming the likely causes."""
+def check_share(joined: int, rows: int, min_join: float, join: str, folder: str, shards: str,
+                nonfinite: int = 0) -> None:
+    """Refuse a join that holds for fewer than `min_join` of the released rows, naming the likely causes;
+    `joined` counts only rows with finite features (`nonfinite` more joined without)."""
     share = joined / rows if rows else 0.0
     if share >= min_join:
         return
@@ -152,7 +154,9 @@ def check_share(joined: int, rows: int, min_join: float, join: str, folder: str,
                      "keys: use import.key_column=url), or the wrong key column (try import.key_column=image_path)",
               "image_path": "data.shards is not LAION's own download (use import.key_column=url), or the wrong key "
                             "column (try import.key_column=key)"}
+    unusable = (f" ({nonfinite:,} more joined, with NaN, inf or zero features: damaged release files?)"
+                if nonfinite else "")
     raise ConfigError(f"import: only {joined:,} of {rows:,} released rows ({share:.1%}) joined an image of "
-                      f"data.shards={shards} by import.key_column={join}, below import.min_join={min_join:g}; likely "
-                      f"{causes[join]}. Nothing was labelled; embed.source={folder}. A partial download on "
-                      "purpose: lower import.min_join")
+                      f"data.shards={shards} by import.key_column={join} with finite features{unusable}, below "
+                      f"import.min_join={min_join:g}; likely {causes[join]}. Nothing was labelled; "
+                      f"embed.source={folder}. A partial download on purpose: lower import.min_join")

@@ -39,7 +39,7 @@ def test_inputs_ok(shards):
 
 def test_missing_shard_named(shards):
     (shards / "00001.tar").unlink()
-    with pytest.raises(ConfigError, match=r"data.shards: shard .*00001.tar does not exist"):
+    with pytest.raises(ConfigError, match=r"data.shards: 1 of 2 shard\(s\) missing or unreadable: .*00001.tar"):
         precheck(cfg_for(shards), "embed")
 
 

@@ -152,8 +152,8 @@ def test_a_dry_run_needs_no_data(tmp_path, capsys):
                         "eval.data_root=/nowhere/eval", "dry_run=true"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "missing (cluster; a real submission stops here): data.shards: shard /nowhere/00000.tar does not exist" \
-        in out
+    assert "missing (cluster; a real submission stops here): data.shards: 10 of 10 shard(s) missing or unreadable: " \
+           "/nowhere/00000.tar, /nowhere/00001.tar" in out
     assert "missing (eval; a real submission stops here): eval.datasets" in out
     assert "global batch 32768 = micro 128 x 128 ranks (16 node(s) x 8 GPU(s)) x 2 accumulation" in out
     assert "#SBATCH --nodes=16" in out and not run.exists()

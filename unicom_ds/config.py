@@ -23,6 +23,10 @@ DEFAULT_FILES = ("common.yaml", "cluster.yaml", "train.yaml", "eval.yaml", "dete
                  "finetune.yaml", "quantize.yaml")
 # Keys that say how to run, not what to compute: they never make a run's outputs differ.
 RUNTIME_KEYS = ("stage", "launcher", "dry_run", "progress", "slurm", "config")
+# Keys that hold for one command only: RUN/config.yaml never records them, and a recorded value (older runs
+# wrote them) is not read back, so `train.resume=none` once can never switch off a later rerun's checks.
+ONE_OFF_KEYS = ("stage", "dry_run", "config", "train.resume", "train.trust_checkpoint", "finetune.resume",
+                "finetune.trust_checkpoint", "quantize.scq.resume", "quantize.scq.trust_checkpoint")
 
 
 def defaults() -> DictConfig:
@@ -77,7 +81,7 @@ def resolve(argv: Iterable[str] = (), base: Mapping | None = None) -> DictConfig
     if saved.is_file():
         saved_cfg = _load(saved)
         _check_known(saved_cfg, ref, str(saved))
-        layers.append(saved_cfg)
+        layers.append(OmegaConf.create(select(saved_cfg, exclude=ONE_OFF_KEYS)))
     else:
         inherited = _continued_config(OmegaConf.merge(*layers, cli), ref)
         if inherited is not None:
@@ -89,7 +93,7 @@ def resolve(argv: Iterable[str] = (), base: Mapping | None = None) -> DictConfig
 
 
 # A continuation run takes its base run's config except what names the base run itself.
-_NOT_INHERITED = ("run_dir", "train.continue_from", "train.resume", "slurm.log_dir")
+_NOT_INHERITED = ("run_dir", "train.continue_from", "slurm.log_dir", *ONE_OFF_KEYS)
 
 
 def _continued_config(cfg: DictConfig, ref: DictConfig) -> DictConfig | None:
@@ -99,14 +103,7 @@ def _continued_config(cfg: DictConfig, ref: DictConfig) -> DictConfig | None:
     path = Path(str(base)) / "config.yaml" if base else None
     if path is None or not path.is_file():
         return None  # the train stage's checks say what is missing about BASE
-    plain = OmegaConf.to_container(_load(path))
-    for key in _NOT_INHERITED:
-        *parents, leaf = key.split(".")
-        node = plain
-        for part in parents:
-            node = node.get(part, {})
-        node.pop(leaf, None)
-    inherited = OmegaConf.create(plain)
+    inherited = OmegaConf.create(select(_load(path), exclude=_NOT_INHERITED))
     _check_known(inherited, ref, str(path))
     return inherited
 
@@ -126,13 +123,13 @@ def save(cfg: DictConfig) -> Path:
     """Write the resolved config to RUN/config.yaml (atomically) and return its path."""
     path = Path(str(cfg.run_dir)) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    content = OmegaConf.to_yaml(select(cfg, exclude=("stage", "dry_run", "config")))
+    content = OmegaConf.to_yaml(select(cfg, exclude=ONE_OFF_KEYS))
     write_text_atomic(path, content)
     return path
 
 
 def select(cfg: Any, keys: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> dict:
-    """A plain-dict copy of cfg restricted to `keys` (dotted, default all) minus `exclude`."""
+    """A plain-dict copy of cfg restricted to `keys` (dotted, default all) minus `exclude` (dotted)."""
     c = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     plain = OmegaConf.to_container(c, resolve=True)
     if keys is not None:
@@ -140,7 +137,12 @@ def select(cfg: Any, keys: Iterable[str] | None = None, exclude: Iterable[str] =
         plain = {k: OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v
                  for k, v in plain.items()}
     for k in exclude:
-        plain.pop(k, None)
+        *parents, leaf = k.split(".")
+        node = plain
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     return plain
 
 

@@ -1,7 +1,10 @@
 """Shard lists: webdataset brace patterns, file stems, existence checks."""
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterable
 
 from braceexpand import braceexpand
 
@@ -23,15 +26,60 @@ def stem(path: str) -> str:
     return Path(name).stem
 
 
+LISTERS = 16  # folders listed at once: listing is bound by file-system latency, not CPU
+SHOWN = 5     # missing files named in a message
+
+
+def missing_files(paths: Iterable[str]) -> list[str]:
+    """The paths that are not readable files, in the order given, without a stat per file: each folder is
+    listed once (`os.scandir`), a few at a time, so a million files on a network file system cost seconds."""
+    paths = list(paths)
+    by_folder: dict[str, set[str]] = {}
+    for path in paths:
+        folder, name = os.path.split(path)
+        by_folder.setdefault(folder, set()).add(name)
+
+    def absent(item: tuple[str, set[str]]) -> set[tuple[str, str]]:
+        folder, names = item
+        try:
+            with os.scandir(folder or ".") as entries:
+                present = {e.name for e in entries if e.name in names and e.is_file() and os.access(e.path, os.R_OK)}
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            present = set()
+        return {(folder, name) for name in names - present}
+
+    with ThreadPoolExecutor(LISTERS) as pool:
+        gone = set().union(*pool.map(absent, by_folder.items()))
+    return [p for p in paths if os.path.split(p) in gone]
+
+
+def first_few(paths: list[str]) -> str:
+    """`a, b, c, ... (N more)`: the first SHOWN paths of a list for an error message."""
+    more = f", ... ({len(paths) - SHOWN} more)" if len(paths) > SHOWN else ""
+    return ", ".join(paths[:SHOWN]) + more
+
+
+def is_local(url: str) -> bool:
+    """A shard on a file system (not `pipe:...` or a URL, which only their reader can check)."""
+    return not (url.startswith("pipe:") or "://" in url)
+
+
+def check_present(paths: list[str], key: str = "data.shards") -> None:
+    """Raise FileNotFoundError naming the first few local shards that are not readable files (and the working
+    directory a relative path is read from)."""
+    gone = missing_files([p for p in paths if is_local(p)])
+    if gone:
+        where = f" (relative paths from {os.getcwd()})" if any(not os.path.isabs(p) for p in gone) else ""
+        raise FileNotFoundError(f"{key}: {len(gone)} of {len(paths)} shard(s) missing or unreadable{where}: "
+                                f"{first_few(gone)}")
+
+
 def existing(pattern: str) -> list[str]:
-    """The shards of `pattern`; raises FileNotFoundError naming the first missing one."""
+    """The shards of `pattern`; raises FileNotFoundError naming the first missing ones."""
     paths = expand(pattern)
     if not paths:
         raise FileNotFoundError(f"data.shards={pattern!r} matches no file")
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise FileNotFoundError(f"data.shards: shard {missing[0]} does not exist{more}")
+    check_present(paths)
     stems = [stem(p) for p in paths]
     if len(set(stems)) != len(stems):
         raise ValueError("data.shards: two shards share a file stem; the run directory names shards by stem")

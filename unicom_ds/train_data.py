@@ -127,6 +127,10 @@ def check_labels(source: LabelSource, pattern: str, num_classes: int, *, key_pro
         urls.append(url)
         table = np.asarray(table)
         per_shard[name] = int((table.max(axis=1, initial=-1) >= 0 if source.multi else table >= 0).sum())
+    try:  # a missing shard would only be warned about by the loader, for ever
+        shards.check_present(urls)
+    except FileNotFoundError as e:
+        raise LabelError(str(e)) from None
     rows = sum(per_shard.values())
     if not urls:
         raise LabelError(f"no shard of data.shards={pattern!r} has labels in {source.run / 'labels'}: "
@@ -257,6 +261,14 @@ class DeviceCrops:
         return crops, labels[order].to(self.device, non_blocking=True), skipped
 
 
+def shard_fault(exn: Exception) -> bool:
+    """webdataset's handler: a damaged tar is warned about and skipped; a shard that is gone or unreadable stops
+    the job (resampling would otherwise warn about it for ever, every GPU of the allocation waiting)."""
+    if isinstance(exn, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        raise LabelError(f"shard unreadable while training: {exn}; data.shards names files that are gone") from exn
+    return wds.warn_and_continue(exn)
+
+
 def _worker_seed(rank: int) -> int:
     info = torch.utils.data.get_worker_info()
     return rank * 1000 + (info.id if info is not None else 0)
@@ -269,7 +281,7 @@ def pipeline(urls: list[str], source: LabelSource, image_size: int, batch_size: 
     with `gpu_decode` the images are a list of their encoded bytes."""
     return wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, worker_seed=partial(_worker_seed, rank), deterministic=True),
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.tarfile_to_samples(handler=shard_fault),
         wds.shuffle(shuffle, initial=min(shuffle, 100)),
         LabelJoin(source, None if gpu_decode else train_transform(image_size, augment), timeout_s=timeout_s),
         wds.batched(batch_size, collation_fn=collate, partial=False),

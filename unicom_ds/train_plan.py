@@ -103,7 +103,13 @@ def precheck(cfg: Any, world: int, ranks: str, labels_expected: bool) -> list[st
 
 
 def check_inputs(cfg: Any, labels_expected: bool) -> None:
-    """The base run of a continuation, the cluster stage's outputs, the checkpoint a resume reads."""
+    """The shards, the base run of a continuation, the cluster stage's outputs, the checkpoint a resume reads."""
+    from unicom_ds import shards
+
+    try:
+        shards.check_present(shards.expand(str(cfg.data.shards)))
+    except FileNotFoundError as e:
+        raise MissingInput(str(e)) from None
     if cfg.train.continue_from:
         base = continuation.finished_run(cfg.train.continue_from)
         continuation.check_compatible(base, str(cfg.model))

@@ -6,7 +6,9 @@
 COCO's category ids (1..90 with gaps) map to contiguous labels 1..K (0 is torchvision's background)
 in the order of the annotation file's `categories`. Training (as torchvision's reference scripts)
 drops crowd regions and boxes under one pixel, and leaves out images with no instance left; the
-validation split keeps every image, since COCOeval scores them all.
+validation split keeps every image, since COCOeval scores them all. A box reaching outside its image is
+clipped to it, and dropped when nothing of it is left (both splits, so COCOeval scores the same boxes);
+`CocoSplit.box_faults` counts both, for the log and metrics.json.
 """
 from __future__ import annotations
 
@@ -42,21 +44,50 @@ def check_files(root: str | os.PathLike, key: str = "detect.data_root") -> list[
                                         f"train2017/, val2017/, annotations/instances_{{train,val}}2017.json)")
             checked.append(str(path))
     for split in SPLITS:
-        images = [str(Path(root) / split / name) for name in image_files(annotation_file(root, split))]
+        path = annotation_file(root, split)
+        names, annotations = read_instances(path)
+        images = [str(Path(root) / split / name) for name in names]
         gone = files.missing(images)
         if gone:
             raise FileNotFoundError(f"{key}={root}: {len(gone)} of the {len(images)} images named in "
-                                    f"{annotation_file(root, split)} are missing: {files.first_few(gone)}")
+                                    f"{path} are missing: {files.first_few(gone)}")
+        if not annotations:  # training would draw from an empty set; COCOeval would score nothing
+            raise ValueError(f"{key}={root}: {path} has no annotation ({len(images)} images, an empty "
+                             "'annotations' list): nothing to train on or score")
     return checked
 
 
-def image_files(path: Path) -> list[str]:
-    """The `file_name` of every entry of a COCO annotation file's `images`."""
+def read_instances(path: Path) -> tuple[list[str], list]:
+    """The `file_name` of every entry of a COCO annotation file's `images`, and its `annotations`."""
     try:
         with open(path) as f:
-            return [str(image["file_name"]) for image in json.load(f)["images"]]
+            data = json.load(f)
+        return [str(image["file_name"]) for image in data["images"]], list(data.get("annotations") or [])
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from None
+
+
+def clip_boxes(coco) -> dict[str, int]:
+    """Clip every annotation's bbox to its image in place, drop those with nothing inside; the counts."""
+    kept, faults = [], {"clipped": 0, "dropped": 0}
+    for a in coco.dataset.get("annotations", []):
+        info = coco.imgs.get(a["image_id"])
+        x, y, w, h = (float(v) for v in a["bbox"])
+        if info is not None:
+            W, H = float(info["width"]), float(info["height"])
+            x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, W), min(y + h, H)
+            if x1 <= x0 or y1 <= y0:
+                faults["dropped"] += 1
+                continue
+            if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+                faults["clipped"] += 1
+                a["bbox"] = [x0, y0, x1 - x0, y1 - y0]
+        kept.append(a)
+    if faults["dropped"] or faults["clipped"]:
+        coco.dataset["annotations"] = kept
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+    return faults
 
 
 def read_coco(root: str | os.PathLike, split: str):
@@ -89,6 +120,7 @@ class CocoSplit:
     def __init__(self, root: str | os.PathLike, split: str, train: bool):
         self.root, self.split = Path(root), split
         self.coco = read_coco(root, split)
+        self.box_faults = clip_boxes(self.coco)
         cats = sorted(self.coco.getCatIds()) if not self.coco.dataset.get("categories") else \
             [c["id"] for c in self.coco.dataset["categories"]]
         self.category_of = {i + 1: c for i, c in enumerate(cats)}

@@ -316,6 +316,11 @@ class Detector:
         model, mean = self.build(train_split.num_classes)
         self.log(f"{len(train_split):,} training images, {len(val_split):,} val images, "
                  f"{train_split.num_classes - 1} categories, {sum(p.numel() for p in model.parameters()):,} parameters")
+        boxes = {s.split: s.box_faults for s in (train_split, val_split)}
+        for split, faults in boxes.items():
+            if any(faults.values()):
+                self.log(f"{split}: {faults['clipped']:,} boxes reaching outside their image clipped to it, "
+                         f"{faults['dropped']:,} with nothing inside dropped")
         self.train(model, train_split, mean)
         preds = self.predict(model, val_split)
         if self.world > 1:
@@ -325,7 +330,8 @@ class Detector:
         if self.rank != 0:
             return None
         metrics = coco_metrics(val_split.coco, preds)
-        write_json_atomic(done, {"made_with": self.made_with, "steps": int(self.d.steps), "metrics": metrics})
+        write_json_atomic(done, {"made_with": self.made_with, "steps": int(self.d.steps), "metrics": metrics,
+                                 "boxes": boxes})
         return metrics
 
 

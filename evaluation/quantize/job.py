@@ -145,9 +145,23 @@ def check(cfg: Any) -> list[str]:
         test = retrieval_sets.read(name, root / name)
         retrieval_sets.check_images(test)
         paths = _train_paths(cfg, name, root / name)
+        check_budgets(cfg, name, len(paths), dim)
         protocol = f", SCQ's protocol: mAP@{test.map_k}" if test.map_k else ""
         lines.append(f"  {name}: {len(test.paths)} test images, codes trained on {len(paths)} images{protocol}")
     return lines
+
+
+def check_budgets(cfg: Any, name: str, images: int, dim: int | None) -> None:
+    """Every unit's codebooks (and IVF-PQ's lists) can be trained on the set's `images` training images."""
+    for method, bits, nbits in units(cfg, dim):
+        if images < 2 ** nbits:
+            raise config.ConfigError(f"quantize.nbits={nbits}: {name} has {images:,} training images for the "
+                                     f"{2 ** nbits:,} codewords per sub-space of {unit_name(method, bits, nbits)}; "
+                                     f"drop {nbits} from quantize.nbits")
+    nlist = cfg.quantize.ivf.nlist
+    if "ivfpq" in cfg.quantize.methods and nlist is not None and int(nlist) > images:
+        raise config.ConfigError(f"quantize.ivf.nlist={nlist}: more lists than the {images:,} training images of "
+                                 f"{name}; lower it, or null for the default")
 
 
 class _Features:
@@ -262,9 +276,6 @@ def run_unit(cfg: DictConfig, method: str, bits: int, nbits: int, test: np.ndarr
     from evaluation.quantize import baselines, scq
 
     q, name = cfg.quantize, unit_name(method, bits, nbits)
-    if len(train) < 2 ** nbits:
-        raise ValueError(f"{ds.name}: {len(train)} training images for {2 ** nbits} codewords per sub-space "
-                         f"({name}); drop {nbits} from quantize.nbits")
     if baselines.few_points(len(train), nbits):
         log(f"{name}: {len(train)} training vectors for 2^{nbits} centroids (faiss suggests >= {39 * 2 ** nbits})")
     start = time.monotonic()
