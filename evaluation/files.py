@@ -6,12 +6,13 @@ so checking a million images on a network file system before submission costs se
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
 import numpy as np
+
+from unicom_ds import safe_pickle
 
 LISTERS = 16  # folders listed at once: listing is bound by file-system latency, not CPU
 SHOWN = 5     # missing files named in a message
@@ -50,9 +51,9 @@ def array_row(path: str) -> tuple[str, int] | None:
 
 
 def read_cifar_batch(path: str) -> tuple[np.ndarray, list[int]]:
-    """(images uint8 [n, 32, 32, 3], labels) of one pickled CIFAR-10 batch (rows: 1024 R, 1024 G, 1024 B)."""
-    with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")  # the release's Python 2 pickles
+    """(images uint8 [n, 32, 32, 3], labels) of one pickled CIFAR-10 batch (rows: 1024 R, 1024 G, 1024 B).
+    A downloaded file: read as data (safe_pickle), a planted payload is refused, naming the file."""
+    entry = safe_pickle.load(path, encoding="latin1")  # the release's Python 2 pickles
     return np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), list(entry["labels"])
 
 
