@@ -20,6 +20,7 @@ What a checkpoint file holds decides between the last two. Nothing is ever downl
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +35,7 @@ CKPT = "ckpt:"
 MLCD = "mlcd"
 RELEASE_URL = "https://github.com/deepglint/unicom/releases"
 _KINDS = {True: "a train-stage export", False: "a plain state dict (the Unicom release format)"}
+WEIGHTS = "a train-stage backbone.pt export, a Unicom release .pt or an open_clip state dict"  # what load() reads
 
 
 def load(name: str, checkpoint: str | os.PathLike | None = None,
@@ -43,7 +45,7 @@ def load(name: str, checkpoint: str | os.PathLike | None = None,
         model, preprocess = _load_mlcd(name, checkpoint)
         return model.to(device).eval(), preprocess
     is_file = checkpoint is not None and Path(checkpoint).is_file()
-    state = _read(checkpoint) if is_file else None
+    state = read_weights(checkpoint) if is_file else None
     export = state is not None and is_export(state)
     if name.startswith(OPENCLIP) and not export:
         model, preprocess = _load_openclip(name[len(OPENCLIP):], checkpoint)
@@ -87,12 +89,27 @@ def check_state_dict(model: nn.Module, state: dict, path, what: str) -> None:
         raise ValueError(f"{path}: does not match {what}: " + "; ".join(problems))
 
 
-def _read(path) -> dict:
-    # mmap: telling an export from an open_clip file reads no tensor data twice.
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict or a train-stage export, got {type(state).__name__}")
+def read_weights(path, shown=None, expected: str = WEIGHTS) -> dict:
+    """The dict a weights file holds, unpickled as tensors and plain values only (weights_only): a planted
+    payload is refused, never run. mmap: no tensor data is read until used. Any failure is one ValueError
+    naming `shown` (default: the path) and what the file should be (`expected`)."""
+    try:
+        if not zipfile.is_zipfile(path):  # torch's own message for these talks of mmap
+            raise ValueError("not a zip archive as torch.save writes: empty, cut short or another format")
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not a dict")
+    except Exception as e:
+        raise ValueError(f"{shown or path}: not a weights file this project can read ({_reason(e)}); expected "
+                         f"{expected}; only tensors and plain values are loaded, nothing in it ran") from None
     return state
+
+
+def _reason(e: Exception) -> str:
+    # torch's first line advises weights_only=False (which would run a payload): the line after it says why.
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("Weights only load failed")]
+    return lines[0].split(". ")[0].rstrip(".") if lines else type(e).__name__
 
 
 def is_export(state: dict) -> bool:
