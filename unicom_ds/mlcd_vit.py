@@ -26,13 +26,17 @@ released MLCD checkpoint) into this module without transformers.
 
 writes a state dict of this architecture as such a folder: a train stage's RUN/train/backbone.pt of
 `model=MLCD-ViT-...` (the train stage trains this module by name), or a plain state dict (ours, or an
-official `vit_rope2d.py` checkpoint).
+official `vit_rope2d.py` checkpoint). OUT_FOLDER must be new or empty (exit 2 otherwise) and appears whole,
+with a record of its source (unicom_ds_export.json); rerunning the same export (NAME and a file of the same
+sha256) finds that record and writes nothing.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -59,6 +63,7 @@ LN_EPS = 1e-5
 MODEL_TYPE = "mlcd_vision_model"
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
+EXPORT_RECORD = "unicom_ds_export.json"  # written by the export command: the architecture and source it wrote
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -408,19 +413,58 @@ def main(argv: list[str] | None = None) -> None:
     exp.add_argument("out", help="the folder to write (config.json, model.safetensors, preprocessor_config.json)")
     args = parser.parse_args(argv)
     model = build(args.name)
-    path = Path(args.state_dict)
+    path, out = Path(args.state_dict), Path(args.out)
     if not path.is_file():
         raise SystemExit(f"{path}: no such file")
-    from unicom_ds.loading import check_state_dict, is_export
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and is_export(state):
+    with open(path, "rb") as f:
+        record = {"model": canonical_name(args.name), "source": str(path),
+                  "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+    if _same_export(out, record):
+        print(f"{out}: already holds this export of {path} ({record['model']}, sha256 {record['sha256'][:12]}); "
+              "nothing written")
+        return
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if present:  # never overwrite what is there: another export, or someone's files
+        parser.exit(2, f"{out}: not empty ({len(present)} file(s), e.g. {', '.join(present[:3])}); export into a "
+                       "new or empty folder\n")
+    from unicom_ds.loading import check_state_dict, is_export, read_weights
+    state = read_weights(path, expected="a train-stage backbone.pt of model=MLCD-ViT-... or an MLCD ViT state dict")
+    if is_export(state):
         if canonical_name(str(state["model"])) != canonical_name(args.name):
             raise SystemExit(f"{path}: holds a '{state['model']}' backbone, not '{args.name}'")
         state = state["state_dict"]
     state = official_state_dict(state)
     check_state_dict(model, state, path, f"the MLCD {canonical_name(args.name)} architecture")
     model.load_state_dict(state)
-    print(f"wrote {export_hf(model, args.out)}")
+    print(f"wrote {_export_whole(model, out, record)}")
+
+
+def _same_export(out: Path, record: dict) -> bool:
+    """`out` holds exactly this command's export of the same architecture from a file of the same bytes."""
+    if not out.is_dir() or {p.name for p in out.iterdir()} != {CONFIG_FILE, WEIGHTS_FILE, PREPROCESSOR_FILE,
+                                                                 EXPORT_RECORD}:
+        return False
+    try:
+        earlier = json.loads((out / EXPORT_RECORD).read_text())
+        return (earlier["model"], earlier["sha256"]) == (record["model"], record["sha256"])
+    except (ValueError, LookupError, TypeError):  # a file of that name this command did not write
+        return False
+
+
+def _export_whole(model: MLCDViT, out: Path, record: dict) -> Path:
+    """export_hf and the record into a sibling folder renamed onto `out` (absent or empty): an interrupted
+    export leaves no partial folder behind to be refused as not empty."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    tmp.mkdir()
+    try:
+        export_hf(model, tmp)
+        (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 if __name__ == "__main__":
