@@ -28,6 +28,7 @@ from PIL import Image
 from torchvision import datasets as tvd
 
 from evaluation import files
+from unicom_ds import safe_pickle
 
 
 class Split(torch.utils.data.Dataset):
@@ -103,13 +104,31 @@ def _per_class_split(labels: np.ndarray, n_train: int, seed: int) -> tuple[np.nd
     return train_idx, np.setdiff1d(np.arange(len(labels)), train_idx)
 
 
-class _CIFAR10(tvd.CIFAR10):
+class _SafeCifar:
+    """torchvision's CIFAR readers, with their batches and meta file read by unicom_ds.safe_pickle: torchvision's
+    own plain pickle.load would run whatever a planted data_batch_N names."""
+
+    def __init__(self, root, train: bool = True, transform=None):
+        tvd.VisionDataset.__init__(self, root, transform=transform)
+        self.train = train
+        if not self._check_integrity():
+            raise RuntimeError(f"{os.path.join(self.root, self.base_folder)}: files missing")
+        folder = os.path.join(self.root, self.base_folder)
+        entries = [safe_pickle.load(os.path.join(folder, name), encoding="latin1")
+                   for name, _ in (self.train_list if train else self.test_list)]
+        self.data = np.vstack([e["data"] for e in entries]).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+        self.targets = [t for e in entries for t in (e["labels"] if "labels" in e else e["fine_labels"])]
+        self.classes = safe_pickle.load(os.path.join(folder, self.meta["filename"]), encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+
+class _CIFAR10(_SafeCifar, tvd.CIFAR10):
     train_list = [[f, None] for f, _ in tvd.CIFAR10.train_list]
     test_list = [[f, None] for f, _ in tvd.CIFAR10.test_list]
     meta = {**tvd.CIFAR10.meta, "md5": None}
 
 
-class _CIFAR100(tvd.CIFAR100):
+class _CIFAR100(_SafeCifar, tvd.CIFAR100):
     train_list = [[f, None] for f, _ in tvd.CIFAR100.train_list]
     test_list = [[f, None] for f, _ in tvd.CIFAR100.test_list]
     meta = {**tvd.CIFAR100.meta, "md5": None}

@@ -413,7 +413,7 @@ def test_checkpoint_round_trip_and_planted_payload_refused(tmp_path):
 
     torch.save({"step": 4, "model": Payload()}, tmp_path / "step_4.pt")
     (tmp_path / "latest").write_text("step_4.pt\n")
-    with pytest.raises(RuntimeError, match="step_4.pt: not a checkpoint this project wrote"):
+    with pytest.raises(ValueError, match="step_4.pt: not a checkpoint this project wrote"):
         job.load_checkpoint(tmp_path, made)
 
 

@@ -535,7 +535,7 @@ def test_stage_refuses_bad_input_before_running(tmp_path):
     x, y = demo_sets.digit_images(100)
     demo_sets.write_sop(tmp_path / "data", x, y)  # the demo's SOP layout: a test list, no train split
     init = tmp_path / "init.pt"
-    init.write_bytes(b"")
+    torch.save({}, init)
     base = ["stage=quantize", f"run_dir={tmp_path / 'run'}", f"eval.data_root={tmp_path / 'data'}",
             f"quantize.model=unicom:ViT-Tiny-16@{init}"]
     cases = {"quantize.datasets is empty": [],

@@ -62,9 +62,10 @@ SITES = {
     ("unicom_ds/train.py:Trainer.repartition_zero_state", "self.engine._get_all_zero_checkpoints"): TRUSTED,
     ("unicom_ds/train.py:Trainer.export", "deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint"):
         "the checkpoint this job just wrote or resumed from (" + TRUSTED + ")",
-    # NOT safe yet: torchvision's readers pickle.load data_batch_N / batches.meta (see the xfail test below).
-    ("evaluation/probe_sets.py:_CIFAR10", "torchvision.datasets.CIFAR10"): "UNSAFE: torchvision's pickle.load",
-    ("evaluation/probe_sets.py:_CIFAR100", "torchvision.datasets.CIFAR100"): "UNSAFE: torchvision's pickle.load",
+    # torchvision's readers would pickle.load data_batch_N / batches.meta; _SafeCifar's __init__ replaces theirs.
+    ("evaluation/probe_sets.py:_CIFAR10", "torchvision.datasets.CIFAR10"): "_SafeCifar: the restricted unpickler",
+    ("evaluation/probe_sets.py:_CIFAR100", "torchvision.datasets.CIFAR100"): "_SafeCifar: the restricted unpickler",
+    ("evaluation/probe_sets.py:_SafeCifar.__init__", "unicom_ds.safe_pickle.load"): "the restricted unpickler",
 }
 
 
@@ -246,8 +247,6 @@ def test_a_damaged_batch_names_the_file(tmp_path):
         files.read_cifar_batch(str(path))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="evaluation/probe_sets.py reads CIFAR-10/100 through torchvision, whose "
-                                       "readers pickle.load the batch files; they should go through safe_pickle")
 def test_the_linear_probe_reader_never_runs_a_planted_batch(tmp_path):
     from evaluation import probe_sets
     marker = tmp_path / "MARKER"
@@ -257,7 +256,7 @@ def test_the_linear_probe_reader_never_runs_a_planted_batch(tmp_path):
         write_python2_batch(base / name, {**cifar_batch(10), "label_names": [str(i) for i in range(10)]})
     with open(base / "data_batch_1", "wb") as f:
         pickle.dump(Payload(marker), f, protocol=2)
-    with pytest.raises(Exception):  # safe: one error naming the file; today the payload runs, then torchvision fails
+    with pytest.raises(ValueError, match=re.escape(f"{base / 'data_batch_1'}: refused to unpickle posix.system")):
         probe_sets.load("cifar10", str(tmp_path))
     assert not marker.exists()
 

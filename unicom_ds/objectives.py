@@ -15,7 +15,9 @@ what is trained, in four groups:
   device), `after_step(skipped)` at each accumulation boundary;
 - state: `weights()` (tensors outside the engine that must stay finite), `rank_state()` and
   `load_state(path, meta)` (what each rank keeps next to the engine's checkpoint), `export(state, ckpt, step)`
-  (rank 0, from the fp32 weights: what the job keeps; `export_kind` names it in the run's summary);
+  (rank 0, from the fp32 weights: what the job keeps; `export_kind` names it in the run's summary),
+  `exported(ckpt)` (that export when it was already made from checkpoint `ckpt`: a finished run's rerun
+  leaves it as it is);
 - stats: `boundary()` at each optimizer step, `scalars(window_steps)` at log steps (collective).
 
 `Objective` gives the optional members their do-nothing defaults. `PrototypeObjective` is the train
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 
 from unicom_ds import backbone, checkpoint, config, continuation
-from unicom_ds.atomic import atomic_path, write_json_atomic
+from unicom_ds.atomic import atomic_path, read_json, write_json_atomic
 from unicom_ds.dist import all_reduce_
 from unicom_ds.mlcd import MLCDPrototypes
 from unicom_ds.optim import adamw
@@ -58,6 +60,9 @@ class Objective:
 
     def describe(self) -> str:
         return ""
+
+    def exported(self, ckpt: Path) -> Path | None:
+        return None
 
     def start(self, device: torch.device, weight_decay: float) -> None:
         pass
@@ -190,6 +195,12 @@ class PrototypeObjective(Objective):
         write_json_atomic(out.with_name(continuation.EXPORT_META), {
             "model": self.name, "embed_dim": self.dim, "num_classes": self.k, "step": step, "checkpoint": ckpt.name})
         return out
+
+    def exported(self, ckpt: Path) -> Path | None:
+        out, record = self.out / "backbone.pt", self.out / continuation.EXPORT_META
+        if out.is_file() and record.is_file() and read_json(record).get("checkpoint") == Path(ckpt).name:
+            return out
+        return None
 
     # stats
     def boundary(self) -> None:

@@ -474,7 +474,9 @@ class Trainer:
                     self.save()
         # The last step is never saved periodically; a run resumed at its end has nothing new to save.
         final = self.save() if self.step > start_step or self.resumed_from is None else self.resumed_from
-        exported = self.export(final) if self.rank == 0 else None
+        # A finished run rerun: its export of that very checkpoint stays as it is, byte for byte.
+        done = objective.exported(final) if final == self.resumed_from else None
+        exported = (done or self.export(final)) if self.rank == 0 else None
         seconds = time.time() - start
         summary = {"steps": self.step, "start_step": start_step, "seconds": round(seconds, 2),
                    "images_per_s": (self.step - start_step) * self.global_batch / max(seconds, 1e-9),

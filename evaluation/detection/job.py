@@ -76,6 +76,7 @@ def check(cfg: Any, world: int = 1) -> list[str]:
     if spec.is_file and not Path(spec.checkpoint).is_file() and not (str(d.model) == "run" and cfg.stage == "all"):
         raise FileNotFoundError(f"detect.model={d.model}: checkpoint {spec.checkpoint} does not exist")
     data.check_files(str(d.data_root))
+    check_outputs(out_dir(cfg, spec.label), config_mod.select(cfg, MADE_WITH))
     if int(d.batch_size) % world:
         raise ConfigError(f"detect.batch_size={d.batch_size}: must split evenly over the {world} rank(s)")
     for key in ("rpn_pre_nms_topk", "rpn_post_nms_topk"):
@@ -116,7 +117,16 @@ def save_checkpoint(ckpt: Path, step: int, model, optimizer, made_with: dict, ke
     return path
 
 
-def load_checkpoint(ckpt: Path, made_with: dict) -> dict | None:
+def check_outputs(out: Path, made_with: dict) -> None:
+    """A rerun into RUN/detect/<label> may only continue that folder's own run (detect.steps may grow): its
+    metrics.json and latest checkpoint must have been made with these keys. The launcher's check."""
+    done = out / "metrics.json"
+    if done.is_file():
+        config_mod.check_same(read_json(done)["made_with"], made_with, done)
+    load_checkpoint(out / "ckpt", made_with, mmap=True)  # reads only `made_with` of a checkpoint of GBs
+
+
+def load_checkpoint(ckpt: Path, made_with: dict, mmap: bool = False) -> dict | None:
     """The `latest` checkpoint (tensors and plain values only: weights_only), None without one; one made
     with another config is refused."""
     pointer = ckpt / "latest"
@@ -124,10 +134,10 @@ def load_checkpoint(ckpt: Path, made_with: dict) -> dict | None:
         return None
     path = ckpt / pointer.read_text().strip()
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a planted pickle payload or a damaged file: say which file, run nothing
-        raise RuntimeError(f"{path}: not a checkpoint this project wrote ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ValueError(f"{path}: not a checkpoint this project wrote ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     config_mod.check_same(state["made_with"], made_with, path)
     return state
 

@@ -100,6 +100,7 @@ def check(cfg: Any, world: int, ranks: str) -> list[str]:
                                      f"{', '.join(retrieval_sets.TRAIN_READERS)}")
         split = retrieval_sets.read_train(name, root / name)
         retrieval_sets.check_images(split)
+        _check_init(cfg, name)
         train_plan.check_resume(cfg, {}, SECTION, f"finetune/{name}")
         lines.append(f"  {name}: {len(split.paths)} train images of {len(set(split.labels.tolist()))} classes "
                      f"from {' and '.join(split.lists)}; evaluated on {', '.join(_eval_names(cfg, name))}")
@@ -117,14 +118,18 @@ def check(cfg: Any, world: int, ranks: str) -> list[str]:
     return lines
 
 
-def _record_init(cfg: Any, name: str, init: ModelSpec) -> None:
-    """A fine-tuning folder belongs to one init: resuming another model's checkpoints is refused."""
+def _check_init(cfg: Any, name: str) -> bool:
+    """A fine-tuning folder belongs to one init: resuming another model's checkpoints is refused (also by the
+    launcher, before anything runs). True when the folder already records this init."""
     path = out_dir(cfg, name) / "init.json"
-    current = {"finetune.init": str(cfg.finetune.init)}
     if path.is_file():
-        config.check_same(read_json(path), current, path.parent)
-    elif int(os.environ.get("RANK", 0)) == 0:
-        write_json_atomic(path, current)
+        config.check_same(read_json(path), {"finetune.init": str(cfg.finetune.init)}, path.parent)
+    return path.is_file()
+
+
+def _record_init(cfg: Any, name: str) -> None:
+    if not _check_init(cfg, name) and int(os.environ.get("RANK", 0)) == 0:
+        write_json_atomic(out_dir(cfg, name) / "init.json", {"finetune.init": str(cfg.finetune.init)})
 
 
 def start_model(cfg: Any, init: ModelSpec) -> tuple[str, Any]:
@@ -197,7 +202,7 @@ def finetune_one(cfg: DictConfig, name: str) -> dict:
 
     init = init_spec(cfg)
     model = trained_name(init, cfg)
-    _record_init(cfg, name, init)
+    _record_init(cfg, name)
     root = Path(str(cfg.eval.data_root)) / name
     size = backbone.image_size(model)
     data = TrainImages(retrieval_sets.read_train(name, root), finetune_transform(cfg.finetune, size))
