@@ -5,6 +5,7 @@ the schedule, large-scale jitter, the COCO reading and scoring, checkpoints and 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -363,6 +364,51 @@ def test_missing_coco_images_are_found_before_submission(tmp_path):
     (copy / "annotations" / "instances_train2017.json").write_text('{"annotations": []}')
     with pytest.raises(ValueError, match="instances_train2017.json: not a COCO instances file"):
         data.check_files(copy)
+
+
+def test_an_empty_annotation_set_is_refused_by_name(tmp_path):
+    """Issue 29: an empty `annotations` list failed with ZeroDivisionError after the job had started."""
+    copy = synthetic.write(tmp_path / "coco", train=2, val=2, size=32, seed=1)
+    path = copy / "annotations" / "instances_train2017.json"
+    ann = json.loads(path.read_text())
+    path.write_text(json.dumps({**ann, "annotations": []}))
+    with pytest.raises(ValueError, match=re.escape(f"detect.data_root={copy}: {path} has no annotation (2 images, "
+                                                   "an empty 'annotations' list): nothing to train on or score")):
+        data.check_files(copy)
+
+
+def test_boxes_outside_their_image_are_clipped_or_dropped_and_counted(tmp_path):
+    copy = synthetic.write(tmp_path / "coco", train=2, val=2, size=32, seed=1)
+    path = data.annotation_file(copy, "val2017")
+    ann = json.loads(path.read_text())
+    first, second = ann["annotations"][:2]
+    x, y, w, h = first["bbox"]
+    first["bbox"] = [x - 40, y, w + 40, h]          # reaches 40 px left of the image: clipped at x = 0
+    second["bbox"] = [100.0, 100.0, 5.0, 5.0]       # wholly outside the 32-px image: dropped
+    path.write_text(json.dumps(ann))
+    val = data.CocoSplit(copy, "val2017", train=False)
+    assert val.box_faults == {"clipped": 1, "dropped": 1}
+    kept = {a["id"]: a for a in val.coco.loadAnns(val.coco.getAnnIds())}
+    assert second["id"] not in kept and len(kept) == len(ann["annotations"]) - 1
+    assert kept[first["id"]]["bbox"] == pytest.approx([0.0, y, x + w, h])
+    assert data.CocoSplit(copy, "train2017", train=True).box_faults == {"clipped": 0, "dropped": 0}
+
+
+def test_a_rerun_into_another_configs_detect_folder_is_refused_before_submitting(tmp_path, coco):
+    from slurm import launch
+    from unicom_ds import config
+    run = tmp_path / "run"
+    (run / "train").mkdir(parents=True)
+    torch.save(unicom_vit.build("ViT-Tiny-16").state_dict(), run / "train" / "backbone.pt")
+    args = ["stage=detect", f"run_dir={run}", "model=ViT-Tiny-16", f"detect.data_root={coco}"]
+    cfg = config.resolve(args)
+    out = job.out_dir(cfg, "run")
+    model = torch.nn.Linear(3, 2)
+    job.save_checkpoint(out / "ckpt", 5, model, torch.optim.AdamW(model.parameters()),
+                        config.select(cfg, job.MADE_WITH))
+    launch.precheck(cfg)  # its own folder: a rerun continues it
+    with pytest.raises(ValueError, match=r"step_5.pt was made with a different config \(detect.lr: "):
+        launch.precheck(config.resolve([*args, "detect.lr=0.5"]))
 
 
 def test_launcher_checks_before_submitting(tmp_path, coco):

@@ -125,6 +125,7 @@ def test_detect_stage_through_slurm(slurm, tmp_path, shapes):
     assert set(states.values()) == {"COMPLETED"}, log_tails(run)
     metrics = json.loads((run / "detect" / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 3 and set(metrics["metrics"]) >= {"box/AP", "mask/AP", "box/AP50", "mask/AP75"}
+    assert metrics["boxes"] == {s: {"clipped": 0, "dropped": 0} for s in ("train2017", "val2017")}
     assert json.loads((run / "eval" / "results.json").read_text())["run"]["shapes"] == metrics["metrics"]
     assert job.latest_step(run / "detect" / "run" / "ckpt") == 3
 

@@ -200,6 +200,28 @@ def test_join_below_threshold_refused_before_kmeans(tmp_path, world, capsys):
     assert re.search(r"only 0 of 60 .*import.key_column=key.*not LAION's own download", capsys.readouterr().err)
 
 
+def test_rows_without_finite_features_count_as_not_joined(tmp_path, capsys):
+    """A part of NaN features: its rows join by URL, but the share checked is the rows that join *and* are
+    finite (issue 29: 55 of 60 joined passed import.min_join, then k-means ran on 42 % of the data). The refused
+    import leaves no scratch in the run."""
+    rows = pairs(N)
+    rng = np.random.default_rng(1)
+    img, txt = unit16(rng, N, D), unit16(rng, N, D)
+    img[:35] = np.nan  # part 0: rows 0..34, every one NaN
+    i = np.arange(N)
+    write_release(tmp_path / "src", "laion400m", rows, img, txt, [i[:35], i[35:]], 19848 + i // 25, i % 25)
+    write_download(tmp_path / "dl", rows, per_shard=30, failed=set())
+    run = tmp_path / "run"
+    assert submit.main(["stage=cluster", f"run_dir={run}", f"data.shards={tmp_path / 'dl'}/{{00000..00001}}.tar",
+                        f"embed.source={tmp_path / 'src'}", *COMMON]) == 1
+    err = capsys.readouterr().err
+    assert ("import: only 25 of 60 released rows (41.7%) joined an image of data.shards=" in err
+            and "with finite features (35 more joined, with NaN, inf or zero features: damaged release files?), "
+                "below import.min_join=0.5" in err), err
+    assert not (run / "embed" / "parts").exists() and not list((run / "embed").glob("*.done.json"))
+    assert not (run / "kmeans").exists()
+
+
 def test_rerun_skips_finished_work(world, capsys):
     run = world["run"]
     before = {p: p.stat().st_mtime_ns for p in (run / "embed").rglob("*.done.json")}

@@ -546,11 +546,19 @@ def test_stage_refuses_bad_input_before_running(tmp_path):
              # the issue's case: 5 sub-quantisers of 4 bits cannot split ViT-Tiny-16's 64-d feature for faiss OPQ
              "quantize.bits: opq cannot make 20-bit codes with quantize.nbits=[4, 8] (faiss OPQ needs the 5 "
              "sub-quantisers to divide the 64-d feature; 20 bits is not a multiple of 8-bit codebooks)":
-                 ["quantize.datasets=[sop]", "quantize.methods=[opq,scq]", "quantize.bits=[16,20]", "quantize.nbits=[4,8]"]}
+                 ["quantize.datasets=[sop]", "quantize.methods=[opq,scq]", "quantize.bits=[16,20]", "quantize.nbits=[4,8]"],
+             # budgets against the training images, before any feature is extracted (issue 29)
+             "quantize.nbits=8: sop has 100 training images for the 256 codewords per sub-space of pq-2x8; drop 8 "
+             "from quantize.nbits": ["quantize.datasets=[sop]", "quantize.train_split=test", "quantize.methods=[pq]",
+                                     "quantize.bits=[16]", "quantize.nbits=[8]"],
+             "quantize.ivf.nlist=500: more lists than the 100 training images of sop":
+                 ["quantize.datasets=[sop]", "quantize.train_split=test", "quantize.methods=[ivfpq]",
+                  "quantize.bits=[8]", "quantize.nbits=[4]", "quantize.ivf.nlist=500"]}
     for message, extra in cases.items():
         with pytest.raises((ValueError, OSError), match=re.escape(message)):
             launch.precheck(config.resolve([*base, *extra]))
-    plan = launch.precheck(config.resolve([*base, "quantize.datasets=[sop]", "quantize.train_split=test"]))
+    plan = launch.precheck(config.resolve([*base, "quantize.datasets=[sop]", "quantize.train_split=test",
+                                           "quantize.nbits=[4]"]))
     assert "  sop: 100 test images, codes trained on 100 images" in plan
     plan = launch.precheck(config.resolve([*base, "quantize.datasets=[sop]", "quantize.train_split=test",
                                            "quantize.methods=[scq]", "quantize.bits=[12]", "quantize.nbits=[4,8]"]))
