@@ -295,6 +295,22 @@ def test_resume_after_kill_continues_the_step_count(tuned):
 
 
 @pytest.mark.slow
+def test_a_rerun_from_another_init_is_refused_before_anything_runs(tuned, tmp_path, capsys):
+    """The finished folder belongs to its init: another finetune.init into it is refused by the launcher, the
+    run left byte-identical (issue 29)."""
+    from conftest import load_submit
+    run, _, _ = tuned
+    other = tmp_path / "other.pt"
+    torch.save(unicom_vit.build("ViT-Tiny-16").state_dict(), other)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and "logs" not in p.parts}
+    code = load_submit().main(["launcher=local", *_args(run, run.parent / "data", other)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{run}/finetune/cub was made with a different config (finetune.init: " in err and "other.pt" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and "logs" not in p.parts} == before
+
+
+@pytest.mark.slow
 def test_finetuning_raises_recall_on_held_out_classes(tuned):
     run, log, _ = tuned
     found = json.loads((run / "eval" / "results.json").read_text())
