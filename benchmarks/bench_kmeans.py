@@ -29,6 +29,9 @@ from unicom_ds.atomic import write_json_atomic
 from unicom_ds.config import resolve, select
 
 
+CLIP = ["clip.model=ViT-B-32", "clip.pretrained=random"]  # what the shards' done.json say made them
+
+
 def write_shards(run_dir: Path, shards: int, rows: int, d: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((512, d)).astype(np.float32)
@@ -41,13 +44,12 @@ def write_shards(run_dir: Path, shards: int, rows: int, d: int, seed: int = 0) -
             x = base + 0.5 * rng.standard_normal((rows, d), dtype=np.float32)
             np.save(out / f"{stem}.{side}.npy", features.normalize(x).astype(np.float16))
         (out / f"{stem}.keys.txt").write_text("".join(f"{stem}{i:06d}\n" for i in range(rows)))
-        write_json_atomic(out / f"{stem}.done.json", {"n": rows, "skipped": {}, "fault": None, "config": {
-            "clip.model": "ViT-B-32", "clip.pretrained": "random", "data.shard": f"{stem}.tar"}})
+        write_json_atomic(out / f"{stem}.done.json", {"n": rows, "skipped": {}, "damaged": None, "config": {
+            **features.embed_identity(resolve(CLIP + [f"run_dir={run_dir}"])), "data.shard": f"{stem}.tar"}})
 
 
 def cfg_for(run_dir: Path, a) -> dict:
-    return select(resolve([f"run_dir={run_dir}", "clip.model=ViT-B-32", "clip.pretrained=random",
-                           f"kmeans.k={a.k}", f"kmeans.max_points_per_centroid={a.mppc}", f"kmeans.niter={a.niter}",
+    return select(resolve([f"run_dir={run_dir}", *CLIP, f"kmeans.k={a.k}", f"kmeans.max_points_per_centroid={a.mppc}", f"kmeans.niter={a.niter}",
                            f"kmeans.gpu={a.gpu}", f"assign.gpu={a.gpu}", "kmeans.two_level=false", "progress=off"]))
 
 
