@@ -2,6 +2,7 @@
 command's own export of the same input is refused (exit 2, one line) and left byte-identical; a new or empty
 folder is written whole; rerunning the same export writes nothing."""
 import hashlib
+import os
 
 import pytest
 import torch
@@ -58,11 +59,18 @@ def test_an_empty_folder_is_written_whole_and_a_rerun_writes_nothing(weights, tm
     assert ({p: p.stat().st_mtime_ns for p in out.iterdir()}, tree(out)) == before
 
 
-def test_a_new_nested_folder_is_written(weights, tmp_path):
+def test_a_new_nested_folder_is_written_with_shared_file_modes(weights, tmp_path):
     out = tmp_path / "exports" / "tiny"
-    mlcd_vit.main(["export", TINY, str(weights), str(out)])
+    umask = os.umask(0o022)
+    try:
+        mlcd_vit.main(["export", TINY, str(weights), str(out)])
+    finally:
+        os.umask(umask)
     mlcd_vit.load_hf(out)
     assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]
+    # safetensors writes its file 0600 (issue 32): every exported file is readable by others, as umask says
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {p.name: "0o644" for p in out.iterdir()}
+    assert oct(out.stat().st_mode & 0o777) == "0o755"
 
 
 def test_an_earlier_export_of_other_weights_is_refused(weights, tmp_path, capsys):

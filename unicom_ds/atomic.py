@@ -25,10 +25,12 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are shared like any other file
     try:
         with disk.writing(path):  # a full disk says so, whichever writer met it (torch.save loses errno)
             yield Path(tmp)
+            # mkstemp makes 0600 files, and some writers (safetensors) replace the file with one of their own:
+            # outputs are shared like any other file.
+            os.chmod(tmp, 0o666 & ~_UMASK)
             os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

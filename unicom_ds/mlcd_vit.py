@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from unicom_ds.atomic import atomic_path
 
 # name -> architecture. The bigG sizes are DeepGlint's RoPE2D releases in MLCDVisionModel format
 # (DeepGlint-AI/mlcd-vit-bigG-patch14-{224,336,448}: hidden 1664, 48 layers, 16 heads, MLP 8192). The
@@ -306,9 +307,8 @@ def export_hf(model: MLCDViT, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in to_hf_state_dict(model.state_dict()).items()}
-    tmp = folder / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / WEIGHTS_FILE)
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:  # safetensors writes 0600 files; atomic_path shares them
+        save_file(state, str(tmp), metadata={"format": "pt"})
     for name, content in ((PREPROCESSOR_FILE, preprocessor_config(model.image_size)), (CONFIG_FILE, hf_config(model))):
         (folder / name).write_text(json.dumps(content, indent=2) + "\n")
     return folder
