@@ -267,7 +267,7 @@ def write_summary(cfg, stems: list[str], records: list[dict], fp: dict) -> dict:
                "mode": fp["mode"], "damaged_shards": damaged, "rows_skipped": dict(sorted(skipped.items())),
                "search": search}
     cluster_samples.plot_class_sizes(sizes, out / "class_sizes.png", len(sizes))
-    with tblog.writer(cfg.run_dir, "cluster") as tb:
+    with tblog.writer(cfg.run_dir, "assign") as tb:
         for key in ("non_empty_classes", "empty_classes", "min_size", "median_size", "max_size", "mean_size"):
             if key in summary:
                 tb.add_scalar(f"labels/{key}", summary[key], 0)

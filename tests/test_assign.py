@@ -73,7 +73,7 @@ def test_summary_png_and_tensorboard(tmp_path):
     assert summary["median_size"] == pytest.approx(np.median(used))
     png = (tmp_path / "labels" / "class_sizes.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
-    scalars = read_scalars(str(tmp_path / "tensorboard" / "cluster"))
+    scalars = read_scalars(str(tmp_path / "tensorboard" / "assign"))
     assert scalars["labels/non_empty_classes"] == [(0, float(len(used)))]
     assert scalars["labels/max_size"] == [(0, float(used.max()))]
 
@@ -133,7 +133,7 @@ def test_summary_carries_damage_and_skipped_rows(tmp_path):
     summary = assign.assign_shards(cfg_for(tmp_path), ["00000", "00001"])
     assert summary["damaged_shards"] == [{"shard": "00001", **damage}]
     assert summary["rows_skipped"] == {"corrupt_image": 2}
-    assert read_scalars(str(tmp_path / "tensorboard" / "cluster"))["labels/damaged_shards"] == [(0, 1.0)]
+    assert read_scalars(str(tmp_path / "tensorboard" / "assign"))["labels/damaged_shards"] == [(0, 1.0)]
 
 
 def test_damage_of_markers_written_before_the_damage_record(tmp_path):
@@ -308,7 +308,7 @@ def test_assign_ivf_writes_top_l_and_measures_its_disagreement(tmp_path, capfd):
     search = summary["search"]
     assert search["checked_rows"] == checked == 500 and (search["nlist"], search["nprobe"]) == (16, 1)
     assert search["top1_disagreement"] == pytest.approx(changed / checked) and changed > 0
-    assert read_scalars(str(run / "tensorboard" / "cluster"))["labels/top1_disagreement"][0][1] == \
+    assert read_scalars(str(run / "tensorboard" / "assign"))["labels/top1_disagreement"][0][1] == \
         pytest.approx(changed / checked)
     err = capfd.readouterr().err
     assert f"{100 * changed / checked:.2f}% of 500 rows checked against exact search changed label" in err
