@@ -26,7 +26,7 @@ demo finished. Look at:
   $run_dir/report/index.html     the run report: cluster browser, class sizes, training curves, tables
   $run_dir/eval/results.md       the results tables (the eval sets are scikit-learn digits in SOP's and EuroSAT's layouts,
                                  the detection set rendered shapes in COCO's)
-  tensorboard --logdir $run_dir  every stage's curves, statistics and sample grids
+  tensorboard --logdir $run_dir  every stage's curves and statistics; images of sampled pseudo classes under cluster/
 MSG
 if [[ ${VIRTUAL_ENV:-} == "$PWD/.venv" ]]; then
     echo "  (the demo ran with .venv/bin/python: '. .venv/bin/activate' to use it in your shell)"
