@@ -60,6 +60,37 @@ def select_slots(hit: torch.Tensor, local: torch.Tensor, block: int, r1: float, 
     return torch.where(valid, keys, keys - block), valid, count
 
 
+def select_sampled(hit: torch.Tensor, local: torch.Tensor, u: torch.Tensor, r1: float,
+                   room: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MLCD's r1 (negative class sampling, the paper's Eq. 4): every positive of the block, plus the classes
+    whose uniform draw `u` [block] is below r1, in K = min(block, room + ceil(r1 * block)) slots.
+
+    `local[i]` is pair i's class in this block where `hit[i]`; `room` bounds the distinct positives. Unlike
+    `select_slots`, negatives are sampled however many positives there are: the sample is {c: u_c < r1}, a
+    uniform subset of about r1 of the block whatever the positives (Bernoulli, so its size varies; a class's
+    draw depends on the class only when `u` does). Returns (index [K]: local ids, the selection first and
+    sorted; valid [K]; sampled [K]: valid slots in the sample, positives included; count). Should the sample
+    overflow the slots, the draws nearest 0 are kept (still a uniform subset); should the positives, count
+    is their number, above K (the caller's overflow check).
+    """
+    block = u.numel()
+    slots = min(block, room + fraction_count(r1, block))
+    # A spare last entry takes the pairs of other blocks, so duplicate ids never clash.
+    positive = torch.zeros(block + 1, dtype=torch.bool, device=u.device)
+    positive[torch.where(hit, local, block)] = True
+    positive = positive[:block]
+    sampled = u < r1
+    # Positives first, then the other classes by ascending draw: the sampled ones before the rest.
+    top = torch.where(positive, 2.0, 1.0 - u).topk(slots).indices
+    n_pos = positive.sum()
+    count = torch.where(n_pos > slots, n_pos, (positive | sampled).sum().clamp_max(slots))
+    # Padding slots get keys past the block, so the sort keeps the selection first and sorted.
+    keys = torch.where(torch.arange(slots, device=u.device) < count, top, top + block).sort().values
+    valid = keys < block
+    index = torch.where(valid, keys, keys - block)
+    return index, valid, sampled[index] & valid, count
+
+
 def select_classes(positives: torch.Tensor, block: int, r1: float, gen: torch.Generator) -> torch.Tensor | None:
     """Local class ids to score this step (sorted), or None for the whole block.
 

@@ -133,8 +133,9 @@ class PrototypeObjective(Objective):
         self.opt = adamw(self.layer.parameters(), 0.0, weight_decay)  # the lr: set_lr, from the schedule
         for group in self.opt.param_groups:
             group["lr_mult"] = self.lr_mult
-        # Summed on the device and read at log steps only: reading the layer's stats per step waits on the GPU.
-        self.selected = torch.zeros((), dtype=torch.float64, device=device)
+        # [selected classes, positives], summed on the device and read at log steps only: reading the layer's
+        # stats per step waits on the GPU.
+        self.selected = torch.zeros(2, dtype=torch.float64, device=device)
 
     def loss(self, engine, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         images, labels = batch
@@ -204,10 +205,13 @@ class PrototypeObjective(Objective):
 
     # stats
     def boundary(self) -> None:
-        self.selected += self.layer.device_stats["selected_classes"]
+        stats = self.layer.device_stats
+        self.selected[0] += stats["selected_classes"]
+        self.selected[1] += stats["positives"]
 
     def scalars(self, window_steps: int) -> dict[str, float]:
         self.layer.check_labels()  # labels on a GPU are range-checked there, reported here
-        total = float(all_reduce_(self.selected.reshape(1).clone()))
+        selected, positives = (all_reduce_(self.selected.clone()) / max(window_steps, 1)).tolist()
         self.selected.zero_()
-        return {"selected_classes": total / max(window_steps, 1)}
+        # Every scored class that is no positive of the batch was drawn by r1 (both kinds of layer).
+        return {"selected_classes": selected, "positives": positives, "sampled_negatives": selected - positives}

@@ -159,8 +159,8 @@ class ShardedPrototypes(nn.Module):
         raise ValueError(f"a global batch held {positives} classes of one rank's block, more than "
                          f"max_positives={self.max_positives} leaves room for: raise max_positives (or None)")
 
-    # Subclasses (MLCD's multi-label loss) change these four: what labels look like, the lowest valid one
-    # (-1 pads there), and the loss over this rank's selected prototypes; the rest of the step is shared.
+    # Subclasses (MLCD's multi-label loss) change these: what labels look like, the lowest valid one (-1 pads
+    # there), r1's selection and the loss over this rank's selected prototypes; the rest of the step is shared.
     LABELS = "[batch]"
     LOWEST_LABEL = 0
 
@@ -174,12 +174,20 @@ class ShardedPrototypes(nn.Module):
         bad = labels[(labels < self.LOWEST_LABEL) | (labels >= self.num_classes)]
         raise ValueError(f"{self._labels_text()}, got {bad[:5].tolist()}")
 
+    def _select(self, hit: torch.Tensor, local: torch.Tensor, block: int,
+                room: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """r1's classes of this block in fixed slots: (index, valid, live, count) as `margin.select_slots`
+        returns them, `live` marking the slots the loss scores against every row (here: the valid ones)."""
+        gen = generator(self.seed, STREAM_R1, self.step, self._draws, self.rank, device=self.weight.device)
+        index, valid, count = select_slots(hit, local, block, self.r1, room, gen)
+        return index, valid, valid, count
+
     def _loss(self, emb: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-              hit: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+              hit: torch.Tensor, live: torch.Tensor | None) -> torch.Tensor:
         """The loss of the global batch `emb` [n, d'] against this rank's selected prototypes `weight`;
-        pair p is (row rows[p], column cols[p]), on this rank where hit[p]; `valid` marks the live slots."""
+        pair p is (row rows[p], column cols[p]), on this rank where hit[p]; `live` marks the live slots."""
         return margin_softmax_loss(emb, weight, rows, cols, self.margin, self.scale, self.margin_grad,
-                                   hit=hit, valid=valid)
+                                   hit=hit, valid=live)
 
     def advance(self) -> None:
         """Move to the next optimizer step (new r2 subset, new r1 negatives)."""
@@ -214,20 +222,19 @@ class ShardedPrototypes(nn.Module):
             rows = torch.arange(flat.numel(), device=labels.device)
             if width > 1:
                 rows = rows.div_(width, rounding_mode="floor")
-            gen = generator(self.seed, STREAM_R1, self.step, self._draws, self.rank, device=self.weight.device)
-            self._draws += 1
             if fraction_count(self.r1, block) >= block:
-                index, valid, count, cols = None, None, block, local
+                index, valid, live, count, cols = None, None, None, block, local
             else:
                 room = flat.numel() if self.max_positives is None else min(flat.numel(), self.max_positives)
-                index, valid, count = select_slots(hit, local, block, self.r1, room, gen)
+                index, valid, live, count = self._select(hit, local, block, room)
                 cols = torch.searchsorted(index if valid is None else torch.where(valid, index, block), local)
                 cols = cols.clamp_max(index.numel() - 1)
+            self._draws += 1
             dims = self._feature_dims(emb.device)
             weight = self._rows(index, dims)
             if dims is not None:
                 emb = emb[:, dims]
-            loss = self._loss(emb, weight.to(dtype), rows, cols, hit, valid)
+            loss = self._loss(emb, weight.to(dtype), rows, cols, hit, live)
             # Positives beyond the slots' room (only possible under max_positives), 0 if none.
             if index is None:
                 over = torch.zeros((), dtype=torch.long, device=labels.device)
