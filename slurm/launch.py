@@ -40,7 +40,7 @@ TARGETS = {
     "finetune_local": "evaluation.finetune.job:local_command",
     "quantize": "evaluation.quantize.job:QuantizeJob",  # one task, requeued at the time limit (SCQ resumes)
 }
-# Where each step writes inside the run directory (DESIGN.md "Stage contracts").
+# Where each step writes inside the run directory (docs/design.md, "Stage contracts").
 OUTPUTS = {"embed": "embed", "kmeans": "kmeans", "assign": "labels", "train": "train", "eval": "eval",
            "report": "report", "detect": "detect", "import": "embed",
            "finetune": "finetune", "quantize": "quantize"}

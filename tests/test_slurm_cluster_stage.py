@@ -1,6 +1,7 @@
 """End to end: `python slurm/submit.py stage=cluster` on the demo shards, through the local SLURM
 cluster (tests/slurm_cluster.sh) and through launcher=local, then the run directory against
-DESIGN.md's contract, recomputed independently from the tars and the saved arrays."""
+the contract in docs/design.md ("Stage contracts"), recomputed independently from the tars and the saved
+arrays."""
 from __future__ import annotations
 
 import hashlib
@@ -46,7 +47,7 @@ def normalize(x: np.ndarray) -> np.ndarray:
 
 
 def check_cluster_run(run: Path, shard_paths: list[str]) -> None:
-    """Every file DESIGN.md promises for the cluster stage, with dtypes, shapes and meaning."""
+    """Every file docs/design.md promises for the cluster stage, with dtypes, shapes and meaning."""
     d = embed_dim()
     stems = [Path(p).name[: -len(".tar")] for p in shard_paths]
     assert (run / "config.yaml").is_file()
