@@ -115,11 +115,11 @@ def _check_model_name(spec: ModelSpec) -> None:
 
 
 def check_mlcd_folder(what: str, folder: str) -> None:
-    """An MLCD folder's config.json is readable and its weights are there (not read here)."""
-    from unicom_ds import mlcd_vit
+    """An MLCD folder's config.json is readable and of a format `load` reads, and its weights are there (not
+    read here)."""
+    from unicom_ds.loading import mlcd_folder
     try:
-        mlcd_vit.read_hf_config(folder)
-        mlcd_vit.weight_files(folder)
+        mlcd_folder(folder)
     except (OSError, ValueError) as e:
         raise type(e)(f"{what}: {e}") from None
 
@@ -169,8 +169,8 @@ def _join_tasks(world: int) -> None:
 def _checkpoint_identity(entry: str, spec: ModelSpec) -> dict:
     # The entry, not the resolved path: a run directory that is moved or copied stays valid.
     if spec.name == "mlcd":  # every file the model is read from: config.json and the weight file(s)
-        from unicom_ds import mlcd_vit
-        files = [Path(spec.checkpoint) / mlcd_vit.CONFIG_FILE, *mlcd_vit.weight_files(spec.checkpoint)]
+        from unicom_ds.state_dicts import CONFIG_FILE, weight_files
+        files = [Path(spec.checkpoint) / CONFIG_FILE, *weight_files(spec.checkpoint)]
         stats = [p.stat() for p in files]
         return {"model": entry, "bytes": sum(st.st_size for st in stats), "mtime": max(int(st.st_mtime) for st in stats)}
     if not spec.is_file:

@@ -216,3 +216,34 @@ def test_weights_trained_with_quickgelu_build_the_quickgelu_tower(tmp_path):
     acts = {type(m).__name__ for m in backbone.build("openclip:ViT-B-32-quickgelu").modules()}
     assert "QuickGELU" in acts and "GELU" not in acts
     assert "QuickGELU" not in {type(m).__name__ for m in backbone.build("openclip:ViT-B-32").modules()}
+
+
+def _library_imports() -> dict[str, set[str]]:
+    """unicom_ds module -> the unicom_ds modules it imports, at the top or inside functions (read with ast)."""
+    import ast
+    from pathlib import Path
+    package = Path(unicom_ds.__file__).parent
+    modules = {p.stem for p in package.glob("*.py")}
+    graph = {}
+    for path in package.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "unicom_ds":  # from unicom_ds import a, b
+                found |= {a.name for a in node.names if a.name in modules}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("unicom_ds."):
+                found.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("unicom_ds.")}
+        graph[path.stem] = found - {path.stem}
+    return graph
+
+
+def test_the_library_imports_run_downhill():
+    """No cycle among unicom_ds's modules; the readers of weights (loading, backbone, mlcd_vit, mlcd_clip) share
+    state_dicts, which imports none of them (issue 31: backbone -> mlcd_vit -> loading -> backbone was one)."""
+    import graphlib
+    graph = _library_imports()
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
+    assert graph["state_dicts"] == set()
+    assert {"state_dicts"} <= graph["loading"] and {"state_dicts"} <= graph["mlcd_vit"]
+    assert "loading" not in graph["mlcd_vit"] | graph["mlcd_clip"] | graph["backbone"]

@@ -261,9 +261,17 @@ def test_a_missing_folder_or_file_is_named(saved_by_transformers, tmp_path):
         mlcd_vit.load_hf(tmp_path / "empty")
 
 
-def test_a_clip_vision_folder_is_refused_with_the_reason(tmp_path):
+def test_the_hub_model_type_mlcd_is_read_and_a_clip_vision_folder_is_not(saved_by_transformers, tmp_path):
+    # DeepGlint's bigG repositories say model_type "mlcd"; transformers' auto classes map it to MLCDVisionModel.
+    from transformers import AutoModel
+    hf, folder = saved_by_transformers
+    hub = _copy(folder, tmp_path / "hub", config={"model_type": "mlcd"})
+    assert type(AutoModel.from_pretrained(str(hub))).__name__ == "MLCDVisionModel"
+    x = _images(2, 3, 32, 32, seed=9)
+    with torch.no_grad():
+        assert torch.allclose(mlcd_vit.load_hf(hub)(x), hf(pixel_values=x).pooler_output, atol=1e-5)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", "hidden_size": 1024}))
-    with pytest.raises(ValueError, match=r"config\.json: model_type 'clip_vision_model' is a CLIPVisionModel"):
+    with pytest.raises(ValueError, match=r"config\.json: model_type 'clip_vision_model' is not an MLCDVisionModel"):
         mlcd_vit.load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mlcd_vision_model", "hidden_act": "quick_gelu"}))
     with pytest.raises(ValueError, match=r"config\.json: hidden_act='quick_gelu' is not supported"):

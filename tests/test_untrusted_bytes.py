@@ -52,7 +52,7 @@ WEIGHTS_ONLY = "torch.load(weights_only=True): tensors and plain values only"
 SITES = {
     ("unicom_ds/safe_pickle.py:_Unpickler", "pickle.Unpickler"): "find_class admits only safe_pickle.ALLOWED",
     ("evaluation/files.py:read_cifar_batch", "unicom_ds.safe_pickle.load"): "the restricted unpickler",
-    ("unicom_ds/loading.py:read_weights", "torch.load"): WEIGHTS_ONLY,
+    ("unicom_ds/state_dicts.py:read_weights", "torch.load"): WEIGHTS_ONLY,
     ("unicom_ds/checkpoint.py:read_rank_file", "torch.load"): WEIGHTS_ONLY,
     ("unicom_ds/train.py:Trainer.base_weights", "torch.load"): WEIGHTS_ONLY,
     ("evaluation/detection/job.py:load_checkpoint", "torch.load"): WEIGHTS_ONLY,

@@ -11,23 +11,25 @@ The model maps a batch of transformed images to embeddings (`model(images)`), wh
 - a train-stage export of an open_clip tower or an MLCD ViT (`model=openclip:NAME`, `model=MLCD-ViT-...`,
   a dict {"model", "embed_dim", "state_dict"}): the backbone rebuilt by name; `name` is that model name
   (or `ckpt:NAME`).
-- `mlcd:FOLDER` (or `mlcd` with checkpoint = FOLDER): a folder in transformers' MLCDVisionModel format
-  (config.json + model.safetensors, e.g. a released MLCD RoPE2D model), read into `unicom_ds.mlcd_vit`'s
-  MLCDViT (transformers is not used); its feature is MLCDVisionModel's pooler output.
+- `mlcd:FOLDER` (or `mlcd` with checkpoint = FOLDER): an MLCD folder in either of DeepGlint's release
+  formats (`load_mlcd_folder`): transformers' MLCDVisionModel (RoPE2D, the bigG releases), read into
+  `unicom_ds.mlcd_vit`'s MLCDViT, or CLIPVisionModel (the B/32 and L/14-336 releases), read into
+  `unicom_ds.mlcd_clip`'s CLIP tower; transformers is not used. The feature is the folder's pooler output.
 
 What a checkpoint file holds decides between the last two. Nothing is ever downloaded for Unicom files.
 """
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 import torch
 from torch import nn
 
-from unicom_ds import unicom_vit
+from unicom_ds import backbone, mlcd_clip, mlcd_vit, unicom_vit
+from unicom_ds.state_dicts import check_state_dict, is_export, read_config_json, read_weights, weight_files
 
 OPENCLIP = "openclip:"
 UNICOM = "unicom:"
@@ -35,7 +37,7 @@ CKPT = "ckpt:"
 MLCD = "mlcd"
 RELEASE_URL = "https://github.com/deepglint/unicom/releases"
 _KINDS = {True: "a train-stage export", False: "a plain state dict (the Unicom release format)"}
-WEIGHTS = "a train-stage backbone.pt export, a Unicom release .pt or an open_clip state dict"  # what load() reads
+MLCD_FORMATS = (mlcd_vit, mlcd_clip)  # the readers of MLCD folders, each by its config.json model_type(s)
 
 
 def load(name: str, checkpoint: str | os.PathLike | None = None,
@@ -74,49 +76,6 @@ def clip_transform(image_size: int) -> Callable:
         std=open_clip.OPENAI_DATASET_STD, resize_mode="shortest", interpolation="bicubic")
 
 
-def check_state_dict(model: nn.Module, state: dict, path, what: str) -> None:
-    """Raise naming the file and a few missing / unexpected / mis-shaped keys unless they match exactly."""
-    expected = model.state_dict()
-    # BatchNorm fills in a missing batch counter itself; it carries no weights.
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    problems = [f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
-                for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("shape mismatches", shapes)) if keys]
-    if problems:
-        raise ValueError(f"{path}: does not match {what}: " + "; ".join(problems))
-
-
-def read_weights(path, shown=None, expected: str = WEIGHTS) -> dict:
-    """The dict a weights file holds, unpickled as tensors and plain values only (weights_only): a planted
-    payload is refused, never run. mmap: no tensor data is read until used. Any failure is one ValueError
-    naming `shown` (default: the path) and what the file should be (`expected`)."""
-    try:
-        if not zipfile.is_zipfile(path):  # torch's own message for these talks of mmap
-            raise ValueError("not a zip archive as torch.save writes: empty, cut short or another format")
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if not isinstance(state, dict):
-            raise ValueError(f"holds a {type(state).__name__}, not a dict")
-    except Exception as e:
-        raise ValueError(f"{shown or path}: not a weights file this project can read ({_reason(e)}); expected "
-                         f"{expected}; only tensors and plain values are loaded, nothing in it ran") from None
-    return state
-
-
-def _reason(e: Exception) -> str:
-    # torch's first line advises weights_only=False (which would run a payload): the line after it says why.
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith("Weights only load failed")]
-    return lines[0].split(". ")[0].rstrip(".") if lines else type(e).__name__
-
-
-def is_export(state: dict) -> bool:
-    """A train-stage export ({"model", "embed_dim", "state_dict"}), not a plain state dict."""
-    return {"model", "state_dict"} <= set(state)
-
-
 def _strip(name: str, prefix: str) -> str:
     return name[len(prefix):] if name.startswith(prefix) else name
 
@@ -129,19 +88,43 @@ def _load_unicom(name: str, state: dict, path) -> tuple[nn.Module, Callable]:
 
 
 def _load_mlcd(name: str, checkpoint) -> tuple[nn.Module, Callable]:
-    from unicom_ds import mlcd_vit
     folder = name[len(MLCD) + 1:] or checkpoint
     if folder is None:
         raise ValueError(f"model '{name}': give the folder, mlcd:FOLDER or checkpoint=FOLDER (config.json and "
-                         f"model.safetensors in transformers' MLCDVisionModel format); nothing is downloaded")
+                         f"model.safetensors in transformers' MLCDVisionModel or CLIPVisionModel format); "
+                         f"nothing is downloaded")
     if name != MLCD and checkpoint is not None and Path(checkpoint) != Path(folder):
         raise ValueError(f"model '{name}' names its folder; checkpoint={checkpoint} would be another")
-    model = mlcd_vit.load_hf(folder)
+    return load_mlcd_folder(folder)
+
+
+def mlcd_folder(folder: str | os.PathLike) -> tuple[ModuleType, dict]:
+    """(the module that reads this MLCD folder: mlcd_vit or mlcd_clip, its architecture), from config.json's
+    model_type; the weight file(s) must be there, but are not read. A missing file, another model_type or a
+    value the reader does not take raises, naming the file."""
+    path, config = read_config_json(folder, "MLCD model folder")
+    kind = config.get("model_type")
+    module = next((m for m in MLCD_FORMATS if kind in m.MODEL_TYPES), None)
+    if module is None:
+        known = "; ".join(f"{' / '.join(map(repr, m.MODEL_TYPES))} ({m.FORMAT})" for m in MLCD_FORMATS)
+        raise ValueError(f"{path}: model_type {kind!r} is not an MLCD release format; mlcd: reads {known}")
+    arch = module.read_hf_config(folder)
+    weight_files(folder)
+    return module, arch
+
+
+def load_mlcd_folder(folder: str | os.PathLike) -> tuple[nn.Module, Callable]:
+    """An MLCD folder in either of DeepGlint's release formats (config.json's model_type: mlcd_vision_model /
+    mlcd, RoPE2D; clip_vision_model, CLIP format; weights in model.safetensors or sharded, fp32, fp16 or bf16)
+    as (eval-mode fp32 model, the release's image transform: CLIP's, at the model's input size). The model
+    maps images [B, 3, S, S] to the folder's pooler output [B, model.embed_dim] (the post-LayerNorm class
+    token, no projection) and has `.image_size` (S); faults raise one error naming the file."""
+    module, _ = mlcd_folder(folder)
+    model = module.load_hf(folder)
     return model, clip_transform(model.image_size)
 
 
 def _load_export(name: str, export: dict, path) -> tuple[nn.Module, Callable]:
-    from unicom_ds import backbone
     model = export["model"]
     if name not in ("", model):
         raise ValueError(f"{path}: holds a '{model}' backbone, not '{name}'")

@@ -43,13 +43,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
 from unicom_ds.atomic import atomic_path
+from unicom_ds.state_dicts import (CONFIG_FILE, WEIGHTS_FILE, WeightError, check_state_dict, is_export,
+                                   load_checked, read_config_json, read_safetensors, read_weights)
 
 # name -> architecture. The bigG sizes are DeepGlint's RoPE2D releases in MLCDVisionModel format
 # (DeepGlint-AI/mlcd-vit-bigG-patch14-{224,336,448}: hidden 1664, 48 layers, 16 heads, MLP 8192). The
 # B/32 and L/14 sizes are the RoPE2D architecture at the sizes of the paper's B/32-224 and L/14-336; their
 # public releases (mlcd-vit-base-patch32-224, mlcd-vit-large-patch14-336) are CLIPVisionModel folders
-# (learned position table, no RoPE), which this module does not read.
+# (learned position table, no RoPE), which unicom_ds.mlcd_clip reads.
 CONFIGS = {
     "MLCD-ViT-B-32": dict(image_size=224, patch_size=32, width=768, depth=12, heads=12, mlp_dim=3072),
     "MLCD-ViT-L-14-336": dict(image_size=336, patch_size=14, width=1024, depth=24, heads=16, mlp_dim=4096),
@@ -61,8 +64,11 @@ CONFIGS = {
 }
 ROPE_THETA = 10000.0
 LN_EPS = 1e-5
+# config.json's model_type: transformers' own name (what export_hf writes), and the one DeepGlint's bigG
+# repositories carry, which transformers' auto classes keep mapping to MLCDVisionModel for them.
 MODEL_TYPE = "mlcd_vision_model"
-CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
+MODEL_TYPES = (MODEL_TYPE, "mlcd")
+FORMAT = "RoPE2D"  # how tables name this format (see `title`)
 PREPROCESSOR_FILE = "preprocessor_config.json"
 EXPORT_RECORD = "unicom_ds_export.json"  # written by the export command: the architecture and source it wrote
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -228,10 +234,6 @@ _OURS_BLOCK, _HF_BLOCK = "transformer.resblocks.", "encoder.layers."
 HF_PREFIX = "vision_model."  # how a checkpoint saved from a model wrapping MLCDVisionModel names its keys
 
 
-class WeightError(ValueError):
-    """A weight file that does not hold this architecture; the message names the file and the keys."""
-
-
 def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our (the official vit_rope2d.py) names -> MLCDVisionModel's; the fused in_proj is split into q, k, v."""
     out = {}
@@ -254,28 +256,31 @@ def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_hf_state_dict(hf: dict[str, torch.Tensor], depth: int, source: str = "the state dict") -> dict[str, torch.Tensor]:
-    """MLCDVisionModel's names (optionally under `vision_model.`) -> ours, for a model of `depth` blocks.
-    A missing key raises WeightError naming `source` and the key; so do keys left over."""
+def from_hf_state_dict(hf: dict[str, torch.Tensor], depth: int, source: str = "the state dict", top: dict = _TOP,
+                       in_proj: str = "attn.in_proj.{}", what: str = "an MLCDVisionModel") -> dict[str, torch.Tensor]:
+    """transformers' names (optionally under `vision_model.`) -> ours, for a model of `depth` blocks: the blocks'
+    names, which CLIPVisionModel shares, and `top` (ours -> theirs) outside them; q, k and v are fused into
+    `in_proj` (our name, `{}` the leaf). A missing key raises WeightError naming `source` and the key; so do
+    keys left over."""
     hf = {k.removeprefix(HF_PREFIX): v for k, v in hf.items()}
     used: set[str] = set()
 
     def take(key: str) -> torch.Tensor:
         if key not in hf:
-            raise WeightError(f"{source}: missing key '{key}' (an MLCDVisionModel of {depth} layers needs it)")
+            raise WeightError(f"{source}: missing key '{key}' ({what} of {depth} layers needs it)")
         used.add(key)
         return hf[key]
 
-    out = {ours: take(theirs) for ours, theirs in _TOP.items()}
+    out = {ours: take(theirs) for ours, theirs in top.items()}
     for i in range(depth):
         head, ours = f"{_HF_BLOCK}{i}.", f"{_OURS_BLOCK}{i}."
         for leaf in ("weight", "bias"):
-            out[f"{ours}attn.in_proj.{leaf}"] = torch.cat([take(f"{head}self_attn.{p}_proj.{leaf}") for p in "qkv"])
+            out[ours + in_proj.format(leaf)] = torch.cat([take(f"{head}self_attn.{p}_proj.{leaf}") for p in "qkv"])
             for module, theirs in _BLOCK.items():
                 out[f"{ours}{module}.{leaf}"] = take(f"{head}{theirs}.{leaf}")
     extra = sorted(set(hf) - used)
     if extra:
-        raise WeightError(f"{source}: unexpected key(s) for an MLCDVisionModel of {depth} layers: "
+        raise WeightError(f"{source}: unexpected key(s) for {what} of {depth} layers: "
                           f"{', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}")
     return out
 
@@ -317,21 +322,10 @@ def export_hf(model: MLCDViT, folder: str | os.PathLike) -> Path:
 def read_hf_config(folder: str | os.PathLike) -> dict:
     """The MLCDViT arguments of an MLCDVisionModel folder's config.json; a folder, file or value this
     module cannot read raises, naming it."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"MLCD model folder {folder}: no such folder (expected a folder in transformers' "
-                                f"MLCDVisionModel format: {CONFIG_FILE} and {WEIGHTS_FILE})")
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (an MLCDVisionModel folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
-    cfg = json.loads(path.read_text())
+    path, cfg = read_config_json(folder, "MLCD model folder")
     kind = cfg.get("model_type")
-    if kind == "clip_vision_model":
-        raise ValueError(f"{path}: model_type 'clip_vision_model' is a CLIPVisionModel (a learned position table, no "
-                         f"RoPE2D; DeepGlint's MLCD ViT-B/32 and ViT-L/14 releases are in that format); mlcd: reads "
-                         f"'{MODEL_TYPE}' folders (the RoPE2D releases, e.g. mlcd-vit-bigG-patch14-448)")
-    if kind != MODEL_TYPE:
-        raise ValueError(f"{path}: model_type {kind!r}, expected '{MODEL_TYPE}'")
+    if kind not in MODEL_TYPES:
+        raise ValueError(f"{path}: model_type {kind!r} is not an MLCDVisionModel folder ({' or '.join(MODEL_TYPES)})")
     rope = cfg.get("rope_parameters") or {}
     fixed = {"hidden_act": ("gelu", cfg.get("hidden_act", "gelu")), "num_channels": (3, cfg.get("num_channels", 3)),
              "num_key_value_groups": (1, cfg.get("num_key_value_groups", 1)),
@@ -352,48 +346,13 @@ def read_hf_config(folder: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: missing key {e.args[0]!r}") from None
 
 
-def weight_files(folder: str | os.PathLike) -> list[Path]:
-    """The folder's model.safetensors, or the shards its model.safetensors.index.json names; a missing file
-    raises FileNotFoundError naming it."""
-    folder = Path(folder)
-    single, index = folder / WEIGHTS_FILE, folder / INDEX_FILE
-    if single.is_file():
-        return [single]
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index}: names shard(s) that are not there: {', '.join(missing)}")
-        return [folder / s for s in shards]
-    raise FileNotFoundError(f"{single}: no such file (nor a sharded {INDEX_FILE}); the weights of an "
-                            f"MLCDVisionModel folder")
-
-
-def read_hf_weights(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
-    """(every tensor of the folder's weight file(s), the file(s) read, for messages)."""
-    from safetensors.torch import load_file
-    files = weight_files(folder)
-    state = {}
-    for path in files:
-        state.update(load_file(str(path)))
-    return state, str(files[0]) if len(files) == 1 else f"{Path(folder) / INDEX_FILE} (shards {', '.join(p.name for p in files)})"
-
-
 def load_hf(folder: str | os.PathLike) -> MLCDViT:
-    """An MLCDVisionModel folder (config.json + model.safetensors, e.g. a released MLCD checkpoint) as an
-    eval-mode fp32 MLCDViT, checked key for key and shape for shape."""
+    """An MLCDVisionModel folder (config.json + model.safetensors or sharded safetensors, e.g. a released MLCD
+    checkpoint) as an eval-mode fp32 MLCDViT, checked key for key and shape for shape."""
     arch = read_hf_config(folder)
-    model = MLCDViT(**arch)
-    hf, source = read_hf_weights(folder)
+    hf, source = read_safetensors(folder)
     state = from_hf_state_dict(hf, arch["depth"], source)
-    expected = model.state_dict()
-    bad = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-           if tuple(state[k].shape) != tuple(v.shape)]
-    if bad:
-        raise WeightError(f"{source}: shapes do not match {Path(folder) / CONFIG_FILE} (ours vs config): "
-                          f"{'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}")
-    model.load_state_dict(state)  # copies bf16 / fp16 release tensors into fp32
-    return model.eval()
+    return load_checked(MLCDViT(**arch), state, source, Path(folder) / CONFIG_FILE).eval()
 
 
 def official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -427,7 +386,6 @@ def main(argv: list[str] | None = None) -> None:
     if present:  # never overwrite what is there: another export, or someone's files
         parser.exit(2, f"{out}: not empty ({len(present)} file(s), e.g. {', '.join(present[:3])}); export into a "
                        "new or empty folder\n")
-    from unicom_ds.loading import check_state_dict, is_export, read_weights
     state = read_weights(path, expected="a train-stage backbone.pt of model=MLCD-ViT-... or an MLCD ViT state dict")
     if is_export(state):
         if canonical_name(str(state["model"])) != canonical_name(args.name):
