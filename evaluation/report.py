@@ -169,8 +169,10 @@ def stage_summaries(run_dir: Path, embed_dir: Path) -> dict[str, dict | None]:
             d = read_json(path)
             train.update(d if isinstance(d, dict) else {path.name: d})
     results = _json_or_none(run_dir / "eval" / "results.json")
+    from evaluation import results as eval_results  # models named as in RUN/eval/results.md
     evals = None if results is None else {
-        "models": list(results), "datasets": sorted({d for m in results.values() for d in m})}
+        "models": list(eval_results.titled(results, eval_results.read_titles(run_dir))),
+        "datasets": sorted({d for m in results.values() for d in m})}
     return {"embed": embed, "kmeans": _json_or_none(run_dir / "kmeans" / "summary.json"),
             "assign": _json_or_none(run_dir / "labels" / "summary.json"), "train": train, "eval": evals}
 
@@ -262,6 +264,7 @@ def _eval_html(run_dir: Path, report_dir: Path) -> str:
         return _note("not run yet: no RUN/eval/results.json")
     from evaluation import results as eval_results  # the very tables of RUN/eval/results.md
 
+    results = eval_results.titled(results, eval_results.read_titles(run_dir))
     out = []
     tables = [(caption, *eval_results.rows(results, columns)) for caption, columns in eval_results.PAPER_TABLES]
     tables += [(caption, list(columns), eval_results.split_rows(results, dataset, columns))

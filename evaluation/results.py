@@ -11,12 +11,17 @@ Tab. 2 (retrieval), a row per model, a column per data set in the paper's order,
 of the columns the row has. VehicleID (three test lists) and GLDv2 (public and private queries)
 get a table of their own that shows every list and split, and says which one fills Tab. 2. Every
 caption names the protocol its columns were computed with.
+
+Tables, plots and the report name a model by its title where the eval stage gave it one (MLCD models: family,
+size and format, "MLCD ViT-L/14-336 (CLIP format)"; RUN/eval/models.json, {label: title}), else by its label;
+results.json and TensorBoard keep the labels.
 """
 from __future__ import annotations
 
 import math
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 from unicom_ds.atomic import atomic_path, read_json, write_json_atomic, write_text_atomic
@@ -363,15 +368,45 @@ PLOT_CAPTIONS = {
 }
 
 
-def write_all(run_dir: str | os.PathLike, found: dict, computed: dict) -> tuple[dict, str]:
-    """Merge this job's results `found` into RUN/eval/results.json, rewrite results.md and
-    recall_vs_dim.png, log the `computed` ones (not those a rerun found done) to TensorBoard;
-    returns (all results, the tables' markdown)."""
+TITLES_FILE = "models.json"
+
+
+def read_titles(run_dir: str | os.PathLike) -> dict[str, str]:
+    """RUN/eval/models.json: {label: how tables name the model}, {} before the eval stage wrote one."""
+    path = Path(run_dir) / "eval" / TITLES_FILE
+    return read_json(path) if path.is_file() else {}
+
+
+def titled(results: dict, titles: dict[str, str]) -> dict:
+    """`results` keyed by how tables name each model: its title, else its label; a fine-tuned row ft-SET:INIT
+    names INIT so. Labels that would share a name keep their label beside it."""
+    def name(label: str) -> str:
+        if label.startswith(FT_PREFIX):
+            head, _, init = label.partition(":")
+            return f"{head}:{titles.get(init, init)}"
+        return titles.get(label, label)
+
+    shown = {label: name(label) for label in results}
+    count = Counter(shown.values())
+    return {(f"{shown[label]} [{label}]" if count[shown[label]] > 1 else shown[label]): sets
+            for label, sets in results.items()}
+
+
+def write_all(run_dir: str | os.PathLike, found: dict, computed: dict,
+              titles: dict[str, str] | None = None) -> tuple[dict, str]:
+    """Merge this job's results `found` into RUN/eval/results.json and its model `titles` into
+    RUN/eval/models.json, rewrite results.md and recall_vs_dim.png (models by title), log the `computed` ones
+    (not those a rerun found done) to TensorBoard; returns (all results, the tables' markdown)."""
     out = Path(run_dir) / "eval"
     merged = merge(out / "results.json", found)
-    text = markdown(merged)
+    known = read_titles(run_dir)
+    if titles and titles.items() - known.items():
+        known.update(titles)
+        write_json_atomic(out / TITLES_FILE, known)
+    shown = titled(merged, known)
+    text = markdown(shown)
     write_text_atomic(out / "results.md", text)
-    plot_dims(merged, out / DIM_PLOT)
-    plot_quantize(merged, out / BITS_PLOT)
+    plot_dims(shown, out / DIM_PLOT)
+    plot_quantize(shown, out / BITS_PLOT)
     log_scalars(run_dir, computed)
     return merged, text

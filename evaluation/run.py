@@ -124,6 +124,18 @@ def check_mlcd_folder(what: str, folder: str) -> None:
         raise type(e)(f"{what}: {e}") from None
 
 
+def model_title(spec: ModelSpec) -> str | None:
+    """How results tables name `spec`'s model where its label does not say what it is: an MLCD model by family,
+    size and format ("MLCD ViT-L/14-336 (CLIP format)", "MLCD ViT-bigG/14-448 (RoPE2D)"; "MLCD ViT-B/32-224
+    (trained here)" for a train-stage export); None for the others, named by their labels."""
+    from unicom_ds import mlcd_vit
+    if spec.name == "mlcd":
+        from unicom_ds.loading import mlcd_folder_title
+        return mlcd_folder_title(spec.checkpoint)
+    arch = spec.name.removeprefix("ckpt:")
+    return mlcd_vit.title(mlcd_vit.config(arch), "trained here") if arch in mlcd_vit.CONFIGS else None
+
+
 def job_model(entry: str, key: str, cfg: Any) -> ModelSpec:
     """The backbone of a job that trains or rebuilds it (detect.model, finetune.init, quantize.model: `key`),
     an eval.models entry; errors name `key`. MLCD models (folders, or runs of model=MLCD-ViT-...) are refused:
@@ -301,10 +313,12 @@ def eval_job(cfg: Any) -> dict | None:
     check(cfg)
     rank, world = task_rank_world()
     _join_tasks(world)
-    found, computed = Evaluator(cfg, rank, world).run()
+    evaluator = Evaluator(cfg, rank, world)
+    found, computed = evaluator.run()
     if rank != 0:
         return None
-    merged, text = results.write_all(cfg.run_dir, found, computed)
+    titles = {spec.label: title for _, spec in evaluator.models if (title := model_title(spec))}
+    merged, text = results.write_all(cfg.run_dir, found, computed, titles)
     out = Path(str(cfg.run_dir)) / "eval"
     units = len(cfg.eval.models) * len(cfg.eval.datasets)
     computed = sum(len(sets) for sets in computed.values())

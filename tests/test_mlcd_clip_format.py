@@ -1,6 +1,6 @@
 """DeepGlint's MLCD releases in CLIPVisionModel format (unicom_ds.mlcd_clip, through `mlcd:FOLDER`): replica folders
 that transformers itself writes at small sizes, in fp32, fp16 and bf16, whole and sharded, read without transformers
-with the features of transformers' CLIPVisionModel; their refusals (issue 31)."""
+with the features of transformers' CLIPVisionModel; their refusals; how tables name MLCD models (issue 31)."""
 import copy
 import json
 
@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import unicom_ds
 from unicom_ds import mlcd_clip, mlcd_vit
-from unicom_ds.loading import load_mlcd_folder
+from unicom_ds.loading import load_mlcd_folder, mlcd_folder_title
 from unicom_ds.state_dicts import WeightError
 
 torch.set_num_threads(1)
@@ -230,3 +230,74 @@ def test_a_missing_shard_or_other_activation_is_refused(folders, tmp_path):
     with pytest.raises(ValueError) as e:
         load_mlcd_folder(folder)
     assert _one_line(e) == f"{folder / 'config.json'}: hidden_act='gelu' is not supported (MLCD's CLIP-format models use 'quick_gelu')"
+
+
+# ---- how tables name MLCD models ---------------------------------------------------------------------
+
+def _config_only(folder, config):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"")  # present; naming reads config.json only
+    return folder
+
+
+def test_titles_name_family_size_and_format(tmp_path):
+    from evaluation import run
+    for release, config in RELEASES.items():
+        _config_only(tmp_path / release, {"model_type": "clip_vision_model", **config, **COMMON})
+    assert mlcd_folder_title(tmp_path / "mlcd-vit-large-patch14-336") == "MLCD ViT-L/14-336 (CLIP format)"
+    assert mlcd_folder_title(tmp_path / "mlcd-vit-base-patch32-224") == "MLCD ViT-B/32-224 (CLIP format)"
+    bigg = _config_only(tmp_path / "bigG", {"model_type": "mlcd", "hidden_size": 1664, "intermediate_size": 8192,
+                                            "num_hidden_layers": 48, "num_attention_heads": 16, "image_size": 448,
+                                            "patch_size": 14})
+    assert mlcd_folder_title(bigg) == "MLCD ViT-bigG/14-448 (RoPE2D)"
+    spec = run.parse_model(f"mlcd:{bigg}", tmp_path, "ViT-B-32")
+    assert (spec.label, run.model_title(spec)) == ("mlcd:bigG", "MLCD ViT-bigG/14-448 (RoPE2D)")
+    trained = run.parse_model("run", tmp_path, "MLCD-ViT-B-32")
+    assert run.model_title(trained) == "MLCD ViT-B/32-224 (trained here)"
+    assert run.model_title(run.parse_model("ckpt:MLCD-ViT-L-14-336@x.pt", tmp_path, "ViT-B-32")) == \
+        "MLCD ViT-L/14-336 (trained here)"
+    assert run.model_title(run.parse_model("run", tmp_path, "ViT-B-32")) is None  # named by its label
+
+
+def test_tables_rename_rows_keep_fine_tuned_prefixes_and_tell_clashes_apart():
+    from evaluation.results import titled
+    results = {"run": {}, "mlcd:a": {}, "mlcd:b": {}, "ft-cub:run": {}, "unicom:ViT-B/32": {}}
+    titles = {"run": "MLCD ViT-B/32-224 (trained here)", "mlcd:a": "MLCD ViT-L/14-336 (CLIP format)",
+              "mlcd:b": "MLCD ViT-L/14-336 (CLIP format)"}
+    assert list(titled(results, titles)) == [
+        "MLCD ViT-B/32-224 (trained here)", "MLCD ViT-L/14-336 (CLIP format) [mlcd:a]",
+        "MLCD ViT-L/14-336 (CLIP format) [mlcd:b]", "ft-cub:MLCD ViT-B/32-224 (trained here)", "unicom:ViT-B/32"]
+
+
+def test_eval_stage_results_and_report_name_the_models(folders, replica, tmp_path):
+    """eval.models = [mlcd:FOLDER] on digits in SOP's layout: scored from our features, results.json keyed by the
+    label, results.md, the dimension plot's rows and the report's tables and stage summary by the title."""
+    from evaluation import report, run
+    from evaluation.demo_sets import digit_images, write_sop
+    from evaluation.features import features_path
+    from unicom_ds import config
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    x, y = digit_images(40)
+    write_sop(data, x, y)
+    cfg = config.resolve([f"run_dir={run_dir}", "stage=eval", f"eval.models=[mlcd:{folders['bf16']}]",
+                          f"eval.data_root={data}", "eval.datasets=[sop]", "eval.workers=0", "eval.batch_size=32",
+                          "eval.dims=[16]", "progress=off"])
+    run.check(cfg)
+    merged = run.eval_job(config.select(cfg))
+    title = "MLCD ViT-48x3/8-32 (CLIP format)"  # no release has this size: width x depth
+    assert list(merged) == ["mlcd:bf16"] and 0.0 <= merged["mlcd:bf16"]["sop"]["R@1"] <= 1.0
+    assert json.loads((run_dir / "eval" / "models.json").read_text()) == {"mlcd:bf16": title}
+    md = (run_dir / "eval" / "results.md").read_text()
+    assert f"| {title} |" in md and "mlcd:bf16" not in md
+    cached = np.load(features_path(run_dir, "mlcd:bf16", "sop"))
+    model, preprocess = load_mlcd_folder(folders["bf16"])
+    from evaluation import retrieval_sets
+    paths = retrieval_sets.read("sop", data / "sop").paths[:4]
+    with torch.no_grad():
+        first = model(torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths]))
+    assert np.allclose(cached[:4], first.numpy(), atol=1e-2)  # the cache is float16
+    (run_dir / "report" / "assets").mkdir(parents=True)
+    page = report._eval_html(run_dir, run_dir / "report")
+    assert f"<td>{title}</td>" in page and "mlcd:bf16" not in page
+    assert report.stage_summaries(run_dir, run_dir / "embed")["eval"]["models"] == [title]

@@ -113,6 +113,12 @@ def mlcd_folder(folder: str | os.PathLike) -> tuple[ModuleType, dict]:
     return module, arch
 
 
+def mlcd_folder_title(folder: str | os.PathLike) -> str:
+    """How results tables name the MLCD model in `folder`: "MLCD ViT-L/14-336 (CLIP format)"."""
+    module, arch = mlcd_folder(folder)
+    return mlcd_vit.title(arch, module.FORMAT)
+
+
 def load_mlcd_folder(folder: str | os.PathLike) -> tuple[nn.Module, Callable]:
     """An MLCD folder in either of DeepGlint's release formats (config.json's model_type: mlcd_vision_model /
     mlcd, RoPE2D; clip_vision_model, CLIP format; weights in model.safetensors or sharded, fp32, fp16 or bf16)

@@ -91,6 +91,18 @@ def config(name: str) -> dict:
     return CONFIGS[key]
 
 
+# (width, depth) -> the size in the names above: how `title` names a folder's model.
+SIZES = {(c["width"], c["depth"]): name.split("-")[2] for name, c in CONFIGS.items()}
+
+
+def title(arch: dict, kind: str) -> str:
+    """How results tables name an MLCD model of `arch` (width, depth, patch_size, image_size): family, size
+    and input, then `kind`, its format or where it was trained: "MLCD ViT-L/14-336 (CLIP format)". A size
+    none of the names above has is shown as width x depth."""
+    size = SIZES.get((arch["width"], arch["depth"]), f"{arch['width']}x{arch['depth']}")
+    return f"MLCD ViT-{size}/{arch['patch_size']}-{arch['image_size']} ({kind})"
+
+
 # ---- RoPE2D: pure functions -------------------------------------------------------------------
 
 def rope_frequencies(head_dim: int, theta: float = ROPE_THETA) -> torch.Tensor:
