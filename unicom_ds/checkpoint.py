@@ -98,6 +98,11 @@ def resolve(root: Path, resume: str | None, trust: bool = False, section: str = 
     resuming loads DeepSpeed's engine files, which are pickles that can run code.
     """
     if resume in (None, "none", "None", False):
+        done = latest(root)
+        if done is not None:  # starting over would overwrite finished work: never on the command's word alone
+            raise ConfigError(f"{section}.resume={resume}: {Path(root).parent} holds checkpoints up to {done.name}; "
+                              f"training from scratch would overwrite them: use a new run_dir, or remove "
+                              f"{Path(root).parent} yourself")
         return None
     path = latest(root) if str(resume) == "latest" else Path(str(resume))
     if path is not None and not (path / META).is_file():
@@ -105,11 +110,6 @@ def resolve(root: Path, resume: str | None, trust: bool = False, section: str = 
     if path is not None and not trust and Path(root).resolve() not in path.resolve().parents:
         raise ConfigError(f"{section}.resume={resume}: {path} is outside this run's checkpoints ({root}); resuming "
                           f"unpickles DeepSpeed's engine files, which can run code: pass "
-        done = latest(root)
-        if done is not None:  # starting over would overwrite finished work: never on the command's word alone
-            raise ConfigError(f"{section}.resume={resume}: {Path(root).parent} holds checkpoints up to {done.name}; "
-                              f"training from scratch would overwrite them: use a new run_dir, or remove "
-                              f"{Path(root).parent} yourself")
                           f"{section}.trust_checkpoint=true if you trust whoever wrote it")
     return path
 
