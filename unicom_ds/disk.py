@@ -77,13 +77,13 @@ def writing(path: os.PathLike | str) -> Iterator[None]:
 
 
 @contextmanager
-def one_line() -> Iterator[None]:
-    """For a process's entry point: a full disk ends it with `error: disk full writing ...` and exit code 1,
-    not a traceback (the rank's partners are stopped by their launcher: deepspeed's, or SLURM's
-    --kill-on-bad-exit)."""
+def one_line(*said: type[BaseException]) -> Iterator[None]:
+    """For a process's entry point: a full disk, or an exception of the types `said` (whose message says it
+    all), ends it with `error: <message>` and exit code 1, not a traceback (the rank's partners are stopped
+    by their launcher: deepspeed's, or SLURM's --kill-on-bad-exit)."""
     try:
         yield
-    except DiskFull as e:
+    except (DiskFull, *said) as e:
         sys.stderr.write(f"error: {e}\n")  # one write: ranks sharing a pipe (python -u) do not interleave it
         sys.stderr.flush()
         raise SystemExit(1) from None

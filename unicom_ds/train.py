@@ -569,5 +569,5 @@ def local_command(cfg: dict | DictConfig, script: Path = TRAIN_PY, section: str 
 
 
 if __name__ == "__main__":
-    with disk.one_line():
+    with disk.one_line(TrainingDiverged):
         main()
