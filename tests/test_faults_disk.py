@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from contextlib import suppress
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import torch
 
 from conftest import REPO
 from tests.train_fixtures import ds_config, make_run
-from unicom_ds import disk
+from unicom_ds import checkpoint, disk
 from unicom_ds.atomic import save_npy_atomic, write_json_atomic
 
 
@@ -35,6 +37,22 @@ def disk_torch_save(path, obj) -> None:
     from unicom_ds.atomic import atomic_path
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def test_a_checkpoint_whose_meta_json_does_not_fit_is_removed(full_disk):
+    """Rank 0's commit on a full disk: the staging folder goes, `latest` still names the previous checkpoint."""
+    root = full_disk / "ckpt"
+    os.truncate(full_disk / "filler", 0)
+    (root / "step_1").mkdir(parents=True)
+    (root / "latest").write_text("step_1\n")
+    checkpoint.rank_file(checkpoint.begin(root, 2), 0).write_bytes(b"rank 0's part")
+    with open(full_disk / "filler", "ab", buffering=0) as f, suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+    with pytest.raises(disk.DiskFull):
+        checkpoint.commit(root, 2, {"world_size": 1}, keep=1)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_1"]
+    assert (root / "latest").read_text() == "step_1\n"
 
 
 def test_a_local_stage_on_a_full_disk_stops_with_one_line(full_disk, demo_shards, tmp_path):
@@ -62,9 +80,9 @@ def test_the_launcher_says_so_when_config_yaml_does_not_fit(full_disk, demo_shar
 
 
 def test_two_training_ranks_exit_promptly_when_one_cannot_save(full_disk, tmp_path):
-    """RUN/train on a full disk: the first checkpoint cannot be written; each rank that meets it says so in one
-    line and exits, and the launcher ends the job at once (a rank left waiting in the save's barrier is ended
-    by it too: deepspeed's launcher here, srun --kill-on-bad-exit on SLURM)."""
+    """RUN/train on a disk with room for one checkpoint: step 1's is saved, step 2's cannot be written. Once no rank
+    writes any more, each stops with one line naming the staging folder (or its file in it), none is left waiting
+    in a barrier, the half-written `.step_2.tmp` is removed and `latest` still names step_1."""
     data = make_run(tmp_path, [13, 9, 6], k=10)
     run = data["run"]
     (run / "kmeans" / "summary.json").write_text(json.dumps({"k": 10}))
@@ -74,12 +92,26 @@ def test_two_training_ranks_exit_promptly_when_one_cannot_save(full_disk, tmp_pa
             f"train.deepspeed_config={ds_config(tmp_path / 'ds.json', bf16=False)}", "train.precision=fp32",
             "train.epochs=1", "train.steps_per_epoch=4", "train.ckpt_every_steps=1", "train.workers=0",
             "train.local_processes=2", "loss.r1=1.0", "progress=off"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Step 1 on a roomy disk (this run also builds DeepSpeed's CPU op where it is not built yet, untimed) ...
+    subprocess.run(["mount", "-o", "remount,size=1g", str(full_disk)], check=True)
+    (full_disk / "filler").unlink()
+    first = subprocess.run([*argv, "train.max_steps=1"], cwd=REPO, capture_output=True, text=True, timeout=540,
+                           env=env)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    # ... then room for half a checkpoint more: step 2's save fills the disk.
+    half = sum(p.stat().st_size for p in (full_disk / "ckpt" / "step_1").rglob("*") if p.is_file()) // 2
+    subprocess.run(["mount", "-o", f"remount,size={shutil.disk_usage(full_disk).used + half}", str(full_disk)],
+                   check=True)
     start = time.monotonic()
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=540,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run([*argv, "train.max_steps=4"], cwd=REPO, capture_output=True, text=True, timeout=540,
+                          env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-4000:]
-    assert f"error: disk full writing {run}/train/ckpt/" in out and f"0 B free on {full_disk}" in out, out[-4000:]
-    assert "basic_ios" not in out and "unexpected pos" not in out
+    said = [line for line in out.splitlines() if line.startswith("error: disk full")]
+    assert said and all(line.startswith(f"error: disk full writing {run}/train/ckpt/.step_2.tmp")  # or a file in it
+                        and line.endswith(f": 0 B free on {full_disk}") for line in said), out[-4000:]
+    assert "basic_ios" not in out and "unexpected pos" not in out and "Traceback" not in out, out[-4000:]
     assert time.monotonic() - start < 300  # not the process group's 30-minute timeout
-    assert not list(full_disk.glob("ckpt/step_*")) and not (full_disk / "ckpt" / "latest").exists()
+    assert sorted(p.name for p in (full_disk / "ckpt").iterdir()) == ["latest", "step_1"]
+    assert (full_disk / "ckpt" / "latest").read_text() == "step_1\n"

@@ -4,7 +4,8 @@ A save goes to a staging folder, `.step_N.tmp`, that every rank writes into (the
 state under `engine/`, one `rank_R.pt` per rank with its prototype block, the block's optimizer
 state and RNG states), then rank 0 adds `meta.json`, renames the folder to `step_N` and last
 rewrites the `latest` pointer file atomically. A crash at any point before that leaves `latest`
-naming the previous, complete checkpoint; the next save clears the stale staging folder.
+naming the previous, complete checkpoint; the next save clears the stale staging folder (a save that meets
+a full disk removes it at once).
 
 Only this project's files are unpickled: the rank files hold plain tensors and Python scalars and are
 read with `weights_only=True`. DeepSpeed's engine files need a full unpickler, so they are read only
@@ -22,6 +23,7 @@ import torch
 
 from unicom_ds.atomic import atomic_path, read_json, write_json_atomic, write_text_atomic
 from unicom_ds.config import ConfigError
+from unicom_ds.disk import DiskFull
 from unicom_ds.prototypes import block_range, reslice
 
 ENGINE_TAG = "engine"
@@ -64,7 +66,11 @@ def commit(root: Path, step: int, meta: dict, keep: int) -> Path:
     missing = [r for r in range(int(meta["world_size"])) if not rank_file(tmp, r).is_file()]
     if missing:
         raise RuntimeError(f"checkpoint {tmp}: rank files missing for ranks {missing}; not publishing it")
-    write_json_atomic(tmp / META, {**meta, "step": step})
+    try:
+        write_json_atomic(tmp / META, {**meta, "step": step})
+    except DiskFull:  # a full disk keeps no more than it held before the save
+        discard(root, step)
+        raise
     final = root / step_name(step)
     if final.exists():  # an earlier save of this step that `latest` never pointed at
         shutil.rmtree(final)
@@ -72,6 +78,11 @@ def commit(root: Path, step: int, meta: dict, keep: int) -> Path:
     write_text_atomic(root / LATEST, final.name + "\n")
     prune(root, keep)
     return final
+
+
+def discard(root: Path, step: int) -> None:
+    """Rank 0, once no rank writes into it any more: a failed save's staging folder goes."""
+    shutil.rmtree(staging(root, step), ignore_errors=True)
 
 
 def prune(root: Path, keep: int) -> None:

@@ -249,6 +249,8 @@ class Trainer:
         """Collective: every rank writes its part into the staging folder, rank 0 publishes it.
 
         Non-finite weights are never written: the checkpoints and `latest` keep the last finite state.
+        A full disk on any rank fails the save on every rank with DiskFull, once none is writing any more,
+        and rank 0 removes the staging folder: the disk holds no more than before the save.
         """
         self.sync_batchnorm_stats()
         if not self.weights_finite():
@@ -258,16 +260,30 @@ class Trainer:
         if self.rank == 0:
             checkpoint.begin(self.root, self.step)
         dist.barrier()
-        with disk.writing(tmp):  # DeepSpeed's own torch.save calls: a full disk as one line, not "basic_ios::clear"
-            self.engine.save_checkpoint(str(tmp), tag=checkpoint.ENGINE_TAG, save_latest=False)
-        checkpoint.save_rank_state(tmp, self.rank, {"rank": self.rank, **self.objective.rank_state(),
-                                                    "rng": checkpoint.rng_state()})
-        dist.barrier()
-        final = self.root / checkpoint.step_name(self.step)
+        full = None
+        try:
+            with disk.writing(tmp):  # DeepSpeed's own torch.save calls: a full disk as one line, not "basic_ios::clear"
+                self.engine.save_checkpoint(str(tmp), tag=checkpoint.ENGINE_TAG, save_latest=False)
+        except disk.DiskFull as e:
+            full = e
+            dist.barrier()  # the one DeepSpeed's save ends with after its writes (none between), skipped here
+        if full is None:
+            try:
+                checkpoint.save_rank_state(tmp, self.rank, {"rank": self.rank, **self.objective.rank_state(),
+                                                            "rng": checkpoint.rng_state()})
+            except disk.DiskFull as e:
+                full = e
+        if all_reduce_(torch.tensor([float(full is not None)], device=self.device), "max").item():
+            full = full or disk.DiskFull(tmp)
+            dist.barrier()  # every rank's message has measured the full disk before rank 0 frees it
+            if self.rank == 0:
+                checkpoint.discard(self.root, self.step)
+            raise full
         if self.rank == 0:
             checkpoint.commit(self.root, self.step, self.meta(), int(self.tc.keep_checkpoints))
         dist.barrier()
-        return final
+        return self.root / checkpoint.step_name(self.step)
+
     def repartition_zero_state(self, path: Path, tag: str) -> str:
         """Load a ZeRO checkpoint saved on another rank count; says what it restored.
 
