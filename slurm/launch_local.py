@@ -5,6 +5,8 @@ chain; a rerun continues where it stopped because the job functions skip finishe
 """
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -71,13 +73,49 @@ def tee_output(path: Path) -> Iterator[None]:
 
 
 def run_subprocess(argv: list[str]) -> None:
-    """Run argv, streaming its output line by line to sys.stdout (the tee)."""
+    """Run argv, streaming its output line by line to sys.stdout (the tee).
+
+    argv runs in a process group of its own (deepspeed's runner and the ranks it starts), which ends with the
+    launcher: on SIGTERM (exit 128+15), Ctrl-C (KeyboardInterrupt) or any other exception.
+    """
     print("$ " + " ".join(argv), flush=True)
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                          start_new_session=True) as proc, ended_with_launcher(proc):
         for line in proc.stdout:
             sys.stdout.write(line)
     if proc.returncode:
         raise SubprocessFailed(f"the step's processes exited with code {proc.returncode} (their output above says why)")
+
+
+@contextmanager
+def ended_with_launcher(proc: subprocess.Popen) -> Iterator[None]:
+    """While the block runs, SIGTERM raises SystemExit(128+15) and SIGINT KeyboardInterrupt; any exception
+    leaving the block ends proc's process group first."""
+    def terminated(signum, frame):
+        raise SystemExit(128 + signum)
+
+    handlers = {sig: signal.signal(sig, handler) for sig, handler in
+                ((signal.SIGTERM, terminated), (signal.SIGINT, signal.default_int_handler))}
+    try:
+        yield
+    except BaseException:
+        end_group(proc)
+        raise
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def end_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM to proc's process group, SIGKILL to what is left of it after grace_s."""
+    with suppress(ProcessLookupError):  # raised once no process of the group is left
+        os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            proc.poll()  # reaps proc: a zombie would still count as a member
+            os.killpg(proc.pid, 0)
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 class SubprocessFailed(RuntimeError):
