@@ -2,8 +2,11 @@
 
 - a finite base run (steps 0-2), then lr=1e39, whose first update makes the weights infinite: the save is
   refused, the job exits non-zero, `latest` and backbone.pt stay as they were;
-- lr=1e6 (the issue's reproduction): the loss turns NaN, the bad steps are skipped on both ranks together
-  (no hang), the job stops after train.max_bad_steps with a non-zero exit, every checkpoint left is finite;
+- a NaN loss injected at given steps on both ranks (tests/nan_loss_train.py): exactly those steps are skipped, on
+  both ranks together (no hang), the job stops after train.max_bad_steps with a one-line error and a non-zero
+  exit, every checkpoint left is finite;
+- lr=1e6 (the issue's reproduction), whose path to NaN depends on the machine's floating point: the job stops
+  with a non-zero exit, the last checkpoint finite;
 - a pickle payload planted in a rank file, resumed from outside the run: refused without
   train.trust_checkpoint, and with it the payload still does not run;
 - labels made for other shards: the job fails before the first step, naming the run directory;
@@ -11,8 +14,8 @@
   by the launcher, and the finished run stays byte-identical.
 """
 import hashlib
-import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.nan_loss_train import NAN_STEPS
 from tests.train_fixtures import ds_config, make_run
 from unicom_ds import config, tblog, train
 from unicom_ds.checkpoint import ENGINE_TAG, rank_file, read_rank_file
@@ -29,9 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
-def launch(run: Path, ds: Path, log: Path, *overrides: str) -> subprocess.CompletedProcess:
+def launch(run: Path, ds: Path, log: Path, *overrides: str,
+           script: Path = REPO / "unicom_ds/train.py") -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_nodes", "1", "--num_gpus", "2", "--master_port", str(train.free_port()),
-            str(REPO / "unicom_ds/train.py"), "--deepspeed_config", str(ds), f"run_dir={run}", *overrides]
+            str(script), "--deepspeed_config", str(ds), f"run_dir={run}", *overrides]
     proc = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=540)
     log.write_text(proc.stdout + proc.stderr)
     return proc
@@ -65,16 +70,26 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exploded(base):
-    """lr=1e39: the first update of step 3 makes the weights infinite; then lr=1e6 from the same checkpoint."""
+    """lr=1e39: the first update of step 3 makes the weights infinite; then, from the same checkpoint, NaN losses at
+    NAN_STEPS; then lr=1e6 from where that stopped."""
     run, ckpt = base["run"], base["run"] / "train" / "ckpt"
-    before = {"latest": (ckpt / "latest").read_text(), "backbone": sha(run / "train" / "backbone.pt"),
-              "export": (run / "train" / "export.json").read_text()}
+
+    def state() -> dict:
+        latest = (ckpt / "latest").read_text()
+        return {"latest": latest, "steps": sorted(p.name for p in ckpt.glob("step_*")),
+                "backbone": sha(run / "train" / "backbone.pt"), "export": (run / "train" / "export.json").read_text(),
+                "finite": finite_checkpoint(ckpt / latest.strip())}
+
+    before = state()
     inf = launch(run, base["ds"], base["root"] / "inf.log", "train.lr=1e39", "train.max_steps=6")
-    after_inf = {"latest": (ckpt / "latest").read_text(), "backbone": sha(run / "train" / "backbone.pt"),
-                 "export": (run / "train" / "export.json").read_text(), "finite": finite_checkpoint(ckpt / "step_2")}
-    nan = launch(run, base["ds"], base["root"] / "nan.log", "train.lr=1e6", "train.max_steps=12",
-                 "train.max_bad_steps=2")
-    return {"before": before, "after_inf": after_inf, "inf": inf, "nan": nan}
+    after_inf = state()
+    nan = launch(run, base["ds"], base["root"] / "nan.log", "train.max_steps=12", "train.max_bad_steps=2",
+                 script=REPO / "tests/nan_loss_train.py")
+    after_nan = state()
+    diverged = launch(run, base["ds"], base["root"] / "lr1e6.log", "train.lr=1e6", "train.max_steps=20",
+                      "train.max_bad_steps=2")
+    return {"before": before, "inf": inf, "after_inf": after_inf, "nan": nan, "after_nan": after_nan,
+            "diverged": diverged, "after_diverged": state()}
 
 
 @pytest.mark.slow
@@ -82,30 +97,40 @@ def test_infinite_weights_are_never_saved(base, exploded):
     inf = exploded["inf"]
     out = inf.stdout + inf.stderr
     assert inf.returncode != 0
-    assert "step 3: the weights are not finite; no checkpoint written. The last finite checkpoint is " \
+    assert "error: step 3: the weights are not finite; no checkpoint written. The last finite checkpoint is " \
            f"{base['run'] / 'train' / 'ckpt' / 'step_2'}" in out
-    assert exploded["after_inf"] == {**exploded["before"], "finite": True}  # latest, backbone.pt, export.json kept
+    assert "Traceback" not in out
+    assert exploded["after_inf"] == exploded["before"]  # latest (finite), backbone.pt, export.json kept
 
 
 @pytest.mark.slow
 def test_nan_steps_are_skipped_then_the_job_stops_with_an_error(base, exploded):
+    """Steps 4, 6 and 7 have a NaN loss on both ranks, from step 2's checkpoint: those three are skipped and the third
+    stops the job; steps 3 and 5 train, and the checkpoints after a skipped step are finite."""
     nan = exploded["nan"]
     out = nan.stdout + nan.stderr
-    assert nan.returncode != 0
-    assert "3 optimizer steps with non-finite loss or gradients (train.max_bad_steps=2); stopping without saving" \
-        in out
-    skipped = [line for line in out.splitlines() if "non-finite loss or gradients, step skipped" in line]
-    assert len(skipped) == 3  # rank 0 logs: both ranks decided together, neither hung
     ckpt = base["run"] / "train" / "ckpt"
-    latest = ckpt / (ckpt / "latest").read_text().strip()
-    assert sorted(p.name for p in ckpt.glob("step_*")) == [latest.name]  # keep_checkpoints=1 pruned the rest
-    assert finite_checkpoint(latest)
-    assert sha(base["run"] / "train" / "backbone.pt") == exploded["before"]["backbone"]  # never re-exported
-    scalars = tblog.read_scalars(str(base["run"] / "tensorboard" / "train"))
-    assert max(v for _, v in scalars["train/skipped_steps"]) == 2  # logged after the 1st and 2nd skip
-    # The gradients overflowed (the loss itself stayed finite): DeepSpeed's check, reduced over both ranks.
-    norms = dict(scalars["train/grad_norm"])
-    assert math.isfinite(norms[3]) and math.isinf(norms[4]) and math.isinf(norms[5])
+    assert nan.returncode != 0
+    skipped = [int(m[1]) for m in re.finditer(r"step (\d+): non-finite loss or gradients, step skipped", out)]
+    assert skipped == sorted(NAN_STEPS)  # rank 0 logs: both ranks decided together, neither hung
+    said = "error: 3 optimizer steps with non-finite loss or gradients (train.max_bad_steps=2); stopping without " \
+           f"saving. The last finite checkpoint is {ckpt / 'step_6'} (train.resume=latest continues from it); "
+    errors = [line for line in out.splitlines() if "optimizer steps with non-finite" in line]
+    assert errors and all(line.startswith(said) for line in errors), out[-4000:]  # each rank that said it: one line
+    assert "Traceback" not in out
+    # step_6 alone (keep_checkpoints=1), finite; backbone.pt and export.json never rewritten
+    assert exploded["after_nan"] == {**exploded["before"], "latest": "step_6\n", "steps": ["step_6"]}
+    scalars = dict(tblog.read_scalars(str(base["run"] / "tensorboard" / "train"))["train/skipped_steps"])
+    assert [scalars[step] for step in (4, 5, 6)] == [1, 1, 2]  # logged after the 1st and 2nd skip
+
+
+@pytest.mark.slow
+def test_a_diverging_learning_rate_stops_the_job_and_keeps_a_finite_checkpoint(base, exploded):
+    """lr=1e6 from step 6: however this machine's floating point reaches non-finite values, the job fails and what
+    it leaves is finite, backbone.pt untouched."""
+    assert exploded["diverged"].returncode != 0
+    assert exploded["after_diverged"]["finite"]
+    assert exploded["after_diverged"]["backbone"] == exploded["before"]["backbone"]
 
 
 @pytest.mark.slow
