@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from unicom_ds import shards
 from unicom_ds.atomic import read_json
-from unicom_ds.config import select
+from unicom_ds.config import ConfigError, select
 from unicom_ds.disk import DiskFull
 from slurm.launch import Job, log_dir, output_dir, target
 
@@ -191,24 +191,32 @@ def outcome(cfg: DictConfig, job: Job) -> str:
     return "index.html" if (out / "index.html").is_file() else "no index.html"
 
 
+REFUSED = 2  # the first step refused the command (a check that needs a pass over the data): nothing ran
+
+
 def run(cfg: DictConfig, jobs: list[Job]) -> int:
-    """Run the jobs in order; 0 when all succeed, 1 (after saying which step failed and where its log is)."""
+    """Run the jobs in order; 0 when all succeed, REFUSED when the first step refuses the config (ConfigError,
+    said in one line), 1 (after saying which step failed and where its log is) for any other failure."""
     cfg_dict = select(cfg)
     summary = []
-    for job in jobs:
+    for i, job in enumerate(jobs):
         log = log_dir(cfg) / f"local_{job.step}.log"
         start = time.time()
+        refused = False
         with tee_output(log):
             try:
                 run_step(job, cfg_dict)
                 ok = True
-            except (DiskFull, SubprocessFailed) as e:  # they say what they are in one line
+            except (DiskFull, SubprocessFailed, ConfigError) as e:  # they say what they are in one line
                 print(f"error: {e}", file=sys.stderr)
-                ok = False
+                ok, refused = False, isinstance(e, ConfigError) and i == 0
             except Exception:  # any failure stops the chain; the traceback goes to the log too
                 traceback.print_exc()
                 ok = False
         seconds = time.time() - start
+        if refused:
+            print(f"stage {job.step} refused the command after {seconds:.1f}s; nothing of it was kept", file=sys.stderr)
+            return REFUSED
         if not ok:
             print(f"stage {job.step} FAILED after {seconds:.1f}s; log: {log}", file=sys.stderr)
             print("fix the cause and rerun the same command: finished work is kept", file=sys.stderr)

@@ -18,6 +18,7 @@ if __name__ == "__main__":
 try:
     from slurm import launch
     from unicom_ds import config
+    from unicom_ds.atomic import write_text_atomic
 except ModuleNotFoundError as e:  # a Python without the project's packages: say which one to use
     if __name__ != "__main__":
         raise
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         for job, script in dry_run_scripts(cfg, jobs):
             print(f"\n# ---- {job.step}: {len(job.tasks)} task(s) ----\n{script}")
         return 0
+    saved = run_dir / "config.yaml"
+    before = saved.read_text() if saved.is_file() else None
     try:
         config.save(cfg)
     except OSError as e:
@@ -108,7 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if cfg.launcher == "local":
         from slurm import launch_local
-        return launch_local.run(cfg, jobs)
+        code = launch_local.run(cfg, jobs)
+        if code == launch_local.REFUSED:  # nothing ran: RUN/config.yaml never records a refused command
+            if before is None:
+                saved.unlink()
+            else:
+                write_text_atomic(saved, before)
+        return code
     from slurm import launch_slurm
     submitted = []
     try:

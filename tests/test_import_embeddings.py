@@ -189,14 +189,15 @@ def test_join_below_threshold_refused_before_kmeans(tmp_path, world, capsys):
     run = tmp_path / "run"
     args = ["stage=cluster", f"run_dir={run}", f"data.shards={tmp_path / 'other'}/{{00000..00001}}.tar",
             f"embed.source={world['src']}", *COMMON]
-    assert submit.main(args) == 1
+    assert submit.main(args) == 2  # refused in one line by the import's first step; nothing of it kept
     assert re.search(r"only 19 of 60 released rows \(31\.7%\) joined.*below import\.min_join=0\.5; likely "
                      r"data.shards is another download or another subset", capsys.readouterr().err)
     assert not list((run / "embed").glob("*.done.json")) and not (run / "kmeans").exists()
+    assert not (run / "config.yaml").exists() and not (run / "embed" / "parts").exists()
     assert len(tars) == 2
     # the join on keys of a re-download: LAION's shard ids are not the download's
     assert submit.main(["stage=cluster", f"run_dir={tmp_path / 'run_key'}", f"data.shards={world['pattern']}",
-                        f"embed.source={world['src']}", "import.key_column=key", *COMMON]) == 1
+                        f"embed.source={world['src']}", "import.key_column=key", *COMMON]) == 2
     assert re.search(r"only 0 of 60 .*import.key_column=key.*not LAION's own download", capsys.readouterr().err)
 
 
@@ -213,13 +214,14 @@ def test_rows_without_finite_features_count_as_not_joined(tmp_path, capsys):
     write_download(tmp_path / "dl", rows, per_shard=30, failed=set())
     run = tmp_path / "run"
     assert submit.main(["stage=cluster", f"run_dir={run}", f"data.shards={tmp_path / 'dl'}/{{00000..00001}}.tar",
-                        f"embed.source={tmp_path / 'src'}", *COMMON]) == 1
+                        f"embed.source={tmp_path / 'src'}", *COMMON]) == 2
     err = capsys.readouterr().err
     assert ("import: only 25 of 60 released rows (41.7%) joined an image of data.shards=" in err
             and "with finite features (35 more joined, with NaN, inf or zero features: damaged release files?), "
                 "below import.min_join=0.5" in err), err
     assert not (run / "embed" / "parts").exists() and not list((run / "embed").glob("*.done.json"))
-    assert not (run / "kmeans").exists()
+    assert not (run / "kmeans").exists() and not (run / "config.yaml").exists()
+    assert "Traceback" not in err
 
 
 def test_rerun_skips_finished_work(world, capsys):
