@@ -9,6 +9,7 @@ import torch
 
 from unicom_ds import checkpoint
 from unicom_ds.prototypes import block_range
+from unicom_ds.config import ConfigError
 
 torch.set_num_threads(1)
 K, D = 11, 3
@@ -31,12 +32,15 @@ def fake_save(root, step, world=2, keep=2, crash_after_rank=None):
 def test_latest_and_pruning(tmp_path):
     root = tmp_path / "ckpt"
     assert checkpoint.resolve(root, "latest") is None  # a fresh run
+    assert checkpoint.resolve(root, "none") is None  # from scratch: nothing to overwrite yet
     for step in (10, 20, 30):
         fake_save(root, step)
     assert checkpoint.resolve(root, "latest") == root / "step_30"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_20", "step_30"]
     assert checkpoint.read_meta(root / "step_20") == {"world_size": 2, "model": "ViT-Tiny-16", "step": 20}
-    assert checkpoint.resolve(root, "none") is None
+    with pytest.raises(ConfigError, match=f"train.resume=none: {tmp_path} holds checkpoints up to step_30; "
+                                          "training from scratch would overwrite them"):
+        checkpoint.resolve(root, "none")
     assert checkpoint.resolve(root, str(root / "step_20")) == root / "step_20"
     with pytest.raises(FileNotFoundError, match="step_10 is not a complete checkpoint"):
         checkpoint.resolve(root, str(root / "step_10"))
