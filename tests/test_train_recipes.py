@@ -18,7 +18,12 @@ from unicom_ds import config, train, train_plan, unicom_vit
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 32768
-MICRO = {"ViT-B-32": 128, "ViT-B-16": 128, "ViT-L-14": 64, "ViT-L-14-336": 32, "MLCD-ViT-B-32": 128}
+MICRO = {"ViT-B-32": 128, "ViT-B-16": 128, "ViT-L-14": 64, "ViT-L-14-336": 32, "MLCD-ViT-B-32": 128,
+         "MLCD-ViT-L-14-336": 32, "MLCD-ViT-bigG-14-224": 64, "MLCD-ViT-bigG-14-336": 32, "MLCD-ViT-bigG-14-448": 16}
+# Each model's file under train.deepspeed_config=auto (zero2.json for the others).
+RECIPE_FILES = {"ViT-L-14": "zero2_l14.json", "ViT-L-14-336": "zero2_l14_336.json",
+                "MLCD-ViT-L-14-336": "zero2_l14_336.json", "MLCD-ViT-bigG-14-224": "zero2_bigG_224.json",
+                "MLCD-ViT-bigG-14-336": "zero2_bigG_336.json", "MLCD-ViT-bigG-14-448": "zero2_bigG_448.json"}
 
 
 submit = load_submit()
@@ -71,6 +76,16 @@ def test_readme_train_commands_are_the_recipes():
     commands = readme_train_commands()
     assert len([c for c in commands if c.startswith("python")]) >= 3 and any(c.startswith("deepspeed") for c in commands)
     assert any("recipes/compact.yaml" in c for c in commands) and any("recipes/vit_l_14_336.yaml" in c for c in commands)
+    # MLCD's recipes (issue 30): B/32 and L/14@336 with the paper's loss and schedule keys.
+    for model in ("MLCD-ViT-B-32", "MLCD-ViT-L-14-336"):
+        assert any(f"model={model} loss.kind=mlcd loss.r1=0.1 train.weight_decay=0.2" in c for c in commands), model
+
+
+def test_every_mlcd_model_has_its_micro_batch():
+    """No MLCD model is left on the default file unsized: each has a recipe micro batch (bigG's own files)."""
+    from unicom_ds import mlcd_vit
+
+    assert {name for name in mlcd_vit.CONFIGS if "Tiny" not in name} <= MICRO.keys()
 
 
 @pytest.mark.parametrize("command", readme_train_commands())
@@ -114,8 +129,7 @@ def test_each_model_recipe_divides_for_every_power_of_two_up_to_256(model, world
     ds = train_plan.deepspeed_config(cfg, world)
     assert ds["train_batch_size"] == GLOBAL_BATCH and ds["train_micro_batch_size_per_gpu"] == MICRO[model]
     assert ds["gradient_accumulation_steps"] * MICRO[model] * world == GLOBAL_BATCH and ds["bf16"]["enabled"]
-    assert train_plan.ds_path(cfg).name == {"ViT-L-14": "zero2_l14.json",
-                                            "ViT-L-14-336": "zero2_l14_336.json"}.get(model, "zero2.json")
+    assert train_plan.ds_path(cfg).name == RECIPE_FILES.get(model, "zero2.json")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -18,9 +18,13 @@ from unicom_ds.config import ConfigError, MissingInput, noting_missing
 REPO = Path(__file__).resolve().parents[1]
 AUTO = "auto"
 # train.deepspeed_config=auto: each paper model's recipe file (the same global batch, a micro batch
-# that fits an 80 GB GPU without activation checkpointing); every other model uses zero2.json.
+# that fits an 80 GB GPU without activation checkpointing; bigG's from its measured activations per sample,
+# docs/benchmarks.md); every other model uses zero2.json.
 RECIPE_DS = {"ViT-L-14": "ds_configs/zero2_l14.json", "ViT-L-14-336": "ds_configs/zero2_l14_336.json",
-             "MLCD-ViT-L-14-336": "ds_configs/zero2_l14_336.json"}
+             "MLCD-ViT-L-14-336": "ds_configs/zero2_l14_336.json",
+             "MLCD-ViT-bigG-14-224": "ds_configs/zero2_bigG_224.json",
+             "MLCD-ViT-bigG-14-336": "ds_configs/zero2_bigG_336.json",
+             "MLCD-ViT-bigG-14-448": "ds_configs/zero2_bigG_448.json"}
 DEFAULT_DS = "ds_configs/zero2.json"
 PRECISIONS = ("bf16", "fp32")
 
