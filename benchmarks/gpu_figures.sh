@@ -26,8 +26,9 @@
 #   11 assign's IVF search as grouped products on the GPU (TorchIVF) vs exact torch search, k = 1M, d = 512
 #   12 MLCD (issue 25): its loss layer at l = 1 and 8 vs the single-label layer, k = 125k (one rank's block of 1M
 #      on 8 GPUs) and 1M; the training step of MLCD's RoPE2D ViT-B/32 vs its backbone forward+backward
-#   13 MLCD at the paper's scale (issue 30): one of 8 ranks (125,000 of k = 1M classes, d = 1024, l = 8,
-#      r1 = 0.1) against 4,096-12,288 rows of the global batch, projected to its 32,768 rows
+#   13 MLCD at the paper's scale (issue 30): its GPU tests (the step with the new r1 sample never waits on the
+#      host; GPU equals CPU), then one of 8 ranks (125,000 of k = 1M classes, d = 1024, l = 8, r1 = 0.1) against
+#      4,096-12,288 rows of the global batch, projected to its 32,768 rows
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu_figures}}
@@ -82,6 +83,7 @@ part 12_mlcd_loss 120 $PY benchmarks/bench_mlcd_loss.py --device cuda --batch 25
   --warmup 3 --repeats 10
 part 12_mlcd_vit_step 120 $PY benchmarks/bench_train_step.py --device cuda --model MLCD-ViT-B-32 --batch 256 \
   --classes 125000 --bf16 --steps 20 --warmup 5
+part 13_mlcd_gpu_tests 90 $PY -m pytest -q -rs tests/test_mlcd_loss.py -k gpu
 part 13_mlcd_paper_scale 240 $PY benchmarks/bench_mlcd_loss.py --device cuda --paper --rows 4096,8192,12288 \
   --dim 1024 --warmup 2 --repeats 5
 echo "done: $SUMMARY" | tee -a "$SUMMARY"
