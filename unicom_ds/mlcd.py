@@ -29,9 +29,10 @@ and the layer returns its mean over the global batch. Against the paper, term by
   positives too (at the paper's scale about 23% of k in every row, on top of r).
 - Which classes are scored: every positive of the global batch plus S (Sec. 3.2 "Clustering": "margin-based
   PartialFC", sampling part of the negative centres each iteration). Not PartialFC's own rule (fill up to
-  r * block, nothing more once the positives exceed it): at the paper's setting (32,800 x 8 labels on 80
-  GPUs' 12,500-class blocks, about 2,900 positives per block against r * block = 1,250) that rule samples no
-  negative at any r <= 0.2, yet Tab. 5(b) differs over r = 0.01-0.2 (73.4-75.2): the paper's runs sampled.
+  r * block, nothing more once the positives exceed it): at the paper's setting (32,800 x 8 labels, 410
+  images per GPU, on 80 GPUs' 12,500-class blocks: about 2,900 positives per block against r * block =
+  1,250) it samples no negative at any r <= 0.2, yet Tab. 5(b) differs over r = 0.01-0.2 (73.4-75.2): the
+  paper's runs sampled.
 - l and r: Sec. 4.1, defaults k = 1M, r = 0.1, l = 8 (Tab. 5(b), (c): ViT-B/32, 5 epochs, r = 1.0 gives
   63.2, l = 1 gives 71.4, l = 8 75.2; fixed l beats similarity thresholds, Tab. 5(d)): assign.top_l = 8 and
   loss.r1 = 0.1.
@@ -40,8 +41,11 @@ and the layer returns its mean over the global batch. Against the paper, term by
   L/14) are CLIP's values, beside its text tower. L/14@336 is the 224-px L/14 fine-tuned one epoch at 336
   (Sec. 4.6, VLM paragraph). The paper states nothing of bigG (only DeepGlint's releases name it). The
   README's MLCD recipes carry these.
+- Code: DeepGlint's repository (github.com/deepglint/unicom, mlcd/) releases the models, not the training
+  loss; no public re-implementation of the loss was found to compare with.
 
-With l = 1, `margin_kind="angular"` and `negatives="selected"` every logit is `ShardedPrototypes`' over the
+`margin_kind` and `negatives` are arguments of the layer; the train stage builds it with their defaults, the
+paper's form. With l = 1, `margin_kind="angular"` and `negatives="selected"` every logit is `ShardedPrototypes`' over the
 same classes, and the two losses are related exactly by (see `single_label_gap`)
 
     L_mlcd = L_arcface + log(1 + (1 + N * P) / (N + P)),  N = sum_j exp(s cos_j), P = exp(s cos(theta_y + m)),
