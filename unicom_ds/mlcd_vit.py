@@ -113,12 +113,18 @@ def rope_frequencies(head_dim: int, theta: float = ROPE_THETA) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, half, 2, dtype=torch.float64) / half)).float()
 
 
+def position_angles(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, theta: float = ROPE_THETA) -> torch.Tensor:
+    """[..., D/2] angles of patches at grid row `rows` and column `cols` (tensors of one shape): [row * f,
+    column * f]. Any positions: detection rotates each patch by its place in a larger grid, or in a window."""
+    f = rope_frequencies(head_dim, theta).to(rows.device)
+    return torch.cat([rows[..., None].float() * f, cols[..., None].float() * f], dim=-1)
+
+
 def rope_angles(grid_h: int, grid_w: int, head_dim: int, theta: float = ROPE_THETA) -> torch.Tensor:
     """[grid_h * grid_w, D/2] angles of the patches in row-major order: [row * f, column * f]."""
-    f = rope_frequencies(head_dim, theta)
-    rows = torch.arange(grid_h, dtype=torch.float32).repeat_interleave(grid_w)
-    cols = torch.arange(grid_w, dtype=torch.float32).repeat(grid_h)
-    return torch.cat([rows[:, None] * f, cols[:, None] * f], dim=1)
+    rows = torch.arange(grid_h).repeat_interleave(grid_w)
+    cols = torch.arange(grid_w).repeat(grid_h)
+    return position_angles(rows, cols, head_dim, theta)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -127,8 +133,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """x [B, N, heads, D] rotated by angles [N, D/2] (repeated twice over D), computed in fp32."""
-    full = torch.cat([angles, angles], dim=-1)[None, :, None, :].float()
+    """x [B, N, heads, D] rotated by angles [N, D/2], or [B, N, D/2] per sequence (repeated twice over D),
+    computed in fp32."""
+    full = torch.cat([angles, angles], dim=-1).unsqueeze(-2).float()
     out = x.float() * full.cos() + rotate_half(x.float()) * full.sin()
     return out.to(x.dtype)
 

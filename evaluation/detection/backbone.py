@@ -1,11 +1,14 @@
 """A loaded ViT as a Mask R-CNN backbone, ViTDet style (Li et al. 2022), and the Mask R-CNN around it.
 
 `ViTDetBackbone` takes the patch embedding, position embedding and blocks of any model `unicom_ds.load`
-returns (the Unicom release architecture, this repo's exports of it, or an open_clip vision tower) and
-drops the rest (the release's BatchNorm head, CLIP's class token, `ln_post`, `proj`). Its forward:
+returns (the Unicom release architecture, this repo's exports of it, an open_clip vision tower, MLCD's
+CLIP-format tower, or MLCD's RoPE2D ViT) and drops the rest (the release's BatchNorm head, the class token,
+`ln_post`, `proj`). Its forward:
 
 - the position embedding grid is resized bicubically to the input's patch grid on every forward (as
-  ViTDet's `get_abs_pos`), so any detection size works with the pre-trained weights;
+  ViTDet's `get_abs_pos`), so any detection size works with the pre-trained weights; a RoPE2D ViT has no
+  table: its blocks rotate queries and keys by each patch's (row, column) in the detection image's grid,
+  in windowed blocks as in global ones;
 - each block runs as ViTDet's (the block's own weights, its forward rewritten): attention within
   non-overlapping windows of `window_size` x `window_size` patches (the normed grid zero-padded to a
   multiple of the window), except the `global_blocks`, which attend over the whole image (ViTDet's
@@ -36,6 +39,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, roi_align, stochastic_depth
 from torchvision.ops.poolers import initLevelMapper
+
+from unicom_ds import mlcd_vit
 
 # ViTDet's feature pyramid: scale factors of the last feature map -> strides patch/4 ... 2 * patch.
 SCALES = (4.0, 2.0, 1.0, 0.5)
@@ -94,16 +99,31 @@ def resize_pos_embed(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out.permute(0, 2, 3, 1).to(grid.dtype)
 
 
-def attention(block: nn.Module, x: torch.Tensor, release: bool) -> torch.Tensor:
+def token_positions(h: int, w: int, window: int = 0) -> torch.Tensor:
+    """(row, column) in the h x w patch grid of each token as `attention` sees them: [1, h * w, 2] for the whole
+    grid in row-major order, or with `window` [nW, window * window, 2] for its windows as `window_partition`
+    cuts them (the padding's tokens at their places past the grid's edge)."""
+    hp, wp = (h + -h % window, w + -w % window) if window else (h, w)
+    grid = torch.stack(torch.meshgrid(torch.arange(hp), torch.arange(wp), indexing="ij"), dim=-1)[None]
+    return window_partition(grid, window)[0] if window else grid.reshape(1, h * w, 2)
+
+
+def attention(block: nn.Module, x: torch.Tensor, release: bool, angles: torch.Tensor | None = None) -> torch.Tensor:
     """A ViT block's multi-head self-attention within each grid of x [N, h, w, C] (a window or a whole
-    image), plus ViTDet's decomposed relative position bias where the block has its tables."""
+    image), plus ViTDet's decomposed relative position bias where the block has its tables. An MLCD RoPE2D
+    block rotates queries and keys by `angles` [1 or N, hw, D/2]."""
     n, h, w, c = x.shape
     attn = block.attn
     if release:
         qkv, heads, proj = attn.qkv(x), attn.heads, attn.proj
+    elif isinstance(attn, mlcd_vit.Attention):
+        qkv, heads, proj = attn.in_proj(x), attn.heads, attn.out_proj
     else:  # nn.MultiheadAttention: q, k, v packed in in_proj
         qkv, heads, proj = F.linear(x, attn.in_proj_weight, attn.in_proj_bias), attn.num_heads, attn.out_proj
-    q, k, v = qkv.reshape(n, h * w, 3, heads, c // heads).permute(2, 0, 3, 1, 4)  # [N, heads, hw, d]
+    q, k, v = qkv.reshape(n, h * w, 3, heads, c // heads).unbind(2)  # [N, hw, heads, d]
+    if angles is not None:
+        q, k = mlcd_vit.apply_rope(q, angles), mlcd_vit.apply_rope(k, angles)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [N, heads, hw, d]
     bias = rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w)) if hasattr(attn, "rel_pos_h") else None
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     return proj(out.transpose(1, 2).reshape(n, h, w, c))
@@ -129,8 +149,11 @@ def _offsets(table: torch.Tensor, side: int) -> torch.Tensor:
     return table[pos[:, None] - pos[None, :] + side - 1]
 
 
-def _parts(vit: nn.Module) -> tuple[nn.Conv2d, torch.Tensor, nn.Module, list[nn.Module], bool]:
-    """(patch conv, position grid [1, g, g, C], pre-norm, blocks, is the release architecture) of a loaded ViT."""
+def _parts(vit: nn.Module) -> tuple[nn.Conv2d, torch.Tensor | None, nn.Module, list[nn.Module], bool]:
+    """(patch conv, position grid [1, g, g, C] or None for RoPE2D, pre-norm, blocks, is the release
+    architecture) of a loaded ViT."""
+    if isinstance(vit, mlcd_vit.MLCDViT):  # its class token and that token's angles are dropped, as CLIP's
+        return vit.conv1, None, vit.ln_pre, list(vit.transformer.resblocks), False
     if hasattr(vit, "patch_embed") and hasattr(vit, "blocks"):  # unicom_ds.unicom_vit.UnicomViT
         pos = vit.pos_embed.detach()
         pre, blocks, release = nn.Identity(), list(vit.blocks), True
@@ -142,7 +165,7 @@ def _parts(vit: nn.Module) -> tuple[nn.Conv2d, torch.Tensor, nn.Module, list[nn.
         pre, blocks, release = vit.ln_pre, list(vit.transformer.resblocks), False
         conv = vit.conv1
     else:
-        raise ValueError(f"{type(vit).__name__}: not a ViT this adapter knows (Unicom ViT or open_clip tower)")
+        raise ValueError(f"{type(vit).__name__}: not a ViT this adapter knows (Unicom ViT, open_clip tower, MLCD ViT)")
     g = int(round(pos.shape[1] ** 0.5))
     if g * g != pos.shape[1]:
         raise ValueError(f"position embedding of {pos.shape[1]} tokens is not a square grid")
@@ -157,12 +180,14 @@ class ViTDetBackbone(nn.Module):
         super().__init__()
         conv, pos, pre, blocks, release = _parts(vit)
         self.patch_embed = conv
-        self.pos_embed = nn.Parameter(pos)
+        self.pos_embed = None if pos is None else nn.Parameter(pos)
+        # RoPE2D: (head size, theta) of the rotation that stands in for the position table.
+        self.rope = (vit.width // vit.heads, vit.rope_theta) if pos is None else None
         self.pre_norm = pre
         self.blocks = nn.ModuleList(blocks)
         self.release = release
         self.patch_size = int(conv.kernel_size[0])
-        depth, width = len(blocks), pos.shape[-1]
+        depth, width = len(blocks), conv.out_channels
         self.window_size = int(window_size)
         self.global_blocks = set(default_global_blocks(depth) if global_blocks is None else global_blocks)
         bad = sorted(i for i in self.global_blocks if not 0 <= i < depth)
@@ -172,7 +197,7 @@ class ViTDetBackbone(nn.Module):
         if rel_pos:  # ViTDet's tables, zero at the start: the pre-trained blocks' attention is unchanged
             for i, block in enumerate(blocks):
                 side = self.window_size if self._windowed(i) else image_size // self.patch_size
-                head_dim = width // (block.attn.heads if release else block.attn.num_heads)
+                head_dim = width // (block.attn.num_heads if hasattr(block.attn, "num_heads") else block.attn.heads)
                 block.attn.rel_pos_h = nn.Parameter(torch.zeros(2 * side - 1, head_dim))
                 block.attn.rel_pos_w = nn.Parameter(torch.zeros(2 * side - 1, head_dim))
         self.out_channels = out_channels
@@ -202,20 +227,31 @@ class ViTDetBackbone(nn.Module):
         the attention branch on windows (or the whole grid), each residual branch dropped per image."""
         x = self.patch_embed(images).permute(0, 2, 3, 1)  # [B, h, w, C]
         b, h, w, c = x.shape
-        x = self.pre_norm(x + resize_pos_embed(self.pos_embed, (h, w)))
+        x = self.pre_norm(x if self.pos_embed is None else x + resize_pos_embed(self.pos_embed, (h, w)))
+        whole, windowed = self._angles(h, w, 0, b, x.device), self._angles(h, w, self.window_size, b, x.device)
         for i, block in enumerate(self.blocks):
-            norm1, norm2, scale1, scale2 = ((block.norm1, block.norm2, nn.Identity(), nn.Identity()) if self.release
-                                            else (block.ln_1, block.ln_2, block.ls_1, block.ls_2))
+            norm1, norm2 = (block.norm1, block.norm2) if self.release else (block.ln_1, block.ln_2)
+            scale1, scale2 = getattr(block, "ls_1", nn.Identity()), getattr(block, "ls_2", nn.Identity())
             y = norm1(x)
             if self._windowed(i):  # zero-padded after the norm, as ViTDet
                 windows, padded = window_partition(y, self.window_size)
                 windows = windows.view(-1, self.window_size, self.window_size, c)
-                y = window_unpartition(attention(block, windows, self.release), self.window_size, padded, (h, w))
+                y = window_unpartition(attention(block, windows, self.release, windowed), self.window_size, padded,
+                                       (h, w))
             else:
-                y = attention(block, y, self.release)
+                y = attention(block, y, self.release, whole)
             x = x + stochastic_depth(scale1(y), self.block_drop[i], "row", self.training)
             x = x + stochastic_depth(scale2(block.mlp(norm2(x))), self.block_drop[i], "row", self.training)
         return x
+
+    def _angles(self, h: int, w: int, window: int, batch: int, device) -> torch.Tensor | None:
+        """RoPE2D's angles of every token of the batch's windows (window > 0, [batch * nW, window^2, D/2]) or
+        whole grids ([1, h * w, D/2]) at their places in the image's patch grid; None without RoPE2D."""
+        if self.rope is None:
+            return None
+        pos = token_positions(h, w, window).to(device)
+        angles = mlcd_vit.position_angles(pos[..., 0], pos[..., 1], *self.rope)
+        return angles.repeat(batch, 1, 1) if window else angles
 
     def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         x = self.tokens(images).permute(0, 3, 1, 2).contiguous()

@@ -4,7 +4,7 @@
     python -m evaluation.detection.job run_dir=RUN detect.data_root=/data/coco     # here, one process
 
 `detect.model` takes the eval stage's model syntax (`run`, `unicom:NAME@FILE`, `openclip:NAME@TAG_OR_FILE`,
-`ckpt:NAME@FILE`); every model `unicom_ds.load` knows becomes the backbone. Outputs, per model label:
+`ckpt:NAME@FILE`, `mlcd:FOLDER`); every model `unicom_ds.load` knows becomes the backbone. Outputs, per model label:
 
     RUN/detect/<label>/ckpt/step_N.pt, latest   atomic checkpoints (model, optimizer, RNG, step)
     RUN/detect/<label>/metrics.json             COCOeval box and mask AP, written last: the done marker
