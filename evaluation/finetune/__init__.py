@@ -1,4 +1,4 @@
-"""Supervised retrieval fine-tuning (the Unicom paper's Tab. 4): any backbone `unicom_ds.load` knows,
+"""Supervised retrieval fine-tuning (the Unicom paper's Tab. 4): any backbone `unicom_ds.load` knows (MLCD's too),
 fine-tuned on the train split of a retrieval set with the train stage's machinery (`unicom_ds.train.Trainer`:
 ShardedPrototypes, DeepSpeed, checkpoints and resume, TensorBoard, SLURM requeue), then evaluated on the
 set's test split by the eval stage's retrieval code, next to the model it started from.
@@ -10,4 +10,5 @@ set's test split by the eval stage's retrieval code, next to the model it starte
 - `job`: the precheck, the job (`finetune_job`, `FinetuneJob` under SLURM, `local_command` for the
   deepspeed launcher), the per-epoch test and the evaluation. Writes RUN/finetune/<set>/ (ckpt/, backbone.pt,
   export.json, init.json, epochs.json), RUN/tensorboard/finetune/<set>/, and the results into RUN/eval/.
+- `sync_bn`: the release head's BatchNorm synchronised over the ranks (retrieval.py's SyncBatchNorm).
 """

@@ -42,11 +42,17 @@ def trained_name(spec: ModelSpec, cfg: Any) -> str:
     kind, _, name = spec.name.partition(":")
     if spec.label == "run":
         name = str(cfg.model)
+    elif spec.name == "mlcd":  # the folder's architecture by its name, in its format
+        from unicom_ds.loading import mlcd_folder
+        from unicom_ds.mlcd_vit import title
+        module, arch = mlcd_folder(spec.checkpoint)
+        name = backbone.folder_name(module, arch) or title(arch, module.FORMAT)
     elif kind == "unicom":
         from unicom_ds.unicom_vit import canonical_name
         name = canonical_name(name)
-    elif kind == "ckpt":
-        name = name if name.startswith(backbone.OPENCLIP) else backbone.OPENCLIP + name
+    elif kind == "ckpt":  # a train-stage export: an MLCD ViT by its name, else an open_clip tower
+        mlcd = name in backbone.MODELS and backbone.is_mlcd(name)
+        name = name if mlcd or name.startswith(backbone.OPENCLIP) else backbone.OPENCLIP + name
     else:  # the tower the init loads as: OpenAI's weights get QuickGELU, and must be exported under that name
         name = backbone.OPENCLIP + openclip_architecture(name, spec.checkpoint)
     if name not in backbone.MODELS:
@@ -109,7 +115,7 @@ def check(cfg: Any, world: int, ranks: str) -> list[str]:
                  f"epochs), prototypes x{float(f.prototype_lr_mult):g}, weight decay {float(f.weight_decay):g}; "
                  f"loss r1={lc.r1} margin={lc.margin} scale={lc.scale}")
     beta1 = "beta1 0.95->0.85->0.95" if f.cycle_momentum and f.schedule == "onecycle" else "beta1 0.9"
-    drop = f"drop path {float(f.drop_path):g}" if backbone.is_release(model) else "no drop path (open_clip tower)"
+    drop = f"drop path {float(f.drop_path):g}" if backbone.is_release(model) else "no drop path (a release ViT's only)"
     images = ("origin_clip: resize + centre crop, no augmentation" if f.transform == "origin_clip" else
               f"timm: augment {f.augment.auto_augment}, jitter {f.augment.color_jitter}, erasing {f.augment.re_prob} "
               f"({f.augment.re_mode})")
@@ -134,13 +140,15 @@ def _record_init(cfg: Any, name: str) -> None:
 
 def start_model(cfg: Any, init: ModelSpec) -> tuple[str, Any]:
     """(export name, the init's weights set to train): the release ViTs with finetune.drop_path, as
-    they were built to train (open_clip towers have no drop path)."""
+    they were built to train (open_clip towers and MLCD ViTs have no drop path), and the release head's
+    BatchNorm synchronised over the ranks, as retrieval.py converts it."""
+    from evaluation.finetune import sync_bn
     from unicom_ds.loading import load
     from unicom_ds.unicom_vit import UnicomViT, set_drop_path
     model = load(init.name, init.checkpoint)[0]
     if isinstance(model, UnicomViT):
         set_drop_path(model, float(cfg.finetune.drop_path))
-    return trained_name(init, cfg), model
+    return trained_name(init, cfg), sync_bn.convert(model)
 
 
 def epochs_path(cfg: Any, name: str) -> Path:
