@@ -565,6 +565,25 @@ def test_stage_refuses_bad_input_before_running(tmp_path):
     assert "  not run: scq at 12 bits with 8-bit codebooks (12 bits is not a multiple of 8-bit codebooks)" in plan
 
 
+def test_opq_with_fewer_training_images_than_dimensions_is_refused_before_running(tmp_path):
+    """faiss' OPQ aborts the process (double free, or a failed assertion in its k-means) when it trains its
+    rotation on fewer rows than the feature has dimensions: the plan refuses it, for SCQ's OPQ start too."""
+    from slurm import launch
+    from unicom_ds import config
+    x, y = demo_sets.digit_images(40)
+    demo_sets.write_sop(tmp_path / "data", x, y)
+    init = tmp_path / "init.pt"
+    torch.save({}, init)
+    base = ["stage=quantize", f"run_dir={tmp_path / 'run'}", f"eval.data_root={tmp_path / 'data'}",
+            f"quantize.model=unicom:ViT-Tiny-16@{init}", "quantize.datasets=[sop]", "quantize.train_split=test",
+            "quantize.bits=[16]", "quantize.nbits=[4]"]
+    for method, hint in (("opq", ""), ("scq", "; or quantize.scq.init=random")):
+        with pytest.raises(ValueError, match=re.escape(f"quantize.methods: {method}-4x4 trains OPQ's 64 x 64 rotation, "
+                                                       f"which needs at least 64 training images; sop has 40{hint}")):
+            launch.precheck(config.resolve([*base, f"quantize.methods=[{method}]"]))
+    launch.precheck(config.resolve([*base, "quantize.methods=[pq,scq]", "quantize.scq.init=random"]))
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_quantize_runs_on_slurm(slurm, tmp_path):

@@ -76,10 +76,14 @@ def why_not(method: str, bits: int, nbits: int, dim: int | None) -> str | None:
 
 
 def feature_dim(cfg: Any) -> int | None:
-    """The embedding width of quantize.model when its name says it (None for a name this can't tell)."""
+    """The embedding width of quantize.model when its name (or an MLCD folder's config.json) says it (None for a
+    name this can't tell)."""
     from unicom_ds import backbone
+    from unicom_ds.loading import mlcd_folder
     try:
-        return backbone.embed_dim(model_spec(cfg).name.removeprefix("unicom:"))
+        spec = model_spec(cfg)
+        return int(mlcd_folder(spec.checkpoint)[1]["width"]) if spec.name == "mlcd" else \
+            backbone.embed_dim(spec.name.removeprefix("unicom:"))
     except (ValueError, LookupError, TypeError):  # an unknown name is the model check's to report
         return None
 
@@ -152,12 +156,18 @@ def check(cfg: Any) -> list[str]:
 
 
 def check_budgets(cfg: Any, name: str, images: int, dim: int | None) -> None:
-    """Every unit's codebooks (and IVF-PQ's lists) can be trained on the set's `images` training images."""
+    """Every unit's codebooks (and IVF-PQ's lists, OPQ's rotation) can be trained on the set's `images` training
+    images."""
+    opq = ("opq", *(SCQ_METHODS if str(cfg.quantize.scq.init) == "opq" else ()))
     for method, bits, nbits in units(cfg, dim):
         if images < 2 ** nbits:
             raise config.ConfigError(f"quantize.nbits={nbits}: {name} has {images:,} training images for the "
                                      f"{2 ** nbits:,} codewords per sub-space of {unit_name(method, bits, nbits)}; "
                                      f"drop {nbits} from quantize.nbits")
+        if method in opq and dim is not None and images < dim:  # faiss' OPQ training aborts the process then
+            raise config.ConfigError(f"quantize.methods: {unit_name(method, bits, nbits)} trains OPQ's {dim} x {dim} "
+                                     f"rotation, which needs at least {dim} training images; {name} has {images:,}"
+                                     + ("; or quantize.scq.init=random" if method in SCQ_METHODS else ""))
     nlist = cfg.quantize.ivf.nlist
     if "ivfpq" in cfg.quantize.methods and nlist is not None and int(nlist) > images:
         raise config.ConfigError(f"quantize.ivf.nlist={nlist}: more lists than the {images:,} training images of "
@@ -168,12 +178,11 @@ class _Features:
     """The frozen backbone's features, cached through evaluation.features (one process)."""
 
     def __init__(self, cfg: DictConfig, spec: ModelSpec):
-        from unicom_ds import backbone
         from unicom_ds.loading import load
         self.cfg, self.spec = cfg, spec
         self.model, self.preprocess = load(spec.name, spec.checkpoint, device="cpu")
-        name = spec.name.partition(":")[2] if ":" in spec.name else spec.name
-        self.image_size = backbone.image_size(name) if name in backbone.MODELS else 224
+        size = getattr(self.model, "image_size", 224)  # the model's input size (open_clip's is a pair)
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
 
     def __call__(self, key: str, paths: list[str], transform=None) -> np.ndarray:
         from evaluation.features import ImageFiles, cached_extract, features_path
