@@ -138,21 +138,17 @@ def model_title(spec: ModelSpec) -> str | None:
 
 def job_model(entry: str, key: str, cfg: Any) -> ModelSpec:
     """The backbone of a job that trains or rebuilds it (detect.model, finetune.init, quantize.model: `key`),
-    an eval.models entry; errors name `key`. MLCD models (folders, or runs of model=MLCD-ViT-...) are refused:
-    those jobs build their backbones as the Unicom release or open_clip architectures. A weights file that is
-    there is read (tensors and plain values only, mmap: no memory), so a planted or damaged one is refused at
-    submission; a missing one is its caller's to report."""
+    an eval.models entry, MLCD models included; errors name `key`. An MLCD folder must be there with a
+    config.json that `load` reads and its weight files (not read). A weights file that is there is read
+    (tensors and plain values only, mmap: no memory), so a planted or damaged one is refused at submission;
+    a missing one is its caller's to report."""
     try:
         spec = parse_model(entry, cfg.run_dir, str(cfg.model))
     except config_mod.ConfigError as e:
         raise config_mod.ConfigError(str(e).replace("eval.models entry", key)) from None
-    from unicom_ds import mlcd_vit
-    arch = spec.name.removeprefix("ckpt:")
-    if spec.name == "mlcd" or arch in mlcd_vit.CONFIGS:
-        what = "mlcd:FOLDER" if spec.name == "mlcd" else f"a run of model={arch}"
-        raise config_mod.ConfigError(f"{key}={spec.label}: MLCD models ({what}) are scored by the eval stage "
-                                     "(eval.models) only; this job does not take them yet")
-    if spec.is_file and Path(spec.checkpoint).is_file():
+    if spec.name == "mlcd":
+        check_mlcd_folder(f"{key}={entry}", spec.checkpoint)
+    elif spec.is_file and Path(spec.checkpoint).is_file():
         from unicom_ds.loading import read_weights
         shown = f"{key}={entry}" if entry.endswith(spec.checkpoint) else f"{key}={entry} ({spec.checkpoint})"
         read_weights(spec.checkpoint, shown)

@@ -293,8 +293,11 @@ def test_eval_models_mlcd_entry(saved_by_transformers, tmp_path):
         run.check_mlcd_folder("eval.models 'x'", str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="mlcd:FOLDER"):
         run.parse_model("mlcd:", tmp_path, "ViT-B-16")
-    with pytest.raises(ConfigError, match="detect.model=mlcd:saved: MLCD models .* eval stage"):
-        run.job_model(f"mlcd:{folder}", "detect.model", SimpleNamespace(run_dir=tmp_path, model="ViT-B-16"))
+    # The jobs that rebuild a backbone take it too (tests/test_mlcd_jobs.py); a missing folder is named with their key.
+    cfg = SimpleNamespace(run_dir=tmp_path, model="ViT-B-16")
+    assert run.job_model(f"mlcd:{folder}", "detect.model", cfg) == spec
+    with pytest.raises(FileNotFoundError, match=r"detect.model=mlcd:.*missing: MLCD model folder .*missing: no such"):
+        run.job_model(f"mlcd:{tmp_path / 'missing'}", "detect.model", cfg)
 
 
 def test_eval_stage_scores_an_mlcd_folder_end_to_end(exported, tmp_path):
