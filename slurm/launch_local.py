@@ -18,7 +18,7 @@ from typing import Iterator, TextIO
 
 from omegaconf import DictConfig
 
-from unicom_ds import shards
+from unicom_ds import quiet, shards
 from unicom_ds.atomic import read_json
 from unicom_ds.config import ConfigError, select
 from unicom_ds.disk import DiskFull
@@ -73,16 +73,17 @@ def tee_output(path: Path) -> Iterator[None]:
 
 
 def run_subprocess(argv: list[str]) -> None:
-    """Run argv, streaming its output line by line to sys.stdout (the tee).
+    """Run argv, streaming its output line by line to sys.stdout (the tee), less the known noise (unicom_ds.quiet).
 
     argv runs in a process group of its own (deepspeed's runner and the ranks it starts), which ends with the
     launcher: on SIGTERM (exit 128+15), Ctrl-C (KeyboardInterrupt) or any other exception.
     """
     print("$ " + " ".join(argv), flush=True)
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                          start_new_session=True) as proc, ended_with_launcher(proc):
+                          start_new_session=True, env=quiet.child_env()) as proc, ended_with_launcher(proc):
         for line in proc.stdout:
-            sys.stdout.write(line)
+            if not quiet.is_noise(line):
+                sys.stdout.write(line)
     if proc.returncode:
         raise SubprocessFailed(f"the step's processes exited with code {proc.returncode} (their output above says why)")
 
@@ -124,7 +125,11 @@ class SubprocessFailed(RuntimeError):
 
 def run_step(job: Job, cfg_dict: dict) -> None:
     if job.step in ("train", "finetune"):  # deepspeed starts its own processes
-        run_subprocess(target(f"{job.step}_local")(cfg_dict))
+        argv = target(f"{job.step}_local")(cfg_dict)
+        if "--num_gpus" in argv:  # their first line comes after torch and DeepSpeed are imported in each
+            print(f"starting {_n(int(argv[argv.index('--num_gpus') + 1]), 'DeepSpeed rank')} (about 20 s)...",
+                  flush=True)
+        run_subprocess(argv)
         return
     fn = target(job.step)
     if isinstance(fn, type):  # a submitit Checkpointable (DetectJob): its instance is the job function
@@ -151,11 +156,16 @@ def outcome(cfg: DictConfig, job: Job) -> str:
     """What a finished step produced, in shards, rows, classes and data sets, read from the run directory."""
     out = output_dir(cfg, job.step)
     if job.step == "embed":
+        from cluster_job.features import source_run
+        source = source_run(cfg)  # embed.from: the shards of another run, read in place
         stems = [shards.stem(p) for args in job.tasks for p in args[0]]
-        done = [d for d in (_read(out / f"{s}.done.json") for s in stems) if d is not None]
+        done = [d for d in (_read(Path(source) / "embed" / f"{s}.done.json") for s in stems) if d is not None]
+        rows = _n(sum(int(d.get("n", 0)) for d in done), "row")
+        if source != str(cfg.run_dir):
+            return f"{_n(len(done), 'shard')} reused from {source} (embed.from), {rows}"
         skipped = sum(int(v) for d in done for v in d.get("skipped", {}).values())
         damaged = sum(bool(d.get("damaged")) for d in done)
-        return f"{len(done)} of {_n(len(stems), 'shard')}, {_n(sum(int(d.get('n', 0)) for d in done), 'row')} " \
+        return f"{len(done)} of {_n(len(stems), 'shard')}, {rows} " \
                f"({skipped} skipped)" + (f", {damaged} damaged" if damaged else "")
     if job.step == "import":
         done = [d for d in map(_read, sorted(out.glob("*.done.json"))) if d is not None]
@@ -198,6 +208,7 @@ def run(cfg: DictConfig, jobs: list[Job]) -> int:
     """Run the jobs in order; 0 when all succeed, REFUSED when the first step refuses the config (ConfigError,
     said in one line), 1 (after saying which step failed and where its log is) for any other failure."""
     cfg_dict = select(cfg)
+    quiet.install()  # the steps below run in this process
     summary = []
     for i, job in enumerate(jobs):
         log = log_dir(cfg) / f"local_{job.step}.log"
