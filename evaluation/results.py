@@ -236,6 +236,10 @@ def quantize_table(results: dict) -> str:
     return "\n\n".join(parts)
 
 
+# Below the axes, outside the data (a legend inside hid the first point); bbox_inches="tight" keeps it in the file.
+LEGEND_BELOW = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.18), "frameon": False}
+
+
 def plot_quantize(results: dict, path: str | os.PathLike) -> bool:
     """mAP@K against code bits, a line per method (and the float features as a level), per (model, set)."""
     cells = quantize_cells(results)
@@ -260,10 +264,10 @@ def plot_quantize(results: dict, path: str | os.PathLike) -> bool:
         ax.set_ylim(0, 100)
         ax.set_title(f"{model} on {dataset}", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, **LEGEND_BELOW)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -339,10 +343,10 @@ def plot_dims(results: dict, path: str | os.PathLike) -> bool:
     ax.set_ylabel("Recall@1 (%), mean over retrieval sets")
     ax.set_ylim(0, 100)  # the whole scale: a 2-point change must not look steep
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(**LEGEND_BELOW)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
 

@@ -164,13 +164,17 @@ def check_made_with(cfg: DictConfig, steps: tuple[str, ...]) -> None:
 
 
 def steps_of(cfg: DictConfig) -> tuple[str, ...]:
-    """The steps of `cfg.stage`; detect.with_eval=true adds detect after eval (stage=eval, stage=all)."""
+    """The steps of `cfg.stage`; detect.with_eval=true adds detect after eval (stage=eval, stage=all); detect,
+    finetune and quantize end with the report when RUN/report/index.html exists."""
     steps = STEPS[cfg.stage]
     if cfg.detect.with_eval and "eval" in steps:
         at = steps.index("eval") + 1
         steps = (*steps[:at], "detect", *steps[at:])
-    if cfg.stage == "all" and cfg.finetune.datasets:  # stage=all ends with fine-tuning when sets are named
-        steps = (*steps, "finetune")
+    if cfg.stage == "all" and cfg.finetune.datasets:  # stage=all ends with fine-tuning when sets are named,
+        steps = (*steps[:-1], "finetune", steps[-1])  # then the report
+    # A stage adding results rebuilds the run's report after it, once there is one (stage=all made it).
+    if steps[-1] in ("detect", "finetune", "quantize") and (output_dir(cfg, "report") / "index.html").is_file():
+        steps = (*steps, "report")
     if cfg.embed.get("source") and not cfg.embed.get("from"):  # imported features replace the embed step
         steps = tuple("import" if s == "embed" else s for s in steps)
     return steps

@@ -14,6 +14,7 @@ from PIL import Image
 
 from cluster_job import cluster_samples as cs
 from evaluation import report, results
+from slurm import launch
 from unicom_ds import config, tblog
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "clock", "moon"]
@@ -68,8 +69,16 @@ def make_run(root: Path, with_train=True, with_eval=True, shard_rows=(9, 7)) -> 
                           "report.per_class=4", "report.thumb_size=48", "progress=off"])
     config.save(cfg)
     (run / "kmeans").mkdir()
-    (run / "kmeans" / "summary.json").write_text(json.dumps({"k": K, "d": 32, "objective": 12.5}))
-    (run / "labels" / "summary.json").write_text(json.dumps({"non_empty": 5, "min": 1, "max": 9}))
+    # The summaries as the stages write them: Python literals, a hash, a nested config, seconds.
+    (run / "kmeans" / "summary.json").write_text(json.dumps({
+        "config": {"kmeans.niter": 20, "embed.from": None}, "d": 32, "damaged_shards": [], "gpus": 0,
+        "iterations": 8, "k": K, "mean_cosine": 0.9436360313778832, "mode": "joint", "objective": 12.5,
+        "points_embedded": 16, "points_used": 16, "seconds": 0.009, "two_level": False}))
+    (run / "labels" / "summary.json").write_text(json.dumps({
+        "centroids_sha256": "d33189ae8b998476d422a4a91da5b91ceb471f922d76e87e224457fdbca51498",
+        "empty_classes": 1, "k": K, "max_size": 9, "mean_size": 3.2, "median_size": 3.0, "min_size": 1,
+        "non_empty_classes": 5, "p99_size": 8.9, "rows": 16, "rows_skipped": {}, "shards": 2,
+        "search": {"search": "exact", "top_l": 1}}))
     Image.new("RGB", (60, 40), (200, 30, 30)).save(run / "labels" / "class_sizes.png")
     if with_train:
         with tblog.writer(str(run), "train") as tb:
@@ -381,21 +390,122 @@ def test_report_shows_damaged_shards(tmp_path):
     assert "damaged input shard" not in report.build_report(run).read_text()
 
 
-def test_summaries_render_mappings_as_tables_and_plots_get_captions(tmp_path):
+def _stages(page: str) -> str:
+    return page[page.index("<h2>Stages</h2>"):page.index("<h2>Cluster browser</h2>")]
+
+
+def test_stage_tables_name_quantities_with_units(tmp_path):
+    """Named quantities with units, yes/no, thousands separators; no JSON, hashes, Python literals or config."""
     run = make_run(tmp_path)["run"]
-    (run / "kmeans" / "summary.json").write_text(json.dumps(
-        {"k": K, "config": {"kmeans.niter": 20, "embed.from": None}, "damaged_shards": []}))
-    (run / "labels" / "summary.json").write_text(json.dumps({"non_empty": 5, "rows_skipped": {}}))
+    kmeans = json.loads((run / "kmeans" / "summary.json").read_text())
+    kmeans.update(points_used=123456, points_embedded=1234567, seconds=754.2)
+    (run / "kmeans" / "summary.json").write_text(json.dumps(kmeans))
+    labels = json.loads((run / "labels" / "summary.json").read_text())
+    labels.update(rows_skipped={"corrupt image": 2}, damaged_shards=[], search={
+        "search": "auto", "top_l": 8, "nlist": 16, "nprobe_used": ["8"], "checked_rows": 1280,
+        "top1_disagreement": 0.0025, "topl_recall": 0.99})
+    (run / "labels" / "summary.json").write_text(json.dumps(labels))
     for done in (run / "embed").glob("*.done.json"):
-        done.write_text(json.dumps({"n": 3, "skipped": {}}))
-    Image.new("RGB", (30, 20), (0, 90, 0)).save(run / "eval" / results.DIM_PLOT)
+        done.write_text(json.dumps({"n": 3000, "skipped": {}, "d": 32, "seconds": 0.05, "damaged": None}))
+    stages = _stages(report.build_report(run).read_text())
+    assert "{" not in stages and "[]" not in stages and "kmeans.niter" not in stages  # no raw JSON, no config
+    for word in ("False", "True", "None", "null", "sha256", "gpus", "seconds", "_"):
+        assert word not in stages, word
+    assert not re.search(r"[0-9a-f]{64}", stages)
+    for row in (("rows", "6,000"), ("rows skipped", "0"), ("time, all shards", "0.1 s"),
+                ("rows clustered", "123,456 of 1,234,567 embedded"), ("two levels", "no"), ("device", "CPU"),
+                ("time", "12.6 min"), ("mean cosine to the centroid", "0.9436"), ("features", "image + text (joint)"),
+                ("class size (images)", "min 1, median 3, mean 3.2, 99th percentile 8.9, max 9"),
+                ("search", "IVF of 16 lists, nprobe 8, 8 labels per row; 0.25 % of 1,280 rows checked against exact "
+                           "search changed label"),
+                ("rows skipped", "2 (corrupt image: 2)"), ("non-empty classes", "5 of 6"),
+                ("backbone", "train/backbone.pt"), ("models", "run, openclip:B32")):
+        assert f"<tr><td>{row[0]}</td><td>{row[1]}</td></tr>" in stages, row
+    assert "<h3>detect</h3>" not in stages  # an optional stage shows once it has run
+    metrics = run / "detect" / "run" / "metrics.json"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text(json.dumps({"steps": 1200, "metrics": {"box/AP": 0.044, "mask/AP": 0.072}}))
+    assert ("<h3>detect</h3><table class=\"kv\"><tr><td>run</td><td>1,200 steps, box AP 4.4 %, mask AP 7.2 %</td>"
+            in _stages(report.build_report(run).read_text()))
+
+
+def test_text_says_none_and_times_in_words():
+    assert [report._text(v) for v in (True, False, None, [], 1234567, 2.0, 0.94363, 12345.6, "x", ["a", "b"])] == \
+        ["yes", "no", "\u2014", "\u2014", "1,234,567", "2", "0.9436", "12,346", "x", "a, b"]
+    assert [report._seconds(s) for s in (0.02, 7.25, 99.0, 754.2, 7200.0)] == \
+        ["under 0.1 s", "7.2 s", "99.0 s", "12.6 min", "2.0 h"]
+
+
+def test_curves_titled_in_words_flat_ones_left_out(tmp_path):
+    scalars = {"train/loss": [(s, 5.0 - s) for s in range(1, 6)], "train/beta1": [(s, 0.9) for s in range(1, 6)],
+               "train/skipped_steps": [(s, 0.0) for s in range(1, 6)], "train/lr": [(2, 1e-3), (1, 5e-4)],
+               "train/images_per_s": [(s, 100.0 + s) for s in range(1, 6)], "train/new_thing": [(1, 1.0), (2, 2.0)]}
+    figures = report.curve_figures(scalars)
+    assert [(stem, title, unit) for stem, title, unit, _ in figures] == [
+        ("train/loss", "Training loss", ""), ("train/lr", "Learning rate", ""),
+        ("train/images_per_s", "Images per second, all ranks", "images/s"), ("train/new_thing", "New thing", "")]
+    assert figures[1][3] == {"Learning rate": [(1, 5e-4), (2, 1e-3)]}  # by step
+
+
+def test_detection_curves_group_loss_terms_and_aps(tmp_path):
+    run = make_run(tmp_path, with_eval=False)["run"]
+    with tblog.writer(str(run), "detect") as tb:
+        for step in (10, 20, 30):
+            tb.add_scalar("detect/loss", 3.0 / step, step)
+            tb.add_scalar("detect/loss_mask", 1.0 / step, step)
+            tb.add_scalar("detect/loss_classifier", 2.0 / step, step)
+            tb.add_scalar("detect/lr", 1e-3 if step > 10 else 1e-4, step)
+        tb.add_scalar("detect/run/box/AP", 0.25, 30)
+        tb.add_scalar("detect/run/mask/AP50", 0.5, 30)
     page = report.build_report(run).read_text()
-    stages = page[page.index("<h2>Stages</h2>"):page.index("<h2>Cluster browser</h2>")]
-    assert "{" not in stages and "[]" not in stages  # no raw JSON
-    assert ('<tr><td>config</td><td><table class="kv"><tr><td>kmeans.niter</td><td>20</td></tr>'
-            "<tr><td>embed.from</td><td>unset</td></tr></table></td></tr>") in stages
-    assert "<tr><td>skipped</td><td>none</td></tr>" in stages and "<tr><td>rows_skipped</td><td>none</td></tr>" in stages
-    assert "<tr><td>damaged_shards</td><td>none</td></tr>" in stages
-    caption = re.search(r'<img src="assets/eval_recall_vs_dim.png"[^>]*><figcaption>([^<]*)</figcaption>', page)
-    assert caption and caption.group(1).startswith("Recall@1 against feature dimension")
-    assert "(RUN/eval/recall_vs_dim.png)" in caption.group(1)
+    detection = page[page.index("<h2>Detection curves</h2>"):page.index("<h2>Evaluation</h2>")]
+    assert re.findall(r'alt="([^"]*)"', detection) == [
+        "Training loss", "Learning rate", "Loss terms", "Average precision on val, run"]
+    for name in ("detect_loss_terms.png", "detect_run_AP.png"):
+        png = Image.open(run / "report" / "curves" / name)
+        assert png.size[0] == 400 and np.asarray(png.convert("L")).std() > 5
+    assert Image.open(run / "report" / "curves" / "detect_loss_terms.png").size[1] > 260  # room for the legend
+    assert "<h2>Detection curves</h2>" not in report.build_report(make_run(tmp_path / "b")["run"]).read_text()
+
+
+def test_eval_headings_are_short_with_the_protocol_in_a_footnote(tmp_path):
+    run = make_run(tmp_path)["run"]
+    (run / "eval" / "results.json").write_text(json.dumps({"run": {
+        "sop": {"R@1": 0.5, "dim32/R@1": 0.4, "dim64/R@1": 0.5}, "eurosat": {"top1": 0.7, "fixed_c/top1": 0.6},
+        "shapes": {"box/AP": 0.04, "mask/AP": 0.07}}}))
+    page = report.build_report(run).read_text()
+    evaluation = page[page.index("<h2>Evaluation</h2>"):]
+    assert re.findall(r"<h3>([^<]*)</h3>", evaluation) == [
+        "Linear probe", "Linear probe at a fixed C", "Retrieval", "Detection on synthetic shapes",
+        "Recall@1 by feature dimension"]
+    notes = re.findall(r'<p class="foot">([^<]*)</p>', evaluation)
+    assert notes[0].startswith("Top-1 accuracy (%). L-BFGS") and "Tab. 1" in notes[0]
+    assert notes[2].startswith("Recall@1 (%), features L2-normalised") and "Tab. 2" in notes[2]
+    assert "not comparable with the paper" in notes[3]
+    assert notes[4].startswith("Recall@1 against feature dimension")
+    for absent in ("VehicleID", "GLDv2", "Aircraft", "COCO detection", "APm"):  # sets and columns it does not have
+        assert absent not in evaluation.replace("stand-in for COCO", ""), absent
+    assert "<th>box AP</th><th>mask AP</th></tr><tr><td>run</td><td>4.0</td><td>7.0</td>" in evaluation
+    dims = Image.open(run / "report" / "assets" / f"eval_{results.DIM_PLOT}")  # drawn from results.json
+    assert np.asarray(dims.convert("L")).std() > 5
+    (run / "eval" / "results.json").write_text(json.dumps({"run": {
+        "vehicleid": {"800/R@1": 0.5, "800/R@5": 0.6}, "fgvc_aircraft": {"mean_per_class": 0.3}}}))
+    evaluation = report.build_report(run).read_text().split("<h2>Evaluation</h2>")[1]
+    assert "VehicleID: the 800 test list" in evaluation and "mean per-class accuracy for Aircraft" in evaluation
+    assert "<h3>VehicleID, every test list</h3>" in evaluation
+
+
+def test_detect_finetune_quantize_rebuild_an_existing_report(tmp_path):
+    run = tmp_path / "run"
+
+    def steps(*args):
+        return launch.steps_of(config.resolve([f"run_dir={run}", *args]))
+
+    assert steps("stage=detect") == ("detect",) and steps("stage=quantize") == ("quantize",)
+    (run / "report").mkdir(parents=True)
+    (run / "report" / "index.html").write_text("")
+    assert steps("stage=detect") == ("detect", "report") and steps("stage=finetune") == ("finetune", "report")
+    assert steps("stage=quantize") == ("quantize", "report") and steps("stage=eval") == ("eval",)
+    assert steps("stage=eval", "detect.with_eval=true") == ("eval", "detect", "report")
+    assert steps("stage=all", "finetune.datasets=[cub]")[-3:] == ("eval", "finetune", "report")
+    assert steps("stage=report") == ("report",)

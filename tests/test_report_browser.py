@@ -1,4 +1,5 @@
-"""The run report in headless Chromium: no console errors, thumbnails render, every link resolves.
+"""The run report in headless Chromium: no console errors, thumbnails and curves render, every link resolves, and
+its text reads as written for people (no Python literals, no hashes, singular nouns).
 
 Chromium is driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`: JSON messages ending
 in NUL on file descriptors 3 and 4), so no websocket client or driver package is needed.
@@ -8,6 +9,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -21,6 +23,7 @@ from PIL import Image
 
 from test_report import make_run
 from evaluation import report
+from unicom_ds import config
 
 pytestmark = pytest.mark.browser
 
@@ -149,21 +152,30 @@ def browser(chromium_binary, tmp_path):
     b.close()
 
 
-# Every src/href as written and as the browser resolved it, and every image's decoded size.
-PAGE_FACTS = """(() => ({
+# Every src/href as written and as the browser resolved it, every image's decoded size, where the thumbnail
+# grid and the curves are (null when absent), and the page's text.
+PAGE_FACTS = """((box = sel => { const e = document.querySelector(sel), r = e && e.getBoundingClientRect();
+                           return r && {x: r.x + scrollX, y: r.y + scrollY, width: r.width, height: r.height}; }) => ({
   refs: [...document.querySelectorAll('[src],[href]')].map(e => {
     const attr = e.hasAttribute('src') ? 'src' : 'href';
     return {raw: e.getAttribute(attr), url: e[attr]};
   }),
-  imgs: [...document.images].map(i => ({src: i.getAttribute('src'), w: i.naturalWidth, done: i.complete})),
-  grid: (() => { const r = document.querySelector('.grid').getBoundingClientRect();
-                 return {x: r.x + scrollX, y: r.y + scrollY, width: r.width, height: r.height}; })(),
+  imgs: [...document.images].map(i => ({src: i.getAttribute('src'), alt: i.alt, w: i.naturalWidth, done: i.complete})),
+  grid: box('.grid'),
+  curves: box('.curves'),
+  text: document.body.textContent,
 }))()"""
 
 
 def test_report_loads_clean_thumbnails_render_links_resolve(browser, tmp_path):
     run = make_run(tmp_path / "run")["run"]
-    index = report.build_report(run)
+    labels = {stem: np.load(run / "labels" / f"{stem}.npy") for stem in ("00000", "00001")}
+    for values in labels.values():
+        values[values == 5] = 3
+    labels["00000"][0] = 5  # class 5 holds one image, shard 0's first (a readable one)
+    for stem, values in labels.items():
+        np.save(run / "labels" / f"{stem}.npy", values)
+    index = report.build_report(run, config.resolve([f"run_dir={run}", "report.classes=10", "progress=off"]))
     browser.open(index)
     facts = browser.evaluate(PAGE_FACTS)
     assert browser.errors() == []
@@ -179,6 +191,15 @@ def test_report_loads_clean_thumbnails_render_links_resolve(browser, tmp_path):
     pixels = browser.screenshot(facts["grid"])
     assert pixels.shape[0] > 40 and pixels.shape[1] > 40
     assert pixels.std() > 20  # photos, not an empty box or broken-image icons on white
+    curves = browser.screenshot(facts["curves"])
+    assert curves.shape[1] > 400 and (curves < 128).mean() > 0.01  # drawn lines and labels on white
+
+    text = facts["text"]  # all of it, the closed config included
+    for literal in ("False", "True", "None"):
+        assert not re.search(rf"\b{literal}\b", text), literal
+    assert "sha256" not in text and not re.search(r"\b[0-9a-f]{64}\b", text)
+    assert "class 5 \u00b7 1 image" in text and "1 images" not in text
+    assert "Training loss" in [i["alt"] for i in facts["imgs"]]  # curves titled in words
 
 
 def test_the_check_sees_a_broken_page(browser, tmp_path):
