@@ -54,7 +54,7 @@ make_venv() {
     fi
     if ! "$base" -c 'import ensurepip, venv' 2>/dev/null; then
         if [[ ${INSTALL_SYSTEM:-0} == 1 ]] && command -v apt-get >/dev/null; then
-            log "apt-get install python3-venv (to create .venv)"
+            log "apt-get install python3-venv (to create .venv; this can take a minute)"
             ${SUDO:-} apt-get update -qq || return 1
             ${SUDO:-} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null || return 1
         else
@@ -122,13 +122,14 @@ install_python_packages() {
     prefix=$("$PY" -c 'import sys; print(sys.prefix)')
     if [[ -n $missing ]]; then
         log "pip install -r requirements.txt into $prefix; missing or another version: $missing"
-        log "(the first install downloads a few GB, torch and deepspeed above all; pip names each file and its size)"
+        log "(this can take minutes: the first install downloads a few GB, torch and deepspeed above all;" \
+            "pip names each file and its size)"
         pip_install -r requirements.txt || return 1
     else
         log "the pinned requirements are installed in $prefix"
     fi
     if ! installed_here; then
-        log "pip install --no-deps -e . (this checkout, editable)"
+        log "pip install --no-deps -e . (this checkout, editable: pip builds its metadata, up to a minute)"
         pip_install --no-deps -e . || return 1
     fi
 }
@@ -139,7 +140,7 @@ install_system_packages() {
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
     done
     if (( ${#missing[@]} )); then
-        log "apt-get install ${missing[*]}"
+        log "apt-get install ${missing[*]} (downloads and installs them: this can take minutes)"
         ${SUDO:-} apt-get update -qq || return 1
         # Package scripts may try to start services; there is no init system in a CI container.
         ${SUDO:-} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || return 1
