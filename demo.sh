@@ -23,7 +23,8 @@ run_dir=$("$PY" -c 'import sys; from unicom_ds import config; print(config.resol
 cat <<MSG
 
 demo finished. Look at:
-  $run_dir/report/index.html     the run report: cluster browser, class sizes, training curves, tables
+  $run_dir/report/index.html     the run report: stage tables, cluster browser, class sizes, training and detection
+                                 curves, results tables
   $run_dir/eval/results.md       the results tables (the eval sets are scikit-learn digits in SOP's and EuroSAT's layouts,
                                  the detection set rendered shapes in COCO's)
   tensorboard --logdir $run_dir  every stage's curves and statistics; images of sampled pseudo classes under cluster/
