@@ -56,15 +56,19 @@ def save_image(path: Path, image: np.ndarray) -> None:
     Image.fromarray(image).save(path, quality=95)
 
 
-def write_sop(data_root, x, y) -> None:
-    """Stanford_Online_Products layout: Ebay_test.txt (header, "image_id class_id super_class_id path")."""
+def write_sop(data_root, x, y, train: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Stanford_Online_Products layout: Ebay_test.txt and, given `train` (images, labels), Ebay_train.txt (each:
+    header, then "image_id class_id super_class_id path"). SOP's train and test classes are disjoint; ten digits
+    cannot be, so here both splits hold the same digit classes, in different images."""
     root = Path(data_root) / "sop"
-    lines = ["image_id class_id super_class_id path"]
-    for i in range(len(x)):
-        rel = f"digit_final/{i}.JPG"
-        save_image(root / rel, x[i])
-        lines.append(f"{i + 1} {y[i] + 1} 1 {rel}")
-    (root / "Ebay_test.txt").write_text("\n".join(lines) + "\n")
+    splits = {"Ebay_test.txt": (x, y, 0)} | ({"Ebay_train.txt": (*train, len(x))} if train is not None else {})
+    for name, (images, labels, first) in splits.items():
+        lines = ["image_id class_id super_class_id path"]
+        for i in range(len(images)):
+            rel = f"digit_final/{first + i}.JPG"
+            save_image(root / rel, images[i])
+            lines.append(f"{i + 1} {labels[i] + 1} 1 {rel}")
+        (root / name).write_text("\n".join(lines) + "\n")
 
 
 def write_cub(data_root, x, y, test_from: int) -> None:
@@ -111,17 +115,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retrieval", type=int, default=600, help="digits in the SOP-layout retrieval set")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    if (out / "sop" / "Ebay_test.txt").is_file() and (out / "eurosat" / "2750" / "digit0" / "digit0_1.jpg").is_file():
+    if all((out / f).is_file() for f in ("sop/Ebay_test.txt", "sop/Ebay_train.txt", "eurosat/2750/digit0/digit0_1.jpg")):
         print(f"demo eval sets already in {out}")
         mark(out)
         return
     # An older demo numbered the EuroSAT files across classes, which the eval check reads as gaps.
     shutil.rmtree(out / "eurosat", ignore_errors=True)
     x, y = digit_images()
-    write_sop(out, x[:args.retrieval], y[:args.retrieval])
+    n = args.retrieval
+    write_sop(out, x[:n], y[:n], train=(x[n:], y[n:]))  # the train split: fine-tuning and quantize codebooks
     write_eurosat(out, x, y)
     mark(out)
-    print(f"wrote scikit-learn digits as {out}/sop (retrieval, {args.retrieval} images) and "
+    print(f"wrote scikit-learn digits as {out}/sop (retrieval, {n} test and {len(x) - n} train images) and "
           f"{out}/eurosat (linear probe, {len(x)} images)")
 
 

@@ -279,5 +279,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    with disk.one_line():
+    with disk.one_line(train.TrainingDiverged):
         main()
