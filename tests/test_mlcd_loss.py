@@ -19,6 +19,7 @@ from unicom_ds import ShardedPrototypes
 from unicom_ds import prototypes
 from unicom_ds.margin import feature_subset, generator, select_sampled, select_slots
 from unicom_ds.mlcd import MLCDPrototypes
+from unicom_ds import config
 from unicom_ds.objectives import PrototypeObjective
 from unicom_ds.prototypes import block_range, init_block
 
@@ -441,6 +442,24 @@ def test_the_train_stage_logs_positives_and_sampled_negatives_beside_the_selecte
                                  "sampled_negatives": selected - positives})
     assert positives > 0.1 * 2000 and abs(got["sampled_negatives"] - 0.1 * (2000 - positives)) < 0.25 * 0.1 * 2000
     assert objective.scalars(1)["selected_classes"] == 0  # the window starts again
+
+
+@pytest.mark.parametrize("margin_kind, negatives", [("angular", "sampled"), ("additive", "selected")])
+def test_the_loss_form_keys_reach_the_layer(tmp_path, margin_kind, negatives):
+    """loss.margin_kind and loss.negatives build the layer; the paper's form without them (fine-tuning's section)."""
+    cfg = config.resolve([f"run_dir={tmp_path}", "loss.kind=mlcd", f"loss.margin_kind={margin_kind}",
+                          f"loss.negatives={negatives}"])
+    objective = PrototypeObjective("MLCD-ViT-Tiny-16", None, classes=100, kind="mlcd", loss_cfg=cfg.loss, lr_mult=1.0,
+                                   seed=0, micro=4, rank=0, world=1, out=tmp_path)
+    objective.start(torch.device("cpu"), 0.05)
+    assert (objective.layer.margin_kind, objective.layer.negatives) == (margin_kind, negatives)
+    bare = SimpleNamespace(r1=0.1, r2=1.0, margin=0.3, scale=64.0, margin_grad="straight_through")
+    objective = PrototypeObjective("MLCD-ViT-Tiny-16", None, classes=100, kind="mlcd", loss_cfg=bare, lr_mult=1.0,
+                                   seed=0, micro=4, rank=0, world=1, out=tmp_path)
+    objective.start(torch.device("cpu"), 0.05)
+    assert (objective.layer.margin_kind, objective.layer.negatives) == ("angular", "sampled")
+    with pytest.raises(config.ConfigError, match="loss.negatives"):
+        config.resolve([f"run_dir={tmp_path}", "loss.negatives=all"])
 
 
 def test_labels_on_a_device_are_checked_asynchronously(monkeypatch):

@@ -44,8 +44,8 @@ and the layer returns its mean over the global batch. Against the paper, term by
 - Code: DeepGlint's repository (github.com/deepglint/unicom, mlcd/) releases the models, not the training
   loss; no public re-implementation of the loss was found to compare with.
 
-`margin_kind` and `negatives` are arguments of the layer; the train stage builds it with their defaults, the
-paper's form. With l = 1, `margin_kind="angular"` and `negatives="selected"` every logit is
+`margin_kind` and `negatives` are arguments of the layer, set in the train stage by loss.margin_kind and
+loss.negatives (defaults: the paper's form). With l = 1, `margin_kind="angular"` and `negatives="selected"` every logit is
 `ShardedPrototypes`' over the same classes, and the two losses are related exactly by (see `single_label_gap`)
 
     L_mlcd = L_arcface + log(1 + (1 + N * P) / (N + P)),  N = sum_j exp(s cos_j), P = exp(s cos(theta_y + m)),

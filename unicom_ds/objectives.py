@@ -125,9 +125,12 @@ class PrototypeObjective(Objective):
 
     def start(self, device: torch.device, weight_decay: float) -> None:
         lc = self.lc
+        # MLCD's form (loss.margin_kind, loss.negatives); a section without them (fine-tuning's) takes the paper's
+        form = {key: str(getattr(lc, key, None) or default)
+                for key, default in (("margin_kind", "angular"), ("negatives", "sampled"))} if self.kind == "mlcd" else {}
         self.layer = self.layer_class(self.k, self.dim, r1=float(lc.r1), r2=float(lc.r2), margin=float(lc.margin),
                                       scale=float(lc.scale), seed=self.seed, margin_grad=str(lc.margin_grad),
-                                      equal_batches=True).to(device)  # micro batches: micro rows on every rank
+                                      equal_batches=True, **form).to(device)  # micro batches: micro rows everywhere
         if self.base is not None:
             self._read_block(self.base.checkpoint)
         self.opt = adamw(self.layer.parameters(), 0.0, weight_decay)  # the lr: set_lr, from the schedule

@@ -197,6 +197,8 @@ RULES: dict[str, Rule] = {
     "loss.r1": Rule(lo=0, hi=1, lo_open=True), "loss.r2": Rule(lo=0, hi=1, lo_open=True),
     "loss.margin": NON_NEGATIVE, "loss.scale": POSITIVE,
     "loss.margin_grad": Rule(choices=("straight_through", "exact")),
+    "loss.margin_kind": Rule(choices=("angular", "additive")),  # mlcd.MARGIN_KINDS
+    "loss.negatives": Rule(choices=("sampled", "selected")),    # mlcd.NEGATIVES
     "train.epochs": AT_LEAST_1, "train.steps_per_epoch": Rule("int", lo=1), "train.max_steps": Rule("int", lo=1),
     "train.lr": NON_NEGATIVE, "train.schedule": Rule(choices=("cosine", "constant")),
     "train.continue_from": Rule("str"), "train.max_bad_steps": NON_NEGATIVE, "train.loader_timeout_s": POSITIVE,
