@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from unicom_ds import (backbone, checkpoint, config, continuation, disk, schedule, tblog, train_data, train_plan,
-                       unicom_vit)
+from unicom_ds import (backbone, checkpoint, config, continuation, disk, quiet, schedule, tblog, train_data,
+                       train_plan, unicom_vit)
 from unicom_ds.atomic import read_json
 from unicom_ds.decode import Augment
 from unicom_ds.dist import all_reduce_, prepare_cpu_comm_op, rank_world, unlink_cpu_allreduce_buffer
@@ -522,6 +522,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     section = "train"  # the config section whose `resume` a requeue sets
 
     def __call__(self, cfg: dict) -> dict:
+        quiet.install()
         env = submitit.JobEnvironment()
         os.environ.update({"RANK": str(env.global_rank), "WORLD_SIZE": str(env.num_tasks),
                            "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": env.hostnames[0],
@@ -585,5 +586,6 @@ def local_command(cfg: dict | DictConfig, script: Path = TRAIN_PY, section: str 
 
 
 if __name__ == "__main__":
+    quiet.install()  # also when run by deepspeed directly, not through launch_local
     with disk.one_line(TrainingDiverged):
         main()

@@ -242,6 +242,7 @@ class Detector:
         bad, t0, seen = 0, time.monotonic(), 0
         mode = str(self.cfg.progress) if self.rank == 0 else "off"
         desc = f"detect {self.spec.label}, rank {self.rank} of {self.world}"
+        self.log(f"training steps {start} -> {steps}")  # a progress line comes only every 30 s
         for step, (images, targets) in zip(range(start, steps),
                                            progress(batches, total=steps - start, desc=desc, mode=mode, unit="step")):
             factor = lr_factor(step, int(self.d.warmup_steps), list(self.d.decay_steps))

@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from unicom_ds import backbone, config, disk, train, train_plan
+from unicom_ds import backbone, config, disk, quiet, train, train_plan
 from unicom_ds.atomic import read_json, write_json_atomic
 from unicom_ds.loading import openclip_architecture
 
@@ -279,5 +279,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    quiet.install()
     with disk.one_line(train.TrainingDiverged):
         main()
