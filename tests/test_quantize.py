@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from evaluation import demo_sets, metrics
-from evaluation.quantize import baselines, pairs, scq
+from evaluation.quantize import baselines, job, pairs, scq
 from unicom_ds.arrays import normalize
+from unicom_ds.atomic import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -582,6 +583,32 @@ def test_opq_with_fewer_training_images_than_dimensions_is_refused_before_runnin
                                                        f"which needs at least 64 training images; sop has 40{hint}")):
             launch.precheck(config.resolve([*base, f"quantize.methods=[{method}]"]))
     launch.precheck(config.resolve([*base, "quantize.methods=[pq,scq]", "quantize.scq.init=random"]))
+
+
+def test_a_rerun_into_units_of_other_keys_is_refused_before_running(tmp_path):
+    """A finished unit (UNIT.json) and an unfinished SCQ unit's checkpoints (UNIT/made_with.json) belong to the keys
+    they were made with: the launcher refuses a command with others, naming the file (issue 29)."""
+    from slurm import launch
+    from unicom_ds import config
+    x, y = demo_sets.digit_images(300)
+    demo_sets.write_sop(tmp_path / "data", x, y)
+    init = tmp_path / "init.pt"
+    torch.save({}, init)
+    args = ["stage=quantize", f"run_dir={tmp_path / 'run'}", f"eval.data_root={tmp_path / 'data'}",
+            f"quantize.model=unicom:ViT-Tiny-16@{init}", "quantize.datasets=[sop]", "quantize.train_split=test",
+            "quantize.methods=[pq,scq]", "quantize.bits=[16]", "quantize.nbits=[4]"]
+    cfg = config.resolve(args)
+    out = job.unit_dir(cfg, job.model_spec(cfg).label, "sop")
+    out.mkdir(parents=True)
+    write_json_atomic(out / "pq-4x4.json", {"made_with": job._made_with(cfg, "pq"), "metrics": {}})
+    (out / "scq-4x4").mkdir()
+    write_json_atomic(out / "scq-4x4" / "made_with.json", {"made_with": job._made_with(cfg, "scq")})
+    launch.precheck(cfg)  # its own units: a rerun goes on
+    with pytest.raises(ValueError, match=re.escape(f"{out / 'pq-4x4.json'} was made with a different config")):
+        launch.precheck(config.resolve([*args, "quantize.map_k=10"]))
+    with pytest.raises(ValueError, match=re.escape(f"{out / 'scq-4x4' / 'made_with.json'} was made with a different "
+                                                   "config (quantize.scq: ")):
+        launch.precheck(config.resolve([*args, "quantize.scq.tau_sq=0.5"]))
 
 
 @pytest.mark.slurm

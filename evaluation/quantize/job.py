@@ -150,9 +150,33 @@ def check(cfg: Any) -> list[str]:
         retrieval_sets.check_images(test)
         paths = _train_paths(cfg, name, root / name)
         check_budgets(cfg, name, len(paths), dim)
+        check_units(cfg, unit_dir(cfg, spec.label, name), dim)
         protocol = f", SCQ's protocol: mAP@{test.map_k}" if test.map_k else ""
         lines.append(f"  {name}: {len(test.paths)} test images, codes trained on {len(paths)} images{protocol}")
     return lines
+
+
+def unit_dir(cfg: Any, label: str, name: str) -> Path:
+    """RUN/quantize/MODEL/SET: the units of one model on one set."""
+    from evaluation.features import features_path
+    return Path(str(cfg.run_dir)) / "quantize" / features_path(cfg.run_dir, label, name).parent.name / name
+
+
+def unit_done(cfg: Any, out: Path, method: str, unit: str) -> dict | None:
+    """A finished unit's record (UNIT.json), None while it is not; a unit made with other keys is refused, and so
+    are an unfinished SCQ unit's checkpoints (UNIT/made_with.json): a rerun only continues its own work."""
+    made_with = _made_with(cfg, method)
+    for record in (out / f"{unit}.json", out / unit / "made_with.json"):
+        if record.is_file():
+            config.check_same(read_json(record)["made_with"], made_with, record)
+    marker = out / f"{unit}.json"
+    return read_json(marker) if marker.is_file() else None
+
+
+def check_units(cfg: Any, out: Path, dim: int | None) -> None:
+    """The launcher's check that every unit already in `out` was made with this command's keys."""
+    for method, bits, nbits in units(cfg, dim):
+        unit_done(cfg, out, method, unit_name(method, bits, nbits))
 
 
 def check_budgets(cfg: Any, name: str, images: int, dim: int | None) -> None:
@@ -329,7 +353,6 @@ def quantize_set(cfg: DictConfig, feats: _Features, name: str, log) -> dict:
     """Every unit on set `name`; returns its metrics {UNIT/METRIC: value} (float search included)."""
     import faiss
     from evaluation import metrics
-    from evaluation.features import features_path
 
     q = cfg.quantize
     root = Path(str(cfg.eval.data_root)) / name
@@ -345,7 +368,7 @@ def quantize_set(cfg: DictConfig, feats: _Features, name: str, log) -> dict:
         train = normalize(feats(key, train_paths))
     map_k = ds.map_k or int(q.map_k)  # SCQ's protocol sets are scored at their own K
     pairs: dict = {}
-    out = Path(str(cfg.run_dir)) / "quantize" / features_path(cfg.run_dir, feats.spec.label, name).parent.name / name
+    out = unit_dir(cfg, feats.spec.label, name)
     out.mkdir(parents=True, exist_ok=True)
     found: dict = {}
     flat = faiss.IndexFlatIP(test.shape[1])
@@ -358,9 +381,8 @@ def quantize_set(cfg: DictConfig, feats: _Features, name: str, log) -> dict:
     for method, bits, nbits in units(cfg, test.shape[1]):
         unit = unit_name(method, bits, nbits)
         marker, made_with = out / f"{unit}.json", _made_with(cfg, method)
-        if marker.is_file():
-            done = read_json(marker)
-            config.check_same(done["made_with"], made_with, marker)
+        done = unit_done(cfg, out, method, unit)
+        if done is not None:
             result = done["metrics"]
             log(f"{unit}: done before ({marker})")
         else:
