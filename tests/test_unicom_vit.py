@@ -1,41 +1,57 @@
-"""The official Unicom architecture: release key set and shapes, and its forward against plain math."""
+"""The official Unicom architecture: the official model class's state-dict keys and shapes (a fixture dumped from
+deepglint/unicom), and its forward against plain math."""
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from unicom_ds import unicom_vit
+from unicom_ds import backbone, unicom_vit
 from unicom_ds.unicom_vit import CONFIGS, UnicomViT, build, canonical_name
 
 torch.set_num_threads(1)
 TINY = dict(image_size=32, patch_size=8, width=16, depth=2, heads=2, embed_dim=12)
 
 
-def release_keys(image_size, patch_size, width, depth, heads, embed_dim):
-    """The release state dict's keys and shapes, written out from the architecture description."""
-    n = (image_size // patch_size) ** 2
-    keys = {"patch_embed.proj.weight": (width, 3, patch_size, patch_size), "patch_embed.proj.bias": (width,),
-            "pos_embed": (1, n, width), "norm.weight": (width,), "norm.bias": (width,),
-            "feature.0.weight": (width, n * width), "feature.2.weight": (embed_dim, width)}
-    for i in range(depth):
-        b = f"blocks.{i}."
-        keys.update({b + "norm1.weight": (width,), b + "norm1.bias": (width,),
-                     b + "attn.qkv.weight": (3 * width, width),
-                     b + "attn.proj.weight": (width, width), b + "attn.proj.bias": (width,),
-                     b + "norm2.weight": (width,), b + "norm2.bias": (width,),
-                     b + "mlp.fc1.weight": (4 * width, width), b + "mlp.fc1.bias": (4 * width,),
-                     b + "mlp.fc2.weight": (width, 4 * width), b + "mlp.fc2.bias": (width,)})
-    for j, d in (("1", width), ("3", embed_dim)):
-        keys.update({f"feature.{j}.{s}": (d,) for s in ("weight", "bias", "running_mean", "running_var")})
-        keys[f"feature.{j}.num_batches_tracked"] = ()
-    return keys
+# The official model class's state dict for each release architecture: deepglint/unicom's
+# unicom/unicom/vision_transformer.py, build_model(NAME).state_dict() as [key, shape, dtype], dumped once (the
+# file's "source" names the repository, path and commit); nothing is downloaded at test time.
+OFFICIAL = json.loads((Path(__file__).parent / "fixtures" / "unicom_release_keys.json").read_text())
 
 
-def test_b32_key_set_and_shapes_match_the_release():
-    with torch.device("meta"):  # shapes only: no 460 MB allocation
-        model = UnicomViT(**CONFIGS["ViT-B-32"])
-    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert got == release_keys(224, 32, 768, 12, 12, 512)
+def official_state(release: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {key: (tuple(shape), dtype) for key, shape, dtype in OFFICIAL["models"][release]["state_dict"]}
+
+
+def shapes_and_dtypes(state: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()}
+
+
+def test_the_official_key_list_names_its_source():
+    source = OFFICIAL["source"]
+    assert source["repository"] == "deepglint/unicom" and source["path"] == "unicom/unicom/vision_transformer.py"
+    assert len(source["commit"]) == 40 and set(OFFICIAL["models"]) == {"ViT-B/32", "ViT-B/16", "ViT-L/14",
+                                                                       "ViT-L/14@336px"}
+
+
+@pytest.mark.parametrize("release", ["ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"])
+def test_state_dict_keys_and_shapes_equal_the_official_model_class(release):
+    """Our model for each release name (inference and training builds) has exactly the official class's state-dict
+    keys, shapes and dtypes, so the release files and our exports load key for key both ways; the export is that
+    state dict as it is."""
+    name = OFFICIAL["models"][release]["ours"]
+    assert canonical_name(release) == name
+    expected = official_state(release)
+    with torch.device("meta"):  # shapes only: no allocation (ViT-L/14@336's head alone is 604M weights)
+        models = {"build": build(release), "train": unicom_vit.build_for_training(name)}
+    for how, model in models.items():
+        got = shapes_and_dtypes(model.state_dict())
+        assert got.keys() - expected.keys() == set() and expected.keys() - got.keys() == set(), how
+        assert got == expected, (how, {k: (got[k], expected[k]) for k in got if got[k] != expected[k]})
+    # backbone.export's payload for a release name: the plain state dict (stand-in tensors of the right shapes).
+    stand_in = {k: torch.zeros((), dtype=getattr(torch, dtype)).expand(shape) for k, (shape, dtype) in expected.items()}
+    assert shapes_and_dtypes(backbone.export(name, stand_in)) == expected
 
 
 @pytest.mark.parametrize("name,size,dim", [("ViT-B-16", 224, 768), ("ViT-L-14", 224, 768),
