@@ -217,7 +217,10 @@ def quantize_cells(results: dict) -> dict[tuple[str, str], dict[str, dict[int, d
                 name = ("map" if metric.startswith("mAP@") and "/" not in metric else "r1" if metric == "R@1"
                         else "ms" if metric == "ms_per_query" else None)
                 if name:
-                    out.setdefault((model, dataset), {}).setdefault(row, {}).setdefault(bits, {})[name] = value
+                    cell = out.setdefault((model, dataset), {}).setdefault(row, {}).setdefault(bits, {})
+                    cell[name] = value
+                    if name == "map":
+                        cell["k"] = int(metric[4:])  # the K it was scored at
     return out
 
 
@@ -225,7 +228,9 @@ def quantize_table(results: dict) -> str:
     parts = []
     for (model, dataset), rows in quantize_cells(results).items():
         all_bits = sorted({b for cells in rows.values() for b in cells})
-        lines = [f"{model} on {dataset}:", "", "| Method | " + " | ".join(f"{b} bits" for b in all_bits) + " |",
+        ks = sorted({c["k"] for cells in rows.values() for c in cells.values() if "k" in c})
+        scored = f", mAP@{'/'.join(map(str, ks))} (percent)" if ks else ""
+        lines = [f"{model} on {dataset}{scored}:", "", "| Method | " + " | ".join(f"{b} bits" for b in all_bits) + " |",
                  "|---|" + "---:|" * len(all_bits)]
         for row in sorted(rows, key=lambda r: (r != "float", r)):
             cells = [rows[row].get(b) for b in all_bits]

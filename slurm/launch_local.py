@@ -198,6 +198,10 @@ def outcome(cfg: DictConfig, job: Job) -> str:
         done = [d.get("metrics", {}) for d in map(_read, sorted(out.glob("*/metrics.json"))) if d]
         return ", ".join(f"box AP {100 * m.get('box/AP', 0):.1f}, mask AP {100 * m.get('mask/AP', 0):.1f}"
                          for m in done) or "no metrics.json"
+    if job.step == "quantize":
+        units = list(out.glob("*/*/*.json"))  # MODEL/SET/UNIT.json, each written last
+        sets = sorted({p.parent.name for p in units})
+        return f"{_n(len(units), 'unit')} on {', '.join(sets)}; results in RUN/eval/results.md" if units else "no unit"
     return "index.html" if (out / "index.html").is_file() else "no index.html"
 
 

@@ -480,7 +480,13 @@ def test_stage_writes_loadable_indexes_and_results(stage_run):
     assert np.mean(labels[ids[:, 0]] == labels) == pytest.approx(found["scq-8x4/R@1"])
     table = (run / "eval" / "results.md").read_text()
     assert results.QUANTIZE_CAPTION in table and "| SCQ (4-bit codebooks) |" in table
+    assert f"{label} on cub, mAP@{gallery} (percent):" in table  # the K it was scored at, as results.json
     assert (run / "eval" / "map_vs_bits.png").is_file()
+    # the log in the table's units: percent at the K used (issue 32)
+    log = stage_run[3]
+    assert re.search(rf"pq-4x4: R@1 \d+\.\d%.*, mAP@{gallery} \d+\.\d%, 2 bytes, [\d.e-]+ ms per query", log), \
+        log[-2000:]
+    assert f"; mAP@{gallery}" in log and "8 units on cub; results in RUN/eval/results.md" in log
 
 
 def test_stage_rerun_skips_done_units_and_refuses_other_keys(stage_run):
@@ -560,7 +566,7 @@ def test_stage_refuses_bad_input_before_running(tmp_path):
             launch.precheck(config.resolve([*base, *extra]))
     plan = launch.precheck(config.resolve([*base, "quantize.datasets=[sop]", "quantize.train_split=test",
                                            "quantize.nbits=[4]"]))
-    assert "  sop: 100 test images, codes trained on 100 images" in plan
+    assert "  sop: 100 test images, codes trained on 100 images; mAP@99" in plan
     plan = launch.precheck(config.resolve([*base, "quantize.datasets=[sop]", "quantize.train_split=test",
                                            "quantize.methods=[scq]", "quantize.bits=[12]", "quantize.nbits=[4,8]"]))
     assert "  not run: scq at 12 bits with 8-bit codebooks (12 bits is not a multiple of 8-bit codebooks)" in plan

@@ -130,7 +130,7 @@ def test_quantize_stage_scores_nuswide_in_scqs_protocol(tmp_path):
     tags = tags_of(90, 21, 5)
     run, out = quantize_nuswide(tmp_path, tags, "quantize.methods=[pq,opq]")
     # The database trains the codes, as the authors' num_train 'ALL'.
-    assert "nuswide: 90 test images, codes trained on 69 images, SCQ's protocol: mAP@5000" in out
+    assert "nuswide: 90 test images, codes trained on 69 images; SCQ's protocol, mAP@5000" in out
     found = json.loads((run / "eval" / "results.json").read_text())["unicom:ViT-Tiny-16"]["nuswide"]
     # mAP@5000 capped at the 69-image database; float search checked against the authors' loop.
     x = np.load(features_path(run, "unicom:ViT-Tiny-16", "nuswide"))

@@ -138,8 +138,7 @@ def check(cfg: Any) -> list[str]:
     tuned = (f" (scq_e2e trains a copy end to end with its head, at lr x {float(q.scq.backbone_lr_mult):g})"
              if "scq_e2e" in q.methods else "")
     lines = [f"quantize: {q.model} frozen{tuned}; {', '.join(map(str, q.methods))} at {', '.join(map(str, q.bits))} bits "
-             f"({' or '.join(map(str, q.nbits))}-bit sub-quantisers); mAP@{q.map_k}, codes trained on the "
-             f"{q.train_split} split"]
+             f"({' or '.join(map(str, q.nbits))}-bit sub-quantisers), codes trained on the {q.train_split} split"]
     lines += [f"  not run: {method} at {bits} bits with {nbits}-bit codebooks ({why})"
               for method, bits, nbits, why in skipped(cfg, dim)]
     for name in map(str, q.datasets):
@@ -151,8 +150,10 @@ def check(cfg: Any) -> list[str]:
         paths = _train_paths(cfg, name, root / name)
         check_budgets(cfg, name, len(paths), dim)
         check_units(cfg, unit_dir(cfg, spec.label, name), dim)
-        protocol = f", SCQ's protocol: mAP@{test.map_k}" if test.map_k else ""
-        lines.append(f"  {name}: {len(test.paths)} test images, codes trained on {len(paths)} images{protocol}")
+        # mAP@K at the K it is scored at: at most the images a query ranks (metrics.evaluate_split)
+        scored = (f"SCQ's protocol, mAP@{test.map_k}" if test.map_k else
+                  f"mAP@{min(int(q.map_k), len(test.paths) - 1)}")
+        lines.append(f"  {name}: {len(test.paths)} test images, codes trained on {len(paths)} images; {scored}")
     return lines
 
 
@@ -344,9 +345,20 @@ def run_unit(cfg: DictConfig, method: str, bits: int, nbits: int, test: np.ndarr
         result["plain_adc"] = 1.0
     with atomic_path(out / f"{name}.faiss") as tmp:
         faiss.write_index(index, str(tmp))
-    log(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if "/" not in k)
+    log(f"{name}: " + ", ".join(shown(k, v) for k, v in result.items() if "/" not in k and k != "plain_adc")
         + f" ({time.monotonic() - start:.0f}s)")
     return result
+
+
+def shown(key: str, value: float) -> str:
+    """A unit's metric as results.md shows it: retrieval scores in percent, bytes, milliseconds."""
+    if key == "bytes":
+        return f"{int(value):,} bytes"
+    if key == "ms_per_query":
+        return f"{value:.3g} ms per query"
+    if key == "nlist":
+        return f"{int(value):,} lists"
+    return f"{key} {100 * value:.1f}%"
 
 
 def quantize_set(cfg: DictConfig, feats: _Features, name: str, log) -> dict:
