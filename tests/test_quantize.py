@@ -536,15 +536,21 @@ def test_stage_trains_scq_end_to_end_with_the_backbone_at_its_lr_mult(tmp_path):
     assert "| SCQ end to end (4-bit codebooks) |" in (run / "eval" / "results.md").read_text()
 
 
+def _sop_stage(tmp_path: Path, images: int) -> list[str]:
+    """The stage's keys over `images` digits in SOP's layout (a test list only) and an empty weights file, as the
+    launcher's checks need them (no feature is extracted)."""
+    x, y = demo_sets.digit_images(images)
+    demo_sets.write_sop(tmp_path / "data", x, y)
+    init = tmp_path / "init.pt"
+    torch.save({}, init)
+    return ["stage=quantize", f"run_dir={tmp_path / 'run'}", f"eval.data_root={tmp_path / 'data'}",
+            f"quantize.model=unicom:ViT-Tiny-16@{init}"]
+
+
 def test_stage_refuses_bad_input_before_running(tmp_path):
     from slurm import launch
     from unicom_ds import config
-    x, y = demo_sets.digit_images(100)
-    demo_sets.write_sop(tmp_path / "data", x, y)  # the demo's SOP layout: a test list, no train split
-    init = tmp_path / "init.pt"
-    torch.save({}, init)
-    base = ["stage=quantize", f"run_dir={tmp_path / 'run'}", f"eval.data_root={tmp_path / 'data'}",
-            f"quantize.model=unicom:ViT-Tiny-16@{init}"]
+    base = _sop_stage(tmp_path, 100)
     cases = {"quantize.datasets is empty": [],
              "quantize.train_split=train: sop: expected": ["quantize.datasets=[sop]"],
              "quantize.views=1": ["quantize.datasets=[sop]", "quantize.train_split=test", "quantize.views=1"],
@@ -577,13 +583,8 @@ def test_opq_with_fewer_training_images_than_dimensions_is_refused_before_runnin
     rotation on fewer rows than the feature has dimensions: the plan refuses it, for SCQ's OPQ start too."""
     from slurm import launch
     from unicom_ds import config
-    x, y = demo_sets.digit_images(40)
-    demo_sets.write_sop(tmp_path / "data", x, y)
-    init = tmp_path / "init.pt"
-    torch.save({}, init)
-    base = ["stage=quantize", f"run_dir={tmp_path / 'run'}", f"eval.data_root={tmp_path / 'data'}",
-            f"quantize.model=unicom:ViT-Tiny-16@{init}", "quantize.datasets=[sop]", "quantize.train_split=test",
-            "quantize.bits=[16]", "quantize.nbits=[4]"]
+    base = [*_sop_stage(tmp_path, 40), "quantize.datasets=[sop]", "quantize.train_split=test", "quantize.bits=[16]",
+            "quantize.nbits=[4]"]
     for method, hint in (("opq", ""), ("scq", "; or quantize.scq.init=random")):
         with pytest.raises(ValueError, match=re.escape(f"quantize.methods: {method}-4x4 trains OPQ's 64 x 64 rotation, "
                                                        f"which needs at least 64 training images; sop has 40{hint}")):
@@ -596,12 +597,7 @@ def test_a_rerun_into_units_of_other_keys_is_refused_before_running(tmp_path):
     they were made with: the launcher refuses a command with others, naming the file (issue 29)."""
     from slurm import launch
     from unicom_ds import config
-    x, y = demo_sets.digit_images(300)
-    demo_sets.write_sop(tmp_path / "data", x, y)
-    init = tmp_path / "init.pt"
-    torch.save({}, init)
-    args = ["stage=quantize", f"run_dir={tmp_path / 'run'}", f"eval.data_root={tmp_path / 'data'}",
-            f"quantize.model=unicom:ViT-Tiny-16@{init}", "quantize.datasets=[sop]", "quantize.train_split=test",
+    args = [*_sop_stage(tmp_path, 300), "quantize.datasets=[sop]", "quantize.train_split=test",
             "quantize.methods=[pq,scq]", "quantize.bits=[16]", "quantize.nbits=[4]"]
     cfg = config.resolve(args)
     out = job.unit_dir(cfg, job.model_spec(cfg).label, "sop")
