@@ -247,7 +247,9 @@ def _args(run: Path, data: Path, init: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
-    """A local run killed (SIGKILL) after its first checkpoint, then the same command again."""
+    """A local run killed (SIGKILL) after its first checkpoint, then the same command again. The first launch runs
+    through tests/pause_after_first_checkpoint.py: its rank stands still once step 5's checkpoint is published, so
+    the kill always lands there, however fast the machine."""
     root = tmp_path_factory.mktemp("finetune")
     started = time.time()
     data, init = _data(root)
@@ -255,18 +257,23 @@ def tuned(tmp_path_factory):
     argv = [sys.executable, "slurm/submit.py", "launcher=local",
             *_args(run, data, init, "finetune.epochs=8", "finetune.ckpt_every_steps=5")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    marker, log = root / "paused.json", root / "first.log"
+    first = subprocess.Popen([sys.executable, "tests/pause_after_first_checkpoint.py", *argv[1:]], cwd=REPO,
+                             env={**env, "UNICOM_TEST_PAUSE_MARKER": str(marker)}, stdout=open(log, "w"),
+                             stderr=subprocess.STDOUT, start_new_session=True)
     ckpt = run / "finetune" / "cub" / "ckpt"
     deadline = time.time() + 600
-    # The first published checkpoint, polled often: a fast machine passes step_5 (and prunes it) within a second.
-    while not (ckpt / "latest").is_file() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert first.poll() is None, f"the first launch ended (exit {first.returncode}) before it could be killed:\n" \
-        + first.stdout.read().decode()[-3000:]
-    os.killpg(first.pid, signal.SIGKILL)
+    while not marker.is_file():
+        assert first.poll() is None, f"the first launch ended (exit {first.returncode}) before its first " \
+            f"checkpoint:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"no checkpoint within 600 s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+    paused = json.loads(marker.read_text())
+    os.killpg(paused["pgid"], signal.SIGKILL)  # the deepspeed rank (a session of its own) ...
+    os.killpg(first.pid, signal.SIGKILL)  # ... and the launcher
     first.wait()
     killed_at = int((ckpt / "latest").read_text().strip().split("_")[1])  # what a resume starts from
+    assert killed_at == paused["step"] == 5
     second = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     # DeepSpeed's CPU all-reduce buffers (67 MB of RAM each in /dev/shm, never unlinked by DeepSpeed): none

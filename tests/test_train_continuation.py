@@ -20,6 +20,7 @@ from unicom_ds import config, schedule, tblog, train, unicom_vit
 from unicom_ds.checkpoint import rank_file, read_rank_file
 
 REPO = Path(__file__).resolve().parents[1]
+PAUSE = REPO / "tests" / "pause_after_first_checkpoint.py"
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 # Test-sized runs of the README's commands: STEPS optimizer steps an epoch, a checkpoint every step.
 STEPS = 12
@@ -34,14 +35,17 @@ def readme_continuations() -> dict[str, list[str]]:
     return {re.search(r"recipes/(\w+)\.yaml", line)[1]: shlex.split(line) for line in lines}
 
 
-def run_readme(argv: list[str], base: Path, run: Path, log: Path, wait: bool = True):
+def run_readme(argv: list[str], base: Path, run: Path, log: Path, pause_marker: Path | None = None):
+    """The README command on test-sized data; with `pause_marker`, started (not waited for) through
+    tests/pause_after_first_checkpoint.py: its ranks stand still once their first checkpoint is published."""
     argv = [a.replace("train.continue_from=runs/demo", f"train.continue_from={base}")
              .replace("run_dir=runs/", f"run_dir={run.parent}/") for a in argv]
     assert argv[:2] == ["python", "slurm/submit.py"] and f"run_dir={run}" in argv
     argv = [sys.executable, *argv[1:], *FAST]
-    if not wait:
-        return subprocess.Popen(argv, cwd=REPO, env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    if pause_marker is not None:
+        return subprocess.Popen([sys.executable, str(PAUSE), *argv[1:]], cwd=REPO,
+                                env={**ENV, "UNICOM_TEST_PAUSE_MARKER": str(pause_marker)}, stdout=open(log, "w"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
     proc = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=540)
     log.write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, f"{argv} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
@@ -63,6 +67,17 @@ def base(tmp_path_factory):
     return {"root": root, "run": data["run"]}
 
 
+def wait_paused(proc: subprocess.Popen, marker: Path, log: Path, timeout_s: float = 540) -> dict:
+    """The marker of tests/pause_after_first_checkpoint.py: the launch stands at its first checkpoint."""
+    deadline = time.time() + timeout_s
+    while not marker.is_file():
+        assert proc.poll() is None, f"the launch ended (exit {proc.returncode}) before its first checkpoint:\n" \
+            + log.read_text()[-3000:]
+        assert time.time() < deadline, f"no checkpoint within {timeout_s:.0f} s:\n" + log.read_text()[-3000:]
+        time.sleep(0.2)
+    return json.loads(marker.read_text())
+
+
 def lrs(run: Path) -> dict[int, float]:
     return dict(tblog.read_scalars(str(run / "tensorboard" / "train"))["train/lr"])
 
@@ -71,15 +86,14 @@ def lrs(run: Path) -> dict[int, float]:
 def test_compact_epoch_runs_at_its_stated_lr_and_resumes_after_a_kill(base):
     argv = readme_continuations()["compact"]
     run = base["root"] / "demo-compact"
-    first = run_readme(argv, base["run"], run, base["root"] / "compact1.log", wait=False)
-    deadline = time.time() + 300
-    while not (run / "train" / "ckpt" / "latest").is_file():
-        assert first.poll() is None and time.time() < deadline, (base["root"] / "compact1.log").read_text()[-3000:]
-        time.sleep(0.5)
-    os.killpg(first.pid, signal.SIGKILL)  # the job and its deepspeed ranks, mid-run
+    marker = base["root"] / "compact1.paused.json"
+    first = run_readme(argv, base["run"], run, base["root"] / "compact1.log", pause_marker=marker)
+    paused = wait_paused(first, marker, base["root"] / "compact1.log")
+    os.killpg(paused["pgid"], signal.SIGKILL)  # the deepspeed ranks (a session of their own), mid-run ...
+    os.killpg(first.pid, signal.SIGKILL)  # ... and the launcher
     first.wait()
     killed_at = int((run / "train" / "ckpt" / "latest").read_text().strip().split("_")[1])
-    assert killed_at < STEPS and not (run / "train" / "backbone.pt").exists()
+    assert killed_at == paused["step"] == 1 and not (run / "train" / "backbone.pt").exists()
     log = run_readme(argv, base["run"], run, base["root"] / "compact2.log")
     assert f"resumed from {run / 'train' / 'ckpt' / f'step_{killed_at}'}" in log and "[train] continues from" not in log
     assert f"steps {killed_at} -> {STEPS} of {STEPS}" in log
