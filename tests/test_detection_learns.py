@@ -55,16 +55,23 @@ def shapes(tmp_path_factory):
     return tmp
 
 
-@pytest.mark.slow
-def test_trained_detector_beats_untrained(shapes):
-    from evaluation.detection.data import CocoSplit
+@pytest.fixture(scope="module")
+def trained(shapes):
+    """STEPS steps of the detect job on the shapes run: its metrics and RUN/detect/run/ckpt/step_STEPS.pt, which
+    the two-rank test continues (a fixture, so that test runs alone too)."""
     cfg = config.as_config(_run(shapes, f"detect.steps={STEPS}", f"detect.ckpt_every_steps={STEPS}"))
+    return cfg, job.detect(cfg)
+
+
+@pytest.mark.slow
+def test_trained_detector_beats_untrained(shapes, trained):
+    from evaluation.detection.data import CocoSplit
+    cfg, trained = trained
     det = job.Detector(cfg)
     val = CocoSplit(cfg.detect.data_root, "val2017", train=False)
-    untrained_model, _ = det.build(val.num_classes)
+    untrained_model, _ = det.build(val.num_classes)  # seeded as the trained model's start
     untrained = job.coco_metrics(val.coco, det.predict(untrained_model, val))
 
-    trained = job.detect(cfg)
     print({"untrained": untrained, "trained": trained})
     for key, bar in BAR.items():
         assert untrained.get(key, 0.0) < bar <= trained[key], (key, untrained, trained)
@@ -187,15 +194,14 @@ def _ddp_rank(rank: int, port: int, cfg: dict) -> None:
 
 
 @pytest.mark.slow
-def test_two_ranks_ddp_train_and_gather_every_prediction(tmp_path, shapes):
+def test_two_ranks_ddp_train_and_gather_every_prediction(tmp_path, shapes, trained):
     """Two gloo ranks (2 images each) continue the trained model 2 steps: DDP keeps them in step, rank 0
     checkpoints, and both ranks' val predictions are gathered: the metrics equal one process scoring every
     image with the final weights (and are not zero, so a lost half would show)."""
     from evaluation.detection.data import CocoSplit
     from unicom_ds.train import free_port
-    trained = shapes / "run" / "detect" / "run" / "ckpt" / f"step_{STEPS}.pt"
-    if not trained.is_file():
-        pytest.skip("continues test_trained_detector_beats_untrained's checkpoint: run the whole file")
+    trained = shapes / "run" / "detect" / "run" / "ckpt" / f"step_{STEPS}.pt"  # the `trained` fixture's
+    assert trained.is_file()
     run = tmp_path / "run"
     (run / "train").mkdir(parents=True)
     (run / "train" / "backbone.pt").write_bytes((shapes / "run" / "train" / "backbone.pt").read_bytes())
