@@ -32,9 +32,16 @@ def shards(tmp_path):
     return tmp_path
 
 
-def test_inputs_ok(shards):
+def test_inputs_ok(shards, capsys):
+    """Good inputs pass every stage's checks with nothing to say: no note, no line on stderr (the 6 samples were
+    counted from the tar headers, and kmeans.k=6 is exactly as many), and nothing written."""
+    before = sorted(p.relative_to(shards) for p in shards.rglob("*"))
     for stage in ("embed", "cluster", "all", "train"):
-        precheck(cfg_for(shards), stage)
+        assert precheck(cfg_for(shards), stage) == [], stage
+    assert capsys.readouterr() == ("", "")
+    assert sorted(p.relative_to(shards) for p in shards.rglob("*")) == before  # no run directory, no file
+    with pytest.raises(ConfigError, match=r"kmeans.k=7 is larger than the 6 samples"):  # the count was made
+        precheck(cfg_for(shards, "kmeans.k=7"), "cluster")
 
 
 def test_missing_shard_named(shards):
