@@ -4,8 +4,11 @@
 
 Each photo (captioned with the first sentence of its skimage.data docstring) is written once as is
 and as seeded augmented copies (crop, flip, colour jitter), spread over img2dataset-style shards
-`00000.tar ...` with KEY.jpg, KEY.txt and KEY.json (the json names the source photo). Deterministic;
-a shard that already exists is left alone.
+`00000.tar ...` with KEY.jpg, KEY.txt and KEY.json (the json names the source photo and, as img2dataset
+writes it, the sample's `url`: a made-up address under the reserved `.invalid` domain, one per sample, which
+nothing fetches; released embeddings join a download by it, see cluster_job.demo_release). Deterministic; a
+shard that already exists is left alone, unless an older demo wrote it without urls (then it is written again:
+the same keys, images and captions).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "horse"
           "hubble_deep_field", "immunohistochemistry", "moon", "page", "text", "clock", "retina",
           "brick", "grass", "gravel", "colorwheel", "logo", "microaneurysms", "cell")
 PREFIXES = ("", "a photo of: ", "a crop of: ", "a picture of: ")
+URL = "https://demo.unicom-ds.invalid/{source}/{copy}.jpg"  # .invalid: reserved, never resolves (RFC 2606)
 
 
 def caption(name: str) -> str:
@@ -90,7 +94,8 @@ def samples(copies: int, seed: int, size: int) -> list[dict]:
             img, aug = (resize(photo, size), None) if i == 0 else augment(photo, rng, size)
             prefix = "" if i == 0 else PREFIXES[int(rng.integers(len(PREFIXES)))]
             out.append({"img": img, "caption": prefix + text,
-                        "meta": {"source": name, "copy": i, "augment": aug, "caption": prefix + text}})
+                        "meta": {"source": name, "copy": i, "augment": aug, "caption": prefix + text,
+                                 "url": URL.format(source=name, copy=i)}})
     return out
 
 
@@ -100,18 +105,34 @@ def jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def has_urls(path: Path) -> bool:
+    """Whether a shard's first sample's json has a url (older demos wrote none); an unreadable shard has not."""
+    import tarfile
+
+    try:
+        with tarfile.open(path) as tar:
+            member = next((m for m in tar if m.name.endswith(".json")), None)
+            return member is not None and "url" in json.loads(tar.extractfile(member).read())
+    except (OSError, tarfile.TarError, ValueError):
+        return False
+
+
 def write(out: str | Path, shards: int = 4, copies: int = 15, seed: int = 0, size: int = 128) -> list[Path]:
-    """Write the demo shards (skipping ones present); returns their paths."""
+    """Write the demo shards (skipping ones present, except an older demo's without urls); returns their paths."""
     out = Path(out)
     paths = [out / f"{i:05d}.tar" for i in range(shards)]
-    if all(p.is_file() for p in paths):
+    if all(p.is_file() and has_urls(p) for p in paths):
         print(f"demo_data: {len(paths)} shards already in {out}", file=sys.stderr)
         return paths
+    older = [p for p in paths if p.is_file() and not has_urls(p)]
+    if older:
+        print(f"demo_data: {len(older)} shard(s) of an older demo in {out} have no urls: writing them again "
+              "(the same keys, images and captions)", file=sys.stderr)
     rng = np.random.default_rng(seed + 1)
     items = samples(copies, seed, size)
     order = rng.permutation(len(items))  # mix photos across shards, as a crawl would
     for i, path in enumerate(paths):
-        if path.is_file():
+        if path.is_file() and path not in older:
             continue
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             sink = TarWriter(f, mtime=0.0)  # fixed mtime: the same bytes on every run
