@@ -251,15 +251,18 @@ def test_eval_extraction_device_path_equals_the_cpu_path(tmp_path, monkeypatch):
 @cuda
 def test_gpu_decode_trains_steps(tmp_path):
     """train.gpu_decode=true on one GPU: the workers only read, the rank decodes and crops on its GPU and
-    trains; the broken image is counted as before."""
+    trains; the broken image is counted as undecodable, as the CPU workers count it. One shard of 4 samples, one
+    of them broken, read over and over: 3 micro batches of 16 draw it about 12 times (none: 0.75^48 ~ 1e-6) and
+    never fill a whole batch with it (0.25^16 a batch), which would stop the run."""
+    import re
     import subprocess
     from pathlib import Path
 
     from tests.train_fixtures import ds_config, make_run
     from unicom_ds import config, train
 
-    data = make_run(tmp_path, [13, 9], k=10, broken=("000000004",), size=300)
-    ds = ds_config(tmp_path / "ds.json", batch=4, micro=4)
+    data = make_run(tmp_path, [4], k=10, broken=("000000001",), size=300)
+    ds = ds_config(tmp_path / "ds.json", batch=16, micro=16)
     cfg = config.resolve([f"run_dir={data['run']}", f"data.shards={data['shards']}", "model=ViT-Tiny-16",
                           "stage=train", "device=cuda", f"train.deepspeed_config={ds}", "train.epochs=1",
                           "train.steps_per_epoch=3", "train.max_steps=3", "train.log_every=1", "train.workers=1",
@@ -270,3 +273,5 @@ def test_gpu_decode_trains_steps(tmp_path):
     assert proc.returncode == 0, log[-4000:]
     assert "images decode and crop on cuda:0 (train.gpu_decode)" in log
     assert "step 3/3" in log and (data["run"] / "train" / "backbone.pt").is_file()
+    counted = re.search(r"done: steps 0 -> 3 .*skipped \{'no_label': 0, 'undecodable': (\d+)\}", log)
+    assert counted and 1 <= int(counted[1]) < 48, log[-4000:]
