@@ -34,10 +34,18 @@ RELEASE_MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336")
 DEFAULT_EVAL_SETS = ("cub", "cars", "sop", "inshop", "inat", "vehicleid", "gldv2")
 
 
+# The first line of a README block of demo-sized commands: they need the demo's finished run, and
+# tests/test_readme_demo_commands.py runs them for real.
+DEMO_MARKER = "# on the demo (bash demo.sh first"
+
+
 def readme_commands(text: str) -> list[str]:
-    """The `python slurm/submit.py` commands of the fenced code blocks, continuation lines joined."""
+    """The `python slurm/submit.py` commands of the fenced code blocks, continuation lines joined; not those of
+    the demo-sized blocks (DEMO_MARKER)."""
     commands = []
     for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.M | re.S):
+        if block.startswith(DEMO_MARKER):
+            continue
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip() if not line.strip().startswith("#") else ""
             if line.startswith("python slurm/submit.py"):
@@ -52,6 +60,7 @@ def test_commands_are_found():
     sample = "```bash\nRUN=/x\npython slurm/submit.py stage=train \\\n    run_dir=$RUN  # why\n```\n" \
              "`python slurm/submit.py inline` and\n```\n# python slurm/submit.py commented\n```\n"
     assert readme_commands(sample) == ["python slurm/submit.py stage=train run_dir=$RUN"]
+    assert readme_commands(f"```bash\n{DEMO_MARKER})\npython slurm/submit.py stage=train\n```\n") == []
 
 
 # ---- stand-ins ----------------------------------------------------------------------------------
