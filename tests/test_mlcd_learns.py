@@ -16,11 +16,14 @@ Where each element comes from, and why the setup isolates that:
   orthonormal random directions (one per digit class), noise N(0, 0.03^2) per dimension: a stand-in for an
   image encoder whose feature is dominated by the larger or more salient object. The real cluster stage
   (k-means at k = 10 with k-means++ seeding, then assign) puts one centroid on each left digit: the top-1
-  label names the left digit only, the top-2 labels name both digits (checked below). That partition is
-  k-means' to find: on 6 of 8 data seeds of this generator it did, on the others it merged two left digits
-  (docs/benchmarks.md); SEED is one where it does. The labels are thus the situation MLCD's paper describes
-  (one cluster label misses the second object), and nothing else differs between the two runs: same images,
-  shards, k-means, seed and schedule.
+  label names the left digit only, the top-2 labels name both digits. That partition is k-means' to find: on
+  15 of 24 data seeds of this generator k-means++ found it, on the others it merged two left digits and split
+  another (top-1 purity 0.83-0.93; `test_kmeans_finds_the_left_digit_partition_on_most_data_seeds`). So the
+  test runs on two data seeds, one of each kind: 9 (the partition found) and 8 (two left digits merged), and
+  asks on each that MLCD retrieves better than single-label training, by a margin, not that either crosses a
+  fixed bar. The labels are thus the situation MLCD's paper describes (one cluster label misses the second
+  object), and nothing else differs between the two runs of a seed: same images, shards, k-means, seed and
+  schedule.
 - Training: the real train stage, `deepspeed` on 2 CPU ranks (gloo), ViT-Tiny-16 from scratch; whole-image
   crops without flips (`train.augment.crop_scale_min=0.6`, `train.augment.hflip=0`): the default
   RandomResizedCrop (down to 8% of the area) and flips cut away or swap the digits of a 64-px image.
@@ -44,16 +47,19 @@ from tests.test_train_deepspeed import launch
 from tests.train_fixtures import ds_config
 from unicom_ds import config, train
 
-N_TRAIN, N_HELD, D, K, SEED = 800, 300, 64, 10, 9
+N_TRAIN, N_HELD, D, K = 800, 300, 64, 10
+# Data seeds: 9, where the cluster stage finds one centroid per left digit, and 8, where it merges two of them.
+DATA_SEEDS = {9: "partition found", 8: "two left digits merged"}
 W_LEFT, W_RIGHT, NOISE = 0.95, 0.31, 0.03
 KMEANS = ["kmeans.init=kmeans++"]
 TRAIN = ["model=ViT-Tiny-16", "device=cpu", "train.epochs=1", "train.steps_per_epoch=300", "train.lr=2e-3",
          "train.warmup_epochs=0.1", "train.precision=fp32", "train.workers=1", "train.local_processes=2",
          "train.ckpt_every_steps=300", "train.log_every=50", "loss.r1=1.0", "loss.scale=16", "loss.margin=0.1",
          "train.augment.crop_scale_min=0.6", "train.augment.hflip=0", "seed=0"]
-# Measured (docs/benchmarks.md, MLCD section; cpu2, these settings, data seeds 9-11, train seeds 0-2): unicom mAP
-# 0.557-0.581, mlcd 0.655-0.689. The bar sits midway between the best unicom and the worst mlcd run.
-BAR = 0.62
+# Measured (docs/benchmarks.md, MLCD section; cpu2, these settings): MLCD above unicom by 0.10-0.13 mAP where the
+# partition was found (data seeds 9-11, train seeds 0-2; 9 again on 2026-12-07: 0.561 / 0.671), by 0.057 where two
+# left digits were merged (data seed 8: 0.566 / 0.623). Asked on each seed: about half the smallest gap.
+MARGIN = 0.025
 
 
 def digit_pairs(rng, pool, n, target):
@@ -97,12 +103,9 @@ def average_precisions(features, digits):
     return aps
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from sklearn.datasets import load_digits
-    root = tmp_path_factory.mktemp("mlcd_learns")
-    digits = load_digits()
-    rng = np.random.default_rng(SEED)
+def generate(seed: int, digits) -> dict:
+    """A data seed's training pairs, held-out pairs and released features (float16 unit rows)."""
+    rng = np.random.default_rng(seed)
     order = rng.permutation(len(digits.target))
     train_pairs = digit_pairs(rng, order[:1200], N_TRAIN, digits.target)
     held = digit_pairs(rng, order[1200:], N_HELD, digits.target)
@@ -111,6 +114,42 @@ def world(tmp_path_factory):
     e = np.linalg.qr(rng.standard_normal((D, 10)))[0].T  # 10 orthonormal directions, one per digit
     f = W_LEFT * e[left] + W_RIGHT * e[right] + NOISE * rng.standard_normal((N_TRAIN, D))
     f = (f / np.linalg.norm(f, axis=1, keepdims=True)).astype(np.float16)
+    return {"train_pairs": train_pairs, "held": held, "left": left, "right": right, "features": f}
+
+
+def left_digit_purity(labels: np.ndarray, left: np.ndarray) -> tuple[float, int]:
+    """The share of rows whose label's majority left digit is their own, and how many left digits are named."""
+    name = {c: np.bincount(left[labels == c]).argmax() for c in np.unique(labels)}
+    return float(np.mean([name[c] == d for c, d in zip(labels, left)])), len(set(name.values()))
+
+
+def test_kmeans_finds_the_left_digit_partition_on_most_data_seeds():
+    """The base rate behind the two data seeds: k-means++ at k = 10 on the generator's features (as the cluster
+    stage fits them, in generator order) finds one centroid per left digit on 15 of data seeds 0-23; elsewhere it
+    merges two left digits and splits another, top-1 purity 0.83-0.93. Asked: at least half, none below 0.8."""
+    from sklearn.datasets import load_digits
+
+    from cluster_job import kmeans
+    digits = load_digits()
+    purities = []
+    for seed in range(24):
+        data = generate(seed, digits)
+        x = data["features"].astype(np.float32)
+        fit = kmeans.spherical_kmeans(x, K, 20, 0, init="kmeans++")
+        purity, named = left_digit_purity(kmeans.nearest(fit.centroids, x), data["left"])
+        purities.append(purity if named == K else min(purity, 0.98))
+    found = sum(p > 0.98 for p in purities)
+    assert found >= 12 and min(purities) > 0.8, purities
+
+
+@pytest.fixture(scope="module", params=list(DATA_SEEDS), ids=list(DATA_SEEDS.values()))
+def world(request, tmp_path_factory):
+    from sklearn.datasets import load_digits
+    seed = request.param
+    root = tmp_path_factory.mktemp(f"mlcd_learns_{seed}")
+    digits = load_digits()
+    data = generate(seed, digits)
+    train_pairs, held, left, right, f = (data[key] for key in ("train_pairs", "held", "left", "right", "features"))
     rows, index = pairs(N_TRAIN), np.arange(N_TRAIN)
     write_release(root / "release", "clip_retrieval", rows, f, f, [index[: N_TRAIN // 2], index[N_TRAIN // 2:]],
                   np.zeros(N_TRAIN, np.int64), index)
@@ -126,7 +165,7 @@ def world(tmp_path_factory):
                             f"kmeans.k={K}", "clip.model=ViT-Tiny-16", "clip.pretrained=random", "seed=0",
                             f"assign.top_l={top_l}", *KMEANS]) == 0
     return {"root": root, "pattern": pattern, "runs": runs, "left": left, "right": right, "per_shard": per_shard,
-            "digits": digits, "held": held}
+            "digits": digits, "held": held, "seed": seed}
 
 
 def labels_by_row(world):
@@ -143,14 +182,19 @@ def labels_by_row(world):
 
 
 def test_top1_names_the_left_digit_and_top2_both(world):
+    """Both runs of a seed share the top-1 labels; they name the left digit (all of them where the partition was
+    found, all but a merged pair's elsewhere), and the second label mostly names the right digit."""
     rows, top1, top2, single = labels_by_row(world)
     assert sorted(rows.tolist()) == list(range(N_TRAIN))
     left, right = world["left"][rows], world["right"][rows]
     assert np.array_equal(single, top1) and np.array_equal(top2[:, 0], top1)
+    purity, named = left_digit_purity(top1, left)
     name = {c: np.bincount(left[top1 == c]).argmax() for c in np.unique(top1)}  # each centroid's left digit
-    assert len(set(name.values())) == K
-    assert np.mean([name[c] == d for c, d in zip(top1, left)]) > 0.98
-    assert np.mean([name.get(c, -1) == d for c, d in zip(top2[:, 1], right)]) > 0.98
+    second = np.mean([name.get(c, -1) == d for c, d in zip(top2[:, 1], right)])
+    if DATA_SEEDS[world["seed"]] == "partition found":
+        assert named == K and purity > 0.98 and second > 0.98, (purity, named, second)
+    else:
+        assert named == K - 1 and 0.8 < purity < 0.98 and second > 0.7, (purity, named, second)
 
 
 @pytest.mark.slow
@@ -168,5 +212,6 @@ def test_mlcd_retrieves_images_sharing_either_digit_better(world):
         z = torch.nn.functional.normalize(z, dim=1).numpy()
         pair_digits = [(digits.target[i], digits.target[j]) for i, j in held]
         mAP[kind] = float(np.mean(average_precisions(z, pair_digits)))
-    print(f"multi-label mAP on {N_HELD} held-out images: unicom {mAP['unicom']:.3f}, mlcd {mAP['mlcd']:.3f}")
-    assert mAP["unicom"] < BAR < mAP["mlcd"], mAP
+    print(f"data seed {world['seed']}: multi-label mAP on {N_HELD} held-out images: unicom {mAP['unicom']:.3f}, "
+          f"mlcd {mAP['mlcd']:.3f}")
+    assert mAP["mlcd"] > mAP["unicom"] + MARGIN, mAP
