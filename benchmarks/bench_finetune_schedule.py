@@ -8,9 +8,11 @@ torch's OneCycleLR for the reference and unicom_ds.schedule for ours, per recipe
 below, and prints the largest gaps (lr relative to the peak lr) and the last step's lr of each.
 
     python benchmarks/bench_finetune_schedule.py
+    python benchmarks/bench_finetune_schedule.py --recipes sop_vit_b_16 inat_vit_l_14   # some recipes only
 """
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from pathlib import Path
@@ -47,10 +49,19 @@ def ours(n: int, global_batch: int, epochs: int, warmup_epochs: float, lr: float
             [schedule.beta1_at(s, warmup, total, "onecycle", True) for s in range(total)])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipes", nargs="*", default=None, help="recipe file stems (default: every finetune recipe)")
+    args = ap.parse_args(argv)
+    paths = sorted((REPO / "slurm/configs/recipes/finetune").glob("*.yaml"))
+    if args.recipes is not None:
+        unknown = set(args.recipes) - {p.stem for p in paths}
+        if unknown:
+            ap.error(f"unknown recipes {sorted(unknown)}; known: {', '.join(p.stem for p in paths)}")
+        paths = [p for p in paths if p.stem in args.recipes]
     print("| recipe | steps (reference / ours) | max lr gap / peak | max beta1 gap | last lr / peak (reference / ours) |")
     print("| --- | --- | ---: | ---: | --- |")
-    for path in sorted((REPO / "slurm/configs/recipes/finetune").glob("*.yaml")):
+    for path in paths:
         text = path.read_text()
         f = yaml.safe_load(text)["finetune"]
         gpus = int(re.search(r"slurm\.gpus_per_node=(\d+)", text).group(1))

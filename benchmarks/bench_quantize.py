@@ -56,6 +56,9 @@ def shifted_views(images: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
     return np.stack(out)
 
 
+SCQ_MAX_STEPS: int | None = None  # --scq-max-steps: stop every SCQ head early (a quick check of the script)
+
+
 def train_scq(views: np.ndarray, train: np.ndarray, over: dict, books: int, nbits: int,
               seed: int = 0) -> torch.nn.Module:
     """An SCQ head trained as stage=quantize does (the Trainer, one process), quantize.scq keys `over`ridden."""
@@ -64,6 +67,8 @@ def train_scq(views: np.ndarray, train: np.ndarray, over: dict, books: int, nbit
 
     from evaluation.quantize import job
     from unicom_ds import config
+    if SCQ_MAX_STEPS is not None:
+        over = {**over, "max_steps": SCQ_MAX_STEPS}
     with tempfile.TemporaryDirectory() as run:
         cfg = config.resolve(["stage=quantize", f"run_dir={run}", "device=cpu", f"seed={seed}",
                               *(f"quantize.scq.{k}={v}" for k, v in over.items())])
@@ -158,7 +163,7 @@ def run_speed(n: int, d: int, queries: int) -> None:
     rng = np.random.default_rng(0)
     x = normalize(rng.standard_normal((n, d)).astype(np.float32))
     q = normalize(rng.standard_normal((queries, d)).astype(np.float32))
-    sample = x[rng.choice(n, 50_000, replace=False)]
+    sample = x[rng.choice(n, min(n, 50_000), replace=False)]
     flat = faiss.IndexFlatIP(d)
     flat.add(x)
     rows = [("flat float", 4 * d, baselines.ms_per_query(flat, q, 10))]
@@ -191,16 +196,22 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the projected part")
     ap.add_argument("--view-counts", default="2,100", help="cached views per image of the views part")
     ap.add_argument("--view-bits", default="16,64", help="budgets of the views part")
+    ap.add_argument("--budgets", default="16,32,64", help="code budgets in bits of the map, ablation and projected parts")
+    ap.add_argument("--scq-max-steps", type=int, default=None,
+                    help="stop every SCQ head after this many steps (quantize.scq.max_steps; a quick check only)")
     args = ap.parse_args()
+    global SCQ_MAX_STEPS
+    SCQ_MAX_STEPS = args.scq_max_steps
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     parts = args.parts.split(",")
+    budgets = tuple(int(b) for b in args.budgets.split(","))
     if "map" in parts:
-        run_map((16, 32, 64), tuple(int(b) for b in args.nbits.split(",")), ablation=False)
+        run_map(budgets, tuple(int(b) for b in args.nbits.split(",")), ablation=False)
     if "ablation" in parts:
-        run_map((16, 32, 64), (4,), ablation=True)
+        run_map(budgets, (4,), ablation=True)
     if "projected" in parts:
-        run_projected((16, 32, 64), tuple(int(x) for x in args.seeds.split(",")))
+        run_projected(budgets, tuple(int(x) for x in args.seeds.split(",")))
     if "views" in parts:
         run_views(tuple(int(b) for b in args.view_bits.split(",")), tuple(int(c) for c in args.view_counts.split(",")))
     if "speed" in parts:
