@@ -169,10 +169,12 @@ def outcome(cfg: DictConfig, job: Job) -> str:
                f"({skipped} skipped)" + (f", {damaged} damaged" if damaged else "")
     if job.step == "import":
         done = [d for d in map(_read, sorted(out.glob("*.done.json"))) if d is not None]
-        skipped = sum(int(v) for d in done for v in d.get("skipped", {}).values())
+        # dropped in the join (not in the download, ambiguous) and as non-finite rows when the shards were written
+        join = (_read(out / "parts" / "join.json") or {}).get("skipped", {})
+        skipped = sum(int(v) for v in join.values()) + sum(int(v) for d in done for v in d.get("skipped", {}).values())
         parts = sum(1 for args in job.tasks for _ in args[0])
         return f"{_n(parts, 'part')} -> {_n(len(done), 'shard')}, {_n(sum(int(d.get('n', 0)) for d in done), 'row')} " \
-               f"({skipped} dropped)"
+               f"({skipped} released rows dropped)"
     if job.step == "kmeans":
         s = _read(out / "summary.json") or {}
         return f"k={s.get('k', '?')} on {s.get('points_used', '?')} of {s.get('points_embedded', '?')} rows"
@@ -195,9 +197,9 @@ def outcome(cfg: DictConfig, job: Job) -> str:
         done = [p.parent.name for p in sorted(out.glob("*/backbone.pt"))]
         return f"fine-tuned on {', '.join(done)}; results in RUN/eval/results.md" if done else "no backbone.pt"
     if job.step == "detect":
-        done = [d.get("metrics", {}) for d in map(_read, sorted(out.glob("*/metrics.json"))) if d]
-        return ", ".join(f"box AP {100 * m.get('box/AP', 0):.1f}, mask AP {100 * m.get('mask/AP', 0):.1f}"
-                         for m in done) or "no metrics.json"
+        done = {p.parent.name: (_read(p) or {}).get("metrics", {}) for p in sorted(out.glob("*/metrics.json"))}
+        return "; ".join(f"{model}: box AP {100 * m.get('box/AP', 0):.1f}, mask AP {100 * m.get('mask/AP', 0):.1f}"
+                         for model, m in done.items()) or "no metrics.json"
     if job.step == "quantize":
         units = list(out.glob("*/*/*.json"))  # MODEL/SET/UNIT.json, each written last
         sets = sorted({p.parent.name for p in units})

@@ -110,3 +110,20 @@ def test_embed_from_outcome_names_the_reused_shards(tmp_path):
                           f"data.shards={tmp_path}/{{00000..00003}}.tar", "embed.shards_per_task=2"])
     job, = launch.plan(cfg)
     assert launch_local.outcome(cfg, job) == f"4 shards reused from {source} (embed.from), 1206 rows"
+
+
+def test_import_and_detect_outcomes_count_and_name_what_they_hold(tmp_path):
+    """The import's line counts the rows the join dropped too (join.json), not only the shards' own; detect's line
+    names each model its APs belong to."""
+    run = tmp_path / "run"
+    (run / "embed" / "parts").mkdir(parents=True)
+    (run / "embed" / "00000.done.json").write_text(json.dumps({"n": 40, "skipped": {"nonfinite_feature": 1}}))
+    (run / "embed" / "parts" / "join.json").write_text(json.dumps({"skipped": {"not_in_download": 17}}))
+    for model, ap in (("run", 0.044), ("mlcd_runs_demo-mlcd_hf", 0.0)):
+        (run / "detect" / model).mkdir(parents=True)
+        (run / "detect" / model / "metrics.json").write_text(json.dumps({"metrics": {"box/AP": ap, "mask/AP": ap}}))
+    imp = launch.Job("import", ((["0"],),), None, {})
+    cfg = config.resolve([f"run_dir={run}"])
+    assert launch_local.outcome(cfg, imp) == "1 part -> 1 shard, 40 rows (18 released rows dropped)"
+    assert launch_local.outcome(cfg, launch.Job("detect", ((),), None, {})) == \
+        "mlcd_runs_demo-mlcd_hf: box AP 0.0, mask AP 0.0; run: box AP 4.4, mask AP 4.4"

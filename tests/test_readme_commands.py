@@ -262,6 +262,8 @@ def as_run(command: str, stand_ins: dict, index: int) -> list[str]:
             value = str(coco_root(stand_ins["tmp"]))     # COCO 2017's layout, rendered shapes
         elif key == "finetune.init" and "@/weights/" in value:   # an official release file
             value = value.partition("@")[0] + "@" + str(release_file(stand_ins["tmp"], value))
+        elif "@$RUN/train/backbone.pt" in value:         # another run's export: the trained stand-in's
+            value = value.replace("$RUN", str(stand_ins["trained"]))
         elif "$" in value or value.startswith(("/data/", "/scratch/", "/weights/")):
             pytest.fail(f"no stand-in for {key}={value} in: {command}")
         out.append(f"{key}={value}")
