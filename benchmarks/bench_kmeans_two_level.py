@@ -45,7 +45,7 @@ def make(kind: str, n: int, k: int, d: int, noise: float, rng: np.random.Generat
         groups = unit(rng.standard_normal((leaves or 4 * k, d)))
     else:
         groups = unit(rng.standard_normal((k, d)))
-    return unit(groups[rng.integers(0, k, n)] + noise * rng.standard_normal((n, d)).astype(np.float32))
+    return unit(groups[rng.integers(0, len(groups), n)] + noise * rng.standard_normal((n, d)).astype(np.float32))
 
 
 def mean_cosine(x: np.ndarray, centroids: np.ndarray) -> float:
