@@ -96,7 +96,7 @@ class PrototypeObjective(Objective):
     """A backbone (in the engine) whose embeddings the sharded prototype layer of `kind` scores; the
     layer's block and its AdamW live outside the engine and step at accumulation boundaries.
 
-    `loss_cfg`: the loss.* keys (r1, r2, margin, scale, margin_grad); `lr_mult`: the prototypes' lr over
+    `loss_cfg`: the loss.* keys (r1, r2, r3, margin, scale, margin_grad); `lr_mult`: the prototypes' lr over
     the schedule's; `base`: a finished run whose prototypes start this one (train.continue_from);
     `out`: the folder of the exported backbone.pt and its export.json.
     """
@@ -111,6 +111,7 @@ class PrototypeObjective(Objective):
         self.lr_mult, self.seed, self.micro, self.rank, self.world = lr_mult, seed, micro, rank, world
         self.out, self.base = Path(out), base
         self.layer_class = prototype_layer(kind)  # refused before any work
+        self.r3 = float(getattr(loss_cfg, "r3", None) or 0.0)  # a section without it (fine-tuning's): no dropout
 
     # identity
     def identity(self) -> dict:
@@ -146,6 +147,8 @@ class PrototypeObjective(Objective):
             raise RuntimeError(f"rank {self.rank}: a micro batch of {images.shape[0]} rows, not the "
                                f"{self.micro} of every rank (train_micro_batch_size_per_gpu)")
         emb = engine(images)
+        if self.r3:  # loss.r3: feature dropout, each rank on its own rows before the layer gathers them
+            emb = torch.nn.functional.dropout(emb, self.r3)
         if self.world > 1:
             # The layer gives each rank the exact gradient of the global-batch loss; DeepSpeed then
             # averages backbone gradients over ranks, so undo its division by the world size.

@@ -194,7 +194,7 @@ RULES: dict[str, Rule] = {
     "assign.search": Rule(choices=("auto", "exact", "ivf")), "assign.nlist": Rule("int", lo=1),
     "assign.nprobe": AT_LEAST_1, "assign.top_l": AT_LEAST_1, "assign.check_rows": NON_NEGATIVE,
     "loss.kind": Rule(choices=("unicom", "mlcd")),  # objectives.PROTOTYPE_LAYERS: the layer of each kind
-    "loss.r1": Rule(lo=0, hi=1, lo_open=True), "loss.r2": Rule(lo=0, hi=1, lo_open=True),
+    "loss.r1": Rule(lo=0, hi=1, lo_open=True), "loss.r2": Rule(lo=0, hi=1, lo_open=True), "loss.r3": Rule(lo=0, hi=1),
     "loss.margin": NON_NEGATIVE, "loss.scale": POSITIVE,
     "loss.margin_grad": Rule(choices=("straight_through", "exact")),
     "loss.margin_kind": Rule(choices=("angular", "additive")),  # mlcd.MARGIN_KINDS
