@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the test suite needs on a fresh Debian 12 machine (tests/run.sh runs this first):
 # SLURM and munge for the local one-node cluster, headless Chromium for the report check, then the
-# pinned Python requirements and this package (editable). Steps already done are skipped.
+# pinned Python requirements, this package (editable) and DeepSpeed's CPU communication op (built once into the
+# environment). Steps already done are skipped.
 #
 #   bash tests/install.sh            # system packages (apt) + Python packages
 #   bash tests/install.sh --python   # Python packages only
@@ -115,6 +116,27 @@ sys.exit(url != Path(sys.argv[1]).resolve().as_uri())
 PYEOF
 }
 
+# DeepSpeed's CPU communication op, built once per environment into the folder every CPU launch reuses
+# (unicom_ds.dist.prepare_cpu_comm_op: the environment's torch_extensions/ unless TORCH_EXTENSIONS_DIR is set), the
+# way DeepSpeed builds it (its ShareMemCommBuilder), so that no test, timed run or demo stage waits for it.
+build_cpu_comm_op() {
+    local folder
+    folder=$("$PY" - 2>/dev/null <<'PYEOF'
+from unicom_ds import dist
+folder = dist.prepare_cpu_comm_op(local_rank=1)  # as the ranks resolve it; rank 1 says nothing
+print("" if folder is None or any(folder.glob(dist.CPU_COMM_OP + "*.so")) else folder)
+PYEOF
+) || return 0  # the package does not import yet: the first launch builds the op, as before
+    [[ -n $folder ]] || return 0
+    log "building DeepSpeed's CPU communication op once, into $folder (1-2 minutes on 2 cores)"
+    DS_ACCELERATOR=cpu "$PY" - <<'PYEOF' || return 1
+from unicom_ds import dist
+dist.prepare_cpu_comm_op(local_rank=1)
+from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+PYEOF
+}
+
 install_python_packages() {
     project_python || return 1
     local missing prefix
@@ -132,6 +154,7 @@ install_python_packages() {
         log "pip install --no-deps -e . (this checkout, editable: pip builds its metadata, up to a minute)"
         pip_install --no-deps -e . || return 1
     fi
+    build_cpu_comm_op
 }
 
 install_system_packages() {

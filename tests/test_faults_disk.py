@@ -20,6 +20,14 @@ from unicom_ds import checkpoint, disk
 from unicom_ds.atomic import save_npy_atomic, write_json_atomic
 
 
+def built_cpu_comm_op() -> bool:
+    """Whether DeepSpeed's CPU communication op is built where the ranks look for it (tests/install.sh builds it)."""
+    code = ("from unicom_ds import dist; folder = dist.prepare_cpu_comm_op(local_rank=1); "
+            "print(folder is not None and any(folder.glob(dist.CPU_COMM_OP + '*.so')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return out.strip() == "True"
+
+
 def test_atomic_writes_say_the_disk_is_full(full_disk):
     """Python's own writers (OSError ENOSPC) and torch.save's C++ writer ("basic_ios::clear" or "unexpected pos",
     errno lost) both come out as DiskFull; no temporary file is left behind."""
@@ -93,7 +101,7 @@ def test_two_training_ranks_exit_promptly_when_one_cannot_save(full_disk, tmp_pa
             "train.epochs=1", "train.steps_per_epoch=4", "train.ckpt_every_steps=1", "train.workers=0",
             "train.local_processes=2", "loss.r1=1.0", "progress=off"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # Step 1 on a roomy disk (this run also builds DeepSpeed's CPU op where it is not built yet, untimed) ...
+    # Step 1 on a roomy disk (untimed: where tests/install.sh did not build DeepSpeed's CPU op, this run does) ...
     subprocess.run(["mount", "-o", "remount,size=1g", str(full_disk)], check=True)
     (full_disk / "filler").unlink()
     first = subprocess.run([*argv, "train.max_steps=1"], cwd=REPO, capture_output=True, text=True, timeout=540,
@@ -103,6 +111,8 @@ def test_two_training_ranks_exit_promptly_when_one_cannot_save(full_disk, tmp_pa
     half = sum(p.stat().st_size for p in (full_disk / "ckpt" / "step_1").rglob("*") if p.is_file()) // 2
     subprocess.run(["mount", "-o", f"remount,size={shutil.disk_usage(full_disk).used + half}", str(full_disk)],
                    check=True)
+    # The op is built by now, so the timed run below is the ranks' start, three steps and their exit, never a build.
+    assert built_cpu_comm_op(), "DeepSpeed's CPU op is not in the environment's torch_extensions after a CPU launch"
     start = time.monotonic()
     proc = subprocess.run([*argv, "train.max_steps=4"], cwd=REPO, capture_output=True, text=True, timeout=540,
                           env=env)
