@@ -14,7 +14,6 @@ As the launcher (no $UNICOM_TEST_RANK_SCRIPT yet), it runs the given script with
 starting this file under deepspeed in place of the stage's own script (train.py, or the finetune job), which it
 names in $UNICOM_TEST_RANK_SCRIPT; as a rank, it patches `checkpoint.commit` and runs that script.
 """
-import json
 import os
 import runpy
 import sys
