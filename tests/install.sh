@@ -130,6 +130,8 @@ PYEOF
     [[ -n $folder ]] || return 0
     log "building DeepSpeed's CPU communication op once, into $folder (1-2 minutes on 2 cores)"
     DS_ACCELERATOR=cpu "$PY" - <<'PYEOF' || return 1
+from unicom_ds import quiet
+quiet.install()  # before torch's extension builder is imported: its "No CUDA runtime is found" on a CPU machine
 from unicom_ds import dist
 dist.prepare_cpu_comm_op(local_rank=1)
 from deepspeed.accelerator import get_accelerator

@@ -76,6 +76,20 @@ def test_root_logger_drops_listed_messages_only(capsys):
     assert capsys.readouterr().err == "No pretrained weights loaded for model 'x'. Model initialized randomly. Really.\n"
 
 
+def test_torchs_extension_builder_drops_its_cuda_line_on_a_cpu_machine():
+    """torch logs "No CUDA runtime is found" on its own logger (with its own handler) when the extension builder is
+    imported, as DeepSpeed's op build does: a filter on the root never sees it."""
+    def stderr(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stderr
+
+    control = stderr("import torch.utils.cpp_extension")
+    if "No CUDA runtime is found" not in control:
+        pytest.skip("torch finds a CUDA runtime here: it says nothing to drop")
+    quieted = stderr("from unicom_ds import quiet; quiet.install(); import logging, torch.utils.cpp_extension; "
+                     "logging.getLogger('torch.utils.cpp_extension').warning('Error building extension x')")
+    assert "No CUDA runtime is found" not in quieted and "Error building extension x" in quieted
+
+
 def test_child_processes_ignore_listed_warnings_through_the_environment():
     code = ("import warnings; warnings.warn(%r, FutureWarning); warnings.warn('something else', FutureWarning)"
             % MESSAGE)

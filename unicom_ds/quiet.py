@@ -2,7 +2,7 @@
 
 Python warnings are ignored with warnings.filterwarnings (`install`, in this process) and through PYTHONWARNINGS
 (`child_env`, in the processes deepspeed starts); log lines are dropped when they end with a listed message
-(`install`: the root logger, where open_clip logs; `is_noise`: launch_local's streaming of a step's processes).
+(`install`: the loggers they come from; `is_noise`: launch_local's streaming of a step's processes).
 """
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ LOG_MESSAGES = (
     r"No CUDA runtime is found, using CUDA_HOME='[^']*'",  # torch, building DeepSpeed's CPU op
     r"No pretrained weights loaded for model '[^']*'\. Model initialized randomly\.",  # open_clip: clip.pretrained=random
 )
+# The loggers their records are made on (a logger's filter sees only its own records, not its children's):
+# the root logger (open_clip's), torch's extension builder (with a handler of its own).
+LOGGERS = ("", "torch.utils.cpp_extension")
 _MESSAGE = re.compile("|".join(LOG_MESSAGES))
 _LINE = re.compile(rf"(?:^|[\s:\]])(?:{_MESSAGE.pattern})$")
 
@@ -43,8 +46,9 @@ def install() -> None:
     """Drop the listed warnings and the root logger's listed messages in this process (idempotent)."""
     for category, message in WARNINGS:
         warnings.filterwarnings("ignore", message=re.escape(message) + r"\Z", category=category)
-    if _drop not in logging.getLogger().filters:
-        logging.getLogger().addFilter(_drop)
+    for name in LOGGERS:
+        if _drop not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_drop)
 
 
 def child_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
