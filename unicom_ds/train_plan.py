@@ -107,13 +107,9 @@ def precheck(cfg: Any, world: int, ranks: str, labels_expected: bool) -> list[st
 
 
 def check_inputs(cfg: Any, labels_expected: bool) -> None:
-    """The shards, the base run of a continuation, the cluster stage's outputs, the checkpoint a resume reads."""
+    """The base run of a continuation, the cluster stage's outputs, the shards, the checkpoint a resume reads."""
     from unicom_ds import shards
 
-    try:
-        shards.check_present(shards.expand(str(cfg.data.shards)))
-    except FileNotFoundError as e:
-        raise MissingInput(str(e)) from None
     if cfg.train.continue_from:
         base = continuation.finished_run(cfg.train.continue_from)
         continuation.check_compatible(base, str(cfg.model))
@@ -121,6 +117,11 @@ def check_inputs(cfg: Any, labels_expected: bool) -> None:
     summary = source.kmeans_summary
     if labels_expected and not summary.is_file():
         raise MissingInput(f"run_dir={cfg.run_dir}: {summary} is missing; run stage=cluster first (or stage=all)")
+    # after the run checks: a run without a cluster stage or base is told that first, whatever its shards
+    try:
+        shards.check_present(shards.expand(str(cfg.data.shards)))
+    except FileNotFoundError as e:
+        raise MissingInput(str(e)) from None
     kind = continuation.loss_kind(cfg)
     if kind == "mlcd":
         check_topl(cfg, source, labels_expected)
