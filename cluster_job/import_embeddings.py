@@ -37,7 +37,7 @@ from cluster_job import release, url_join
 from cluster_job.features import done_path, embed_dir, embed_identity
 from cluster_job.release import Release, describe
 from unicom_ds.atomic import atomic_path, read_json, write_json_atomic, write_text_atomic
-from unicom_ds.config import ConfigError, as_config, check_same
+from unicom_ds.config import ConfigError, as_config, check_same, undo_save
 from unicom_ds.progress import count, progress
 from unicom_ds.shards import expand, stem
 
@@ -212,6 +212,7 @@ def join_buckets(cfg, rel: Release, markers: list[dict], groups: int, n_shards: 
                              summary["join"], str(cfg.embed.source), str(cfg.data.shards), summary["nonfinite"])
     except ConfigError:
         shutil.rmtree(folder)  # the import's own scratch, nothing finished: the refused run keeps none of it
+        undo_save(cfg)  # on SLURM the command was saved at submission, hours ago
         raise
     write_json_atomic(folder / "join.json", summary)
     return summary

@@ -210,5 +210,4 @@ def output_dir(cfg: DictConfig, step: str) -> Path:
     return Path(str(cfg.run_dir)) / OUTPUTS[step]
 
 
-def log_dir(cfg: DictConfig) -> Path:
-    return Path(str(cfg.slurm.log_dir or Path(str(cfg.run_dir)) / "logs"))
+log_dir = config.log_dir

@@ -18,7 +18,6 @@ if __name__ == "__main__":
 try:
     from slurm import launch
     from unicom_ds import config
-    from unicom_ds.atomic import write_text_atomic
 except ModuleNotFoundError as e:  # a Python without the project's packages: say which one to use
     if __name__ != "__main__":
         raise
@@ -99,8 +98,6 @@ def main(argv: list[str] | None = None) -> int:
         for job, script in dry_run_scripts(cfg, jobs):
             print(f"\n# ---- {job.step}: {len(job.tasks)} task(s) ----\n{script}")
         return 0
-    saved = run_dir / "config.yaml"
-    before = saved.read_text() if saved.is_file() else None
     try:
         config.save(cfg)
     except OSError as e:
@@ -113,10 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         from slurm import launch_local
         code = launch_local.run(cfg, jobs)
         if code == launch_local.REFUSED:  # nothing ran: RUN/config.yaml never records a refused command
-            if before is None:
-                saved.unlink()
-            else:
-                write_text_atomic(saved, before)
+            config.undo_save(cfg)
         return code
     from slurm import launch_slurm
     submitted = []

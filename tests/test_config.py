@@ -198,3 +198,27 @@ def test_every_explicit_rule_names_a_real_key():
     keys = config.flat_keys(config.defaults())
     for pattern in schema.RULES:
         assert any(fnmatchcase(k, pattern) for k in keys), pattern
+
+
+def test_undo_save_restores_what_the_file_held_and_leaves_a_later_save(tmp_path):
+    """A command whose first job refuses it after submission (the import's join on SLURM) is taken back out of
+    RUN/config.yaml; a config a later command saved in between is kept."""
+    run = tmp_path / "run"
+    first = config.resolve([f"run_dir={run}", "kmeans.k=5"])
+    config.undo_save(first)  # nothing saved: nothing to undo
+    config.save(first)
+    config.undo_save(first)
+    assert not (run / "config.yaml").exists() and not (run / "logs" / "config_undo.json").exists()
+    config.save(first)
+    kept = (run / "config.yaml").read_text()
+    second = config.resolve([f"run_dir={run}", "kmeans.k=7"])
+    config.save(second)
+    assert "k: 7" in (run / "config.yaml").read_text()
+    config.undo_save(second)
+    assert (run / "config.yaml").read_text() == kept
+    config.save(second)
+    config.save(config.resolve([f"run_dir={run}", "kmeans.k=9"]))  # a later command, saved before the undo
+    config.undo_save(second)
+    assert "k: 9" in (run / "config.yaml").read_text()
+    config.undo_save(config.resolve([f"run_dir={run}", "kmeans.k=9", "dry_run=true"]))  # one-off keys: unrecorded
+    assert "k: 7" in (run / "config.yaml").read_text()  # what the k = 9 command found

@@ -201,6 +201,32 @@ def test_join_below_threshold_refused_before_kmeans(tmp_path, world, capsys):
     assert re.search(r"only 0 of 60 .*import.key_column=key.*not LAION's own download", capsys.readouterr().err)
 
 
+@pytest.mark.slurm
+def test_join_refused_on_slurm_leaves_the_run_as_before(slurm, tmp_path, world):
+    """On SLURM, RUN/config.yaml was saved at submission; the import job that refuses the join (long after)
+    takes it back, with its scratch: the refused command leaves no trace outside the logs."""
+    from test_slurm_cluster_stage import SLURM, job_states, log_tails, submit as sbatch, wait_for
+
+    other = pairs(N).assign(url=lambda t: t.url.str.replace("example.org", "elsewhere.net"))
+    write_download(tmp_path / "other", pd.concat([world["rows"].iloc[:20], other.iloc[20:]]), per_shard=30,
+                   failed=set())
+    run = tmp_path / "run"
+    res = sbatch("stage=cluster", f"run_dir={run}", f"data.shards={tmp_path / 'other'}/{{00000..00001}}.tar",
+                 f"embed.source={world['src']}", *COMMON, *SLURM)
+    assert res.returncode == 0, res.stderr
+    assert (run / "config.yaml").is_file()  # saved at submission: the join is not known yet
+    ids = {m.group(1): m.group(2) for m in (re.match(r"(\w+): job (\d+)", ln) for ln in res.stdout.splitlines())
+           if m}
+    assert list(ids) == ["import", "kmeans", "assign"], res.stdout
+    states = wait_for([ids["import"]])
+    later = job_states([ids["kmeans"], ids["assign"]])
+    __import__("subprocess").run(["scancel", ids["kmeans"], ids["assign"]])  # afterok never holds: they wait
+    assert "FAILED" in states.values(), f"{states}\n{log_tails(run)}"
+    assert set(later.values()) == {"PENDING"}, later
+    assert "below import.min_join=0.5" in log_tails(run)
+    assert sorted(p.name for p in run.iterdir()) == ["logs"], log_tails(run)  # no config.yaml, no embed/parts
+
+
 def test_rows_without_finite_features_count_as_not_joined(tmp_path, capsys):
     """A part of NaN features: its rows join by URL, but the share checked is the rows that join *and* are
     finite (issue 29: 55 of 60 joined passed import.min_join, then k-means ran on 42 % of the data). The refused

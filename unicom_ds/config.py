@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from unicom_ds import schema
-from unicom_ds.atomic import write_text_atomic
+from unicom_ds.atomic import read_json, write_json_atomic, write_text_atomic
 from unicom_ds.schema import STAGES, ConfigError, MissingInput, flat_keys  # noqa: F401 (part of this module's API)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "slurm" / "configs"
@@ -119,13 +119,45 @@ def noting_missing(cfg: Any, step: str, check: Callable[[], Any]) -> list[str]:
         return [f"missing ({step}; a real submission stops here): {e}"]
 
 
+def log_dir(cfg: Any) -> Path:
+    """Where the jobs' logs go: slurm.log_dir, else RUN/logs."""
+    return Path(str(cfg.slurm.log_dir or Path(str(cfg.run_dir)) / "logs"))
+
+
 def save(cfg: DictConfig) -> Path:
-    """Write the resolved config to RUN/config.yaml (atomically) and return its path."""
+    """Write the resolved config to RUN/config.yaml (atomically) and return its path. What the file held
+    before is kept in the logs (config_undo.json), for `undo_save`."""
     path = Path(str(cfg.run_dir)) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    content = OmegaConf.to_yaml(select(cfg, exclude=ONE_OFF_KEYS))
+    content = saved_text(cfg)
+    undo = log_dir(cfg) / "config_undo.json"
+    undo.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(undo, {"before": path.read_text() if path.is_file() else None, "saved": content})
     write_text_atomic(path, content)
     return path
+
+
+def saved_text(cfg: Any) -> str:
+    """RUN/config.yaml as `save` writes it for cfg: without the one-off keys."""
+    return OmegaConf.to_yaml(select(cfg, exclude=ONE_OFF_KEYS))
+
+
+def undo_save(cfg: Any) -> None:
+    """Put RUN/config.yaml back as it was before this command's `save`: its first job refused the command
+    after a pass over the data (the import's URL join), on SLURM long after submission, and a refused command
+    is never recorded. What a later command saved is left alone."""
+    undo, path = log_dir(cfg) / "config_undo.json", Path(str(cfg.run_dir)) / "config.yaml"
+    if not undo.is_file():
+        return
+    record, mine = read_json(undo), saved_text(cfg)
+    if record["saved"] != mine:
+        return  # the record is a later command's
+    if path.is_file() and path.read_text() == mine:
+        if record["before"] is None:
+            path.unlink()
+        else:
+            write_text_atomic(path, record["before"])
+    undo.unlink()
 
 
 def select(cfg: Any, keys: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> dict:
