@@ -141,6 +141,21 @@ def test_fixed_number_of_full_batches_on_every_rank(run, workers):
     assert streams[0] != streams[1]  # ranks draw differently seeded shard streams
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_same_seed_draws_the_same_batches(run, workers):
+    """Shards, the shuffle buffer and the crops all follow the seed: a rerun at a fixed seed sees the same data."""
+    urls = train_data.check_labels(run["source"], run["shards"], 5, progress_mode="off").urls
+
+    def draw(seed: int) -> list:
+        torch.manual_seed(0)  # the crops' draws, as the train stage seeds them
+        return list(train_data.epoch_batches(urls, run["source"], SIZE, 4, 6, seed=seed, rank=0, workers=workers))
+
+    first, again, other = draw(3), draw(3), draw(4)
+    for (a_img, a_lab, _), (b_img, b_lab, _) in zip(first, again):
+        assert torch.equal(a_lab, b_lab) and torch.equal(a_img, b_img)
+    assert torch.cat([b[1] for b in first]).tolist() != torch.cat([b[1] for b in other]).tolist()
+
+
 def halves(size: int = 64) -> bytes:
     """A PNG whose left half is black and right half white: a mirror swaps the halves' means."""
     import io

@@ -282,7 +282,8 @@ def pipeline(urls: list[str], source: LabelSource, image_size: int, batch_size: 
     return wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, worker_seed=partial(_worker_seed, rank), deterministic=True),
         wds.tarfile_to_samples(handler=shard_fault),
-        wds.shuffle(shuffle, initial=min(shuffle, 100)),
+        # webdataset seeds an unseeded buffer from the pid and the clock: the same run seed must draw the same run
+        wds.shuffle(shuffle, initial=min(shuffle, 100), seed=hash((seed, rank)) & 0x7FFFFFFF),
         LabelJoin(source, None if gpu_decode else train_transform(image_size, augment), timeout_s=timeout_s),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     ).with_epoch(batches_per_worker)
