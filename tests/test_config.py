@@ -77,7 +77,8 @@ def test_save_round_trip(tmp_path):
     assert "stage" not in saved and "dry_run" not in saved   # how to run this call, not the run
     assert saved["kmeans"]["k"] == 13 and saved["loss"]["margin"] == 0.25
     assert saved["slurm"]["partition"] == "gpu"
-    assert not [p for p in run.iterdir() if p.name != "config.yaml"]  # the atomic write left no temp file
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "logs"]  # the atomic write left no temp file
+    assert [p.name for p in (run / "logs").iterdir()] == ["config_undo.json"]  # what undo_save would put back
 
     again = config.resolve([f"run_dir={run}"])
     want = config.select(cfg, exclude=("stage", "dry_run"))

@@ -84,7 +84,9 @@ def test_the_launcher_says_so_when_config_yaml_does_not_fit(full_disk, demo_shar
                            f"run_dir={full_disk / 'run'}", f"data.shards={demo_shards}", "clip.model=ViT-Tiny-16",
                            "clip.pretrained=random"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr == f"error: disk full writing {full_disk}/run/config.yaml: 0 B free on {full_disk}\n"
+    # the first file a submission writes: what RUN/config.yaml held, kept for config.undo_save
+    assert proc.stderr == f"error: disk full writing {full_disk}/run/logs/config_undo.json: 0 B free on {full_disk}\n"
+    assert not (full_disk / "run" / "config.yaml").exists()
 
 
 def test_two_training_ranks_exit_promptly_when_one_cannot_save(full_disk, tmp_path):
