@@ -22,6 +22,7 @@ holding NaN, inf or zeros are dropped ("nonfinite_feature").
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import sys
@@ -212,6 +213,8 @@ def join_buckets(cfg, rel: Release, markers: list[dict], groups: int, n_shards: 
                              summary["join"], str(cfg.embed.source), str(cfg.data.shards), summary["nonfinite"])
     except ConfigError:
         shutil.rmtree(folder)  # the import's own scratch, nothing finished: the refused run keeps none of it
+        with contextlib.suppress(OSError):
+            folder.parent.rmdir()  # RUN/embed, where the import made it (a folder holding finished shards stays)
         undo_save(cfg)  # on SLURM the command was saved at submission, hours ago
         raise
     write_json_atomic(folder / "join.json", summary)
